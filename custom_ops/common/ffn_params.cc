@@ -1,0 +1,169 @@
+#include "common/ffn_params.h"
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+namespace dsmoe {
+namespace {
+
+constexpr const char* kInputNames[kNumFfnInputs] = {"X", "router_weight", "gate_weight",
+                                                    "up_weight", "down_weight", "router_bias"};
+
+// Attribute helpers. ORT schemas of custom ops declare no attributes, so a
+// node may carry one with the wrong type: tell "absent" from "wrong type".
+template <typename T>
+bool TryGetAttribute(const Ort::ConstKernelInfo& info, const char* name, T& out) {
+  try {
+    out = info.GetAttribute<T>(name);
+    return true;
+  } catch (const Ort::Exception&) {
+    return false;
+  }
+}
+
+bool HasAnyScalarAttribute(const Ort::ConstKernelInfo& info, const char* name) {
+  int64_t i;
+  float f;
+  std::string s;
+  return TryGetAttribute(info, name, i) || TryGetAttribute(info, name, f) || TryGetAttribute(info, name, s);
+}
+
+template <typename T>
+bool GetOptionalAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* type_name, T& out) {
+  if (TryGetAttribute(info, name, out)) return true;
+  if (HasAnyScalarAttribute(info, name)) {
+    ThrowInvalidArgument(std::string("attribute '") + name + "' must be of type " + type_name);
+  }
+  return false;
+}
+
+std::string Quote(const std::string& s) { return "'" + s + "'"; }
+
+}  // namespace
+
+[[noreturn]] void ThrowInvalidArgument(const std::string& message) {
+  throw Ort::Exception(std::string(kOpName) + ": " + message, ORT_INVALID_ARGUMENT);
+}
+
+std::string ShapeToString(const Shape& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
+}
+
+FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info) {
+  FfnAttributes a;
+  if (!GetOptionalAttribute(info, "num_experts", "int", a.num_experts)) {
+    ThrowInvalidArgument("attribute 'num_experts' is required (an int >= 1)");
+  }
+  if (a.num_experts < 1) {
+    ThrowInvalidArgument("attribute 'num_experts' must be >= 1, got " + std::to_string(a.num_experts));
+  }
+
+  if (GetOptionalAttribute(info, "threshold", "float", a.threshold) &&
+      !(std::isfinite(a.threshold) && a.threshold >= 0.0f && a.threshold <= 1.0f)) {
+    std::ostringstream os;
+    os << "attribute 'threshold' must be finite and in [0, 1], got " << a.threshold;
+    ThrowInvalidArgument(os.str());
+  }
+
+  int64_t rescale = 1;
+  if (GetOptionalAttribute(info, "rescale", "int", rescale) && rescale != 0 && rescale != 1) {
+    ThrowInvalidArgument("attribute 'rescale' must be 0 or 1, got " + std::to_string(rescale));
+  }
+  a.rescale = rescale == 1;
+
+  std::string weighting = "score";
+  GetOptionalAttribute(info, "weighting", "string", weighting);
+  if (weighting == "score") {
+    a.weighting = Weighting::kScore;
+  } else if (weighting == "binary") {
+    a.weighting = Weighting::kBinary;
+  } else {
+    ThrowInvalidArgument("attribute 'weighting' must be 'score' or 'binary', got " + Quote(weighting));
+  }
+
+  std::string activation = "silu";
+  GetOptionalAttribute(info, "activation", "string", activation);
+  if (activation == "silu") {
+    a.activation = Activation::kSilu;
+  } else if (activation == "gelu") {
+    a.activation = Activation::kGelu;
+  } else if (activation == "gelu_tanh") {
+    a.activation = Activation::kGeluTanh;
+  } else {
+    ThrowInvalidArgument("attribute 'activation' must be 'silu', 'gelu' or 'gelu_tanh', got " + Quote(activation));
+  }
+  return a;
+}
+
+namespace {
+
+void ExpectShape(FfnInput input, const Shape& actual, const Shape& expected, const char* symbolic) {
+  if (actual != expected) {
+    ThrowInvalidArgument(std::string("input '") + kInputNames[input] + "' must have shape " + symbolic + " = " +
+                         ShapeToString(expected) + ", got " + ShapeToString(actual));
+  }
+}
+
+// a * b, or an error when the product does not fit the int64 sizes used by
+// the kernels (tensors that exist fit, but products such as N * n need not).
+int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
+  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
+    ThrowInvalidArgument(std::string(what) + " overflows int64 (" + std::to_string(a) + " * " +
+                         std::to_string(b) + ")");
+  }
+  return a * b;
+}
+
+}  // namespace
+
+FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& router_weight,
+                    const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
+                    const Shape* router_bias) {
+  FfnDims dims;
+  // The weights define n, B and d; X and the attribute are checked against them.
+  if (gate_weight.size() != 3 || gate_weight[0] < 1 || gate_weight[1] < 1 || gate_weight[2] < 1) {
+    ThrowInvalidArgument("input 'gate_weight' must have shape [n, B, d] with n, B, d >= 1, got " +
+                         ShapeToString(gate_weight));
+  }
+  dims.num_blocks = gate_weight[0];
+  dims.block_size = gate_weight[1];
+  dims.hidden = gate_weight[2];
+  const int64_t n = dims.num_blocks, d = dims.hidden;
+  ExpectShape(kUpWeight, up_weight, gate_weight, "[n, B, d] (as gate_weight)");
+  ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
+  ExpectShape(kRouterWeight, router_weight, {n, d}, "[n, d]");
+  if (n != attrs.num_experts) {
+    ThrowInvalidArgument("attribute 'num_experts' = " + std::to_string(attrs.num_experts) +
+                         " does not match n = " + std::to_string(n) + " of the weights (gate_weight " +
+                         ShapeToString(gate_weight) + ")");
+  }
+  if (router_bias != nullptr) {
+    ExpectShape(kRouterBias, *router_bias, {n}, "[n]");
+    dims.has_bias = true;
+  }
+
+  if (x.empty()) ThrowInvalidArgument("input 'X' must have rank >= 1 ([..., d]), got a scalar");
+  if (x.back() != d) {
+    ThrowInvalidArgument("input 'X' must have last dim d = " + std::to_string(d) + " (from gate_weight), got " +
+                         ShapeToString(x));
+  }
+  int64_t tokens = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) tokens = CheckedMul(tokens, x[i], "the number of tokens");
+  dims.num_tokens = tokens;
+  CheckedMul(tokens, d, "N * d");
+  CheckedMul(tokens, n, "N * n");
+  CheckedMul(CheckedMul(n, dims.block_size, "n * B"), d, "n * B * d");
+  CheckedMul(CheckedMul(tokens, n, "N * n"), dims.block_size, "N * n * B");
+
+  dims.y_shape = x;
+  dims.active_shape.assign(x.begin(), x.end() - 1);
+  dims.active_shape.push_back(n);
+  return dims;
+}
+
+}  // namespace dsmoe

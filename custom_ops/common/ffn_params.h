@@ -1,0 +1,54 @@
+// org.dsmoe::GatedBlockSparseFFN: names, attributes and shape checks, written
+// once for every device (docs/op-spec.md is the contract).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_cxx_api.h"
+
+namespace dsmoe {
+
+inline constexpr const char* kDomain = "org.dsmoe";
+inline constexpr const char* kOpName = "GatedBlockSparseFFN";
+
+enum FfnInput : size_t { kX, kRouterWeight, kGateWeight, kUpWeight, kDownWeight, kRouterBias, kNumFfnInputs };
+enum FfnOutput : size_t { kY, kActive, kNumFfnOutputs };
+
+enum class Activation { kSilu, kGelu, kGeluTanh };
+enum class Weighting { kScore, kBinary };
+
+// The node's attributes, validated (op-spec "Attributes").
+struct FfnAttributes {
+  int64_t num_experts = 0;
+  float threshold = 0.5f;
+  bool rescale = true;
+  Weighting weighting = Weighting::kScore;
+  Activation activation = Activation::kSilu;
+};
+
+// Sizes of one call, validated against each other and the attributes.
+struct FfnDims {
+  int64_t num_tokens = 0;  // N: product of X's leading dims (may be 0)
+  int64_t hidden = 0;      // d
+  int64_t num_blocks = 0;  // n
+  int64_t block_size = 0;  // B
+  bool has_bias = false;
+  std::vector<int64_t> y_shape;       // X's shape
+  std::vector<int64_t> active_shape;  // X.shape[:-1] + [n]
+};
+
+using Shape = std::vector<int64_t>;
+
+// Throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the attribute / input, the
+// expected and the actual value.
+FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info);
+FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& router_weight,
+                    const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
+                    const Shape* router_bias);
+
+[[noreturn]] void ThrowInvalidArgument(const std::string& message);
+std::string ShapeToString(const Shape& shape);
+
+}  // namespace dsmoe

@@ -1,0 +1,23 @@
+// CPU kernel of org.dsmoe::GatedBlockSparseFFN (float32).
+#pragma once
+
+#include "common/ffn_params.h"
+
+namespace dsmoe::cpu {
+
+class FfnCpuKernel {
+ public:
+  static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
+  static constexpr ONNXTensorElementDataType kElementType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+  explicit FfnCpuKernel(const FfnAttributes& attrs) : attrs_(attrs) {}
+  void Compute(Ort::KernelContext& ctx) const;
+
+ private:
+  FfnAttributes attrs_;
+};
+
+// Adds the CPU kernels to the domain (called by RegisterCustomOps).
+void RegisterOps(Ort::CustomOpDomain& domain);
+
+}  // namespace dsmoe::cpu

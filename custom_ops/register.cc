@@ -1,0 +1,54 @@
+// The library's one exported entry point, called by ONNX Runtime from
+// SessionOptions.register_custom_ops_library: creates the "org.dsmoe" domain
+// and lets each device add its kernels.
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/ffn_params.h"
+#include "common/status.h"
+#include "cpu/ffn_cpu.h"
+#include "cuda/register_cuda.h"
+
+#if defined(_WIN32)
+#define DSMOE_EXPORT __declspec(dllexport)
+#else
+#define DSMOE_EXPORT __attribute__((visibility("default")))
+#endif
+
+static_assert(ORT_API_VERSION >= 17, "needs the ONNX Runtime 1.17+ headers (KernelContext::ParallelFor)");
+
+namespace {
+
+// Domains must outlive every session that uses them: keep them for the life
+// of the process (one per registration, as ORT's own example library does).
+std::mutex domains_mutex;
+std::vector<Ort::CustomOpDomain>& Domains() {
+  static auto* domains = new std::vector<Ort::CustomOpDomain>();  // never destroyed: ORT may outlive us at exit
+  return *domains;
+}
+
+}  // namespace
+
+extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                  const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // This runtime is older than the headers the library was built with; the
+    // version-1 API can still report it.
+    const std::string message = std::string("dsmoe_ops was built against ONNX Runtime API version ") +
+                                std::to_string(ORT_API_VERSION) + " but this onnxruntime (" +
+                                api_base->GetVersionString() + ") does not provide it; use a newer onnxruntime";
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  Ort::InitApi(api);
+  return dsmoe::StatusFromCall([&] {
+    Ort::CustomOpDomain domain{dsmoe::kDomain};
+    dsmoe::cpu::RegisterOps(domain);
+    dsmoe::cuda::RegisterOps(domain);
+    std::lock_guard<std::mutex> lock(domains_mutex);
+    Domains().push_back(std::move(domain));  // kept first: ORT holds on to the pointer
+    Ort::UnownedSessionOptions(options).Add(Domains().back());
+  });
+}

@@ -1,0 +1,57 @@
+"""`python -m dsmoe_export MODEL_DIR OUT.onnx`: a thin shell over `exporter.export`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import DSMoEError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dsmoe_export",
+        description="Export a DSMoE model folder (Hugging Face LLaMA + routers) to ONNX with a KV cache. "
+                    "FFNs become one org.dsmoe::GatedBlockSparseFFN node each; --dense exports the plain "
+                    "dense FFN instead (the baseline).")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder: config.json + *.safetensors")
+    p.add_argument("output", metavar="OUT.onnx", help="ONNX file to write (OUT.onnx.data too for external data)")
+    p.add_argument("--dense", action="store_true", help="export the dense FFN (routers ignored)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the ONNX Runtime vs PyTorch check after export")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="max relative error of the validation (default: %(default)g)")
+    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="store weights in OUT.onnx.data (auto: only above the 2 GiB protobuf limit)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .exporter import export
+
+        ext = {"auto": None, "always": True, "never": False}[args.external_data]
+        result = export(args.model_dir, args.output, dense=args.dense, validate=args.validate,
+                        tolerance=args.tolerance, external_data=ext, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except DSMoEError as e:
+        if args.debug:
+            raise
+        print(f"dsmoe-export: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # an unexpected failure: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"dsmoe-export: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    if not args.quiet:
+        kind = "sparse" if result.sparse else "dense"
+        print(f"dsmoe-export: wrote {result.path} ({kind}, {result.num_layers} layers, "
+              f"{result.size_bytes / 2**20:.1f} MiB{', external data' if result.external_data else ''}) "
+              f"in {result.seconds:.1f}s")
+    return 0

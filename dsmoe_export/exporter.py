@@ -1,0 +1,171 @@
+"""Model folder -> ONNX: the sparse export (one custom op per FFN) or the dense baseline."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from . import __version__, graph_fixups, onnx_io, onnx_op
+from .errors import ExportError
+from .loader import load_model
+from .validate import ValidationReport, validate_export
+
+# onnx's protobuf limit: a single-file model must stay under 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sparse: bool
+    num_layers: int
+    size_bytes: int
+    external_data: bool
+    seconds: float
+    validation: ValidationReport | None = None
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+
+class _Steps:
+    """One line per export step with its duration (stderr), when progress is on."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.done = enabled, []
+
+    @contextlib.contextmanager
+    def __call__(self, what: str):
+        t0 = time.perf_counter()
+        if self.enabled:
+            print(f"[dsmoe-export] {what} ...", end="", flush=True, file=sys.stderr)
+        yield
+        dt = time.perf_counter() - t0
+        self.done.append((what, dt))
+        if self.enabled:
+            print(f" {dt:.1f}s", flush=True, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs and warns a lot about internals users cannot act on."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def trace(model, *, sparse: bool) -> onnx.ModelProto:
+    """Trace the reference model with torch.export and return the finished ONNX model."""
+    cfg = model.cfg
+    model.pack_for_export()
+    wrapper = onnx_io.FlatKVWrapper(model).eval()
+    n = cfg.num_hidden_layers
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, onnx_io.example_inputs(model), dynamo=True, opset_version=graph_fixups.OPSET,
+            input_names=onnx_io.input_names(n), output_names=onnx_io.output_names(n),
+            dynamic_shapes=onnx_io.dynamic_shapes(n), optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    metadata = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if sparse else "0"}
+    if sparse:
+        metadata["dsmoe_export.dsmoe"] = cfg.dsmoe.to_json()
+    graph_fixups.finalize(proto, num_layers=n, metadata=metadata)
+    if sparse:
+        onnx_op.add_function_to_model(proto)
+    return proto
+
+
+def _payload_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer) + model.ByteSize() // 16
+
+
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Yield a path in a temp folder beside `out`; on success move it (and its
+    `.data` file) over `out`. On any error or interrupt nothing is left behind and
+    an existing `out` stays untouched."""
+    out = out.resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = tmp / out.name
+        yield staged
+        data = tmp / (out.name + ".data")
+        if data.exists():
+            os.replace(data, out.parent / data.name)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool | None = None) -> bool:
+    """Save and check; external data (`NAME.data`) when asked or above the 2 GiB protobuf limit."""
+    if external_data is None:
+        external_data = _payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path), full_check=False)
+    return external_data
+
+
+def _check_output_path(out: Path) -> None:
+    parent = out.resolve().parent
+    if out.is_dir():
+        raise ExportError("is a directory (expected a file name such as model.onnx)", file=out)
+    if not parent.is_dir():
+        raise ExportError("parent folder does not exist", file=out)
+    if not os.access(parent, os.W_OK):
+        raise ExportError("cannot write there (permission denied)", file=out)
+
+
+def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
+           tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True) -> ExportResult:
+    """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_output_path(out)
+    steps = _Steps(progress)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = lambda names: tqdm(names, desc="[dsmoe-export] loading tensors", unit="tensor", leave=False, disable=None)  # noqa: E731
+    model, cfg = load_model(model_dir, sparse=not dense, progress=bar)
+    with steps("tracing with torch.export and converting to ONNX"):
+        proto = trace(model, sparse=not dense)
+    report = None
+    with staged_output(out) as staged:
+        with steps(f"writing {out}"):
+            used_external = save_model(proto, staged, external_data=external_data)
+        del proto
+        if validate:
+            with steps("validating in ONNX Runtime against the PyTorch reference"):
+                report = validate_export(model, staged)
+            if progress:
+                print(f"[dsmoe-export] {report.summary()}", file=sys.stderr)
+            if not report.max_rel_error <= tolerance:
+                raise ExportError(f"validation failed: {report.summary()} exceeds tolerance {tolerance:g}; "
+                                  "nothing written (--no-validate skips the check)", file=out)
+    size = out.stat().st_size + ((out.parent / (out.name + ".data")).stat().st_size if used_external else 0)
+    return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
+                        external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
+                        steps=steps.done)

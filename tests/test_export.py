@@ -1,0 +1,161 @@
+"""The CLI's exports, run in plain onnxruntime, against independent float64 references.
+
+Sparse exports (custom op, library registered) are compared with
+transformers' LlamaForCausalLM in float64 whose MLPs are the numpy op
+reference; dense exports with the unmodified transformers model. Both for a
+whole left-padded batch and for one KV-cache step.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from model_refs import hf_reference, min_threshold_margin
+
+from dsmoe_export import onnx_io, onnx_op
+from dsmoe_export.cli import main
+from dsmoe_export.synthetic import TinySpec, make_model_folder
+from dsmoe_export.validate import make_session
+
+REL_TOL = 1e-4
+
+CASES = {
+    "n8_gqa": dict(spec=TinySpec(), router_scale=2.0),
+    "n4_tied_mha_bias_binary_norescale": dict(
+        spec=TinySpec(num_key_value_heads=4, tie_word_embeddings=True,
+                      dsmoe=dict(num_experts=4, threshold=0.3, router_bias=True, weighting="binary", rescale=False)),
+        router_scale=3.0),
+    "n16_mqa_gelu_llama3rope_attnbias": dict(
+        spec=TinySpec(num_key_value_heads=1, hidden_act="gelu_pytorch_tanh", attention_bias=True,
+                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=64),
+                      dsmoe=dict(num_experts=16, threshold=0.7)),
+        router_scale=4.0),
+    "n1_odd_sizes": dict(
+        spec=TinySpec(vocab_size=97, hidden_size=36, intermediate_size=45, num_attention_heads=3,
+                      num_key_value_heads=3, num_hidden_layers=3, dsmoe=dict(num_experts=1, threshold=0.5)),
+        router_scale=2.0),
+}
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def _prompt(vocab: int, rng: np.random.Generator, batch: int = 3, seq: int = 9):
+    ids = torch.from_numpy(rng.integers(0, vocab, (batch, seq)))
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def _ort_feeds(ids, mask, pos, past: list[np.ndarray], kv_shape) -> dict:
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    n_layers = len(past) // 2 if past else kv_shape[0]
+    for j, name in enumerate(onnx_io.past_names(n_layers)):
+        feeds[name] = past[j] if past else np.zeros(kv_shape[1:], np.float32)
+    return feeds
+
+
+def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: float, rng) -> None:
+    """Prefill a left-padded batch, then one cached step; compare logits and presents."""
+    ref = hf_reference(model_dir, sparse=sparse)
+    cfg = ref.config
+    session = make_session(onnx_path, custom_ops=sparse)
+    out_names = onnx_io.output_names(cfg.num_hidden_layers)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for _attempt in range(5):
+        ids, mask, pos = _prompt(cfg.vocab_size, rng)
+        kv_shape = (cfg.num_hidden_layers, ids.shape[0], cfg.num_key_value_heads, 0, head_dim)
+        with torch.no_grad():
+            r = ref(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        # fp32 and fp64 may pick different blocks for a score within rounding of tau: redraw.
+        if not sparse or min_threshold_margin(ref, threshold) > 1e-5:
+            break
+    got = session.run(out_names, _ort_feeds(ids, mask, pos, [], kv_shape))
+    valid = mask.bool().numpy()
+    assert _rel_err(got[0][valid], r.logits.numpy()[valid]) < REL_TOL
+    for i, layer in enumerate(r.past_key_values.layers):
+        assert got[1 + 2 * i].shape == tuple(layer.keys.shape)
+        for g, w in ((got[1 + 2 * i], layer.keys), (got[2 + 2 * i], layer.values)):
+            rows = valid[:, None, :, None].repeat(g.shape[1], 1).repeat(g.shape[3], 3)
+            assert _rel_err(g[rows], w.numpy()[rows]) < REL_TOL
+    # One KV-cache step with the presents as pasts.
+    nxt = torch.from_numpy(r.logits[:, -1].argmax(-1).numpy()).unsqueeze(1)
+    mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+    pos2 = pos[:, -1:] + 1
+    with torch.no_grad():
+        r2 = ref(input_ids=nxt, attention_mask=mask2, position_ids=pos2, past_key_values=r.past_key_values,
+                 use_cache=True)
+    got2 = session.run(out_names, _ort_feeds(nxt, mask2, pos2, got[1:], kv_shape))
+    assert got2[0].shape == (ids.shape[0], 1, cfg.vocab_size)
+    assert got2[1].shape[2] == ids.shape[1] + 1
+    assert _rel_err(got2[0], r2.logits.numpy()) < REL_TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sparse_export_matches_float64_reference(tmp_path, case, rng, seed):
+    c = CASES[case]
+    folder = make_model_folder(tmp_path / "model", c["spec"], seed=seed, router_scale=c["router_scale"])
+    out = tmp_path / "model.onnx"
+    assert main([str(folder), str(out), "-q"]) == 0
+    model = onnx.load(str(out))
+    ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
+    assert len(ffn_nodes) == c["spec"].num_hidden_layers
+    assert {f.name for f in model.functions} == {onnx_op.OP_TYPE}
+    check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dense_export_matches_transformers(tmp_path, tied, rng, seed):
+    folder = make_model_folder(tmp_path / "model", TinySpec(tie_word_embeddings=tied), seed=seed)
+    out = tmp_path / "dense.onnx"
+    assert main([str(folder), str(out), "--dense", "-q"]) == 0
+    model = onnx.load(str(out))
+    assert not [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
+    check_against_reference(out, folder, sparse=False, threshold=0.5, rng=rng)
+
+
+def test_exported_interface_follows_optimum(tmp_path, seed):
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=2), seed=seed)
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), str(out), "-q", "--no-validate"]) == 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in list(model.graph.input) + list(model.graph.output)}
+    assert list(dims) == onnx_io.input_names(2) + onnx_io.output_names(2)
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["present.1.value"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert dims["logits"] == ["batch_size", "sequence_length", 256]
+    assert model.ir_version <= 10
+    names = {i.name for i in model.graph.initializer}
+    assert "model.layers.0.mlp.gate_blocks" in names and "model.embed_tokens.weight" in names
+    for node in model.graph.node:  # no build-machine paths leak into the file
+        assert not node.metadata_props
+
+
+def test_external_data_round_trip(tmp_path, seed):
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=1), seed=seed)
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), str(out), "-q", "--external-data", "always"]) == 0
+    assert (tmp_path / "m.onnx.data").stat().st_size > out.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "model"]
+
+
+def test_python_dash_m_entry_point(tmp_path, seed):
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=1), seed=seed)
+    out = tmp_path / "m.onnx"
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_export", str(folder), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "max |ORT - PyTorch|" in proc.stderr and "wrote" in proc.stdout
+    assert out.is_file()
