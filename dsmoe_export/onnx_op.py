@@ -198,8 +198,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     k = b.op("ReduceSum", b.op("Cast", active, to=f32), b.const(-1, TensorProto.INT64, [1]), keepdims=1)
     score = b.select(weighting, {"score": s, "binary": one}, nan)
     g = b.op("Where", active, score, zero)
-    c_rescaled = b.op("Div", b.op("Cast", n, to=f32), b.op("Max", k, one))
-    c_on = b.op("Where", b.op("Greater", k, zero), c_rescaled, one)                   # k = 0 -> 1
+    c_on = b.op("Div", b.op("Cast", n, to=f32), b.op("Max", k, one))  # k = 0: every g is 0 anyway
     one_i = b.const(1, TensorProto.INT64)
     zero_i = b.const(0, TensorProto.INT64)
     c = b.op("Where", b.op("Equal", rescale, one_i), c_on,
@@ -215,12 +214,15 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     h = b.op("Mul", b.select(activation, _activations(b, z), nan), b.op("Gemm", xf, up2, transB=1))
     h3 = b.op("Reshape", h, b.op("Concat", minus_one, n, block, axis=0))               # [N, n, B]
     h3 = b.op("Where", b.op("Unsqueeze", active, minus_one), b.op("Mul", h3, coef), zero)
-    h2 = b.op("Reshape", h3, b.op("Shape", h))
+    h2 = b.op("Reshape", h3, b.op("Shape", h), allowzero=1)
     y2 = b.op("MatMul", h2, down2)                                                    # [N, d]
 
     leading = b.op("Shape", X, start=0, end=-1)
-    b.nodes.append(helper.make_node("CastLike", [b.op("Reshape", y2, b.op("Shape", X)), X], ["Y"]))
-    b.nodes.append(helper.make_node("Reshape", [active, b.op("Concat", leading, n, axis=0)], ["active"]))
+    # allowzero: a 0 in a shape taken from a tensor is a zero-size dim (zero tokens), not "copy".
+    y = b.op("Reshape", y2, b.op("Shape", X), allowzero=1)
+    b.nodes.append(helper.make_node("CastLike", [y, X], ["Y"]))
+    b.nodes.append(helper.make_node("Reshape", [active, b.op("Concat", leading, n, axis=0)], ["active"],
+                                    allowzero=1))
 
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS), b.nodes,

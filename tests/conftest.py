@@ -38,6 +38,15 @@ def rng(seed) -> np.random.Generator:
 def op_library() -> str:
     """Path of the built op library. Missing library = failure, not a skip: CI builds it
     (`pip install .`, or a development build named by DSMOE_OPS_LIBRARY)."""
-    from dsmoe_runtime import get_library_path
+    try:
+        from dsmoe_runtime import get_library_path
+    except ImportError:  # a source checkout without `pip install .`: same lookup, by path
+        import importlib.util
+        from pathlib import Path
 
+        path = Path(__file__).resolve().parents[1] / "runtime" / "_library.py"
+        spec = importlib.util.spec_from_file_location("_dsmoe_runtime_library", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        get_library_path = module.get_library_path
     return get_library_path()

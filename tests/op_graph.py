@@ -63,7 +63,7 @@ def make_case(rng: np.random.Generator, lead: tuple[int, ...], d: int, n: int, B
     are redrawn.
     """
     tau = attrs.get("threshold", 0.5)
-    lo_tau, hi_tau = max(tau, 1e-3), min(tau, 1 - 1e-3)
+    tau_logit = _logit(min(max(tau, 1e-3), 1 - 1e-3))
     centre = _logit(min(max(tau, 0.05), 0.95))
     u = rng.standard_normal(d)
     u /= np.linalg.norm(u)
@@ -87,10 +87,10 @@ def make_case(rng: np.random.Generator, lead: tuple[int, ...], d: int, n: int, B
     else:
         raise AssertionError("could not draw unambiguous routing inputs")
 
-    if forced and N >= 1 and tau < 1.0:  # all blocks active (impossible for tau = 1)
-        x[0] = (_logit(hi_tau) + 8.0) / alpha * u
+    if forced and N >= 1:  # all blocks active; for tau = 1, scores of exactly 1.0 that the strict > rejects
+        x[0] = (tau_logit + 8.0 if tau < 1.0 else 40.0) / alpha * u
     if forced and N >= 2 and tau > 0.0:  # no block active (impossible in float32 for tau = 0)
-        x[1] = (_logit(lo_tau) - 8.0) / alpha * u
+        x[1] = (tau_logit - 8.0) / alpha * u
 
     f32 = np.float32
     return Case(
@@ -114,13 +114,15 @@ def make_model(case: Case, *, active_output: bool = True, with_function: bool = 
         node = onnx_op.make_node(list(feeds), outputs, num_experts=case.num_experts, **case.attrs)
     else:
         node = helper.make_node(onnx_op.OP_TYPE, list(feeds), outputs, domain=onnx_op.DOMAIN, **node_attrs)
-    rank = case.x.ndim if x_rank is None else x_rank
+    rank = case.x.ndim if x_rank is None else x_rank  # x_rank 0: X's rank left unknown
     lead = [f"l{i}" for i in range(rank - 1)]
-    inputs = [helper.make_tensor_value_info(k, elem_type, [*lead, "d"] if k == "X" else [None] * v.ndim)
+    x_shape = [*lead, "d"] if rank else None
+    inputs = [helper.make_tensor_value_info(k, elem_type, x_shape if k == "X" else [None] * v.ndim)
               for k, v in feeds.items()]
-    graph_outputs = [helper.make_tensor_value_info("Y", elem_type, [*lead, "d"])]
+    graph_outputs = [helper.make_tensor_value_info("Y", elem_type, x_shape)]
     if active_output:
-        graph_outputs.append(helper.make_tensor_value_info("active", TensorProto.BOOL, [*lead, "n"]))
+        graph_outputs.append(helper.make_tensor_value_info("active", TensorProto.BOOL,
+                                                           [*lead, "n"] if rank else None))
     graph = helper.make_graph([node], "gated_block_sparse_ffn", inputs, graph_outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     if with_function:

@@ -1,0 +1,194 @@
+"""The CPU kernel of org.dsmoe::GatedBlockSparseFFN against the float64 reference
+(tests/reference.py) on fresh random inputs; error handling per docs/op-spec.md.
+
+Tolerance: fp32 kernel vs float64 reference, max |Y - Y_ref| <= 1e-4 * max(1, max |Y_ref|);
+`active` and the k = 0 zeros are compared exactly.
+The kernel switches from its decode path (per-token GEMV) to its prefill path
+(per-block GEMM) above 3 tokens: token counts below cover both sides, with margin.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from op_graph import assert_matches_reference, make_case, make_model, run, session
+
+DECODE_TOKENS = (1, 2, 3)
+PREFILL_TOKENS = (4, 5, 37)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("tokens", DECODE_TOKENS[::2] + PREFILL_TOKENS[::2])
+def test_block_counts(op_library, rng, n, tokens):
+    B = int(rng.choice([3, 8, 20]))
+    case = make_case(rng, (tokens,), d=24, n=n, B=B, bias=bool(rng.integers(2)),
+                     threshold=float(rng.uniform(0.2, 0.8)))
+    assert_matches_reference(case, run(case, op_library))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("weighting", ["score", "binary"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [3, 29])
+def test_attributes(op_library, rng, activation, weighting, rescale, bias, tokens):
+    case = make_case(rng, (tokens,), d=40, n=8, B=12, bias=bias, threshold=float(rng.uniform(0.05, 0.95)),
+                     rescale=rescale, weighting=weighting, activation=activation)
+    assert_matches_reference(case, run(case, op_library))
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.01, 0.3, 0.5, 0.77, 0.99, 1.0])
+@pytest.mark.parametrize("tokens", [2, 33])
+def test_thresholds(op_library, rng, threshold, tokens):
+    case = make_case(rng, (tokens,), d=16, n=8, B=5, bias=True, threshold=threshold)
+    outputs = run(case, op_library)
+    assert_matches_reference(case, outputs)
+    k = outputs[1].sum(axis=-1)
+    if threshold == 1.0:
+        assert (k == 0).all() and (outputs[0] == 0).all()
+    if 0.0 < threshold < 1.0:  # the forced tokens are there
+        assert k[0] == 8 and k[1] == 0
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (6,), (2, 3), (3, 1, 4), (0,), (2, 0), (3, 0, 2), (4, 5, 3)])
+def test_leading_dims(op_library, rng, lead):
+    case = make_case(rng, lead, d=12, n=4, B=6, bias=True)
+    assert_matches_reference(case, run(case, op_library))
+
+
+@pytest.mark.parametrize("d,n,B", [(7, 5, 3), (1, 1, 1), (17, 3, 33), (130, 2, 9), (64, 6, 65)])
+@pytest.mark.parametrize("tokens", [1, 2, 9, 70])
+def test_odd_sizes(op_library, rng, d, n, B, tokens):
+    # d % 16 / d % 8 tails, B % 32 row tails, panels of 8 tokens partly filled.
+    case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)),
+                     threshold=float(rng.uniform(0.3, 0.7)), activation=str(rng.choice(["silu", "gelu"])))
+    assert_matches_reference(case, run(case, op_library))
+
+
+def test_many_tokens_several_chunks(op_library, rng):
+    # > 2048 active pairs: the prefill path splits the tokens into chunks.
+    case = make_case(rng, (3, 250), d=16, n=8, B=8, bias=True)
+    outputs = run(case, op_library, threads=2)
+    assert outputs[1].sum() > 2048
+    assert_matches_reference(case, outputs)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 50])
+def test_thread_counts_agree(op_library, rng, tokens):
+    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True)
+    model = make_model(case)
+    results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2, 3)]
+    assert_matches_reference(case, results[0])
+    for other in results[1:]:  # every output element comes from one task in a fixed order
+        np.testing.assert_array_equal(other[0], results[0][0])
+        np.testing.assert_array_equal(other[1], results[0][1])
+
+
+@pytest.mark.parametrize("tokens", [2, 20])
+def test_active_output_optional(op_library, rng, tokens):
+    case = make_case(rng, (tokens,), d=20, n=4, B=7)
+    (y,) = run(case, op_library, active_output=False)
+    assert_matches_reference(case, [y])
+
+
+def test_nan_router_logit_makes_block_inactive(op_library, rng):
+    case = make_case(rng, (9,), d=20, n=4, B=7, bias=True, threshold=0.3)
+    case.router_bias[2] = np.nan
+    y, active = run(case, op_library)
+    assert not active[:, 2].any()
+    assert_matches_reference(case, [y, active])
+    assert np.isfinite(y).all()
+
+
+def test_session_reuse_and_changing_shapes(op_library, rng):
+    """One session, calls of different token counts (decode and prefill) in turn."""
+    base = make_case(rng, (2, 3), d=24, n=8, B=16, bias=True)
+    sess = session(make_model(base, x_rank=2), op_library, threads=2)
+    for tokens in (1, 40, 3, 0, 7):
+        case = make_case(rng, (tokens,), d=24, n=8, B=16, bias=True)
+        case.router_weight, case.gate, case.up, case.down, case.router_bias = (
+            base.router_weight, base.gate, base.up, base.down, base.router_bias)
+        assert_matches_reference(case, sess.run(None, case.feeds()))
+
+
+# --------------------------------------------------------------------------- errors
+
+_state = ort.capi.onnxruntime_pybind11_state
+# Shape errors come back from Run as INVALID_ARGUMENT; attribute errors stop the session's
+# initialisation, which ORT reports as RUNTIME_EXCEPTION carrying the kernel's message.
+ORT_ERRORS = (_state.InvalidArgument, _state.Fail, _state.RuntimeException)
+
+GOOD_ATTRS = dict(num_experts=4, threshold=0.5, rescale=1, weighting="score", activation="silu")
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(num_experts=None), "num_experts"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(num_experts=3), "num_experts"),        # n of the weights is 4: reported at run time
+    (dict(num_experts=4.0), "num_experts"),
+    (dict(threshold=-0.1), "threshold"),
+    (dict(threshold=1.5), "threshold"),
+    (dict(threshold=float("nan")), "threshold"),
+    (dict(threshold=float("inf")), "threshold"),
+    (dict(threshold="high"), "threshold"),
+    (dict(rescale=2), "rescale"),
+    (dict(rescale=1.0), "rescale"),
+    (dict(weighting="softmax"), "weighting"),
+    (dict(activation="relu"), "activation"),
+    (dict(activation=1), "activation"),
+])
+def test_bad_attributes(op_library, rng, change, expected):
+    case = make_case(rng, (3,), d=8, n=4, B=2)
+    attrs = {**GOOD_ATTRS, **change}
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    with pytest.raises(ORT_ERRORS, match=expected):
+        run(case, op_library, with_function=False, node_attrs=attrs)
+    assert_matches_reference(case, run(case, op_library))  # the process is fine
+
+
+def _bad_shapes():
+    def mutate(name, shape):
+        def apply(case):
+            setattr(case, name, np.zeros(shape, np.float32))
+        return apply
+    n, B, d = 4, 3, 8
+    return [
+        pytest.param(mutate("x", ()), "'X'", id="X-scalar"),
+        pytest.param(mutate("x", (5, d + 1)), "'X'", id="X-last-dim"),
+        pytest.param(mutate("router_weight", (n, d + 1)), "router_weight", id="router-d"),
+        pytest.param(mutate("router_weight", (n + 1, d)), "router_weight", id="router-n"),
+        pytest.param(mutate("router_weight", (n * d,)), "router_weight", id="router-rank"),
+        pytest.param(mutate("gate", (n * B, d)), "gate_weight", id="gate-rank"),
+        pytest.param(mutate("gate", (n, 0, d)), "gate_weight", id="gate-B0"),
+        pytest.param(mutate("up", (n, B + 1, d)), "up_weight", id="up-B"),
+        pytest.param(mutate("down", (n, B, d - 1)), "down_weight", id="down-d"),
+        pytest.param(mutate("down", (n - 1, B, d)), "down_weight", id="down-n"),
+        pytest.param(mutate("router_bias", (n + 1,)), "router_bias", id="bias-n"),
+        pytest.param(mutate("router_bias", (1, n)), "router_bias", id="bias-rank"),
+    ]
+
+
+@pytest.mark.parametrize("mutate,expected", _bad_shapes())
+def test_bad_shapes(op_library, rng, mutate, expected):
+    case = make_case(rng, (5,), d=8, n=4, B=3, bias=True)
+    model = make_model(case, with_function=False, x_rank=0)
+    mutate(case)
+    sess = session(model, op_library)
+    with pytest.raises(ORT_ERRORS, match=expected):
+        sess.run(None, case.feeds())
+
+
+def test_weights_disagree_with_num_experts(op_library, rng):
+    case = make_case(rng, (5,), d=8, n=4, B=3)
+    sess = session(make_model(case, with_function=False, node_attrs={**GOOD_ATTRS, "num_experts": 3}), op_library)
+    with pytest.raises(ORT_ERRORS, match=r"num_experts.*3.*n = 4"):
+        sess.run(None, case.feeds())
+
+
+def test_unsupported_element_type(op_library, rng):
+    case = make_case(rng, (5,), d=8, n=4, B=3)
+    # ORT checks the registered element types when it loads the graph.
+    with pytest.raises(_state.InvalidGraph, match=r"tensor\(double\).*\(X\)"):
+        session(make_model(case, with_function=False, elem_type=TensorProto.DOUBLE), op_library)
