@@ -22,6 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max relative error of the validation (default: %(default)g)")
     p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                    help="store weights in OUT.onnx.data (auto: only above the 2 GiB protobuf limit)")
+    p.add_argument("--active-outputs", action="store_true",
+                   help="also output active.{i} [batch, seq, n] bool per layer: which blocks each token used "
+                        "(for dsmoe_runtime's activation statistics)")
+    p.add_argument("--no-tokenizer", dest="copy_tokenizer", action="store_false",
+                   help="do not copy the model folder's tokenizer files and generation_config.json beside OUT.onnx")
+    p.add_argument("--hf-config", action="store_true",
+                   help="copy config.json beside OUT.onnx (what optimum's ORTModelForCausalLM reads)")
+    p.add_argument("--genai", action="store_true",
+                   help="write genai_config.json beside OUT.onnx for onnxruntime-genai, naming this machine's "
+                        "op library (python -m dsmoe_runtime.genai re-points it elsewhere)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -34,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ext = {"auto": None, "always": True, "never": False}[args.external_data]
         result = export(args.model_dir, args.output, dense=args.dense, validate=args.validate,
-                        tolerance=args.tolerance, external_data=ext, progress=not args.quiet)
+                        tolerance=args.tolerance, external_data=ext, progress=not args.quiet,
+                        active_outputs=args.active_outputs, copy_tokenizer=args.copy_tokenizer,
+                        hf_config=args.hf_config, genai=args.genai)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -54,4 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsmoe-export: wrote {result.path} ({kind}, {result.num_layers} layers, "
               f"{result.size_bytes / 2**20:.1f} MiB{', external data' if result.external_data else ''}) "
               f"in {result.seconds:.1f}s")
+        if result.extra_files:
+            print(f"dsmoe-export: beside it: {', '.join(result.extra_files)}")
     return 0

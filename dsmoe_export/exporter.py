@@ -35,6 +35,7 @@ class ExportResult:
     seconds: float
     validation: ValidationReport | None = None
     steps: list[tuple[str, float]] = field(default_factory=list)
+    extra_files: list[str] = field(default_factory=list)  # copied or written beside the model
 
 
 class _Steps:
@@ -71,8 +72,11 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def trace(model, *, sparse: bool) -> onnx.ModelProto:
-    """Trace the reference model with torch.export and return the finished ONNX model."""
+def trace(model, *, sparse: bool, active_outputs: bool = False) -> onnx.ModelProto:
+    """Trace the reference model with torch.export and return the finished ONNX model.
+
+    `active_outputs` (sparse only) adds the graph outputs `active.{i}` ([batch, seq, n] bool):
+    which blocks each token used in layer i, for activation statistics (dsmoe_runtime)."""
     cfg = model.cfg
     model.pack_for_export()
     wrapper = onnx_io.FlatKVWrapper(model).eval()
@@ -87,8 +91,12 @@ def trace(model, *, sparse: bool) -> onnx.ModelProto:
     metadata = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if sparse else "0"}
     if sparse:
         metadata["dsmoe_export.dsmoe"] = cfg.dsmoe.to_json()
+    if sparse and active_outputs:
+        metadata["dsmoe_export.active_outputs"] = "1"
     graph_fixups.finalize(proto, num_layers=n, metadata=metadata)
     if sparse:
+        if active_outputs:
+            graph_fixups.expose_active_outputs(proto, num_layers=n, num_experts=cfg.dsmoe.num_experts)
         onnx_op.add_function_to_model(proto)
     return proto
 
@@ -139,11 +147,20 @@ def _check_output_path(out: Path) -> None:
 
 
 def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
-           tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True) -> ExportResult:
-    """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md."""
+           tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
+           active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
+           genai: bool = False) -> ExportResult:
+    """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md.
+
+    Beside `out` (only when that is not the model folder itself): the tokenizer files and
+    generation_config.json found in the model folder (`copy_tokenizer`), config.json
+    (`hf_config`, for optimum's ORTModelForCausalLM), genai_config.json (`genai`, for
+    onnxruntime-genai; see docs/runtime.md)."""
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
+    if active_outputs and dense:
+        raise ExportError("--active-outputs needs the sparse export (a dense FFN has no active blocks)", file=out)
     steps = _Steps(progress)
     bar = None
     if progress:
@@ -151,7 +168,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
         bar = lambda names: tqdm(names, desc="[dsmoe-export] loading tensors", unit="tensor", leave=False, disable=None)  # noqa: E731
     model, cfg = load_model(model_dir, sparse=not dense, progress=bar)
     with steps("tracing with torch.export and converting to ONNX"):
-        proto = trace(model, sparse=not dense)
+        proto = trace(model, sparse=not dense, active_outputs=active_outputs)
     report = None
     with staged_output(out) as staged:
         with steps(f"writing {out}"):
@@ -166,6 +183,32 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
                 raise ExportError(f"validation failed: {report.summary()} exceeds tolerance {tolerance:g}; "
                                   "nothing written (--no-validate skips the check)", file=out)
     size = out.stat().st_size + ((out.parent / (out.name + ".data")).stat().st_size if used_external else 0)
+    extras = copy_side_files(model_dir, out, tokenizer=copy_tokenizer, hf_config=hf_config)
+    if genai:
+        from dsmoe_runtime.genai import write_genai_config
+
+        extras.append(write_genai_config(out, model_dir=model_dir).name)
     return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
                         external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
-                        steps=steps.done)
+                        steps=steps.done, extra_files=extras)
+
+
+# Files an app needs next to the model to turn text into ids and back (whichever the folder has).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def copy_side_files(model_dir: str | Path, out: Path, *, tokenizer: bool = True, hf_config: bool = False) -> list[str]:
+    """Copy the model folder's tokenizer files (and config.json with `hf_config`) beside `out`;
+    returns the names copied. Nothing is copied when `out` lies in the model folder itself."""
+    src, dst = Path(model_dir).resolve(), out.resolve().parent
+    if src == dst:
+        return []
+    names = (TOKENIZER_FILES if tokenizer else ()) + (("config.json",) if hf_config else ())
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -72,3 +72,36 @@ def finalize(model: onnx.ModelProto, *, num_layers: int, metadata: dict[str, obj
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value)
     return model
+
+
+ACTIVE_PREFIX = "active."
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.mlp\.router\.weight$")
+
+
+def active_output_names(num_layers: int) -> list[str]:
+    return [f"{ACTIVE_PREFIX}{i}" for i in range(num_layers)]
+
+
+def expose_active_outputs(model: onnx.ModelProto, *, num_layers: int, num_experts: int) -> None:
+    """Route every FFN node's optional `active` output ([batch, seq, n] bool, op-spec.md) to a
+    graph output `active.{layer}`, after logits and the presents. The layer comes from the
+    node's router initializer, not from node order."""
+    from . import onnx_op
+
+    seen = {}
+    for node in model.graph.node:
+        if node.domain != onnx_op.DOMAIN or node.op_type != onnx_op.OP_TYPE:
+            continue
+        m = _ROUTER.match(node.input[1]) if len(node.input) > 1 else None
+        if m is None:
+            raise ValueError(f"FFN node {node.name}: cannot tell its layer from input {list(node.input)[1:2]}")
+        layer = int(m.group(1))
+        while len(node.output) < 2:
+            node.output.append("")
+        node.output[1] = f"{ACTIVE_PREFIX}{layer}"
+        seen[layer] = node
+    if sorted(seen) != list(range(num_layers)):
+        raise ValueError(f"expected one FFN node per layer 0..{num_layers - 1}, found layers {sorted(seen)}")
+    for name in active_output_names(num_layers):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(
+            name, onnx.TensorProto.BOOL, [onnx_io.BATCH, onnx_io.SEQ, num_experts]))

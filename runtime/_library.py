@@ -1,18 +1,34 @@
-"""Locate the op library that `pip install` built into this package."""
+"""Locate the op library that `pip install` built into this package, check its API level,
+register it with ONNX Runtime."""
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
+
+try:
+    from .errors import LibraryError, LibraryNotFoundError
+except ImportError:  # loaded by file path, outside the package (tests/conftest.py in a bare checkout)
+    class LibraryNotFoundError(FileNotFoundError):
+        pass
+
+    class LibraryError(RuntimeError):
+        pass
 
 # Overrides the installed library (a development build, a sanitizer build).
 ENV_VAR = "DSMOE_OPS_LIBRARY"
 
 _NAMES = {"linux": "libdsmoe_ops.so", "darwin": "libdsmoe_ops.dylib", "win32": "dsmoe_ops.dll"}
 
-
-class LibraryNotFoundError(FileNotFoundError):
-    pass
+# The op library's API level: what the runtime may rely on (op versions, optional outputs,
+# registration behaviour). A library states its level through an exported C function
+#     extern "C" int DsmoeOpsApiVersion(void);
+# A library without that symbol predates it and is level 1 (the first release).
+LIBRARY_API_SYMBOL = "DsmoeOpsApiVersion"
+UNVERSIONED_LIBRARY_API = 1
+MIN_LIBRARY_API = 1   # the oldest level this runtime can drive
+MAX_LIBRARY_API = 1   # the newest level it knows; newer libraries still load (they must stay compatible)
 
 
 def _library_name() -> str:
@@ -36,8 +52,40 @@ def get_library_path() -> str:
     return str(path)
 
 
-def register(session_options) -> str:
-    """Register the op library with an `onnxruntime.SessionOptions`; returns its path."""
-    path = get_library_path()
-    session_options.register_custom_ops_library(path)
+def library_api_version(path: str | os.PathLike) -> int:
+    """The API level the library at `path` was built for (see LIBRARY_API_SYMBOL)."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise LibraryError(f"{path}: cannot load the op library: {e}") from e
+    fn = getattr(lib, LIBRARY_API_SYMBOL, None)
+    if fn is None:
+        return UNVERSIONED_LIBRARY_API
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
+def check_library(path: str | os.PathLike) -> int:
+    """Raise LibraryError when the library is older than this runtime supports; returns its level."""
+    level = library_api_version(path)
+    if level < MIN_LIBRARY_API:
+        raise LibraryError(
+            f"{path}: the op library was built for API level {level}, older than this dsmoe_runtime "
+            f"supports (>= {MIN_LIBRARY_API}); rebuild it from the same source tree as the runtime "
+            f"(`pip install .`, or cmake --build for {ENV_VAR})")
+    return level
+
+
+def register(session_options, path: str | os.PathLike | None = None) -> str:
+    """Check the op library and register it with an `onnxruntime.SessionOptions`; returns its path."""
+    path = str(path) if path is not None else get_library_path()
+    if not Path(path).is_file():
+        raise LibraryNotFoundError(f"{path}: no such file (expected the built op library)")
+    check_library(path)
+    try:
+        session_options.register_custom_ops_library(path)
+    except Exception as e:  # onnxruntime reports the library's own status message
+        import onnxruntime as ort
+
+        raise LibraryError(f"{path}: onnxruntime {ort.__version__} refused the op library: {e}") from e
     return path

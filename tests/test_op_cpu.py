@@ -3,8 +3,10 @@
 
 Tolerance: fp32 kernel vs float64 reference, max |Y - Y_ref| <= 1e-4 * max(1, max |Y_ref|);
 `active` and the k = 0 zeros are compared exactly.
-The kernel switches from its decode path (per-token GEMV) to its prefill path
-(per-block GEMM) above 3 tokens: token counts below cover both sides, with margin.
+The kernel switches from its decode path (GEMV, up to 4 tokens per pass over a
+block's weights) to its prefill path (per-block GEMM) above 6 tokens: token
+counts below cover both sides, with margin; every instruction-set variant of
+the inner loops that this CPU runs is checked too.
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from onnx import TensorProto
 
 from op_graph import assert_matches_reference, make_case, make_model, run, session
 
-DECODE_TOKENS = (1, 2, 3)
-PREFILL_TOKENS = (4, 5, 37)
+DECODE_TOKENS = (1, 2, 5, 6)
+PREFILL_TOKENS = (7, 8, 37)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
-@pytest.mark.parametrize("tokens", DECODE_TOKENS[::2] + PREFILL_TOKENS[::2])
+@pytest.mark.parametrize("tokens", DECODE_TOKENS[::2] + PREFILL_TOKENS[::2] + (70,))
 def test_block_counts(op_library, rng, n, tokens):
     B = int(rng.choice([3, 8, 20]))
     case = make_case(rng, (tokens,), d=24, n=n, B=B, bias=bool(rng.integers(2)),
@@ -192,3 +194,32 @@ def test_unsupported_element_type(op_library, rng):
     # ORT checks the registered element types when it loads the graph.
     with pytest.raises(_state.InvalidGraph, match=r"tensor\(double\).*\(X\)"):
         session(make_model(case, with_function=False, elem_type=TensorProto.DOUBLE), op_library)
+
+
+def _cpu_isas() -> list[str]:
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    isas = ["baseline"]
+    if " avx2 " in flags and " fma " in flags:
+        isas.append("avx2")
+    if " avx512f " in flags:
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("tokens", [1, 4, 6, 7, 45])
+def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
+    """DSMOE_CPU_ISA forces a variant of the inner loops at kernel creation."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    # d and B off the register tiles (16/32-wide vectors, 3- or 6-row tiles, 32-row slabs)
+    case = make_case(rng, (tokens,), d=67, n=4, B=37, bias=True, threshold=0.4)
+    assert_matches_reference(case, run(case, op_library))
+
+
+def test_unknown_instruction_set_is_an_error(op_library, rng, monkeypatch):
+    monkeypatch.setenv("DSMOE_CPU_ISA", "avx9000")
+    case = make_case(rng, (3,), d=8, n=2, B=4)
+    with pytest.raises(Exception, match="DSMOE_CPU_ISA=avx9000"):
+        run(case, op_library)

@@ -4,18 +4,19 @@
 // Cost per active pair (d = hidden, B = block size): 6*B*d FLOPs (gate, up,
 // down: 2*B*d each); routing adds 2*n*d FLOPs per token. Weight bytes: 12*B*d
 // per active block, read once per token in the decode regime and once per
-// chunk of tokens in the prefill regime (each weight tile is reused across
-// all of the chunk's tokens routed to that block).
+// chunk of tokens in the prefill regime.
 //
-//   decode  (N <= kDecodeMaxTokens): per token, gate/up rows of each active
-//           block as GEMVs (rows of length d, contiguous), parallel over
-//           (pair, row chunk); then the down projection parallel over output
-//           column chunks, each task summing over the token's active blocks.
-//   prefill (more tokens): per chunk of tokens, a counting sort of the active
-//           pairs by block, X rows packed into panels of kPanel tokens, then
-//           H_i = act(X_i G_i^T) * (X_i U_i^T) scaled by g*c, parallel over
-//           (block, row tile), and Y += H_i V_i parallel over output column
-//           tiles (each task loops over all blocks: no write conflicts).
+//   decode  (N <= kDecodeMaxTokens): memory-bound. Tasks are (block, slab of
+//           kDecodeRows rows): each streams its slab of gate, up and down
+//           (3 * kDecodeRows * d contiguous floats) once for the block's tokens,
+//           computes h for those rows and a partial output h . V_slab per token.
+//           A second pass sums the partials per token in a fixed order.
+//   prefill (more tokens): compute-bound. Per chunk of tokens, a counting sort
+//           of the active pairs by block, X rows packed into panels of P tokens
+//           (P = two vector registers), then per (block, row tile) the fused
+//           gate/up GEMM with act(g) * u * g_i * c in its epilogue, and per
+//           output column tile the down GEMMs of all panels added into Y (each
+//           task owns its columns: no write conflicts, no reduction).
 // Every output element is produced by one task in a fixed order, so results
 // do not depend on the number of threads.
 #include "cpu/ffn_cpu.h"
@@ -26,7 +27,6 @@
 #include <memory>
 
 #include "common/ffn_op.h"
-#include "cpu/ffn_cpu_kernels.h"
 #include "cpu/parallel.h"
 
 static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a bool array");
@@ -34,17 +34,18 @@ static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a
 namespace dsmoe::cpu {
 namespace {
 
-// Up to this many tokens per call, weights are streamed per token (GEMV);
-// above, per-block GEMMs reuse each weight tile across tokens. Measured
-// break-even of the portable build: about 3 tokens (d = 2048, B = 704).
-constexpr int64_t kDecodeMaxTokens = 3;
+// Up to this many tokens per call, the GEMV path (weights streamed once per
+// kMaxDotTokens tokens of a block); above, the GEMM path, whose panels of 16-32
+// tokens waste work on small buckets. Measured crossover, d = 2048, B = 704,
+// all 8 blocks active, AVX-512: about 8 tokens.
+constexpr int64_t kDecodeMaxTokens = 6;
 // Prefill works on chunks of at most this many active pairs (plus one token),
 // which bounds the scratch memory (packed X: pairs * d floats) while keeping
 // hundreds of tokens per block tile.
 constexpr int64_t kPrefillMaxPairs = 2048;
 constexpr int64_t kRoutingTokensPerTask = 16;
-constexpr int64_t kDecodeRowsPerTask = 32;  // gate/up rows of one block per decode task
-constexpr int64_t kPrefillRowsPerTask = 32;  // gate + up tile: 2 * 32 * d floats, L2-resident
+constexpr int64_t kDecodeRows = 32;          // rows of one block per decode task: 3 slabs of 32 * d in L2
+constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
 constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
 template <typename T>
@@ -70,7 +71,8 @@ struct Routing {
   std::unique_ptr<bool[]> active;
 };
 
-Routing Route(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const FfnDims& dims, const Weights& w) {
+Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+              const Weights& w) {
   const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
   Routing r{Scratch<float>(N * n), Scratch<bool>(N * n)};
   float* coef = r.coef.get();
@@ -81,7 +83,8 @@ Routing Route(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const F
     for (int64_t t = t0; t < t1; ++t) {
       float* ct = coef + t * n;
       bool* at = active + t * n;
-      DotRows(w.router, d, n, w.x + t * d, d, ct);  // logits, turned into coefficients in place
+      const float* xt = w.x + t * d;
+      ks.dot_rows(w.router, d, n, &xt, 1, d, ct, n);  // logits, turned into coefficients in place
       int64_t k = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float logit = ct[i] + (w.bias ? w.bias[i] : 0.0f);
@@ -97,111 +100,132 @@ Routing Route(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const F
   return r;
 }
 
-void ComputeDecode(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const FfnDims& dims,
-                   const Weights& w, const Routing& routing, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  // Active pairs, token-major: pair_block[p], per-token ranges [pair_start[t], pair_start[t + 1]).
-  auto pair_block = Scratch<int64_t>(N * n);
-  auto pair_token = Scratch<int64_t>(N * n);
-  auto pair_start = Scratch<int64_t>(N + 1);
+// Active pairs sorted by block (tokens ascending within a block): pairs of block i
+// are [block_start[i], block_start[i + 1]), pair_token[p] is the token of pair p.
+struct PairsByBlock {
+  std::unique_ptr<int64_t[]> block_start, pair_token;
   int64_t pairs = 0;
-  for (int64_t t = 0; t < N; ++t) {
-    pair_start[t] = pairs;
+};
+
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
+  PairsByBlock s{Scratch<int64_t>(n + 1), nullptr};
+  int64_t* start = s.block_start.get();
+  std::fill(start, start + n + 1, 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  s.pairs = start[n];
+  s.pair_token = Scratch<int64_t>(s.pairs);
+  auto fill = Scratch<int64_t>(n);
+  std::copy(start, start + n, fill.get());
+  for (int64_t t = t0; t < t1; ++t) {
     for (int64_t i = 0; i < n; ++i) {
-      if (routing.active[t * n + i]) {
-        pair_block[pairs] = i;
-        pair_token[pairs++] = t;
-      }
+      if (active[t * n + i]) s.pair_token[fill[i]++] = t;
     }
   }
-  pair_start[N] = pairs;
+  return s;
+}
 
-  auto h = Scratch<float>(pairs * B);  // h[p, :] = act(G_i x) * (U_i x) * g_i * c
-  const int64_t row_tasks = CeilDiv(B, kDecodeRowsPerTask);
-  ParallelFor(ctx, static_cast<size_t>(pairs * row_tasks), [&](size_t task) {
-    const int64_t p = static_cast<int64_t>(task) / row_tasks;
-    const int64_t r0 = static_cast<int64_t>(task) % row_tasks * kDecodeRowsPerTask;
-    const int64_t rows = std::min(kDecodeRowsPerTask, B - r0);
-    const int64_t i = pair_block[p], t = pair_token[p];
+void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
+                   const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
+  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, 0, N);
+  const int64_t* block_start = sorted.block_start.get();
+  const int64_t* pair_token = sorted.pair_token.get();
+
+  // Tasks (block, slab of kDecodeRows rows): the slab's gate and up rows are read
+  // once for up to kMaxDotTokens tokens, its down rows once per token (from L2).
+  const int64_t slabs = CeilDiv(B, kDecodeRows);
+  auto partial = Scratch<float>(sorted.pairs * slabs * d);  // partial[(p * slabs + s) * d + c]
+  ParallelFor(ctx, static_cast<size_t>(n * slabs), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / slabs, s = static_cast<int64_t>(task) % slabs;
+    const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
     const int64_t offset = (i * B + r0) * d;
-    const float* x = w.x + t * d;
-    float g[kDecodeRowsPerTask], u[kDecodeRowsPerTask];
-    DotRows(w.gate + offset, d, rows, x, d, g);
-    DotRows(w.up + offset, d, rows, x, d, u);
-    GatedActivation(attrs.activation, g, u, routing.coef[t * n + i], rows, 1, h.get() + p * B + r0);
+    float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kDecodeRows];
+    for (int64_t p0 = block_start[i]; p0 < block_start[i + 1]; p0 += kMaxDotTokens) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, block_start[i + 1] - p0));
+      const float* xs[kMaxDotTokens];
+      for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
+      ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
+      ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
+      for (int c = 0; c < count; ++c) {
+        const int64_t p = p0 + c;
+        ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
+                            routing.coef[pair_token[p] * n + i], rows, h);
+        float* out = partial.get() + (p * slabs + s) * d;
+        std::fill(out, out + d, 0.0f);
+        ks.accumulate_rows(h, w.down + offset, rows, d, d, out);
+      }
+    }
   });
 
-  // Output column chunks: ~16 per token, at least 64 columns (long contiguous
-  // row segments of V), multiples of 16.
-  const int64_t chunk = std::clamp<int64_t>(CeilDiv(CeilDiv(d, 16), 16) * 16, 64, 512);
-  const int64_t col_tasks = CeilDiv(d, chunk);
+  // pair_of[t * n + i]: the pair of (token t, block i) when active.
+  auto pair_of = Scratch<int64_t>(N * n);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
+  }
+  // Sum each token's partials (blocks, then slabs, ascending), column chunks in
+  // parallel; k = 0 stays exactly 0.
+  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
   ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
     const int64_t t = static_cast<int64_t>(task) / col_tasks;
-    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk;
-    const int64_t width = std::min(chunk, d - c0);
-    float* yt = y + t * d + c0;
-    std::fill(yt, yt + width, 0.0f);  // k = 0 stays exactly 0
-    for (int64_t p = pair_start[t]; p < pair_start[t + 1]; ++p) {
-      AccumulateRows(h.get() + p * B, w.down + pair_block[p] * B * d + c0, B, d, width, yt);
+    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
+    float* yt = y + t * d;
+    std::fill(yt + c0, yt + c1, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!routing.active[t * n + i]) continue;
+      for (int64_t s = 0; s < slabs; ++s) {
+        const float* src = partial.get() + (pair_of[t * n + i] * slabs + s) * d;
+        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
+      }
     }
   });
 }
 
 // Prefill on tokens [t0, t1).
-void ComputePrefillChunk(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const FfnDims& dims,
-                         const Weights& w, const Routing& routing, int64_t t0, int64_t t1, float* y) {
+void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
+                         const FfnDims& dims, const Weights& w, const Routing& routing, int64_t t0, int64_t t1,
+                         float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const int64_t P = ks.panel;
   const bool* active = routing.active.get();
   const float* coef = routing.coef.get();
 
-  // Counting sort of the active pairs by block (tokens ascending within a block).
-  auto block_start = Scratch<int64_t>(n + 1);     // pairs of block i: [block_start[i], block_start[i + 1])
-  auto panel_start = Scratch<int64_t>(n + 1);     // panels of block i: [panel_start[i], panel_start[i + 1])
-  std::fill(block_start.get(), block_start.get() + n + 1, 0);
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < n; ++i) block_start[i + 1] += active[t * n + i];
-  }
+  const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
+  const int64_t* block_start = sorted.block_start.get();
+  const int64_t* pair_token = sorted.pair_token.get();
+  auto panel_start = Scratch<int64_t>(n + 1);  // panels of block i: [panel_start[i], panel_start[i + 1])
   panel_start[0] = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    panel_start[i + 1] = panel_start[i] + CeilDiv(block_start[i + 1], kPanel);
-    block_start[i + 1] += block_start[i];
-  }
-  const int64_t pairs = block_start[n], panels = panel_start[n];
-  auto pair_token = Scratch<int64_t>(pairs);
-  {
-    auto fill = Scratch<int64_t>(n);
-    std::copy(block_start.get(), block_start.get() + n, fill.get());
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (active[t * n + i]) pair_token[fill[i]++] = t;
-      }
-    }
-  }
-  // Panel q of block i holds the block's pairs [block_start[i] + (q - panel_start[i]) * kPanel, ...).
+  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] = panel_start[i] + CeilDiv(block_start[i + 1] - block_start[i], P);
+  const int64_t panels = panel_start[n];
+  // Panel q of block i holds the block's pairs [block_start[i] + (q - panel_start[i]) * P, ...).
   auto panel_block = Scratch<int64_t>(panels);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) panel_block[q] = i;
   }
   auto panel_pairs = [&](int64_t q, int64_t& first, int& count) {
     const int64_t i = panel_block[q];
-    first = block_start[i] + (q - panel_start[i]) * kPanel;
-    count = static_cast<int>(std::min<int64_t>(kPanel, block_start[i + 1] - first));
+    first = block_start[i] + (q - panel_start[i]) * P;
+    count = static_cast<int>(std::min<int64_t>(P, block_start[i + 1] - first));
   };
 
-  auto xp = Scratch<float>(panels * d * kPanel);  // packed X: panel q is [d][kPanel]
+  // Packed X (panel q is [d][P]) and the per-panel coefficients g_i * c (0 for padding).
+  auto xp = Scratch<float>(panels * d * P);
+  auto cp = Scratch<float>(panels * P);
   ParallelFor(ctx, static_cast<size_t>(panels), [&](size_t task) {
     const int64_t q = static_cast<int64_t>(task);
     int64_t first;
     int count;
     panel_pairs(q, first, count);
-    PackPanel(w.x, d, pair_token.get() + first, count, xp.get() + q * d * kPanel);
+    ks.pack_panel(w.x, d, pair_token + first, count, xp.get() + q * d * P);
+    for (int t = 0; t < P; ++t) cp[q * P + t] = t < count ? coef[pair_token[first + t] * n + panel_block[q]] : 0.0f;
   });
 
-  // hp: panel q is [B][kPanel]: h of the panel's tokens, scaled by g * c.
-  auto hp = Scratch<float>(panels * B * kPanel);
+  // hp: panel q is [B][P]: h of the panel's tokens, already scaled by g_i * c.
+  auto hp = Scratch<float>(panels * B * P);
   const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
-  // Tasks (block, row tile) of the blocks that have tokens.
-  auto task_block = Scratch<int64_t>(n);
+  auto task_block = Scratch<int64_t>(n);  // the blocks that have tokens
   int64_t used_blocks = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (block_start[i + 1] > block_start[i]) task_block[used_blocks++] = i;
@@ -210,21 +234,9 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const FfnAttributes& att
     const int64_t i = task_block[static_cast<int64_t>(task) / row_tasks];
     const int64_t r0 = static_cast<int64_t>(task) % row_tasks * kPrefillRowsPerTask;
     const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
-    const float* gate = w.gate + (i * B + r0) * d;
-    const float* up = w.up + (i * B + r0) * d;
-    float g[kPrefillRowsPerTask * kPanel], u[kPrefillRowsPerTask * kPanel];
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      const float* panel = xp.get() + q * d * kPanel;
-      PanelRowsProduct(gate, rows, d, panel, g);
-      PanelRowsProduct(up, rows, d, panel, u);
-      int64_t first;
-      int count;
-      panel_pairs(q, first, count);
-      float* h = hp.get() + (q * B + r0) * kPanel;
-      for (int t = 0; t < kPanel; ++t) {
-        const float scale = t < count ? coef[pair_token[first + t] * n + i] : 0.0f;
-        GatedActivation(attrs.activation, g + t, u + t, scale, rows, kPanel, h + t);
-      }
+      ks.panel_gate_up(attrs.activation, w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d, rows, d,
+                       xp.get() + q * d * P, cp.get() + q * P, hp.get() + (q * B + r0) * P);
     }
   });
 
@@ -233,25 +245,29 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const FfnAttributes& att
     const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
     const int64_t width = std::min(kPrefillColsPerTask, d - c0);
     for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
-    float acc[kPanel * kPrefillColsPerTask];
+    // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
+    // read in place, every row of the tile would start a new page (stride d).
+    auto vp = Scratch<float>(B * width);
+    float* rows[64];  // output rows of a panel's tokens (P <= 64)
+    int64_t packed_block = -1;
     for (int64_t q = 0; q < panels; ++q) {
       const int64_t i = panel_block[q];
-      std::fill(acc, acc + kPanel * width, 0.0f);
-      PanelAccumulateRows(hp.get() + q * B * kPanel, w.down + i * B * d + c0, B, d, width, acc);
+      if (i != packed_block) {
+        const float* src = w.down + i * B * d + c0;
+        for (int64_t j = 0; j < B; ++j) std::copy(src + j * d, src + j * d + width, vp.get() + j * width);
+        packed_block = i;
+      }
       int64_t first;
       int count;
       panel_pairs(q, first, count);
-      for (int t = 0; t < count; ++t) {
-        float* yt = y + pair_token[first + t] * d + c0;
-        const float* at = acc + t * width;
-        for (int64_t c = 0; c < width; ++c) yt[c] += at[c];
-      }
+      for (int t = 0; t < count; ++t) rows[t] = y + pair_token[first + t] * d + c0;
+      ks.panel_down(hp.get() + q * B * P, vp.get(), B, width, width, rows, count);
     }
   });
 }
 
-void ComputePrefill(const Ort::KernelContext& ctx, const FfnAttributes& attrs, const FfnDims& dims,
-                    const Weights& w, const Routing& routing, float* y) {
+void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
+                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
   const int64_t n = dims.num_blocks, N = dims.num_tokens;
   for (int64_t t0 = 0; t0 < N;) {
     int64_t t1 = t0, pairs = 0;
@@ -259,7 +275,7 @@ void ComputePrefill(const Ort::KernelContext& ctx, const FfnAttributes& attrs, c
       pairs += std::count(routing.active.get() + t1 * n, routing.active.get() + (t1 + 1) * n, true);
       ++t1;
     } while (t1 < N && pairs < kPrefillMaxPairs);
-    ComputePrefillChunk(ctx, attrs, dims, w, routing, t0, t1, y);
+    ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, t0, t1, y);
     t0 = t1;
   }
 }
@@ -295,14 +311,14 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const Weights w{x.GetTensorData<float>(),  router.GetTensorData<float>(),
                   bias ? bias.GetTensorData<float>() : nullptr,
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
-  const Routing routing = Route(ctx, attrs_, dims, w);
+  const Routing routing = Route(ctx, kernels_, attrs_, dims, w);
   if (active_out) {
     std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
   }
   if (dims.num_tokens <= kDecodeMaxTokens) {
-    ComputeDecode(ctx, attrs_, dims, w, routing, y);
+    ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
   } else {
-    ComputePrefill(ctx, attrs_, dims, w, routing, y);
+    ComputePrefill(ctx, kernels_, attrs_, dims, w, routing, y);
   }
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "common/ffn_params.h"
+#include "cpu/kernels.h"
 
 namespace dsmoe::cpu {
 
@@ -10,11 +11,12 @@ class FfnCpuKernel {
   static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
   static constexpr ONNXTensorElementDataType kElementType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
-  explicit FfnCpuKernel(const FfnAttributes& attrs) : attrs_(attrs) {}
+  explicit FfnCpuKernel(const FfnAttributes& attrs) : attrs_(attrs), kernels_(SelectKernels()) {}
   void Compute(Ort::KernelContext& ctx) const;
 
  private:
   FfnAttributes attrs_;
+  const KernelSet& kernels_;
 };
 
 // Adds the CPU kernels to the domain (called by RegisterCustomOps).

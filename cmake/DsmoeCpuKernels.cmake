@@ -1,0 +1,29 @@
+# dsmoe_add_cpu_kernels(target source ort_include_dir): builds `source` once per
+# instruction set as an object library (namespace dsmoe::cpu::<isa>) and adds
+# the objects and DSMOE_HAVE_<ISA> definitions to `target`.
+function(dsmoe_add_cpu_kernels target source ort_include_dir)
+  set(_isas baseline)
+  set(_flags_baseline "")
+  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+    list(APPEND _isas avx2 avx512)
+    set(_flags_avx2 -mavx2 -mfma)
+    set(_flags_avx512 -mavx512f -mavx512vl -mavx2 -mfma)
+  endif()
+  foreach(_isa IN LISTS _isas)
+    set(_obj ${target}_kernels_${_isa})
+    add_library(${_obj} OBJECT ${source})
+    target_include_directories(${_obj} PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/custom_ops" SYSTEM PRIVATE "${ort_include_dir}")
+    target_compile_features(${_obj} PRIVATE cxx_std_17)
+    target_compile_definitions(${_obj} PRIVATE DSMOE_ISA=${_isa} ORT_API_MANUAL_INIT)
+    set_target_properties(${_obj} PROPERTIES POSITION_INDEPENDENT_CODE ON CXX_EXTENSIONS OFF
+                          CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
+    if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+      # ISO C++ mode turns off FMA contraction in GCC; the kernels are written for it.
+      target_compile_options(${_obj} PRIVATE -Wall -Wextra -ffp-contract=fast ${_flags_${_isa}}
+                             $<$<CONFIG:Release>:-O3>)
+    endif()
+    target_sources(${target} PRIVATE $<TARGET_OBJECTS:${_obj}>)
+    string(TOUPPER ${_isa} _ISA)
+    target_compile_definitions(${target} PRIVATE DSMOE_HAVE_${_ISA})
+  endforeach()
+endfunction()

@@ -1,0 +1,54 @@
+// Inner loops of the CPU kernel (float32), one set per instruction set.
+//
+// kernels_isa.cc is compiled once per instruction set (CMake: AVX-512, AVX2
+// and the baseline of the target, which is SSE2 on x86-64 and NEON on
+// AArch64) with GCC/Clang vector extensions, so every variant has the same
+// source; SelectKernels() picks the widest one this CPU runs.
+#pragma once
+
+#include <cstdint>
+
+#include "common/ffn_params.h"
+
+namespace dsmoe::cpu {
+
+inline constexpr int kMaxDotTokens = 4;
+
+struct KernelSet {
+  const char* name;
+  // Tokens per packed panel of the prefill path (two vector registers wide).
+  int panel;
+
+  // out[t * ldo + r] = dot(w[r * ld : r * ld + d], x[t]) for r < rows, t < count <= kMaxDotTokens:
+  // each weight row is loaded once for all the tokens.
+  void (*dot_rows)(const float* w, int64_t ld, int64_t rows, const float* const* x, int count, int64_t d,
+                   float* out, int64_t ldo);
+
+  // h[i] = act(g[i]) * u[i] * scale for i < count.
+  void (*gated_activation)(Activation act, const float* g, const float* u, float scale, int64_t count, float* h);
+
+  // y[c] += sum_{j < rows} h[j] * v[j * ld + c] for c < width.
+  void (*accumulate_rows)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y);
+
+  // panel[k * P + t] = x[tokens[t] * d + k] for t < count, 0 for count <= t < P (P = panel).
+  void (*pack_panel)(const float* x, int64_t d, const int64_t* tokens, int count, float* panel);
+
+  // Fused gate/up of a packed panel for rows [0, rows) of one block:
+  //   h[r * P + t] = act(gate[r] . panel[:, t]) * (up[r] . panel[:, t]) * coef[t]
+  // gate/up rows have length d (row stride d); coef[t] is 0 for padding tokens.
+  void (*panel_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
+                        const float* panel, const float* coef, float* h);
+
+  // Down projection of a panel, added into the tokens' output rows:
+  //   y[t][c] += sum_{j < rows} h[j * P + t] * v[j * ld + c] for t < count, c < width
+  // where y[t] points at column 0 of token t's output slice.
+  void (*panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
+                     int count);
+};
+
+// The widest kernel set this CPU supports. DSMOE_CPU_ISA=baseline|avx2|avx512
+// (read at every call: kernels call it at creation) forces a narrower one, for
+// tests and comparisons; an unknown or unsupported value is an error.
+const KernelSet& SelectKernels();
+
+}  // namespace dsmoe::cpu

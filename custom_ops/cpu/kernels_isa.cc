@@ -1,0 +1,329 @@
+// The CPU inner loops (cpu/kernels.h), compiled once per instruction set with
+// DSMOE_ISA = avx512 | avx2 | baseline and the matching compiler flags.
+//
+// Vectors are GCC/Clang vector extensions of kVL floats (16 with AVX-512, 8
+// with AVX2, 4 for the SSE2 / NEON baseline): one source, three builds.
+//
+// Register budget of the tiles (accumulators + operands), R = 3 (6 with AVX-512):
+//   panel_gate_up: R gate rows + R up rows x 2 vectors = 4R accumulators,
+//                  2 panel vectors, broadcasts straight from the weight rows.
+//   panel_down:    2R tokens x 2 vectors = 4R accumulators, 2 rows of V.
+// 12 accumulators fit the 16 registers of AVX2/SSE, 24 the 32 of AVX-512; per
+// step of k they issue 4R FMAs for 2 + 2R loads, so the FMA units bound them.
+// Both walk k in slices that keep their streamed operand in L1.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/kernels.h"
+
+#ifndef DSMOE_ISA
+#error "compile with -DDSMOE_ISA=<name>"
+#endif
+
+namespace dsmoe::cpu::DSMOE_ISA {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVL = 16;
+#elif defined(__AVX2__)
+constexpr int kVL = 8;
+#else
+constexpr int kVL = 4;
+#endif
+
+using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
+using VecI = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));
+
+constexpr int kNV = 2;             // vectors per tile row
+constexpr int kPanel = kNV * kVL;  // tokens per panel
+// Register tiles: AVX-512 has 32 vector registers, the others 16 (SSE, AVX2) or
+// 32 (NEON, kept at 16-register tiles: NEON cores are narrow).
+constexpr bool kWideRegs = kVL == 16;
+constexpr int kGateUpRows = kWideRegs ? 6 : 3;   // rows of gate (and of up) per register tile
+constexpr int kDownTokens = kWideRegs ? 12 : 6;  // tokens per register tile of the down projection
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+// `s - 0` is exact for every s (unlike `0 + s`, which turns -0 into +0), so the
+// compiler drops the subtraction and emits a plain broadcast.
+inline Vec Splat(float s) { return s - Vec{}; }
+inline float HorizontalSum(Vec v) {
+  float s = 0.0f;
+  for (int l = 0; l < kVL; ++l) s += v[l];
+  return s;
+}
+
+// exp(x) with Cephes' polynomial (relative error ~2e-7 on the clamped range);
+// exp(+inf) = +inf, exp(-inf) = 0, NaN stays NaN.
+inline Vec Exp(Vec x) {
+  const Vec big = Splat(88.3762626647949f), small = Splat(-87.3365478515625f);
+  Vec c = x > big ? big : x;
+  c = c < small ? small : c;
+  const Vec fx = c * 1.44269504088896341f;
+  const VecI n = __builtin_convertvector(fx + (fx < Splat(0.0f) ? Splat(-0.5f) : Splat(0.5f)), VecI);
+  const Vec nf = __builtin_convertvector(n, Vec);
+  const Vec r = c - nf * 0.693359375f + nf * 2.12194440e-4f;
+  Vec p = Splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const VecI bits = (n + 127) << 23;
+  Vec out = p * (Vec)bits;  // vector casts reinterpret the bits
+  out = x > big ? Splat(INFINITY) : out;
+  out = x < small ? Splat(0.0f) : out;
+  return x != x ? x : out;
+}
+
+// act(g) * u * scale on one vector; the same formulas as the numpy reference,
+// so that inf and NaN come out as it says.
+inline Vec GatedVec(Activation act, Vec g, Vec u, Vec scale) {
+  Vec a;
+  switch (act) {
+    case Activation::kSilu:
+      a = g / (1.0f + Exp(-g));
+      break;
+    case Activation::kGeluTanh: {
+      // 0.5 g (1 + tanh(y)) == g * sigmoid(2y), y = sqrt(2/pi) (g + 0.044715 g^3)
+      const Vec y2 = 1.5957691216057308f * (g + 0.044715f * g * g * g);
+      a = g / (1.0f + Exp(-y2));
+      break;
+    }
+    default:  // kGelu: erf has no vector form here; it is rare (few checkpoints use it)
+      for (int l = 0; l < kVL; ++l) a[l] = 0.5f * g[l] * (1.0f + std::erf(g[l] * 0.70710678118654752f));
+      break;
+  }
+  return a * u * scale;
+}
+
+void GatedActivation(Activation act, const float* g, const float* u, float scale, int64_t count, float* h) {
+  const Vec s = Splat(scale);
+  int64_t i = 0;
+  for (; i + kVL <= count; i += kVL) Store(h + i, GatedVec(act, Load(g + i), Load(u + i), s));
+  if (i < count) {
+    float gt[kVL] = {}, ut[kVL] = {}, ht[kVL];
+    std::copy(g + i, g + count, gt);
+    std::copy(u + i, u + count, ut);
+    Store(ht, GatedVec(act, Load(gt), Load(ut), s));
+    std::copy(ht, ht + (count - i), h + i);
+  }
+}
+
+// R rows x T tokens of dot products, one accumulator vector each.
+template <int R, int T>
+inline void DotTile(const float* w, int64_t ld, const float* const* x, int64_t d, float* out, int64_t ldo) {
+  const int64_t d_main = d - d % kVL;
+  Vec acc[R][T] = {};
+  for (int64_t k = 0; k < d_main; k += kVL) {
+    Vec xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = Load(x[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const Vec wv = Load(w + r * ld + k);
+      for (int t = 0; t < T; ++t) acc[r][t] += wv * xv[t];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) {
+      float s = HorizontalSum(acc[r][t]);
+      for (int64_t k = d_main; k < d; ++k) s += w[r * ld + k] * x[t][k];
+      out[t * ldo + r] = s;
+    }
+  }
+}
+
+// Rows per tile for T tokens: about 8 accumulators (latency of the FMA chains)
+// within 16 registers (accumulators + R weight vectors + T token vectors).
+template <int T>
+inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
+                          int64_t ldo) {
+  constexpr int R = T <= 2 ? 4 : 2;
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) DotTile<R, T>(w + r * ld, ld, x, d, out + r, ldo);
+  for (; r < rows; ++r) DotTile<1, T>(w + r * ld, ld, x, d, out + r, ldo);
+}
+
+void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, int count, int64_t d, float* out,
+             int64_t ldo) {
+  switch (count) {
+    case 1: return DotRowsTokens<1>(w, ld, rows, x, d, out, ldo);
+    case 2: return DotRowsTokens<2>(w, ld, rows, x, d, out, ldo);
+    case 3: return DotRowsTokens<3>(w, ld, rows, x, d, out, ldo);
+    case 4: return DotRowsTokens<4>(w, ld, rows, x, d, out, ldo);
+    default: break;  // callers pass 1..kMaxDotTokens
+  }
+}
+
+void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y) {
+  // Column chunks of 4 vectors stay in registers over all rows.
+  constexpr int kCols = 4 * kVL;
+  int64_t c = 0;
+  for (; c + kCols <= width; c += kCols) {
+    Vec acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = Load(y + c + q * kVL);
+    for (int64_t j = 0; j < rows; ++j) {
+      const Vec hj = Splat(h[j]);
+      const float* vj = v + j * ld + c;
+      for (int q = 0; q < 4; ++q) acc[q] += hj * Load(vj + q * kVL);
+    }
+    for (int q = 0; q < 4; ++q) Store(y + c + q * kVL, acc[q]);
+  }
+  for (; c < width; ++c) {
+    float s = y[c];
+    for (int64_t j = 0; j < rows; ++j) s += h[j] * v[j * ld + c];
+    y[c] = s;
+  }
+}
+
+void PackPanel(const float* x, int64_t d, const int64_t* tokens, int count, float* panel) {
+  // Transposed in [16 k][kPanel t] blocks: 16 contiguous floats per source row, contiguous writes.
+  constexpr int64_t kStep = 16;
+  for (int64_t k0 = 0; k0 < d; k0 += kStep) {
+    const int64_t kn = std::min(kStep, d - k0);
+    float* dst = panel + k0 * kPanel;
+    for (int t = 0; t < kPanel; ++t) {
+      if (t < count) {
+        const float* src = x + tokens[t] * d + k0;
+        for (int64_t k = 0; k < kn; ++k) dst[k * kPanel + t] = src[k];
+      } else {
+        for (int64_t k = 0; k < kn; ++k) dst[k * kPanel + t] = 0.0f;
+      }
+    }
+  }
+}
+
+// Accumulates rows [0, R) of gate and up over k < kc into acc ([R][2][kPanel],
+// gate then up), starting from zero when `first`.
+template <int R>
+inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t kc, const float* panel, bool first,
+                       float* acc) {
+  Vec ag[R][kNV], au[R][kNV];
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < kNV; ++v) {
+      ag[i][v] = first ? Vec{} : Load(acc + (2 * i) * kPanel + v * kVL);
+      au[i][v] = first ? Vec{} : Load(acc + (2 * i + 1) * kPanel + v * kVL);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec b[kNV];
+    for (int v = 0; v < kNV; ++v) b[v] = Load(panel + k * kPanel + v * kVL);
+    for (int i = 0; i < R; ++i) {
+      const Vec g = Splat(gate[i * ld + k]), u = Splat(up[i * ld + k]);
+      for (int v = 0; v < kNV; ++v) {
+        ag[i][v] += g * b[v];
+        au[i][v] += u * b[v];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < kNV; ++v) {
+      Store(acc + (2 * i) * kPanel + v * kVL, ag[i][v]);
+      Store(acc + (2 * i + 1) * kPanel + v * kVL, au[i][v]);
+    }
+  }
+}
+
+void PanelGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* panel,
+                 const float* coef, float* h) {
+  // k is cut into slices of kKc so that the panel's slice ([kKc][kPanel], 16-32 KB)
+  // stays in L1 while every row tile of this call passes over it.
+  constexpr int64_t kKc = 8192 / kPanel;
+  constexpr int64_t kMaxRows = 64;
+  float acc[kMaxRows * 2 * kPanel];
+  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+    const int64_t nr = std::min(kMaxRows, rows - r0);
+    for (int64_t k0 = 0; k0 < d; k0 += kKc) {
+      const int64_t kc = std::min(kKc, d - k0);
+      const float* pk = panel + k0 * kPanel;
+      int64_t r = 0;
+      for (; r + kGateUpRows <= nr; r += kGateUpRows) {
+        const int64_t off = (r0 + r) * d + k0;
+        GateUpTile<kGateUpRows>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+      }
+      for (; r < nr; ++r) {
+        const int64_t off = (r0 + r) * d + k0;
+        GateUpTile<1>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+      }
+    }
+    Vec cv[kNV];
+    for (int v = 0; v < kNV; ++v) cv[v] = Load(coef + v * kVL);
+    for (int64_t r = 0; r < nr; ++r) {
+      for (int v = 0; v < kNV; ++v) {
+        const Vec g = Load(acc + (2 * r) * kPanel + v * kVL), u = Load(acc + (2 * r + 1) * kPanel + v * kVL);
+        Store(h + (r0 + r) * kPanel + v * kVL, GatedVec(act, g, u, cv[v]));
+      }
+    }
+  }
+}
+
+template <int M>
+inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, int64_t c) {
+  Vec acc[M][kNV] = {};
+  for (int64_t j = 0; j < rows; ++j) {
+    Vec b[kNV];
+    for (int q = 0; q < kNV; ++q) b[q] = Load(v + j * ld + q * kVL);
+    for (int i = 0; i < M; ++i) {
+      const Vec a = Splat(h[j * kPanel + i]);
+      for (int q = 0; q < kNV; ++q) acc[i][q] += a * b[q];
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    for (int q = 0; q < kNV; ++q) Store(y[i] + c + q * kVL, Load(y[i] + c + q * kVL) + acc[i][q]);
+  }
+}
+
+template <int M>
+void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y) {
+  int64_t c = 0;
+  for (; c + kPanel <= width; c += kPanel) DownTile<M>(h, v + c, rows, ld, y, c);
+  for (; c < width; ++c) {  // column tail: hidden sizes are usually multiples of the panel
+    for (int i = 0; i < M; ++i) {
+      float s = 0.0f;
+      for (int64_t j = 0; j < rows; ++j) s += h[j * kPanel + i] * v[j * ld + c];
+      y[i][c] += s;
+    }
+  }
+}
+
+// DownTokens<m> for a run-time m < kDownTokens.
+template <int M>
+inline void DownRemainder(int m, const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
+                          float* const* y) {
+  if constexpr (M >= 1) {
+    if (m == M) return DownTokens<M>(h, v, rows, ld, width, y);
+    DownRemainder<M - 1>(m, h, v, rows, ld, width, y);
+  }
+}
+
+void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y, int count) {
+  // Rows j in slices of kKj: the slices of h ([kKj][kPanel]) and of V stay in L1
+  // while all token and column tiles pass over them.
+  constexpr int64_t kKj = 2048 / kPanel;
+  for (int64_t j0 = 0; j0 < rows; j0 += kKj) {
+    const int64_t kj = std::min(kKj, rows - j0);
+    const float* hj = h + j0 * kPanel;
+    const float* vj = v + j0 * ld;
+    int t = 0;
+    for (; t + kDownTokens <= count; t += kDownTokens) DownTokens<kDownTokens>(hj + t, vj, kj, ld, width, y + t);
+    if (t < count) DownRemainder<kDownTokens - 1>(count - t, hj + t, vj, kj, ld, width, y + t);
+  }
+}
+
+}  // namespace
+
+const KernelSet& Kernels() {
+  static const KernelSet set{
+#define DSMOE_STR2(x) #x
+#define DSMOE_STR(x) DSMOE_STR2(x)
+      DSMOE_STR(DSMOE_ISA), kPanel, DotRows, GatedActivation, AccumulateRows, PackPanel, PanelGateUp, PanelDown,
+  };
+  return set;
+}
+
+}  // namespace dsmoe::cpu::DSMOE_ISA

@@ -1,0 +1,212 @@
+"""``python -m dsmoe_export.bench [op|e2e|all]``: see the README's "Benchmarks" section."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import metrics, op, probes, report, timing
+
+DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
+DEFAULT_TOKENS = "1,16,128,256,512"
+QUICK = dict(shapes="256x704x8", tokens="1,16", ks="1,4,8", rounds=2, e2e_shape="128x352x8", e2e_layers=1,
+             e2e_heads=4, e2e_kv_heads=2, e2e_vocab=256, decode_past=16, decode_steps=4)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _shapes(text: str) -> list[op.Shape]:
+    try:
+        return [op.Shape.parse(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dsmoe_export.bench",
+        description="Side-by-side, interleaved latency of the sparse op, the dense FFN and ONNX Runtime's "
+                    "com.microsoft.MoE (op level), and of the sparse vs dense export (end to end).")
+    p.add_argument("what", nargs="?", choices=("op", "e2e", "all"), default="all", help="default: all")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes, few rounds: a smoke run (under a minute); other options still override")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all visible cores)")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default: %(default)s)")
+    p.add_argument("--shapes", type=_shapes, default=None,
+                   help=f"op-level FFN shapes dxD[xn], comma-separated (default: {DEFAULT_SHAPES})")
+    p.add_argument("--tokens", type=_ints, default=None,
+                   help=f"tokens per call (default: {DEFAULT_TOKENS}); end to end uses those > 1 as prefill lengths")
+    p.add_argument("--ks", type=_ints, default=None, help="exact active-block counts k (default: 1..n)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"timed rounds per group (default 5; calls under {op.SHORT_CALL_MS:g} ms get "
+                        f"{op.SHORT_CALL_FACTOR}x)")
+    p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
+    p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
+    p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
+    p.add_argument("--e2e-kv-heads", type=int, default=None, help="KV heads (default: 4)")
+    p.add_argument("--e2e-vocab", type=int, default=None, help="vocabulary (default: 2048)")
+    p.add_argument("--decode-past", type=int, default=None, help="prompt length before decoding (default: 128)")
+    p.add_argument("--decode-steps", type=int, default=None, help="decode steps per timed sequence (default: 8)")
+    p.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
+    p.add_argument("--library", default=None,
+                   help="op library (default: $DSMOE_OPS_LIBRARY, else the installed dsmoe_runtime's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _defaults(args) -> None:
+    quick = QUICK if args.quick else {}
+    full = dict(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS, ks=None, rounds=5, e2e_shape="2048x5632x8",
+                e2e_layers=2, e2e_heads=32, e2e_kv_heads=4, e2e_vocab=2048, decode_past=128, decode_steps=8)
+    for key, value in {**full, **quick}.items():
+        if getattr(args, key) is None:
+            if key == "shapes":
+                value = _shapes(value)
+            elif key in ("tokens", "ks") and value is not None:
+                value = _ints(value)
+            setattr(args, key, value)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def find_library(explicit: str | None) -> str:
+    """--library, else DSMOE_OPS_LIBRARY / the installed dsmoe_runtime, else the source tree's lookup."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise SystemExit(f"--library {explicit}: no such file")
+        return str(Path(explicit).resolve())
+    try:
+        from dsmoe_runtime import get_library_path
+    except ImportError:  # a source checkout without `pip install .`: the same lookup, by path
+        import importlib.util
+
+        path = Path(__file__).resolve().parents[2] / "runtime" / "_library.py"
+        if not path.is_file():
+            raise SystemExit("cannot find the op library: pip install . or set DSMOE_OPS_LIBRARY") from None
+        spec = importlib.util.spec_from_file_location("_dsmoe_runtime_library", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        get_library_path = module.get_library_path
+    try:
+        return get_library_path()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+
+    versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                "onnx": onnx.__version__, "numpy": numpy.__version__}
+    try:
+        import torch
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _defaults(args)
+    argv = sys.argv[1:] if argv is None else argv
+    library = find_library(args.library)
+    # The exporter's validation registers the library through dsmoe_runtime, which honours this.
+    os.environ.setdefault("DSMOE_OPS_LIBRARY", library)
+    do_op, do_e2e = args.what in ("op", "all"), args.what in ("e2e", "all")
+    ks_for = (lambda s: [k for k in args.ks if k <= s.n]) if args.ks else (lambda s: list(range(1, s.n + 1)))
+    prefill = [t for t in args.tokens if t > 1]
+
+    flush = timing.Flusher(enabled=not args.no_flush)
+    results = {"meta": {
+        "command": "python -m dsmoe_export.bench " + shlex.join(argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "versions": _versions(),
+        "library": library, "platform": platform.platform(),
+        "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
+                  if flush.enabled else "warm (--no-flush)"),
+        "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
+                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}",
+        "quick": args.quick}, "op": [], "e2e": [], "checks": []}
+
+    steps = 2 * probes.PROBE_STEPS[args.quick]
+    if do_op:
+        steps += op.planned_calls(args.shapes, args.tokens, ks_for, args.rounds)
+    if do_e2e:
+        steps += 3 + args.rounds * 3 * (len(prefill) + (1 if args.decode_steps else 0))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="probes", unit="call", disable=args.no_progress or None, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        before = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
+        if do_op:
+            for i, shape in enumerate(args.shapes):
+                rows, check = op.run_shape(shape, args.tokens, ks_for(shape), threads=args.threads, library=library,
+                                           rounds=args.rounds, flush=flush, seed=args.seed + i, bar=bar)
+                results["op"] += rows
+                results["checks"].append(check)
+        if do_e2e:
+            from . import e2e
+
+            ffn = op.Shape.parse(args.e2e_shape)
+            shape = e2e.ModelShape(ffn=ffn, layers=args.e2e_layers, heads=args.e2e_heads,
+                                   kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
+            rows, info = e2e.run(args.out / "e2e", shape, prefill_tokens=prefill, decode_past=args.decode_past,
+                                 decode_steps=args.decode_steps, threads=args.threads, library=library,
+                                 rounds=args.rounds, flush=flush, seed=args.seed, bar=bar)
+            results["e2e"], results["e2e_info"] = rows, info
+        bar.set_description("probes")
+        after = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
+    finally:
+        bar.close()
+    results["ceilings"] = _best(before, after)
+    results["probes"] = {"before": before, "after": after}
+    metrics.annotate(results["op"], results["ceilings"])
+    metrics.annotate(results["e2e"], results["ceilings"])
+    results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    paths = report.write_all(args.out, results)
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({results['meta']['seconds']:.0f} s)")
+    for note in results.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _best(before: dict, after: dict) -> dict:
+    """The higher of the two probe runs, per ceiling."""
+    out = {"threads": before["threads"]}
+    for prefix, key in (("bandwidth", "bandwidth_gb_s"), ("gemm", "gemm_gflop_s")):
+        best = before if before[key] >= after[key] else after
+        out.update({k: v for k, v in best.items() if k.startswith(prefix)})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""End to end: the sparse export against the ``--dense`` export of the same random model, in
+ONNX Runtime: prefill of T tokens and token-by-token decode with the KV cache.
+
+A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
+block), exported dense. Its time is the attention, embedding, norms and LM head of the other
+two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio.
+
+The models come from :mod:`dsmoe_export.synthetic` (random LLaMA + DSMoE routers, the
+router's natural mix of k per token) and are exported with :func:`dsmoe_export.exporter.export`
+with validation on (each export is checked against the PyTorch reference before it is timed).
+The active fractions r are those of the PyTorch reference on the same token ids.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from .. import onnx_io
+from ..exporter import export
+from ..loader import load_model
+from ..synthetic import TinySpec, make_model_folder
+from . import graphs, metrics, timing
+from .op import Shape, target_ratio
+
+KINDS = ("sparse", "dense", "attn")
+
+
+@dataclass
+class ModelShape:
+    ffn: Shape
+    layers: int = 2
+    heads: int = 32
+    kv_heads: int = 4
+    vocab: int = 2048
+
+    def spec(self, *, ffn: bool = True) -> TinySpec:
+        return TinySpec(vocab_size=self.vocab, hidden_size=self.ffn.d,
+                        intermediate_size=self.ffn.D if ffn else self.ffn.n, num_hidden_layers=self.layers,
+                        num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                        dsmoe={"num_experts": self.ffn.n, "threshold": 0.5})
+
+    @property
+    def label(self) -> str:
+        return (f"{self.layers} layers, {self.ffn.label}, {self.heads} heads / {self.kv_heads} KV heads, "
+                f"vocab {self.vocab}")
+
+
+def build(out: Path, shape: ModelShape, *, seed: int, bar=None) -> dict:
+    """Model folders and the three validated exports: {kind: ExportResult}."""
+    out.mkdir(parents=True, exist_ok=True)
+    folders = {"model": make_model_folder(out / "model", shape.spec(), seed=seed, router_scale=1.0),
+               "attn": make_model_folder(out / "model-attn", shape.spec(ffn=False), seed=seed, router_scale=1.0)}
+    results = {}
+    for kind, folder, dense in (("sparse", "model", False), ("dense", "model", True), ("attn", "attn", True)):
+        if bar is not None:
+            bar.set_description(f"e2e export {kind}")
+        results[kind] = export(folders[folder], out / f"{kind}.onnx", dense=dense, validate=True, progress=False)
+        if bar is not None:
+            bar.update(1)
+    return {"folders": folders, "exports": results}
+
+
+def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), graphs.session_options(threads, library), providers=["CPUExecutionProvider"])
+
+
+def _feeds(ids: np.ndarray, past_len: int, past: list[np.ndarray], shape: ModelShape) -> dict:
+    b, s = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64),
+             "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)}
+    head_dim = shape.ffn.d // shape.heads
+    for i, name in enumerate(onnx_io.past_names(shape.layers)):
+        feeds[name] = past[i] if past else np.zeros((b, shape.kv_heads, 0, head_dim), np.float32)
+    return feeds
+
+
+def reference_activity(model, prompt: np.ndarray, steps: np.ndarray) -> dict:
+    """Active blocks in the PyTorch reference: per layer [T, n] for the prompt (prefill), and
+    [steps, layers, n] for the decode steps that follow it."""
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        _, past = model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], model.empty_past(1))
+        prefill = [m.last_active[0] for m in model.mlps]           # per layer [T, n]
+        decode = []
+        length = ids.shape[1]
+        for tok in steps:
+            step = torch.tensor([[int(tok)]])
+            _, past = model(step, torch.ones(1, length + 1, dtype=torch.int64), torch.tensor([[length]]), past)
+            decode.append(torch.stack([m.last_active[0, 0] for m in model.mlps]))  # [layers, n]
+            length += 1
+    n = prefill[0].shape[-1]
+    return {"prefill": [a.numpy() for a in prefill],
+            "decode": torch.stack(decode).numpy() if decode else np.zeros((0, len(prefill), n), bool)}
+
+
+def _activity_stats(per_layer: list[np.ndarray]) -> dict:
+    """mean k / r over layers and tokens; union = blocks active for any token, mean over layers."""
+    n = per_layer[0].shape[-1]
+    mean_k = float(np.mean([a.sum(-1).mean() for a in per_layer]))
+    union = float(np.mean([a.any(0).sum() for a in per_layer]))
+    return {"mean_k": mean_k, "r": mean_k / n, "union": union}
+
+
+def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past: int, decode_steps: int,
+        threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
+        gate: timing.QuietGate | None = None, bar=None) -> tuple[list[dict], dict]:
+    built = build(out, shape, seed=seed, bar=bar)
+    exports = built["exports"]
+    info = {"model": shape.label, "decode_past": decode_past, "decode_steps": decode_steps,
+            "validation": {k: r.validation.summary() for k, r in exports.items()},
+            "export_seconds": {k: round(r.seconds, 1) for k, r in exports.items()}}
+    sessions = {k: _session(r.path, threads, library if k == "sparse" else None) for k, r in exports.items()}
+    rng = np.random.default_rng(seed)
+    longest = max(prefill_tokens + [decode_past])
+    prompt = rng.integers(0, shape.vocab, (1, longest), dtype=np.int64)
+    steps = rng.integers(0, shape.vocab, decode_steps, dtype=np.int64)
+    reference = load_model(built["folders"]["model"])[0]
+    rows = []
+
+    # Prefill: one call of T tokens on an empty cache.
+    for T in prefill_tokens:
+        if bar is not None:
+            bar.set_description(f"e2e prefill T={T}")
+        feeds = _feeds(prompt[:, :T], 0, [], shape)
+        calls = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
+                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+        acts = reference_activity(reference, prompt[:, :T], steps[:0])
+        rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
+
+    # Decode: decode_steps single-token calls after a prompt of decode_past tokens, each variant
+    # on its own cache; a sample is the mean time per step of one sequence.
+    if decode_steps:
+        if bar is not None:
+            bar.set_description(f"e2e decode (past {decode_past})")
+        start = {k: s.run(None, _feeds(prompt[:, :decode_past], 0, [], shape))[1:] for k, s in sessions.items()}
+
+        def sequence(kind: str) -> None:
+            past = start[kind]
+            for i, tok in enumerate(steps):
+                past = sessions[kind].run(None, _feeds(np.array([[tok]]), decode_past + i, past, shape))[1:]
+
+        calls = {k: (lambda k=k: sequence(k)) for k in sessions}
+        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1,
+                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+        res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
+        acts = reference_activity(reference, prompt[:, :decode_past], steps)
+        mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
+        stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
+        rows += _rows("decode", 1, decode_past, res, stats, shape)
+    del sessions, reference
+    gc.collect()
+    return rows, info
+
+
+def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape) -> list[dict]:
+    s, dn, at = res["sparse"], res["dense"], res["attn"]
+    L, d, n, B = shape.layers, shape.ffn.d, shape.ffn.n, shape.ffn.block
+    rows = []
+    for kind, samples in res.items():
+        row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "model": shape.label,
+               **samples.summary(), "rounds": len(samples.ms),
+               "ratio_min": samples.min / dn.min, "ratio_median": samples.median / dn.median}
+        if kind in ("sparse", "dense"):
+            ffn_ms = samples.min - at.min
+            if kind == "sparse":
+                row.update(act)
+                row["ffn_ratio_min"] = ffn_ms / (dn.min - at.min)
+                row["ffn_ratio_median"] = (samples.median - at.median) / (dn.median - at.median)
+                row["target"] = target_ratio(T, act["r"])
+                union, pairs = act["union"], act["mean_k"] * T
+            else:
+                union, pairs = n, n * T
+            bytes_, flops = metrics.call_cost(kind, d=d, n=n, B=B, tokens=T, union=union, pairs=pairs)
+            row.update(ffn_ms=ffn_ms, ffn_bytes=L * bytes_, ffn_flops=L * flops)
+        rows.append(row)
+    return rows

@@ -1,0 +1,284 @@
+"""Single-node FFN graphs for the op-level benchmark, and their sessions.
+
+Three graphs compute the same DSMoE layer (docs/op-spec.md) from the inputs
+``X [T, d]`` and ``router_weight [n, d]``:
+
+- ``sparse``: one ``org.dsmoe::GatedBlockSparseFFN`` node (the product);
+- ``moe``: ONNX Runtime's contrib op ``com.microsoft.MoE`` (CPU EP, swiglu),
+  fed with the onnxruntime-genai trick for sigmoid routers (below);
+- ``dense``: the plain SwiGLU FFN as three MatMuls (all blocks, no router): the
+  baseline the sparse op must beat. Its weights are ``[d, D]`` / ``[D, d]``
+  initializers, the layout ORT's MatMul pre-packs for MLAS.
+
+How ``com.microsoft.MoE`` (onnxruntime 1.31.1, CPU EP) is fed, checked
+numerically against the sparse op and the numpy reference (tests/test_bench.py):
+
+- ``fc1_experts_weights [n, 2B, d]``: gate and up of block e *interleaved* by
+  rows, ``fc1[e, 2j] = gate[e, j]``, ``fc1[e, 2j+1] = up[e, j]`` (attribute
+  ``swiglu_fusion=1``; the CPU kernel refuses 0 and 2);
+- ``fc2_experts_weights [n, d, B]``: ``down_proj`` columns of block e, i.e.
+  ``down[e].T`` of the op's packed layout;
+- ``activation_type="swiglu"`` with ``activation_alpha=1``, ``activation_beta=0``
+  and no ``swiglu_limit``: ``silu(g) * u`` (the GPT-OSS variant is alpha=1.702,
+  beta=1, a limit);
+- routing: MoE takes router *logits*, applies a softmax over all n experts,
+  keeps the top ``k`` and (``normalize_routing_weights=0``) weights expert e by
+  its softmax probability; routes whose probability is 0 are skipped. With
+  logits ``log(s_e)`` for active blocks and ``-inf`` for inactive ones (the
+  sentinel), the weights are ``s_e / sum_active s``; multiplying MoE's output by
+  ``sum_active s`` (``weighting="score"``; ``k_t`` for ``"binary"``) and by
+  ``n / k_t`` (``rescale``) gives exactly the DSMoE layer. ``k`` is the exact
+  per-token count when the benchmark fixes it, else ``n`` (the sentinel makes
+  the rest zero-weight, skipped). A token with k = 0 would make every logit
+  -inf (softmax NaN): its expert 0 gets logit 0 and its output scale is 0 (one
+  wasted expert for such a token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import onnx_op
+
+# onnx writes its newest IR version; onnxruntime 1.31 reads up to 13 (10 is enough here).
+IR_VERSION = min(onnx.IR_VERSION, 10)
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+F32 = TensorProto.FLOAT
+
+# Attributes of the sparse op in the benchmark: the paper's defaults.
+OP_ATTRS = dict(threshold=0.5, rescale=True, weighting="score", activation="silu")
+
+
+@dataclass
+class Experts:
+    """One FFN's weights in the op's packed layout: gate, up, down ``[n, B, d]`` float32."""
+
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def block(self) -> int:
+        return self.gate.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.n * self.block
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, d: int, D: int, n: int) -> "Experts":
+        if D % n:
+            raise ValueError(f"D = {D} is not divisible by n = {n}")
+        B = D // n
+        # Scaled like a trained model: unit-ish activations in, unit-ish out.
+        def draw(scale_dim):
+            a = rng.standard_normal((n, B, d), dtype=np.float32)
+            a *= np.float32(1.0 / np.sqrt(scale_dim))
+            return a
+        return cls(gate=draw(d), up=draw(d), down=draw(D))
+
+    # Layouts of the other graphs (fresh contiguous copies).
+    def dense_layout(self):
+        """(W_gate [d, D], W_up [d, D], W_down [D, d]): x @ W, the layout ORT's MatMul pre-packs."""
+        d, D = self.d, self.D
+        return (np.ascontiguousarray(self.gate.reshape(D, d).T), np.ascontiguousarray(self.up.reshape(D, d).T),
+                np.ascontiguousarray(self.down.reshape(D, d)))
+
+    def moe_layout(self):
+        """(fc1 [n, 2B, d] gate/up interleaved by rows, fc2 [n, d, B])."""
+        n, B, d = self.gate.shape
+        fc1 = np.empty((n, 2 * B, d), np.float32)
+        fc1[:, 0::2] = self.gate
+        fc1[:, 1::2] = self.up
+        return fc1, np.ascontiguousarray(self.down.transpose(0, 2, 1))
+
+
+def _value_info(name, shape, elem=F32):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _placeholder(name: str, array: np.ndarray) -> TensorProto:
+    """An initializer that only declares name, type and shape; its data is marked external and
+    is supplied in memory at session creation (SessionOptions.add_external_initializers)."""
+    t = TensorProto(name=name, data_type=F32, dims=list(array.shape))
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "supplied-in-memory.bin"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _model(nodes, inputs, outputs, weights: dict[str, np.ndarray], *, consts=(), extra_opsets=()):
+    """(model, weights): the weights are placeholder initializers that the Runner supplies from
+    the caller's numpy buffers without a copy, so sessions over the same weights share them."""
+    graph = helper.make_graph(nodes, "bench", inputs, outputs,
+                              list(consts) + [_placeholder(k, v) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), *extra_opsets],
+                              ir_version=IR_VERSION)
+    return model, weights
+
+
+def _xy(d):
+    return [_value_info("X", ["T", d]), _value_info("router_weight", [None, d])], [_value_info("Y", ["T", d])]
+
+
+def sparse_graph(e: Experts, *, active_output: bool = False, **attrs):
+    """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given)."""
+    attrs = {**OP_ATTRS, **attrs}
+    weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": e.down}
+    inputs, outputs = _xy(e.d)
+    if active_output:
+        outputs.append(_value_info("active", ["T", e.n], TensorProto.BOOL))
+    node = onnx_op.make_node(["X", "router_weight", *weights], ["Y", "active" if active_output else ""],
+                             num_experts=e.n, **attrs)
+    return _model([node], inputs, outputs, weights,
+                  extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
+
+
+def dense_graph(e: Experts, weights: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+    """The dense SwiGLU FFN, silu(X W_g) * (X W_u) @ W_d: the baseline (the router input is unused).
+    ``W_gate``, ``W_up`` ``[d, D]`` and ``W_down`` ``[D, d]`` are constant initializers, which
+    ORT's MatMul pre-packs for MLAS at session creation."""
+    wg, wu, wd = weights if weights is not None else e.dense_layout()
+    nodes = [
+        helper.make_node("MatMul", ["X", "W_gate"], ["g"]),
+        helper.make_node("MatMul", ["X", "W_up"], ["u"]),
+        helper.make_node("Sigmoid", ["g"], ["sg"]),
+        helper.make_node("Mul", ["g", "sg"], ["ag"]),
+        helper.make_node("Mul", ["ag", "u"], ["h"]),
+        helper.make_node("MatMul", ["h", "W_down"], ["Y"]),
+    ]
+    inputs, outputs = _xy(e.d)
+    return _model(nodes, inputs, outputs, {"W_gate": wg, "W_up": wu, "W_down": wd})
+
+
+def moe_graph(e: Experts, *, k: int | None = None, threshold: float = OP_ATTRS["threshold"],
+              rescale: bool = OP_ATTRS["rescale"], weighting: str = OP_ATTRS["weighting"],
+              moe_weights: tuple[np.ndarray, np.ndarray] | None = None):
+    """com.microsoft.MoE computing the DSMoE layer (module docstring). ``k``: MoE's top-k
+    attribute, the exact active count per token when the caller guarantees one; None = n."""
+    n = e.n
+    fc1, fc2 = moe_weights if moe_weights is not None else e.moe_layout()
+    c = lambda name, value, dtype=np.float32: numpy_helper.from_array(np.asarray(value, dtype), name)  # noqa: E731
+    consts = [c("tau", threshold), c("zero", 0.0), c("one", 1.0), c("neg_inf", -np.inf), c("n_f", float(n)),
+              c("axis_last", [-1], np.int64), c("first_col", np.arange(n) == 0, np.bool_)]
+    nodes = [
+        helper.make_node("Gemm", ["X", "router_weight"], ["z"], transB=1),           # [T, n] logits
+        helper.make_node("Sigmoid", ["z"], ["s"]),
+        helper.make_node("Greater", ["s", "tau"], ["active"]),
+        helper.make_node("Cast", ["active"], ["active_f"], to=F32),
+        helper.make_node("ReduceSum", ["active_f", "axis_last"], ["k"], keepdims=1),  # [T, 1]
+        helper.make_node("Equal", ["k", "zero"], ["idle"]),
+        # Active blocks: log(s) ("score": softmax weights s_e / sum_active s) or 0 ("binary": 1 / k);
+        # the others -inf (softmax weight exactly 0: skipped).
+        helper.make_node("Log", ["s"], ["log_s"]) if weighting == "score" else
+        helper.make_node("Identity", ["zero"], ["log_s"]),
+        helper.make_node("Where", ["active", "log_s", "neg_inf"], ["probs0"]),
+        helper.make_node("And", ["idle", "first_col"], ["idle_first"]),
+        helper.make_node("Where", ["idle_first", "zero", "probs0"], ["router_probs"]),
+        helper.make_node("MoE", ["X", "router_probs", "fc1", "", "fc2"], ["moe_y"], domain=MS_DOMAIN,
+                         k=int(n if k is None else k), activation_type="swiglu", swiglu_fusion=1,
+                         activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
+                         use_sparse_mixer=0),
+    ]
+    # Output scale per token: sum_active s (score) or k (binary), times n / k (rescale); 0 when k = 0.
+    if weighting == "score":
+        nodes += [helper.make_node("Mul", ["s", "active_f"], ["s_on"]),
+                  helper.make_node("ReduceSum", ["s_on", "axis_last"], ["wsum"], keepdims=1)]
+    elif weighting == "binary":
+        nodes.append(helper.make_node("Identity", ["k"], ["wsum"]))
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}")
+    if rescale:
+        nodes += [helper.make_node("Max", ["k", "one"], ["k1"]),
+                  helper.make_node("Div", ["n_f", "k1"], ["c"]),
+                  helper.make_node("Mul", ["wsum", "c"], ["scale"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["wsum"], ["scale"]))
+    nodes.append(helper.make_node("Mul", ["moe_y", "scale"], ["Y"]))
+    inputs, outputs = _xy(e.d)
+    return _model(nodes, inputs, outputs, {"fc1": fc1, "fc2": fc2}, consts=consts,
+                  extra_opsets=[helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def session_options(threads: int, library: str | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    if library is not None:
+        opts.register_custom_ops_library(library)
+    return opts
+
+
+class Runner:
+    """A session over shared weights. ``bind(x, router_weight)`` gives a callable that runs one
+    call with inputs and outputs pre-bound (IOBinding), for timing; ``__call__`` is a plain run.
+
+    ``shared`` weights are handed to ORT as OrtValues over the caller's numpy buffers
+    (``add_external_initializers``; ORT may still copy them into the session).
+    """
+
+    def __init__(self, model: onnx.ModelProto, shared: dict[str, np.ndarray], *, threads: int,
+                 library: str | None = None):
+        opts = session_options(threads, library)
+        # Keep the OrtValues (and through them the numpy buffers) alive as long as the session.
+        self._weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()}
+        if self._weights:
+            opts.add_external_initializers(list(self._weights), list(self._weights.values()))
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def bind(self, x: np.ndarray, router_weight: np.ndarray):
+        binding = self.session.io_binding()
+        keep = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, np.float32)),
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(router_weight, np.float32))]
+        binding.bind_ortvalue_input("X", keep[0])
+        binding.bind_ortvalue_input("router_weight", keep[1])
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        session = self.session
+
+        def call() -> None:
+            session.run_with_iobinding(binding)
+
+        call.inputs = keep  # keeps the input buffers alive with the callable
+        return call
+
+    def __call__(self, x: np.ndarray, router_weight: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {"X": np.asarray(x, np.float32),
+                                       "router_weight": np.asarray(router_weight, np.float32)})
+
+
+def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k: int | None = None,
+           cache: dict | None = None, **attrs) -> Runner:
+    """A Runner for ``kind`` in sparse / dense / moe. ``cache`` (a dict) keeps the re-laid-out
+    weights of ``e`` so that several MoE sessions (one per k) share one copy."""
+    cache = {} if cache is None else cache
+    if kind == "sparse":
+        if library is None:
+            raise ValueError("the sparse graph needs the op library (DSMOE_OPS_LIBRARY or pip install .)")
+        model, shared = sparse_graph(e, **attrs)
+    elif kind == "dense":
+        model, shared = dense_graph(e)
+    elif kind == "moe":
+        if "moe" not in cache:
+            cache["moe"] = e.moe_layout()
+        model, shared = moe_graph(e, k=k, moe_weights=cache["moe"], **attrs)
+    else:
+        raise ValueError(f"unknown graph kind {kind!r}")
+    return Runner(model, shared, threads=threads, library=library if kind == "sparse" else None)

@@ -1,0 +1,135 @@
+"""The op-level sweep: for each FFN shape and token count, the sparse op, ONNX Runtime's
+com.microsoft.MoE and the dense FFN, timed in the same interleaved rounds.
+
+Per (shape, T) group: the dense FFN once, then the sparse op and MoE at every exact k
+(r = k / n, a random subset of k blocks per token) and under the "natural" random router.
+All sparse calls share one session, all MoE calls another (MoE's top-k attribute is n and
+the -inf sentinel leaves exactly the active blocks; see graphs.py).
+"""
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import graphs, metrics, routing, timing
+
+# Calls faster than this get SHORT_CALL_FACTOR x the rounds: they are cheap and noisier.
+SHORT_CALL_MS = 20.0
+SHORT_CALL_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    d: int
+    D: int
+    n: int
+
+    @property
+    def block(self) -> int:
+        return self.D // self.n
+
+    @property
+    def label(self) -> str:
+        return f"d={self.d} D={self.D} n={self.n}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """``dxD`` or ``dxDxn`` (n defaults to 8)."""
+        parts = [int(p) for p in text.lower().split("x")]
+        if len(parts) == 2:
+            parts.append(8)
+        if len(parts) != 3 or min(parts) < 1 or parts[1] % parts[2]:
+            raise ValueError(f"shape {text!r}: expected dxD or dxDxn with n dividing D")
+        return cls(*parts)
+
+
+def target_ratio(tokens: int, r: float) -> float:
+    """The issue's bound on sparse/dense: r + 0.05 for one token, 1.15 r + 0.05 for a prefill."""
+    return r + 0.05 if tokens == 1 else 1.15 * r + 0.05
+
+
+def planned_calls(shapes, tokens, ks_for, rounds: int) -> int:
+    """Upper bound of timed calls (for the progress bar): short calls get more rounds."""
+    total = 0
+    for s in shapes:
+        variants = 1 + 2 * (len(ks_for(s)) + 1)
+        for _ in tokens:
+            total += variants * rounds * SHORT_CALL_FACTOR
+    return total
+
+
+def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) -> dict:
+    """The three graphs on a few tokens: sparse vs MoE under the natural router, and sparse vs
+    dense with every block active (sparse = sigmoid(ALPHA) * dense there). Max abs difference
+    relative to max(1, max |reference|)."""
+    nat = routing.natural(rng, 5, e.d, e.n)
+    y_sparse = runners["sparse"](nat.x, nat.router_weight)[0]
+    y_moe = runners["moe"](nat.x, nat.router_weight)[0]
+    full = routing.exact_k(rng, 3, e.d, e.n, e.n)
+    y_all = runners["sparse"](full.x, full.router_weight)[0]
+    y_dense = runners["dense"](full.x, full.router_weight)[0]
+    s = 1.0 / (1.0 + math.exp(-routing.ALPHA))
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
+
+    return {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
+
+
+def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, library: str, rounds: int,
+              flush: timing.Flusher, seed: int, gate: timing.QuietGate | None = None,
+              bar=None) -> tuple[list[dict], dict]:
+    """Rows of one shape, and its agreement check."""
+    rng = np.random.default_rng(seed)
+    e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
+    cache: dict = {}
+    runners = {"sparse": graphs.runner("sparse", e, threads=threads, library=library),
+               "moe": graphs.runner("moe", e, threads=threads, cache=cache),
+               "dense": graphs.runner("dense", e, threads=threads)}
+    check = {"shape": shape.label, **check_agreement(runners, e, rng)}
+    rows = []
+    for T in tokens:
+        if bar is not None:
+            bar.set_description(f"op {shape.label} T={T}")
+        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks] + [routing.natural(rng, T, shape.d, shape.n)]
+        calls = {("dense", None): runners["dense"].bind(routings[-1].x, routings[-1].router_weight)}
+        for i, rt in enumerate(routings):
+            for kind in ("sparse", "moe"):
+                calls[(kind, i)] = runners[kind].bind(rt.x, rt.router_weight)
+        # The dense call's time (after a warm-up call) decides the number of rounds.
+        probe = timing.interleaved({"dense": calls[("dense", None)]}, 1, flush=flush, gate=gate, warmup=1)
+        n_rounds = rounds * (SHORT_CALL_FACTOR if probe["dense"].min < SHORT_CALL_MS else 1)
+        keyed = {f"{k[0]}:{k[1]}": v for k, v in calls.items()}
+        res = timing.interleaved(keyed, n_rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
+                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+        if bar is not None:
+            bar.update(len(keyed) * rounds * SHORT_CALL_FACTOR - len(keyed) * n_rounds)
+        dense = res["dense:None"]
+        for key, samples in res.items():
+            kind, idx = key.split(":")
+            rt = None if idx == "None" else routings[int(idx)]
+            rows.append(_row(shape, T, kind, rt, samples, dense, n_rounds))
+    del runners, cache, e
+    gc.collect()
+    return rows, check
+
+
+def _row(shape: Shape, T: int, kind: str, rt, samples: timing.Samples, dense: timing.Samples,
+         n_rounds: int) -> dict:
+    if rt is None:  # dense: every block of every token
+        union, pairs, mode, k, mean_k = shape.n, shape.n * T, "all", shape.n, float(shape.n)
+    else:
+        union, pairs, mode, k, mean_k = rt.union, rt.pairs, rt.mode, rt.k, rt.mean_k
+    bytes_, flops = metrics.call_cost(kind, d=shape.d, n=shape.n, B=shape.block, tokens=T, union=union, pairs=pairs)
+    r = mean_k / shape.n
+    row = {"level": "op", "shape": shape.label, "d": shape.d, "D": shape.D, "n": shape.n, "tokens": T,
+           "kind": kind, "mode": mode, "k": k, "mean_k": mean_k, "r": r, "union": union, "pairs": pairs,
+           **samples.summary(), "rounds": n_rounds,
+           "ratio_min": samples.min / dense.min, "ratio_median": samples.median / dense.median,
+           "bytes": bytes_, "flops": flops}
+    if kind != "dense":
+        row["target"] = target_ratio(T, r)
+    return row

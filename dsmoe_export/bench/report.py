@@ -1,0 +1,201 @@
+"""The benchmark's outputs: ``results.json`` (everything), ``results.md`` (tables) and
+``results.png`` (plots; needs matplotlib, the ``bench`` extra: without it the PNG is skipped
+with a note and the JSON and markdown are still written)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _f(value, digits=2, suffix=""):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _pct(value):
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def _routing_label(row) -> str:
+    return f"k={row['k']}" if row["mode"] == "exact" else "natural"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
+        ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def op_tables(rows: list[dict]) -> list[str]:
+    lines = []
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    for shape in shapes:
+        mine = [r for r in rows if r["shape"] == shape]
+        lines += [f"### Op level, {shape}", ""]
+        dense = {r["tokens"]: r for r in mine if r["kind"] == "dense"}
+        lines += ["Dense FFN (three MatMuls), per token count: "
+                  + "; ".join(f"T={t}: {_f(r['ms_min'], 2)} ms, {_f(r.get('gb_s'), 1)} GB/s "
+                              f"({_pct(r.get('gb_s_pct'))} of bw), {_f(r.get('gflop_s'), 0)} GFLOP/s "
+                              f"({_pct(r.get('gflop_s_pct'))} of GEMM)" for t, r in dense.items()), ""]
+        moe = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] == "moe"}
+        table = []
+        for r in (r for r in mine if r["kind"] == "sparse"):
+            m = moe.get((r["tokens"], r["mode"], r["k"]))
+            d = dense[r["tokens"]]
+            table.append([
+                str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}",
+                f"{_f(r['ms_min'])} / {_f(r['ms_median'])}", _f(m["ms_min"]) if m else "-", _f(d["ms_min"]),
+                f"**{_f(r['ratio_min'], 3)}**", _f(r["target"], 3), _f(m["ratio_min"], 3) if m else "-",
+                _f(m["ms_min"] / r["ms_min"], 2) if m else "-",
+                f"{_f(r.get('gb_s'), 1)} ({_pct(r.get('gb_s_pct'))})",
+                f"{_f(r.get('gflop_s'), 0)} ({_pct(r.get('gflop_s_pct'))})", _pct(100 * r["of_roofline"])
+                if r.get("of_roofline") is not None else "-"])
+        lines += _table(["T", "routing", "r", "union", "sparse ms (min / med)", "MoE ms", "dense ms",
+                         "sparse/dense", "target", "MoE/dense", "MoE/sparse", "sparse GB/s (% bw)",
+                         "sparse GFLOP/s (% GEMM)", "sparse % of roofline"], table)
+        lines.append("")
+    return lines
+
+
+def e2e_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["### End to end", ""]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
+    table = []
+    for (phase, T, past), kinds in keyed.items():
+        s, d, a = kinds["sparse"], kinds["dense"], kinds["attn"]
+        label = f"prefill {T}" if phase == "prefill" else f"decode (past {past})"
+        table.append([label, _f(s["r"], 3), _f(s["union"], 2), f"{_f(s['ms_min'])} / {_f(s['ms_median'])}",
+                      f"{_f(d['ms_min'])} / {_f(d['ms_median'])}", _f(a["ms_min"]), _f(s["ratio_min"], 3),
+                      f"**{_f(s['ffn_ratio_min'], 3)}**", _f(s["ffn_ratio_median"], 3), _f(s["target"], 3),
+                      f"{_f(s.get('ffn_gb_s'), 1)} / {_f(d.get('ffn_gb_s'), 1)}",
+                      f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}"])
+    lines += _table(["phase", "r", "union", "sparse ms (min / med)", "dense ms (min / med)", "attn-only ms",
+                     "model sparse/dense", "FFN sparse/dense (min)", "FFN (median)", "target",
+                     "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense"], table)
+    return lines + [""]
+
+
+def markdown(results: dict) -> str:
+    meta, ceil = results["meta"], results.get("ceilings") or {}
+    lines = ["# dsmoe-export benchmark", "",
+             f"- command: `{meta['command']}`",
+             f"- date: {meta['date']}",
+             f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads",
+             f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+             f"- op library: `{meta['library']}`",
+             f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}", ""]
+    if ceil:
+        lines += [f"Ceilings (measured by the tool in ONNX Runtime, best of the probes before and after the run): "
+                  f"memory bandwidth **{_f(ceil['bandwidth_gb_s'], 1)} GB/s** ({ceil['bandwidth_probe']}), "
+                  f"GEMM **{_f(ceil['gemm_gflop_s'], 0)} GFLOP/s** ({ceil['gemm_probe']}).", ""]
+    lines += op_tables(results.get("op", []))
+    lines += e2e_table(results.get("e2e", []))
+    checks = results.get("checks") or []
+    if checks:
+        lines += ["### Agreement checks (max abs difference / max(1, max |ref|))", ""]
+        lines += [f"- {c['shape']}: MoE vs sparse op {c['moe_vs_sparse']:.2g}; dense vs sparse with all blocks "
+                  f"active {c['dense_vs_sparse_all_active']:.2g}" for c in checks]
+        lines.append("")
+    e2e_info = results.get("e2e_info")
+    if e2e_info:
+        lines += [f"End-to-end model: {e2e_info['model']}; exports validated against PyTorch: "
+                  + "; ".join(f"{k}: {v}" for k, v in e2e_info["validation"].items()), ""]
+    lines += LEGEND + [""]
+    for note in results.get("notes", []):
+        lines.append(f"Note: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+LEGEND = [
+    "Legend. Times in ms, min (and median) over interleaved rounds; ratios are min / min within the same "
+    "rounds. r = mean active blocks per token / n. union = blocks active for at least one token of the call "
+    "(the weights a call must read). target = the issue's bound: r + 0.05 for T = 1, 1.15 r + 0.05 for prefill. "
+    "MoE = com.microsoft.MoE (CPU EP, swiglu) fed the same blocks per token; MoE/sparse > 1 means the sparse op "
+    "is faster. GB/s counts the weights read (union of active blocks; all for dense); GFLOP/s counts 6 B d per "
+    "(token, block) pair computed; percentages are of the probed ceilings; % of roofline = "
+    "max(bytes / bandwidth, FLOPs / GEMM rate) / time. End to end: FFN sparse/dense = (sparse - attn-only) / "
+    "(dense - attn-only), the attn-only export being the same model with a negligible FFN.",
+]
+
+
+# --------------------------------------------------------------------------- plot
+
+def plot(path: Path, results: dict) -> str | None:
+    """Writes the PNG; returns a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install '.[bench]'): no PNG written"
+    rows = results.get("op", [])
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if not shapes:
+        return "no op-level rows: no PNG written"
+    fig, axes = plt.subplots(len(shapes), 3, figsize=(16, 4.6 * len(shapes)), squeeze=False)
+    for row_axes, shape in zip(axes, shapes):
+        mine = [r for r in rows if r["shape"] == shape]
+        tokens = sorted({r["tokens"] for r in mine})
+        colors = {t: plt.cm.viridis(i / max(1, len(tokens) - 1)) for i, t in enumerate(tokens)}
+        ax_ratio, ax_ms, ax_tok = row_axes
+        for T in tokens:
+            for kind, style in (("sparse", "-o"), ("moe", "--x")):
+                pts = sorted((r["r"], r["ratio_min"], r["ms_min"]) for r in mine
+                             if r["tokens"] == T and r["kind"] == kind and r["mode"] == "exact")
+                if pts:
+                    rs, ratio, ms = zip(*pts)
+                    label = f"{'sparse op' if kind == 'sparse' else 'ORT MoE'} T={T}"
+                    ax_ratio.plot(rs, ratio, style, color=colors[T], label=label, ms=4)
+                    ax_ms.plot(rs, ms, style, color=colors[T], label=label, ms=4)
+        ax_ratio.plot([0, 1], [0, 1], ":", color="grey", label="ideal: ratio = r")
+        ax_ratio.set(xlabel="active fraction r = k / n", ylabel="time / dense time", title=f"{shape}: ratio vs r")
+        ax_ms.set(xlabel="active fraction r = k / n", ylabel="ms (min)", yscale="log", title=f"{shape}: latency vs r")
+        for kind, mode, style, label in (("dense", "all", "-s", "dense"), ("sparse", "natural", "-o", "sparse op, natural router"),
+                                         ("moe", "natural", "--x", "ORT MoE, natural router")):
+            pts = sorted((r["tokens"], r["ms_min"]) for r in mine if r["kind"] == kind and r["mode"] == mode)
+            if pts:
+                ax_tok.plot(*zip(*pts), style, label=label)
+        ax_tok.set(xlabel="tokens per call", ylabel="ms (min)", xscale="log", yscale="log",
+                   title=f"{shape}: latency vs tokens")
+        for ax in row_axes:
+            ax.grid(True, alpha=0.3)
+        ax_ratio.legend(fontsize=6, ncol=2)
+        ax_tok.legend(fontsize=7)
+    meta = results["meta"]
+    fig.suptitle(f"dsmoe-export op benchmark, {meta['cpu']}, {meta['threads']} threads, {meta['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_all(out: Path, results: dict) -> dict[str, Path]:
+    """results.json, results.md and (when matplotlib is there) results.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "png": out / "results.png"}
+    note = plot(paths["png"], results)
+    if note:
+        results.setdefault("notes", []).append(note)
+        del paths["png"]
+    write_json(paths["json"], results)
+    paths["markdown"].write_text(markdown(results))
+    return paths

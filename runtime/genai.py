@@ -1,0 +1,113 @@
+"""genai_config.json for onnxruntime-genai: the export's interface plus the op library.
+
+onnxruntime-genai (`og.Model(folder)`) reads the model's shape and I/O names from
+genai_config.json; `model.decoder.session_options.custom_ops_library` names the op library,
+as an absolute path of *this* machine. On another machine rewrite it with
+
+    python -m dsmoe_runtime.genai FOLDER [--library PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ._library import get_library_path
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def genai_config(onnx_name: str, config: dict, *, library_path: str, generation: dict | None = None,
+                 provider: str | None = None) -> dict:
+    """The genai_config.json content for an export `onnx_name` of a model with HF `config`."""
+    generation = generation or {}
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos = eos if eos is not None else 0
+    pad = generation.get("pad_token_id", config.get("pad_token_id"))
+    session_options = {"log_id": "onnxruntime-genai", "custom_ops_library": library_path, "provider_options": []}
+    if provider == "cuda":
+        session_options["provider_options"] = [{"cuda": {}}]
+    context = int(config.get("max_position_embeddings", 2048))
+    return {
+        "model": {
+            "type": "llama",
+            "bos_token_id": generation.get("bos_token_id", config.get("bos_token_id", 1)),
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else _first(eos),
+            "vocab_size": config["vocab_size"],
+            "context_length": context,
+            "decoder": {
+                "filename": onnx_name,
+                "session_options": session_options,
+                "head_size": head_dim,
+                "hidden_size": config["hidden_size"],
+                "num_attention_heads": heads,
+                "num_key_value_heads": config.get("num_key_value_heads", heads),
+                "num_hidden_layers": config["num_hidden_layers"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+    }
+
+
+def write_genai_config(onnx_path: str | Path, *, model_dir: str | Path | None = None,
+                       library_path: str | None = None, provider: str | None = None) -> Path:
+    """Write genai_config.json beside `onnx_path`. The model's config.json (and
+    generation_config.json) come from `model_dir`, else from the export's own folder."""
+    onnx_path = Path(onnx_path)
+    src = Path(model_dir) if model_dir is not None else onnx_path.parent
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: needed for genai_config.json (the model's Hugging Face config)")
+    config = json.loads(cfg_file.read_text())
+    gen_file = src / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    content = genai_config(onnx_path.name, config, library_path=library_path or get_library_path(),
+                           generation=generation, provider=provider)
+    out = onnx_path.parent / GENAI_CONFIG
+    out.write_text(json.dumps(content, indent=2) + "\n")
+    return out
+
+
+def set_library(folder: str | Path, library_path: str | None = None) -> Path:
+    """Point an existing genai_config.json at this machine's op library (or `library_path`)."""
+    path = Path(folder) / GENAI_CONFIG
+    content = json.loads(path.read_text())
+    lib = str(Path(library_path).resolve()) if library_path else get_library_path()
+    content["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = lib
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsmoe_runtime.genai",
+                                description="Point a model folder's genai_config.json at the op library.")
+    p.add_argument("folder")
+    p.add_argument("--library", help="library path (default: the installed one, or $DSMOE_OPS_LIBRARY)")
+    args = p.parse_args(argv)
+    try:
+        path = set_library(args.folder, args.library)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"dsmoe_runtime.genai: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path}: custom_ops_library = {json.loads(path.read_text())['model']['decoder']['session_options']['custom_ops_library']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The benchmark tool (dsmoe_export.bench): its routing construction, that its three graphs
+compute the same function as the numpy reference, and a --quick smoke run. Speed is never
+asserted here."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from dsmoe_export.bench import graphs, metrics, routing
+from reference import ffn_reference, router_scores
+
+RTOL = 1e-4
+
+
+def _rel_err(y, y_ref) -> float:
+    return float(np.abs(y - y_ref).max(initial=0.0) / max(1.0, float(np.abs(y_ref).max(initial=0.0))))
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (8, 3), (8, 8), (4, 2), (16, 5), (8, 0)])
+def test_exact_k_routing_gives_k_blocks_with_varied_subsets(op_library, rng, n, k):
+    T, d = 64, 48
+    rt = routing.exact_k(rng, T, d, n, k)
+    assert rt.x.dtype == np.float32 and rt.x.shape == (T, d) and rt.router_weight.shape == (n, d)
+    # The reference's routing (float64) and the kernel's `active` output (float32) agree: exactly k per token.
+    assert ((router_scores(rt.x, rt.router_weight) > 0.5).sum(axis=1) == k).all()
+    e = graphs.Experts.random(rng, d, n * 3, n)
+    sparse = graphs.Runner(*graphs.sparse_graph(e, active_output=True), threads=1, library=op_library)
+    active = sparse(rt.x, rt.router_weight)[1]
+    np.testing.assert_array_equal(active, rt.active)
+    assert (active.sum(axis=1) == k).all()
+    if 0 < k < n:  # per-token random subsets: many distinct ones, every block used somewhere
+        assert rt.stats()["distinct_subsets"] >= min(math.comb(n, k), T) // 4
+        assert active.any(axis=0).all()
+    assert rt.mean_k == k and rt.r == k / n and rt.pairs == k * T
+
+
+def test_natural_routing_varies_k(rng):
+    rt = routing.natural(rng, 256, 64, 8)
+    ks = rt.active.sum(axis=1)
+    assert len(set(ks.tolist())) >= 4 and 0.3 < rt.r < 0.7  # Binomial(8, ~1/2)
+    assert rt.union == 8
+
+
+def _case(rng, mode, T, d=40, n=8, B=6, k=3, scale=1.0):
+    e = graphs.Experts.random(rng, d, n * B, n)
+    rt = routing.exact_k(rng, T, d, n, k) if mode == "exact" else routing.natural(rng, T, d, n)
+    return e, rt, (rt.x * np.float32(scale))
+
+
+@pytest.mark.parametrize("weighting", ["score", "binary"])
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("mode,T", [("exact", 1), ("exact", 9), ("natural", 1), ("natural", 33)])
+def test_moe_graph_computes_the_reference(rng, weighting, rescale, mode, T):
+    e, rt, x = _case(rng, mode, T)
+    k = rt.k if mode == "exact" else None  # exact: MoE's top-k = k; natural: k = n plus the -inf sentinel
+    moe = graphs.Runner(*graphs.moe_graph(e, k=k, weighting=weighting, rescale=rescale), threads=1)
+    y = moe(x, rt.router_weight)[0]
+    y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down, weighting=weighting, rescale=rescale)
+    assert _rel_err(y, y_ref) <= RTOL
+
+
+def test_moe_graph_no_swiglu_clamp_and_idle_tokens(rng):
+    """Large pre-activations (no swiglu_limit clamp), and tokens with k = 0 give zeros."""
+    e, rt, x = _case(rng, "natural", 16, scale=1.0)
+    e.gate *= 30.0
+    e.up *= 30.0
+    router = rt.router_weight.copy()
+    x[:3] = -np.sign(router.sum(0)) * np.abs(x[:3])  # push some tokens towards k = 0
+    y_ref, active = ffn_reference(x, router, e.gate, e.up, e.down)
+    assert np.abs(y_ref).max() > 100
+    y = graphs.Runner(*graphs.moe_graph(e), threads=1)(x, router)[0]
+    assert _rel_err(y, y_ref) <= RTOL
+    idle = ~active.any(axis=1)
+    assert (y[idle] == 0).all()
+
+
+@pytest.mark.parametrize("T", [1, 17])
+def test_dense_graph_computes_the_full_ffn(rng, T):
+    e, rt, x = _case(rng, "natural", T)
+    y = graphs.Runner(*graphs.dense_graph(e), threads=1)(x, rt.router_weight)[0]
+    # Every block active, weight 1, no rescale = the dense FFN.
+    all_on = np.zeros_like(rt.router_weight)
+    y_ref, active = ffn_reference(x, all_on, e.gate, e.up, e.down, np.full(e.n, 10.0, np.float32),
+                                  weighting="binary", rescale=False)
+    assert active.all()
+    assert _rel_err(y, y_ref) <= RTOL
+
+
+@pytest.mark.parametrize("mode,T", [("exact", 1), ("natural", 40)])
+def test_sparse_op_and_moe_agree(op_library, rng, mode, T):
+    e, rt, x = _case(rng, mode, T)
+    y_sparse = graphs.runner("sparse", e, threads=2, library=op_library)(x, rt.router_weight)[0]
+    y_moe = graphs.runner("moe", e, threads=2)(x, rt.router_weight)[0]
+    y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down)
+    assert _rel_err(y_sparse, y_ref) <= RTOL and _rel_err(y_moe, y_ref) <= RTOL
+
+
+def test_layouts(rng):
+    e = graphs.Experts.random(rng, 8, 12, 4)
+    fc1, fc2 = e.moe_layout()
+    assert fc1.shape == (4, 6, 8) and fc2.shape == (4, 8, 3)
+    np.testing.assert_array_equal(fc1[2, 0::2], e.gate[2])
+    np.testing.assert_array_equal(fc1[2, 1::2], e.up[2])
+    np.testing.assert_array_equal(fc2[1], e.down[1].T)
+    wg, wu, wd = e.dense_layout()
+    np.testing.assert_array_equal(wg[:, 3:6], e.gate[1].T)
+    np.testing.assert_array_equal(wd[3:6], e.down[1])
+
+
+def test_call_cost():
+    d, n, B, T = 16, 8, 4, 3
+    assert metrics.call_cost("dense", d=d, n=n, B=B, tokens=T, union=n, pairs=n * T) == (3 * n * B * d * 4, 6 * B * d * n * T)
+    assert metrics.call_cost("moe", d=d, n=n, B=B, tokens=T, union=5, pairs=7) == (5 * 3 * B * d * 4, 7 * 6 * B * d)
+    assert metrics.call_cost("sparse", d=d, n=n, B=B, tokens=T, union=5, pairs=7)[0] == 5 * 3 * B * d * 4 + n * d * 4
+    r = metrics.rates(10**9, 2 * 10**9, 0.5, {"bandwidth_gb_s": 4.0, "gemm_gflop_s": 8.0})
+    assert r["gb_s"] == 2.0 and r["gflop_s"] == 4.0 and r["gb_s_pct"] == 50.0 and r["of_roofline"] == 0.5
+
+
+QUICK_OP = ["op", "--quick", "--no-progress", "--rounds", "1", "--tokens", "1,5", "--ks", "1,8", "--shapes", "64x96x8"]
+
+
+def _check_outputs(out, level):
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["threads"] >= 1 and results["meta"]["cpu"]
+    assert results["ceilings"]["bandwidth_gb_s"] > 0 and results["ceilings"]["gemm_gflop_s"] > 0
+    rows = results[level]
+    assert rows and all(r["ms_min"] > 0 and r["ms_median"] >= r["ms_min"] for r in rows)
+    text = (out / "results.md").read_text()
+    assert "| T | routing |" in text or "| phase |" in text
+    return results
+
+
+def test_quick_op_run_writes_json_and_markdown(op_library, tmp_path, monkeypatch, capsys):
+    from dsmoe_export.bench import cli
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no matplotlib: JSON + markdown still written
+    assert cli.main([*QUICK_OP, "--out", str(tmp_path)]) == 0
+    results = _check_outputs(tmp_path, "op")
+    kinds = {(r["kind"], r["mode"], r["k"], r["tokens"]) for r in results["op"]}
+    for T in (1, 5):
+        assert {("dense", "all", 8, T), ("sparse", "exact", 1, T), ("moe", "exact", 8, T),
+                ("sparse", "natural", None, T), ("moe", "natural", None, T)} <= kinds
+    sparse = [r for r in results["op"] if r["kind"] == "sparse" and r["mode"] == "exact"]
+    assert all(r["union"] <= r["n"] and r["pairs"] == r["k"] * r["tokens"] and "gb_s_pct" in r for r in sparse)
+    assert results["checks"][0]["moe_vs_sparse"] < RTOL
+    assert not (tmp_path / "results.png").exists()
+    assert any("matplotlib" in n for n in results["notes"])
+
+
+@pytest.mark.slow
+def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from dsmoe_export.bench import cli
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    assert cli.main(["all", "--quick", "--no-progress", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    results = _check_outputs(tmp_path, "e2e")
+    phases = {(r["phase"], r["kind"]) for r in results["e2e"]}
+    assert {("prefill", "sparse"), ("decode", "dense"), ("decode", "attn")} <= phases
+    assert (tmp_path / "results.png").stat().st_size > 0

@@ -1,0 +1,115 @@
+"""Optional: the export in Hugging Face optimum's ORTModelForCausalLM and in onnxruntime-genai.
+
+Neither installs next to this project's pins (optimum-onnx 0.1.0 needs transformers < 4.58 and
+optimum ~= 2.1; onnxruntime-genai needs the CPU `onnxruntime` package, which clashes with
+onnxruntime-gpu), so each runs in a side venv made by `bash scripts/setup-ecosystem.sh`
+(or named by DSMOE_OPTIMUM_PYTHON / DSMOE_GENAI_PYTHON, or this interpreter when it imports
+them). Missing: the test skips and says so. Their tokens must equal DSMoESession.generate's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dsmoe_runtime
+from dsmoe_export.exporter import export
+from dsmoe_export.synthetic import TinySpec, make_model_folder
+from dsmoe_runtime import DSMoESession
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "ecosystem"
+
+
+def _side_python(module: str, env_var: str, venv: str, why: str) -> str:
+    if importlib.util.find_spec(module.split(".")[0]) is not None:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return sys.executable
+        except ImportError:
+            pass
+    candidate = os.environ.get(env_var) or str(ROOT / venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    if not Path(candidate).is_file():
+        pytest.skip(f"{module} is not importable here ({why}) and there is no side venv at {candidate}: "
+                    f"run `bash scripts/setup-ecosystem.sh` or set {env_var}")
+    probe = subprocess.run([candidate, "-c", f"import {module}"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"{candidate} cannot import {module}: {probe.stderr.strip().splitlines()[-1:]}")
+    return candidate
+
+
+@pytest.fixture(scope="module")
+def optimum_python():
+    return _side_python("optimum.onnxruntime", "DSMOE_OPTIMUM_PYTHON", ".venv-optimum",
+                        "optimum-onnx 0.1.0 pins transformers<4.58 and optimum~=2.1")
+
+
+@pytest.fixture(scope="module")
+def genai_python():
+    return _side_python("onnxruntime_genai", "DSMOE_GENAI_PYTHON", ".venv-genai",
+                        "it depends on the CPU onnxruntime package, which clashes with onnxruntime-gpu")
+
+
+@pytest.fixture(scope="module")
+def eco_export(tmp_path_factory):
+    seed = int(os.environ.get("DSMOE_TEST_SEED", secrets.randbits(31)))
+    print(f"eco_export: DSMOE_TEST_SEED={seed}")
+    root = tmp_path_factory.mktemp("eco")
+    folder = make_model_folder(root / "model", TinySpec(), seed=seed, router_scale=2.0)
+    out = root / "export"
+    out.mkdir()
+    export(folder, out / "model.onnx", progress=False, hf_config=True, genai=True)
+    return out / "model.onnx", DSMoESession(out / "model.onnx", threads=2)
+
+
+def _run(python, script, *args):
+    proc = subprocess.run([python, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    return proc
+
+
+def test_optimum_ort_model_for_causal_lm_generates_the_same_tokens(optimum_python, eco_export, rng):
+    path, session = eco_export
+    ids = rng.integers(3, 256, (2, 7))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    prompt = json.dumps({"input_ids": ids.tolist(), "attention_mask": mask.tolist()})
+    proc = _run(optimum_python, "optimum_generate.py", path.parent, path.name, dsmoe_runtime.get_library_path(),
+                prompt, 10)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = session.generate(ids, 10, attention_mask=mask)
+    assert got["ids"] == want.tolist()
+
+
+def test_onnxruntime_genai_generates_the_same_tokens(genai_python, eco_export, rng, tmp_path):
+    path, session = eco_export
+    config = json.loads((path.parent / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == dsmoe_runtime.get_library_path()
+    ids = rng.integers(3, 256, (2, 6))
+    proc = _run(genai_python, "genai_generate.py", path.parent, json.dumps(ids.tolist()), 9)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["new"] == session.generate(ids, 9)[:, 6:].tolist()
+    # genai really loads the library the config names: a wrong path fails.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / path.name).symlink_to(path)
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = str(tmp_path / "missing.so")
+    (bad / "genai_config.json").write_text(json.dumps(config))
+    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2)
+    assert proc.returncode != 0 and "missing.so" in proc.stderr
+    # set_library re-points it (what an app does on another machine).
+    from dsmoe_runtime.genai import set_library
+
+    set_library(bad)
+    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
