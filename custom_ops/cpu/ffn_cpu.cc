@@ -44,7 +44,8 @@ constexpr int64_t kDecodeMaxTokens = 6;
 // hundreds of tokens per block tile.
 constexpr int64_t kPrefillMaxPairs = 2048;
 constexpr int64_t kRoutingTokensPerTask = 16;
-constexpr int64_t kDecodeRows = 32;          // rows of one block per decode task: 3 slabs of 32 * d in L2
+constexpr int64_t kDecodeRows = 32;    // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
+constexpr int64_t kDecodeGroups = 8;   // row groups per block in the decode path
 constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
 constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
@@ -134,28 +135,39 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
 
-  // Tasks (block, slab of kDecodeRows rows): the slab's gate and up rows are read
-  // once for up to kMaxDotTokens tokens, its down rows once per token (from L2).
+  // Tasks (block, group of rows): a block's rows are cut into at most kDecodeGroups
+  // groups (work for every thread even when k = 1), each walked in slabs of
+  // kDecodeRows rows; a slab's gate and up rows are read once for up to
+  // kMaxDotTokens tokens, its down rows once per token (from L2). Each task owns
+  // one partial output per (pair, group): no write conflicts.
   const int64_t slabs = CeilDiv(B, kDecodeRows);
-  auto partial = Scratch<float>(sorted.pairs * slabs * d);  // partial[(p * slabs + s) * d + c]
-  ParallelFor(ctx, static_cast<size_t>(n * slabs), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task) / slabs, s = static_cast<int64_t>(task) % slabs;
-    const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
-    const int64_t offset = (i * B + r0) * d;
+  const int64_t groups = std::min(slabs, kDecodeGroups);
+  const int64_t slabs_per_group = CeilDiv(slabs, groups);
+  auto partial = Scratch<float>(sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
+  ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
+    const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
+    for (int64_t p = first_pair; p < last_pair; ++p) {
+      float* out = partial.get() + (p * groups + grp) * d;
+      std::fill(out, out + d, 0.0f);
+    }
     float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kDecodeRows];
-    for (int64_t p0 = block_start[i]; p0 < block_start[i + 1]; p0 += kMaxDotTokens) {
-      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, block_start[i + 1] - p0));
-      const float* xs[kMaxDotTokens];
-      for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
-      ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
-      ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
-      for (int c = 0; c < count; ++c) {
-        const int64_t p = p0 + c;
-        ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
-                            routing.coef[pair_token[p] * n + i], rows, h);
-        float* out = partial.get() + (p * slabs + s) * d;
-        std::fill(out, out + d, 0.0f);
-        ks.accumulate_rows(h, w.down + offset, rows, d, d, out);
+    const int64_t s_end = std::min(slabs, (grp + 1) * slabs_per_group);
+    for (int64_t s = grp * slabs_per_group; s < s_end; ++s) {
+      const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
+      const int64_t offset = (i * B + r0) * d;
+      for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
+        const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
+        const float* xs[kMaxDotTokens];
+        for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
+        ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
+        ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
+        for (int c = 0; c < count; ++c) {
+          const int64_t p = p0 + c;
+          ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
+                              routing.coef[pair_token[p] * n + i], rows, h);
+          ks.accumulate_rows(h, w.down + offset, rows, d, d, partial.get() + (p * groups + grp) * d);
+        }
       }
     }
   });
@@ -165,7 +177,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
   }
-  // Sum each token's partials (blocks, then slabs, ascending), column chunks in
+  // Sum each token's partials (blocks, then groups, ascending), column chunks in
   // parallel; k = 0 stays exactly 0.
   const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
   ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
@@ -175,8 +187,8 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
     std::fill(yt + c0, yt + c1, 0.0f);
     for (int64_t i = 0; i < n; ++i) {
       if (!routing.active[t * n + i]) continue;
-      for (int64_t s = 0; s < slabs; ++s) {
-        const float* src = partial.get() + (pair_of[t * n + i] * slabs + s) * d;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* src = partial.get() + (pair_of[t * n + i] * groups + grp) * d;
         for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
       }
     }
