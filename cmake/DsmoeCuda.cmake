@@ -1,10 +1,15 @@
-# Resolve DSMOE_WITH_CUDA (ON / OFF / AUTO) into DSMOE_CUDA_ENABLED.
+# Resolve DSMOE_WITH_CUDA (ON / OFF / AUTO) into DSMOE_CUDA_ENABLED and, when
+# enabled, turn on CMake's CUDA language for DSMOE_CUDA_ARCHITECTURES.
 #
-# The CUDA kernels are not written yet: for now an enabled CUDA build only
-# checks that nvcc works and defines DSMOE_WITH_CUDA, and custom_ops/cuda/
-# registers nothing either way. The library must keep loading on machines
-# without a GPU, so whatever CUDA code is added links cudart statically.
+# The CUDA kernels (custom_ops/cuda/*.cu) link the CUDA runtime statically
+# (CUDA::cudart_static, its symbols kept local by the version script), so the
+# op library has no CUDA library in DT_NEEDED and loads on machines without a
+# GPU or a CUDA install; the runtime opens the driver (libcuda.so.1) lazily, on
+# the first CUDA call, which only a CUDA EP session makes.
 include(CheckLanguage)
+
+set(DSMOE_CUDA_ARCHITECTURES "80-real;89-real;90" CACHE STRING
+    "CUDA architectures of the kernels (CMAKE_CUDA_ARCHITECTURES syntax; 90 = sm_90 code + compute_90 PTX)")
 
 set(DSMOE_CUDA_ENABLED OFF)
 string(TOUPPER "${DSMOE_WITH_CUDA}" _want)
@@ -20,8 +25,13 @@ elseif(NOT _want STREQUAL "OFF")
 endif()
 
 if(DSMOE_CUDA_ENABLED)
-  # enable_language(CUDA) comes with the kernels; until then nothing is compiled by nvcc.
-  message(STATUS "CUDA: nvcc found (${CMAKE_CUDA_COMPILER}); no CUDA kernels yet, the CUDA registration is a stub")
+  if(NOT CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES "${DSMOE_CUDA_ARCHITECTURES}")
+  endif()
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  message(STATUS "CUDA: kernels for ${CMAKE_CUDA_ARCHITECTURES} with ${CMAKE_CUDA_COMPILER} "
+                 "(CUDA ${CUDAToolkit_VERSION}, static runtime)")
 else()
   message(STATUS "CUDA: off; custom_ops/cuda registers nothing")
 endif()

@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model folder: config.json + *.safetensors")
     p.add_argument("output", metavar="OUT.onnx", help="ONNX file to write (OUT.onnx.data too for external data)")
     p.add_argument("--dense", action="store_true", help="export the dense FFN (routers ignored)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="element type of weights and activations in the graph; float16 is for ONNX Runtime's "
+                        "CUDA EP (the op's CUDA kernel; on the CPU EP the op falls back to its ONNX function). "
+                        "Validation tolerance is then at least 3e-2 (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         result = export(args.model_dir, args.output, dense=args.dense, validate=args.validate,
                         tolerance=args.tolerance, external_data=ext, progress=not args.quiet,
                         active_outputs=args.active_outputs, copy_tokenizer=args.copy_tokenizer,
-                        hf_config=args.hf_config, genai=args.genai)
+                        hf_config=args.hf_config, genai=args.genai, dtype=args.dtype)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -72,6 +72,13 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+# --dtype: the element type of weights, activations, KV cache and logits in the graph.
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Validation tolerance floor of a float16 export (float16 ORT vs float16 PyTorch on the CPU:
+# both round every op to 11 bits, in different orders).
+FLOAT16_TOLERANCE = 3e-2
+
+
 def trace(model, *, sparse: bool, active_outputs: bool = False) -> onnx.ModelProto:
     """Trace the reference model with torch.export and return the finished ONNX model.
 
@@ -81,14 +88,16 @@ def trace(model, *, sparse: bool, active_outputs: bool = False) -> onnx.ModelPro
     model.pack_for_export()
     wrapper = onnx_io.FlatKVWrapper(model).eval()
     n = cfg.num_hidden_layers
+    dtype = next(model.parameters()).dtype  # float32, or float16 for --dtype float16
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
-            wrapper, onnx_io.example_inputs(model), dynamo=True, opset_version=graph_fixups.OPSET,
+            wrapper, onnx_io.example_inputs(model, dtype=dtype), dynamo=True, opset_version=graph_fixups.OPSET,
             input_names=onnx_io.input_names(n), output_names=onnx_io.output_names(n),
             dynamic_shapes=onnx_io.dynamic_shapes(n), optimize=True, verbose=False,
         )
     proto = program.model_proto
-    metadata = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if sparse else "0"}
+    metadata = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if sparse else "0",
+                "dsmoe_export.dtype": str(dtype).removeprefix("torch.")}
     if sparse:
         metadata["dsmoe_export.dsmoe"] = cfg.dsmoe.to_json()
     if sparse and active_outputs:
@@ -149,13 +158,22 @@ def _check_output_path(out: Path) -> None:
 def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
-           genai: bool = False) -> ExportResult:
+           genai: bool = False, dtype: str = "float32") -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md.
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
     generation_config.json found in the model folder (`copy_tokenizer`), config.json
     (`hf_config`, for optimum's ORTModelForCausalLM), genai_config.json (`genai`, for
-    onnxruntime-genai; see docs/runtime.md)."""
+    onnxruntime-genai; see docs/runtime.md).
+
+    `dtype` "float16" exports weights, activations, the KV cache and logits in float16 (for
+    the CUDA EP; docs/cuda.md). Validation then runs ONNX Runtime's CPU EP on the float16
+    graph (the op's function body: the library has no float16 CPU kernel) against the
+    float16 PyTorch model, and `tolerance` is at least FLOAT16_TOLERANCE."""
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
+    if dtype == "float16":
+        tolerance = max(tolerance, FLOAT16_TOLERANCE)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
@@ -166,7 +184,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     if progress:
         from tqdm.auto import tqdm
         bar = lambda names: tqdm(names, desc="[dsmoe-export] loading tensors", unit="tensor", leave=False, disable=None)  # noqa: E731
-    model, cfg = load_model(model_dir, sparse=not dense, progress=bar)
+    model, cfg = load_model(model_dir, sparse=not dense, progress=bar, dtype=EXPORT_DTYPES[dtype])
     with steps("tracing with torch.export and converting to ONNX"):
         proto = trace(model, sparse=not dense, active_outputs=active_outputs)
     report = None

@@ -16,6 +16,8 @@ from torch import nn
 from . import onnx_op
 from .config import HF_ACTIVATIONS, DSMoEConfig, ModelConfig
 
+_HALF = (torch.float16, torch.bfloat16)
+
 ACT_FNS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -30,8 +32,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(var + self.eps))
+        # At least float32 for a float16 model, as Hugging Face's LlamaRMSNorm (float64 stays float64).
+        xf = x.float() if x.dtype in _HALF else x
+        var = xf.pow(2).mean(-1, keepdim=True)
+        return self.weight * (xf * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -83,7 +87,8 @@ class Attention(nn.Module):
         kx = k.repeat_interleave(rep, dim=1) if rep > 1 else k
         vx = v.repeat_interleave(rep, dim=1) if rep > 1 else v
         scores = torch.matmul(q, kx.transpose(2, 3)) / math.sqrt(self.head_dim) + mask
-        probs = torch.softmax(scores, dim=-1)
+        # at least float32, as in HF LLaMA
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
         out = torch.matmul(probs, vx).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.o_proj(out), k, v
 

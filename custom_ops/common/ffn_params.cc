@@ -166,4 +166,30 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   return dims;
 }
 
+namespace {
+
+Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index) {
+  Ort::ConstValue v = ctx.GetInput(index);
+  if (!v) ThrowInvalidArgument(std::string("input '") + kInputNames[index] + "' is required");
+  return v;
+}
+
+Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
+
+}  // namespace
+
+FfnInputs GetInputs(const Ort::KernelContext& ctx, const FfnAttributes& attrs) {
+  FfnInputs in;
+  in.x = RequiredInput(ctx, kX);
+  in.router_weight = RequiredInput(ctx, kRouterWeight);
+  in.gate_weight = RequiredInput(ctx, kGateWeight);
+  in.up_weight = RequiredInput(ctx, kUpWeight);
+  in.down_weight = RequiredInput(ctx, kDownWeight);
+  if (ctx.GetInputCount() > kRouterBias) in.router_bias = ctx.GetInput(kRouterBias);
+  const Shape bias_shape = in.router_bias ? ShapeOf(in.router_bias) : Shape{};
+  in.dims = CheckShapes(attrs, ShapeOf(in.x), ShapeOf(in.router_weight), ShapeOf(in.gate_weight),
+                        ShapeOf(in.up_weight), ShapeOf(in.down_weight), in.router_bias ? &bias_shape : nullptr);
+  return in;
+}
+
 }  // namespace dsmoe

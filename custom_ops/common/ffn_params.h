@@ -48,6 +48,15 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
                     const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
                     const Shape* router_bias);
 
+// The node's input tensors (router_bias empty when absent) and their checked sizes:
+// CheckShapes on the tensors of a kernel call, for every device.
+struct FfnInputs {
+  Ort::ConstValue x{nullptr}, router_weight{nullptr}, gate_weight{nullptr}, up_weight{nullptr},
+      down_weight{nullptr}, router_bias{nullptr};
+  FfnDims dims;
+};
+FfnInputs GetInputs(const Ort::KernelContext& ctx, const FfnAttributes& attrs);
+
 [[noreturn]] void ThrowInvalidArgument(const std::string& message);
 std::string ShapeToString(const Shape& shape);
 

@@ -292,25 +292,13 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
   }
 }
 
-Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index) {
-  Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) ThrowInvalidArgument("input " + std::to_string(index) + " is required");
-  return v;
-}
-
-Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
-
 }  // namespace
 
 void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
-  const Ort::ConstValue x = RequiredInput(ctx, kX), router = RequiredInput(ctx, kRouterWeight),
-                        gate = RequiredInput(ctx, kGateWeight), up = RequiredInput(ctx, kUpWeight),
-                        down = RequiredInput(ctx, kDownWeight);
-  Ort::ConstValue bias{nullptr};
-  if (ctx.GetInputCount() > kRouterBias) bias = ctx.GetInput(kRouterBias);
-  const Shape bias_shape = bias ? ShapeOf(bias) : Shape{};
-  const FfnDims dims = CheckShapes(attrs_, ShapeOf(x), ShapeOf(router), ShapeOf(gate), ShapeOf(up), ShapeOf(down),
-                                   bias ? &bias_shape : nullptr);
+  const FfnInputs in = GetInputs(ctx, attrs_);
+  const FfnDims& dims = in.dims;
+  const Ort::ConstValue &x = in.x, &router = in.router_weight, &gate = in.gate_weight, &up = in.up_weight,
+                        &down = in.down_weight, &bias = in.router_bias;
 
   float* y = ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>();
   bool* active_out = nullptr;

@@ -1,14 +1,23 @@
 #include "cuda/register_cuda.h"
 
+#ifdef DSMOE_WITH_CUDA
+#include "common/ffn_op.h"
+#include "cuda/ffn_cuda.h"
+#endif
+
 namespace dsmoe::cuda {
 
 void RegisterOps(Ort::CustomOpDomain& domain) {
 #ifdef DSMOE_WITH_CUDA
-  // The CUDA kernel goes here (a later task), following the CPU side:
-  //   static const GatedBlockSparseFfnOp<FfnCudaKernel<float>> op_f32;   // kExecutionProvider
-  //   domain.Add(&op_f32);                                              // = "CUDAExecutionProvider"
-  // with the launchers in ffn_cuda_impl.{cuh,cu}; the stream comes from
-  // Ort::KernelContext::GetGPUComputeStream().
+  // One op per element type, same domain and name: ONNX Runtime merges them into
+  // one schema (type constraints = the union) and picks the kernel by EP and type.
+  // Registering needs no GPU: nothing CUDA runs until a CUDA EP session computes.
+  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>> op_f32;
+  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>> op_f16;
+  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>> op_bf16;
+  domain.Add(&op_f32);
+  domain.Add(&op_f16);
+  domain.Add(&op_bf16);
 #endif
   (void)domain;
 }

@@ -1,0 +1,24 @@
+// CUDA kernel of org.dsmoe::GatedBlockSparseFFN for ONNX Runtime's CUDA execution
+// provider (float32, float16, bfloat16): inputs and outputs in device memory, the
+// work enqueued on ORT's compute stream, scratch from ORT's allocator of X's
+// device. The kernels are in forward.cu and the stage files it calls.
+#pragma once
+
+#include "common/ffn_params.h"
+
+namespace dsmoe::cuda {
+
+template <ONNXTensorElementDataType kType>
+class FfnCudaKernel {
+ public:
+  static constexpr const char* kExecutionProvider = "CUDAExecutionProvider";
+  static constexpr ONNXTensorElementDataType kElementType = kType;
+
+  explicit FfnCudaKernel(const FfnAttributes& attrs) : attrs_(attrs) {}
+  void Compute(Ort::KernelContext& ctx) const;
+
+ private:
+  FfnAttributes attrs_;
+};
+
+}  // namespace dsmoe::cuda

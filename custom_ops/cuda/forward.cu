@@ -1,0 +1,110 @@
+// The CUDA forward pass: the stages of kernels.cuh in order on one stream.
+//   router -> decode GEMVs                           (N <= kDecodeMaxTokens)
+//   router -> sort -> align -> gate/up GEMM -> down GEMM   (otherwise)
+//   -> finalize (float16 / bfloat16: the float accumulator cast into Y)
+// No host synchronisation, no allocation: capturable in a CUDA graph.
+#include "cuda/kernels.cuh"
+
+namespace dsmoe::cuda {
+namespace {
+
+template <typename T>
+__global__ void FinalizeKernel(const float* acc, T* y, int64_t count) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[e] = FromFloat<T>(acc[e]);
+  }
+}
+
+template <typename S>
+S* At(void* scratch, int64_t offset) {
+  return offset < 0 ? nullptr : reinterpret_cast<S*>(static_cast<char*>(scratch) + offset);
+}
+
+template <typename T>
+std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
+  const FfnCudaShape& s = a.shape;
+  if (s.tokens == 0) return "";
+  Params<T> p{};
+  p.x = static_cast<const T*>(a.x);
+  p.router = static_cast<const T*>(a.router);
+  p.bias = static_cast<const T*>(a.bias);
+  p.gate = static_cast<const T*>(a.gate);
+  p.up = static_cast<const T*>(a.up);
+  p.down = static_cast<const T*>(a.down);
+  p.y = static_cast<T*>(a.y);
+  const ScratchLayout& l = plan.scratch;
+  p.active = a.active != nullptr ? a.active : At<bool>(a.scratch, l.active);
+  p.coef = At<float>(a.scratch, l.coef);
+  p.acc = l.acc >= 0 ? At<float>(a.scratch, l.acc) : reinterpret_cast<float*>(a.y);  // float32: Y itself
+  p.h_decode = At<float>(a.scratch, l.h_decode);
+  p.pair_token = At<int>(a.scratch, l.pair_token);
+  p.block_count = At<int>(a.scratch, l.block_count);
+  p.tile_start = At<int>(a.scratch, l.tile_start);
+  p.h = At<T>(a.scratch, l.h);
+  p.N = static_cast<int>(s.tokens);
+  p.d = static_cast<int>(s.hidden);
+  p.n = static_cast<int>(s.blocks);
+  p.B = static_cast<int>(s.block_size);
+  p.h_ld = static_cast<int>(plan.h_ld);
+  p.tile_m = static_cast<int>(plan.tile_m);
+  p.threshold = a.threshold;
+  p.rescale = a.rescale;
+  p.binary = a.binary_weighting;
+  p.act = a.activation;
+  p.decode_down_rows = static_cast<int>(plan.decode_down_rows);
+  p.decode_cols = static_cast<int>(plan.decode_cols);
+  p.vec = plan.vec_loads;
+
+  cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
+  cudaError_t err = LaunchRouter(p, plan, stream);
+  if (err == cudaSuccess) {
+    if (plan.decode) {
+      err = LaunchDecode(p, plan, stream);
+    } else {
+      err = LaunchSortAlign(p, plan, stream);
+      if (err == cudaSuccess) err = LaunchGateUp(p, plan, stream);
+      if (err == cudaSuccess) err = LaunchDown(p, plan, stream);
+    }
+  }
+  if (err == cudaSuccess) err = LaunchFinalize(p, plan, stream);
+  if (err != cudaSuccess) return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  return "";
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t LaunchFinalize(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
+  if constexpr (kIsHalfType<T>) {
+    FinalizeKernel<T><<<Grid(plan.finalize), 256, 0, stream>>>(p.acc, p.y, static_cast<int64_t>(p.N) * p.d);
+    return cudaGetLastError();
+  }
+  return cudaSuccess;  // float32 accumulated in Y
+}
+
+DSMOE_INSTANTIATE_LAUNCHER(LaunchFinalize)
+
+std::string CudaDeviceCount(int& count) {
+  count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    count = 0;
+    return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  }
+  return "";
+}
+
+std::string FfnCudaForward(const FfnCudaArgs& args, const FfnCudaPlan& plan) {
+  switch (args.shape.dtype) {
+    case DType::kFloat32:
+      return Forward<float>(args, plan);
+    case DType::kFloat16:
+      return Forward<__half>(args, plan);
+    case DType::kBFloat16:
+      return Forward<__nv_bfloat16>(args, plan);
+  }
+  return "unknown element type";
+}
+
+}  // namespace dsmoe::cuda

@@ -1,0 +1,48 @@
+// Launchers of the CUDA kernels of org.dsmoe::GatedBlockSparseFFN, one file per
+// stage (docs/cuda.md has the pipeline). Each enqueues on `stream` and returns
+// cudaGetLastError(); T is float, __half or __nv_bfloat16.
+#pragma once
+
+#include "cuda/common.cuh"
+
+namespace dsmoe::cuda {
+
+// router.cu: per token, logits, sigmoid, threshold, k, coef = g_i * n/k, the active
+// flags; zeroes the token's row of the float accumulator.
+template <typename T>
+cudaError_t LaunchRouter(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// sort_align.cu: counting sort of the active (token, block) pairs by block (tokens
+// ascending within a block), then the M-tile offsets of the grouped GEMMs.
+template <typename T>
+cudaError_t LaunchSortAlign(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// gate_up_gemm.cu: grouped GEMM of the gathered token rows with the gate and up rows of
+// their block, epilogue h = act(gate) * up, written as T to the h scratch.
+template <typename T>
+cudaError_t LaunchGateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// down_gemm.cu: grouped GEMM h @ down_weight[i], epilogue coef * result added
+// (float atomics) into the token rows of the accumulator.
+template <typename T>
+cudaError_t LaunchDown(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// decode_gemv.cu: small-token path, gather-GEMV over the active blocks' rows (gate/up
+// with the activation, then down into the accumulator).
+template <typename T>
+cudaError_t LaunchDecode(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// forward.cu: the float accumulator cast to T into Y (float16 / bfloat16 only).
+template <typename T>
+cudaError_t LaunchFinalize(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+inline dim3 Grid(const Dim3& g) {
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+}
+
+#define DSMOE_INSTANTIATE_LAUNCHER(name)                                                              \
+  template cudaError_t name<float>(const Params<float>&, const FfnCudaPlan&, cudaStream_t);           \
+  template cudaError_t name<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);         \
+  template cudaError_t name<__nv_bfloat16>(const Params<__nv_bfloat16>&, const FfnCudaPlan&, cudaStream_t);
+
+}  // namespace dsmoe::cuda
