@@ -10,4 +10,4 @@ fi
 # torch first and alone: pinned to 2.13.0, a CPU build on these machines, so that the
 # resolver never reaches for a multi-GB CUDA build of a newer release.
 .venv/bin/python -m pip install --quiet -c requirements/constraints.txt torch
-.venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[test]"
+.venv/bin/python -m pip install --quiet -c requirements/constraints.txt ".[test,bench]"

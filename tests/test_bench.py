@@ -113,14 +113,17 @@ def test_layouts(rng):
 
 def test_call_cost():
     d, n, B, T = 16, 8, 4, 3
-    assert metrics.call_cost("dense", d=d, n=n, B=B, tokens=T, union=n, pairs=n * T) == (3 * n * B * d * 4, 6 * B * d * n * T)
+    assert metrics.call_cost("dense", d=d, n=n, B=B, tokens=T, union=n, pairs=n * T) == \
+        (3 * n * B * d * 4, 6 * B * d * n * T)
     assert metrics.call_cost("moe", d=d, n=n, B=B, tokens=T, union=5, pairs=7) == (5 * 3 * B * d * 4, 7 * 6 * B * d)
     assert metrics.call_cost("sparse", d=d, n=n, B=B, tokens=T, union=5, pairs=7)[0] == 5 * 3 * B * d * 4 + n * d * 4
     r = metrics.rates(10**9, 2 * 10**9, 0.5, {"bandwidth_gb_s": 4.0, "gemm_gflop_s": 8.0})
     assert r["gb_s"] == 2.0 and r["gflop_s"] == 4.0 and r["gb_s_pct"] == 50.0 and r["of_roofline"] == 0.5
 
 
-QUICK_OP = ["op", "--quick", "--no-progress", "--rounds", "1", "--tokens", "1,5", "--ks", "1,8", "--shapes", "64x96x8"]
+# --max-wait 0: a test must not wait for other processes to leave the CPUs idle.
+QUICK_OP = ["op", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "1,5", "--ks", "1,8",
+            "--shapes", "64x96x8"]
 
 
 def _check_outputs(out, level):
@@ -158,7 +161,8 @@ def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
     from dsmoe_export.bench import cli
 
     monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
-    assert cli.main(["all", "--quick", "--no-progress", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert cli.main(["all", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1",
+                     "--out", str(tmp_path)]) == 0
     results = _check_outputs(tmp_path, "e2e")
     phases = {(r["phase"], r["kind"]) for r in results["e2e"]}
     assert {("prefill", "sparse"), ("decode", "dense"), ("decode", "attn")} <= phases

@@ -6,15 +6,16 @@ import datetime as _dt
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from . import metrics, op, probes, report, timing
+from . import e2e, metrics, op, probes, report, timing
 
 DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
 DEFAULT_TOKENS = "1,16,128,256,512"
-QUICK = dict(shapes="256x704x8", tokens="1,16", ks="1,4,8", rounds=2, e2e_shape="128x352x8", e2e_layers=1,
+QUICK = dict(shapes="256x704x8", tokens="1,16", ks="1,4,8", rounds=2, budget=5.0, e2e_shape="128x352x8", e2e_layers=1,
              e2e_heads=4, e2e_kv_heads=2, e2e_vocab=256, decode_past=16, decode_steps=4)
 
 
@@ -53,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None,
                    help=f"timed rounds per group (default 5; calls under {op.SHORT_CALL_MS:g} ms get "
                         f"{op.SHORT_CALL_FACTOR}x)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per group (a shape and token count): fewer rounds when they "
+                        "would take longer, but at least 2 (default: 30; --quick: 5)")
     p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
@@ -61,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-past", type=int, default=None, help="prompt length before decoding (default: 128)")
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps per timed sequence (default: 8)")
     p.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
+    p.add_argument("--max-wait", type=float, default=30.0,
+                   help="before each round, wait up to this many seconds for other processes to leave the CPUs "
+                        "idle (0: never wait; default: %(default)s)")
+    p.add_argument("--keep-exports", action="store_true",
+                   help="keep the end-to-end model folders and exports under OUT/e2e (about 1.3 GB at the default "
+                        "shape; removed after the run otherwise)")
     p.add_argument("--library", default=None,
                    help="op library (default: $DSMOE_OPS_LIBRARY, else the installed dsmoe_runtime's)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _defaults(args) -> None:
     quick = QUICK if args.quick else {}
-    full = dict(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS, ks=None, rounds=5, e2e_shape="2048x5632x8",
+    full = dict(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS, ks=None, rounds=5, budget=30.0, e2e_shape="2048x5632x8",
                 e2e_layers=2, e2e_heads=32, e2e_kv_heads=4, e2e_vocab=2048, decode_past=128, decode_steps=8)
     for key, value in {**full, **quick}.items():
         if getattr(args, key) is None:
@@ -144,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     prefill = [t for t in args.tokens if t > 1]
 
     flush = timing.Flusher(enabled=not args.no_flush)
+    gate = timing.QuietGate(max_wait_s=args.max_wait, enabled=args.max_wait > 0)
     results = {"meta": {
         "command": "python -m dsmoe_export.bench " + shlex.join(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
                   if flush.enabled else "warm (--no-flush)"),
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
-                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}",
+                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; fewer (at least 2) "
+                       f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
         "quick": args.quick}, "op": [], "e2e": [], "checks": []}
 
     steps = 2 * probes.PROBE_STEPS[args.quick]
@@ -165,24 +177,30 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=steps, desc="probes", unit="call", disable=args.no_progress or None, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
+        gate.wait()
         before = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
         if do_op:
             for i, shape in enumerate(args.shapes):
                 rows, check = op.run_shape(shape, args.tokens, ks_for(shape), threads=args.threads, library=library,
-                                           rounds=args.rounds, flush=flush, seed=args.seed + i, bar=bar)
+                                           rounds=args.rounds, flush=flush, seed=args.seed + i, gate=gate,
+                                           budget_s=args.budget, bar=bar)
                 results["op"] += rows
                 results["checks"].append(check)
+                _save_partial(args.out, results, before)
         if do_e2e:
-            from . import e2e
-
             ffn = op.Shape.parse(args.e2e_shape)
             shape = e2e.ModelShape(ffn=ffn, layers=args.e2e_layers, heads=args.e2e_heads,
                                    kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
             rows, info = e2e.run(args.out / "e2e", shape, prefill_tokens=prefill, decode_past=args.decode_past,
                                  decode_steps=args.decode_steps, threads=args.threads, library=library,
-                                 rounds=args.rounds, flush=flush, seed=args.seed, bar=bar)
+                                 rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
+                                 bar=bar)
             results["e2e"], results["e2e_info"] = rows, info
+            _save_partial(args.out, results, before)
+            if not args.keep_exports:
+                shutil.rmtree(args.out / "e2e", ignore_errors=True)
         bar.set_description("probes")
+        gate.wait()
         after = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
     finally:
         bar.close()
@@ -191,12 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     metrics.annotate(results["op"], results["ceilings"])
     metrics.annotate(results["e2e"], results["ceilings"])
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    results["meta"]["quiet_gate"] = gate.summary()
     paths = report.write_all(args.out, results)
+    (args.out / "results.partial.json").unlink(missing_ok=True)
     print(report.markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({results['meta']['seconds']:.0f} s)")
     for note in results.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _save_partial(out: Path, results: dict, ceilings: dict) -> None:
+    """results.partial.json after each stage, so that an interrupted run keeps what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "results.partial.json", {**results, "ceilings": ceilings})
 
 
 def _best(before: dict, after: dict) -> dict:

@@ -108,7 +108,7 @@ def _activity_stats(per_layer: list[np.ndarray]) -> dict:
 
 def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past: int, decode_steps: int,
         threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
-        gate: timing.QuietGate | None = None, bar=None) -> tuple[list[dict], dict]:
+        gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
     built = build(out, shape, seed=seed, bar=bar)
     exports = built["exports"]
     info = {"model": shape.label, "decode_past": decode_past, "decode_steps": decode_steps,
@@ -128,8 +128,9 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             bar.set_description(f"e2e prefill T={T}")
         feeds = _feeds(prompt[:, :T], 0, [], shape)
         calls = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
-        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
+        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
                                  on_call=(lambda: bar.update(1)) if bar is not None else None)
+        _skip_unused(bar, res, rounds)
         acts = reference_activity(reference, prompt[:, :T], steps[:0])
         rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
 
@@ -146,8 +147,9 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                 past = sessions[kind].run(None, _feeds(np.array([[tok]]), decode_past + i, past, shape))[1:]
 
         calls = {k: (lambda k=k: sequence(k)) for k in sessions}
-        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1,
+        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1, budget_s=budget_s,
                                  on_call=(lambda: bar.update(1)) if bar is not None else None)
+        _skip_unused(bar, res, rounds)
         res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
         acts = reference_activity(reference, prompt[:, :decode_past], steps)
         mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
@@ -156,6 +158,12 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     del sessions, reference
     gc.collect()
     return rows, info
+
+
+def _skip_unused(bar, res: dict, rounds: int) -> None:
+    """Advance the progress bar past the rounds the time budget cut."""
+    if bar is not None:
+        bar.update(len(res) * (rounds - len(next(iter(res.values())).ms)))
 
 
 def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape) -> list[dict]:

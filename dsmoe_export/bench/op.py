@@ -81,7 +81,7 @@ def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) 
 
 def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, library: str, rounds: int,
               flush: timing.Flusher, seed: int, gate: timing.QuietGate | None = None,
-              bar=None) -> tuple[list[dict], dict]:
+              budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
     """Rows of one shape, and its agreement check."""
     rng = np.random.default_rng(seed)
     e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
@@ -94,7 +94,8 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
     for T in tokens:
         if bar is not None:
             bar.set_description(f"op {shape.label} T={T}")
-        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks] + [routing.natural(rng, T, shape.d, shape.n)]
+        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks]
+        routings.append(routing.natural(rng, T, shape.d, shape.n))
         calls = {("dense", None): runners["dense"].bind(routings[-1].x, routings[-1].router_weight)}
         for i, rt in enumerate(routings):
             for kind in ("sparse", "moe"):
@@ -104,7 +105,8 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
         n_rounds = rounds * (SHORT_CALL_FACTOR if probe["dense"].min < SHORT_CALL_MS else 1)
         keyed = {f"{k[0]}:{k[1]}": v for k, v in calls.items()}
         res = timing.interleaved(keyed, n_rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
-                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+                                 budget_s=budget_s, on_call=(lambda: bar.update(1)) if bar is not None else None)
+        n_rounds = len(res["dense:None"].ms)
         if bar is not None:
             bar.update(len(keyed) * rounds * SHORT_CALL_FACTOR - len(keyed) * n_rounds)
         dense = res["dense:None"]

@@ -102,7 +102,15 @@ def markdown(results: dict) -> str:
              f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- op library: `{meta['library']}`",
-             f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}", ""]
+             f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}"]
+    gate = meta.get("quiet_gate")
+    if gate and gate["enabled"]:
+        lines.append(f"- other load: each round waited for CPUs at most {100 * gate['max_busy']:.0f}% busy "
+                     f"({gate['seconds_waited']:.0f} s waited in all); {gate['rounds_started_busy']} of "
+                     f"{gate['rounds']} rounds started on a busy machine anyway")
+    if "seconds" in meta:
+        lines.append(f"- run time: {meta['seconds']:.0f} s")
+    lines.append("")
     if ceil:
         lines += [f"Ceilings (measured by the tool in ONNX Runtime, best of the probes before and after the run): "
                   f"memory bandwidth **{_f(ceil['bandwidth_gb_s'], 1)} GB/s** ({ceil['bandwidth_probe']}), "
@@ -169,7 +177,8 @@ def plot(path: Path, results: dict) -> str | None:
         ax_ratio.plot([0, 1], [0, 1], ":", color="grey", label="ideal: ratio = r")
         ax_ratio.set(xlabel="active fraction r = k / n", ylabel="time / dense time", title=f"{shape}: ratio vs r")
         ax_ms.set(xlabel="active fraction r = k / n", ylabel="ms (min)", yscale="log", title=f"{shape}: latency vs r")
-        for kind, mode, style, label in (("dense", "all", "-s", "dense"), ("sparse", "natural", "-o", "sparse op, natural router"),
+        for kind, mode, style, label in (("dense", "all", "-s", "dense"),
+                                         ("sparse", "natural", "-o", "sparse op, natural router"),
                                          ("moe", "natural", "--x", "ORT MoE, natural router")):
             pts = sorted((r["tokens"], r["ms_min"]) for r in mine if r["kind"] == kind and r["mode"] == mode)
             if pts:
@@ -183,7 +192,7 @@ def plot(path: Path, results: dict) -> str | None:
     meta = results["meta"]
     fig.suptitle(f"dsmoe-export op benchmark, {meta['cpu']}, {meta['threads']} threads, {meta['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
 

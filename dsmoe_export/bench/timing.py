@@ -60,13 +60,15 @@ def _cpu_times() -> tuple[int, int] | None:
 
 class QuietGate:
     """``wait()`` sleeps until the CPUs were at most ``max_busy`` busy over a short window
-    (while this process sleeps, so the load is other processes'), for at most ``max_wait_s``.
+    (while this process sleeps, so the load is other processes'), for at most ``max_wait_s``
+    per round and ``max_total_wait_s`` per run (then it stops waiting).
     Counts the waits and the rounds that started on a busy machine anyway."""
 
     def __init__(self, *, max_busy: float = 0.2, window_s: float = 0.15, max_wait_s: float = 30.0,
-                 enabled: bool = True):
+                 max_total_wait_s: float = 300.0, enabled: bool = True):
         self.enabled = enabled and _cpu_times() is not None
         self.max_busy, self.window_s, self.max_wait_s = max_busy, window_s, max_wait_s
+        self.max_total_wait_s = max_total_wait_s
         self.waited_s = 0.0
         self.busy_rounds = 0
         self.rounds = 0
@@ -84,7 +86,7 @@ class QuietGate:
         self.rounds += 1
         t0 = time.perf_counter()
         while self.busy() > self.max_busy:
-            if time.perf_counter() - t0 > self.max_wait_s:
+            if time.perf_counter() - t0 > self.max_wait_s or self.waited_s > self.max_total_wait_s:
                 self.busy_rounds += 1
                 break
             time.sleep(0.5)
@@ -112,15 +114,26 @@ class Samples:
 
 
 def interleaved(calls: dict[str, Callable[[], None]], rounds: int, *, flush: Flusher | None = None,
-                gate: QuietGate | None = None, warmup: int = 1, seed: int = 0,
-                on_call: Callable[[], None] | None = None) -> dict[str, Samples]:
-    """Milliseconds of each call over ``rounds`` rounds (after ``warmup`` untimed rounds)."""
+                gate: QuietGate | None = None, warmup: int = 1, seed: int = 0, budget_s: float | None = None,
+                min_rounds: int = 2, on_call: Callable[[], None] | None = None) -> dict[str, Samples]:
+    """Milliseconds of each call over ``rounds`` rounds, after ``warmup`` untimed rounds.
+
+    With ``budget_s``, the rounds are cut so that they take about that long (judged from the
+    last warm-up round), but never below ``min_rounds`` (nor above ``rounds``).
+    """
     rng = np.random.default_rng(seed)
     names = list(calls)
     samples = {k: [] for k in names}
+    round_s = 0.0
     for _ in range(warmup):
+        t0 = time.perf_counter()
         for name in names:
+            if flush is not None:
+                flush()
             calls[name]()
+        round_s = time.perf_counter() - t0
+    if budget_s is not None and warmup and round_s > 0:
+        rounds = max(min(rounds, min_rounds), min(rounds, int(budget_s / round_s)))
     for _ in range(rounds):
         if gate is not None:
             gate.wait()
