@@ -1,0 +1,369 @@
+"""Calibration of a converted DSMoE model: text, perplexity, router fitting, neuron regrouping, training.
+
+Used by `python -m dsmoe_export.convert` (docs/conversion.md). Everything runs on the CPU in float32
+with the project's PyTorch reference (`modeling.DSMoEForCausalLM`); randomness comes from explicit
+seeded generators, so a run is reproducible for a given seed and thread count.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .modeling import DSMoEForCausalLM, DSMoEMLP
+
+
+# ----------------------------------------------------------------------------------------- text
+
+def tokenize_text(text: str, tokenizer, vocab_size: int) -> torch.Tensor:
+    """1-D int64 token ids of `text`: the model's tokenizer, or UTF-8 bytes when it has none
+    (tiny test models without a tokenizer; needs vocab_size >= 256)."""
+    if tokenizer is None:
+        if vocab_size < 256:
+            raise ValueError(f"the model folder has no tokenizer and vocab_size {vocab_size} < 256 "
+                             "(byte-level fallback impossible)")
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def chunk(ids: torch.Tensor, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:
+    """Non-overlapping [num_chunks, seq_len] windows (the tail is dropped)."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"text too short: {ids.numel()} tokens < sequence length {seq_len}")
+    if max_chunks is not None and n > max_chunks:
+        # evenly spread over the text rather than only its beginning
+        idx = torch.linspace(0, n - 1, max_chunks).round().long()
+        return torch.stack([ids[i * seq_len:(i + 1) * seq_len] for i in idx.tolist()])
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+# ------------------------------------------------------------------------------------ forward
+
+def forward(model: DSMoEForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    b, s = ids.shape
+    logits, _ = model(ids, torch.ones_like(ids), torch.arange(s).expand(b, s), model.empty_past(b))
+    return logits
+
+
+@contextlib.contextmanager
+def dense_mode(model: DSMoEForCausalLM):
+    """Run the same weights with dense FFNs (routers ignored): the teacher / the dense baseline."""
+    saved = [m.moe for m in model.mlps]
+    for m in model.mlps:
+        m.moe = None
+    try:
+        yield model
+    finally:
+        for m, moe in zip(model.mlps, saved):
+            m.moe = moe
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    active: list[float] = field(default_factory=list)  # per layer, mean over tokens and blocks
+
+    @property
+    def mean_active(self) -> float:
+        return sum(self.active) / len(self.active) if self.active else 1.0
+
+
+@torch.no_grad()
+def evaluate(model: DSMoEForCausalLM, chunks: torch.Tensor, *, batch: int = 8, dense: bool = False,
+             desc: str | None = None) -> EvalResult:
+    """Perplexity (next-token, every position of every chunk) and per-layer FFN active fraction."""
+    model.eval()
+    nll, count = 0.0, 0
+    sums = [0.0] * len(model.mlps)
+    ctx = dense_mode(model) if dense else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, len(chunks), batch):
+            ids = chunks[i:i + batch]
+            logits = forward(model, ids)
+            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+            if not dense:
+                for j, m in enumerate(model.mlps):
+                    sums[j] += m.last_active.float().mean().item() * len(ids)
+    active = [] if dense else [s / len(chunks) for s in sums]
+    return EvalResult(ppl=math.exp(nll / count), active=active)
+
+
+@torch.no_grad()
+def collect_mlp_inputs(model: DSMoEForCausalLM, chunks: torch.Tensor, *, batch: int = 8,
+                       dense: bool = True, residual_norms: list | None = None) -> list[torch.Tensor]:
+    """Per layer, the FFN inputs [tokens, d] (the post-attention RMSNorm outputs) on `chunks`;
+    with a list `residual_norms`, also appends per layer the residual stream's norm [tokens]."""
+    store: list[list[torch.Tensor]] = [[] for _ in model.mlps]
+    norms: list[list[torch.Tensor]] = [[] for _ in model.mlps]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, j=j: store[j].append(args[0].flatten(0, -2).clone()))
+             for j, m in enumerate(model.mlps)]
+    if residual_norms is not None:
+        hooks += [layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda mod, args, j=j: norms[j].append(args[0].flatten(0, -2).norm(dim=-1)))
+            for j, layer in enumerate(model.model.layers)]
+    model.eval()
+    try:
+        with dense_mode(model) if dense else contextlib.nullcontext():
+            for i in range(0, len(chunks), batch):
+                forward(model, chunks[i:i + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    if residual_norms is not None:
+        residual_norms.extend(torch.cat(x) for x in norms)
+    return [torch.cat(s) for s in store]
+
+
+# ------------------------------------------------------------------------- block contributions
+
+def neuron_activations(mlp: DSMoEMLP, h: torch.Tensor) -> torch.Tensor:
+    """act(h W_gate) * (h W_up): [tokens, D]."""
+    return mlp.act(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight)
+
+
+def block_norms(mlp: DSMoEMLP, h: torch.Tensor, n: int, *, rows: int = 4096) -> torch.Tensor:
+    """||o_i(h)|| per token and block: [tokens, n] (the output each block adds to the residual)."""
+    out = []
+    V = mlp.down_proj.weight  # [d, D]
+    B = V.shape[1] // n
+    for s in range(0, len(h), rows):
+        a = neuron_activations(mlp, h[s:s + rows])
+        out.append(torch.stack([(a[:, i * B:(i + 1) * B] @ V[:, i * B:(i + 1) * B].T).norm(dim=-1)
+                                for i in range(n)], dim=-1))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------- regrouping
+
+def coactivation_groups(mlp: DSMoEMLP, h: torch.Tensor, n: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """A permutation of the D neurons that puts neurons contributing together in the same block.
+
+    Each neuron j is described by its contribution |a_j(t)| * ||V[:, j]|| over the calibration
+    tokens t, normalised to unit length; balanced spherical k-means (n clusters of exactly D/n,
+    greedy capacity-constrained assignment) groups neurons with similar firing patterns, as
+    MoEfication does with co-activation. Returns `perm` [D]: new neuron i is old neuron perm[i]."""
+    with torch.no_grad():
+        a = neuron_activations(mlp, h)
+        feats = (a.abs() * mlp.down_proj.weight.norm(dim=0)).T.double()  # [D, T]
+        feats = feats - feats.mean(dim=1, keepdim=True)
+        feats = feats / feats.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        D = feats.shape[0]
+        cap = D // n
+        g = torch.Generator().manual_seed(seed)
+        centroids = feats[torch.randperm(D, generator=g)[:n]]
+        for _ in range(iters):
+            sim = feats @ centroids.T                          # [D, n]
+            order = torch.argsort(sim.flatten(), descending=True).tolist()
+            owner = [-1] * D
+            fill = [0] * n
+            left = D
+            for flat in order:
+                j, c = divmod(flat, n)
+                if owner[j] >= 0 or fill[c] >= cap:
+                    continue
+                owner[j] = c
+                fill[c] += 1
+                left -= 1
+                if left == 0:
+                    break
+            assign = torch.tensor(owner)
+            new = torch.stack([feats[assign == c].mean(0) for c in range(n)])
+            new = new / new.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            if torch.allclose(new, centroids):
+                break
+            centroids = new
+        return torch.cat([torch.nonzero(assign == c).flatten() for c in range(n)])
+
+
+def permute_ffn(tensors: dict[str, torch.Tensor], layer: int, perm: torch.Tensor) -> None:
+    """Reorder the intermediate dimension of one FFN (gate/up rows, down columns): the dense FFN is unchanged."""
+    p = f"model.layers.{layer}.mlp."
+    tensors[p + "gate_proj.weight"] = tensors[p + "gate_proj.weight"][perm].contiguous()
+    tensors[p + "up_proj.weight"] = tensors[p + "up_proj.weight"][perm].contiguous()
+    tensors[p + "down_proj.weight"] = tensors[p + "down_proj.weight"][:, perm].contiguous()
+
+
+# ----------------------------------------------------------------------------- router fitting
+
+LOGIT_SCALE = 4.0  # router logits are scaled to about this spread: sharp enough, still trainable
+
+
+def fit_router(mlp: DSMoEMLP, h: torch.Tensor, n: int, target_active: float, threshold: float,
+               *, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router (weight [n, d], bias [n]) that predicts each block's contribution.
+
+    Least squares (ridge) from the FFN input h to log ||o_i(h)|| for every block i, then one
+    per-layer cut-off chosen so that a fraction `target_active` of the (token, block) pairs of the
+    calibration tokens is predicted above it: a token keeps the blocks predicted to add the most to
+    its residual stream. Logit = scale * (prediction - cut-off) + logit(tau), so that the block is
+    active (sigmoid > tau) exactly when its prediction is above the cut-off."""
+    with torch.no_grad():
+        y = block_norms(mlp, h, n).double().clamp(min=1e-8).log()      # [T, n]
+        X = torch.cat([h.double(), torch.ones(len(h), 1, dtype=torch.float64)], dim=1)
+        A = X.T @ X
+        A += ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=torch.float64)
+        W = torch.linalg.solve(A, X.T @ y)                               # [d + 1, n]
+        pred = X @ W
+        return _bias_for(W, pred, target_active, threshold)
+
+
+def _bias_for(W: torch.Tensor, pred: torch.Tensor, target_active: float, threshold: float):
+    if target_active >= 1.0:
+        cut = pred.min() - 1.0
+    elif target_active <= 0.0:
+        cut = pred.max() + 1.0
+    else:
+        cut = torch.quantile(pred.flatten().float(), 1.0 - target_active).double()
+    scale = LOGIT_SCALE / pred.std().clamp(min=1e-6)
+    tau = min(max(threshold, 1e-6), 1 - 1e-6)
+    weight = (scale * W[:-1].T).float()
+    bias = (scale * (W[-1] - cut) + math.log(tau / (1 - tau))).float()
+    return weight, bias
+
+
+def rebias(model: DSMoEForCausalLM, inputs: list[torch.Tensor], target_active: float | list[float]) -> None:
+    """Shift each layer's router bias (one offset per layer) so that the layer's active fraction on
+    `inputs` is `target_active`: the per-layer threshold knob, for fitted or trained routers."""
+    targets = target_active if isinstance(target_active, list) else [target_active] * len(model.mlps)
+    with torch.no_grad():
+        for m, h, f in zip(model.mlps, inputs, targets):
+            logits = F.linear(h, m.router.weight, m.router.bias)
+            tau = min(max(m.moe.threshold, 1e-6), 1 - 1e-6)
+            z = math.log(tau / (1 - tau))
+            if f >= 1.0:
+                shift = z - logits.min().item() + 1.0
+            elif f <= 0.0:
+                shift = z - logits.max().item() - 1.0
+            else:
+                shift = z - torch.quantile(logits.flatten(), 1.0 - f).item()
+            m.router.bias += shift
+
+
+@torch.no_grad()
+def allocate(model: DSMoEForCausalLM, inputs: list[torch.Tensor], residual_norms: list[torch.Tensor],
+             target_active: float, *, grid: int = 16, tokens: int = 2048) -> list[float]:
+    """Per-layer active fractions averaging `target_active` that lose the least.
+
+    For each layer and each fraction k/grid, the routers (shifted to that fraction) drop some
+    blocks; the loss is the mean of ||dropped output||^2 / ||residual stream||^2 over calibration
+    tokens. Greedy marginal allocation (largest loss reduction per step first) then spends the
+    budget of active blocks where dropping them would hurt most."""
+    L = len(model.mlps)
+    err = torch.zeros(L, grid + 1)
+    for j, (m, h, r) in enumerate(zip(model.mlps, inputs, residual_norms)):
+        h, r = h[:tokens], r[:tokens]
+        n = m.moe.num_experts
+        B = m.down_proj.weight.shape[1] // n
+        a = neuron_activations(m, h)
+        V = m.down_proj.weight
+        o = torch.stack([a[:, i * B:(i + 1) * B] @ V[:, i * B:(i + 1) * B].T for i in range(n)], dim=1)  # [T, n, d]
+        logits = F.linear(h, m.router.weight, m.router.bias)
+        for k in range(grid + 1):
+            f = k / grid
+            if f >= 1.0:
+                keep = torch.ones_like(logits, dtype=torch.bool)
+            elif f <= 0.0:
+                keep = torch.zeros_like(logits, dtype=torch.bool)
+            else:
+                keep = logits > torch.quantile(logits.flatten(), 1.0 - f)
+            dropped = (o * (~keep).unsqueeze(-1).to(o.dtype)).sum(1)
+            err[j, k] = (dropped.norm(dim=-1).square() / r.square().clamp(min=1e-12)).mean()
+    level = [0] * L
+    budget = round(target_active * grid * L)
+    for _ in range(budget):
+        gains = [err[j, level[j]] - err[j, level[j] + 1] if level[j] < grid else -math.inf for j in range(L)]
+        best = max(range(L), key=lambda j: gains[j])
+        level[best] += 1
+    return [lv / grid for lv in level]
+
+
+# ---------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch: int = 4
+    lr: float = 1e-3
+    sparsity_weight: float = 1.0
+    target_active: float | None = None   # penalise only the active fraction above this
+    distill: bool = True                 # KL to the dense logits (else next-token cross-entropy)
+    train_experts: bool = False
+    expert_lr: float = 1e-5
+    seed: int = 0
+
+
+@dataclass
+class TrainLog:
+    steps: list[int] = field(default_factory=list)
+    task_loss: list[float] = field(default_factory=list)
+    sparsity: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(model: DSMoEForCausalLM, chunks: torch.Tensor, cfg: TrainConfig, *, progress: bool = True) -> TrainLog:
+    """Train the routers (and optionally the experts) with the straight-through estimator.
+
+    loss = task + sparsity_weight * sparsity, where task is KL(dense || sparse) of the next-token
+    distributions (`distill`, the teacher is the same weights with dense FFNs; with
+    `train_experts` the teacher is the frozen starting weights) or plain cross-entropy, and
+    sparsity is the paper's mean gate over layers, tokens and blocks (its forward value is the
+    active fraction with binary weighting), or with `target_active` only its excess over it."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routers = [p for m in model.mlps for p in m.router.parameters()]
+    groups = [{"params": routers, "lr": cfg.lr}]
+    teacher = None
+    if cfg.train_experts:
+        experts = [p for m in model.mlps for p in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        groups.append({"params": experts, "lr": cfg.expert_lr})
+        if cfg.distill:
+            import copy
+            teacher = copy.deepcopy(model)
+    for grp in groups:
+        for p in grp["params"]:
+            p.requires_grad_(True)
+    opt = torch.optim.Adam(groups)
+    log = TrainLog()
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="calibrating", unit="step", disable=not progress)
+    for step in bar:
+        ids = chunks[torch.randint(len(chunks), (cfg.batch,), generator=g)]
+        if cfg.distill:
+            with torch.no_grad():
+                t_model = teacher if teacher is not None else model
+                t_model.eval()
+                with dense_mode(t_model):
+                    t_logp = F.log_softmax(forward(t_model, ids), dim=-1)
+        model.train()
+        logits = forward(model, ids)
+        if cfg.distill:
+            logp = F.log_softmax(logits, dim=-1)
+            task = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+        else:
+            task = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        sp = model.sparsity_loss()
+        reg = sp if cfg.target_active is None else F.relu(sp - cfg.target_active)
+        loss = task + cfg.sparsity_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.steps.append(step)
+        log.task_loss.append(task.item())
+        log.sparsity.append(sp.item())
+        bar.set_postfix(task=f"{task.item():.4f}", active=f"{sp.item():.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.seconds = time.perf_counter() - t0
+    return log
