@@ -31,6 +31,12 @@ std::vector<Ort::CustomOpDomain>& Domains() {
 
 }  // namespace
 
+// The ONNX Runtime C API version this library was built against (its headers' ORT_API_VERSION,
+// = the minor version of the oldest onnxruntime 1.x that can load it). dsmoe_runtime reads it
+// to refuse an older onnxruntime with a clear message before registering; RegisterCustomOps
+// refuses it too (below) for applications that register the library themselves.
+extern "C" DSMOE_EXPORT int DsmoeOpsOrtApiVersion(void) { return ORT_API_VERSION; }
+
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from .errors import DSMoEError
 
@@ -41,8 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Signals received during this run. Code deep in torch.export may catch the KeyboardInterrupt
+# and fail with an unrelated error instead (seen: "torch._dynamo has no attribute 'exc'" from a
+# half-done import): any failure after a signal is reported as the interruption it is.
+_signals: list[int] = []
+
+
+def _interrupt(signum, frame):
+    _signals.append(signum)
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does (temp files, an existing OUT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _signals.clear()
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args) -> int:
     try:
         from .exporter import export
 
@@ -55,11 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130
     except DSMoEError as e:
+        if _signals:
+            print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
+            return 130
         if args.debug:
             raise
         print(f"dsmoe-export: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # an unexpected failure: still one line unless --debug
+        if _signals:
+            print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
+            return 130
         if args.debug:
             raise
         print(f"dsmoe-export: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",

@@ -111,7 +111,12 @@ def trace(model, *, sparse: bool, active_outputs: bool = False) -> onnx.ModelPro
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer) + model.ByteSize() // 16
+    """Serialized size of the model, about. Summed per part: `model.ByteSize()` itself raises
+    EncodeError above 2 GiB, the very case this must detect (each part stays below: a single
+    tensor over 2 GiB cannot be held in a TensorProto at all)."""
+    graph = model.graph
+    return (sum(len(t.raw_data) if t.raw_data else t.ByteSize() for t in graph.initializer)
+            + sum(n.ByteSize() for n in graph.node) + sum(f.ByteSize() for f in model.functions))
 
 
 @contextlib.contextmanager

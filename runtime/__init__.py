@@ -9,12 +9,12 @@
 
 See docs/runtime.md.
 """
-from ._library import (ENV_VAR, MAX_LIBRARY_API, MIN_LIBRARY_API, check_library, get_library_path,
-                       library_api_version, register)
+from ._library import (ENV_VAR, MAX_LIBRARY_API, MIN_LIBRARY_API, check_library, check_onnxruntime,
+                       get_library_path, library_api_version, library_ort_api_version, register)
 from .errors import DSMoERuntimeError, InputError, LibraryError, LibraryNotFoundError, ModelError
 
 __all__ = ["get_library_path", "register", "check_library", "library_api_version", "ENV_VAR",
-           "MIN_LIBRARY_API", "MAX_LIBRARY_API", "DSMoESession", "ActivationStats", "sample_tokens",
+           "MIN_LIBRARY_API", "MAX_LIBRARY_API", "check_onnxruntime", "library_ort_api_version", "DSMoESession", "ActivationStats", "sample_tokens",
            "DSMoERuntimeError", "LibraryNotFoundError", "LibraryError", "ModelError", "InputError"]
 
 

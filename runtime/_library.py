@@ -30,6 +30,11 @@ UNVERSIONED_LIBRARY_API = 1
 MIN_LIBRARY_API = 1   # the oldest level this runtime can drive
 MAX_LIBRARY_API = 1   # the newest level it knows; newer libraries still load (they must stay compatible)
 
+# The ONNX Runtime C API version the library was built against (its headers' ORT_API_VERSION):
+#     extern "C" int DsmoeOpsOrtApiVersion(void);
+# onnxruntime 1.N provides API versions up to N, so the library needs onnxruntime >= 1.N.
+ORT_API_SYMBOL = "DsmoeOpsOrtApiVersion"
+
 
 def _library_name() -> str:
     return _NAMES.get(sys.platform, _NAMES["linux"])
@@ -65,14 +70,61 @@ def library_api_version(path: str | os.PathLike) -> int:
     return int(fn())
 
 
+def library_ort_api_version(path: str | os.PathLike) -> int | None:
+    """The ONNX Runtime C API version the library at `path` needs (None: a library that does not
+    say; RegisterCustomOps still refuses an older onnxruntime with an error status)."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise LibraryError(f"{path}: cannot load the op library: {e}") from e
+    fn = getattr(lib, ORT_API_SYMBOL, None)
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return int(fn())
+
+
+def onnxruntime_api_version(version: str | None = None) -> int | None:
+    """The newest C API version an onnxruntime release provides: N for 1.N.x (None when the
+    version string is not of that form)."""
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    parts = version.split(".")
+    try:
+        major, minor = int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
+    except (IndexError, ValueError):
+        return None
+    return minor if major == 1 else None
+
+
+def check_onnxruntime(path: str | os.PathLike, version: str | None = None) -> None:
+    """Raise LibraryError when the installed onnxruntime is older than the library needs."""
+    needed = library_ort_api_version(path)
+    if version is None:
+        import onnxruntime as ort
+
+        version = ort.__version__
+    have = onnxruntime_api_version(version)
+    if needed is not None and have is not None and have < needed:
+        raise LibraryError(
+            f"{path}: the op library needs onnxruntime >= 1.{needed} (it was built against the "
+            f"ONNX Runtime C API version {needed}), but onnxruntime {version} is installed; "
+            f"upgrade it (pip install 'onnxruntime>=1.{needed}', or onnxruntime-gpu) or rebuild the "
+            f"library against older headers (ORT_INCLUDE_DIR, custom_ops/README.md)")
+
+
 def check_library(path: str | os.PathLike) -> int:
-    """Raise LibraryError when the library is older than this runtime supports; returns its level."""
+    """Raise LibraryError when the library is older than this runtime supports, or needs a newer
+    onnxruntime than the installed one; returns its level."""
     level = library_api_version(path)
     if level < MIN_LIBRARY_API:
         raise LibraryError(
             f"{path}: the op library was built for API level {level}, older than this dsmoe_runtime "
             f"supports (>= {MIN_LIBRARY_API}); rebuild it from the same source tree as the runtime "
             f"(`pip install .`, or cmake --build for {ENV_VAR})")
+    check_onnxruntime(path)
     return level
 
 

@@ -1,0 +1,27 @@
+"""Smoke run of the kernel's fuzz target (tests/fuzz/, scripts/fuzz.sh) with ASan + UBSan
+(--runslow: it compiles the kernel sources with sanitizers, about a minute on 2 cores, then
+fuzzes for DSMOE_FUZZ_SECONDS, default 30)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_fuzz_target_smoke(tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake")
+    seconds = os.environ.get("DSMOE_FUZZ_SECONDS", "30")
+    env = dict(os.environ, DSMOE_FUZZ_BUILD=str(tmp_path / "build"))
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "fuzz.sh"), seconds], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert "fuzz_ffn stats:" in proc.stderr, tail
+    assert "ERROR" not in proc.stderr, tail
