@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -153,7 +151,7 @@ def _select(state: dict, cfg: ModelConfig, zero_biases: list[str], where: Path) 
 
 def load_dense(src: str | Path) -> DenseModel:
     """Read a dense LLaMA / Mistral / Qwen2 folder or GGUF file (weights as stored)."""
-    from .exporter import TOKENIZER_FILES
+    from .exporter import TOKENIZER_FILES, copy_files
 
     src = Path(src)
     if not src.exists():
@@ -187,15 +185,7 @@ def load_dense(src: str | Path) -> DenseModel:
         dense.tokenizer = AutoTokenizer.from_pretrained(str(src))
     # else: no tokenizer in the folder (tiny test models): text is read as UTF-8 bytes
 
-    def copy(out: Path) -> list[str]:
-        copied = []
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
-                copied.append(name)
-        return copied
-
-    dense.copy_files = copy
+    dense.copy_files = lambda out: copy_files(src, out, TOKENIZER_FILES)
     return dense
 
 

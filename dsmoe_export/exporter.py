@@ -228,7 +228,11 @@ def copy_side_files(model_dir: str | Path, out: Path, *, tokenizer: bool = True,
     src, dst = Path(model_dir).resolve(), out.resolve().parent
     if src == dst:
         return []
-    names = (TOKENIZER_FILES if tokenizer else ()) + (("config.json",) if hf_config else ())
+    return copy_files(src, dst, (TOKENIZER_FILES if tokenizer else ()) + (("config.json",) if hf_config else ()))
+
+
+def copy_files(src: Path, dst: Path, names) -> list[str]:
+    """Copy those of `names` that exist in folder `src` into folder `dst`; returns the names copied."""
     copied = []
     for name in names:
         if (src / name).is_file():

@@ -100,7 +100,7 @@ def markdown(results: dict) -> str:
              f"- command: `{meta['command']}`",
              f"- date: {meta['date']}",
              f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- op library: `{meta['library']}`",
              f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}"]
     gate = meta.get("quiet_gate")
