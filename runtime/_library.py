@@ -57,31 +57,29 @@ def get_library_path() -> str:
     return str(path)
 
 
-def library_api_version(path: str | os.PathLike) -> int:
-    """The API level the library at `path` was built for (see LIBRARY_API_SYMBOL)."""
+def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
+    """The int returned by the library's `symbol()` (None when it does not export it)."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise LibraryError(f"{path}: cannot load the op library: {e}") from e
-    fn = getattr(lib, LIBRARY_API_SYMBOL, None)
+    fn = getattr(lib, symbol, None)
     if fn is None:
-        return UNVERSIONED_LIBRARY_API
+        return None
     fn.restype, fn.argtypes = ctypes.c_int, []
     return int(fn())
+
+
+def library_api_version(path: str | os.PathLike) -> int:
+    """The API level the library at `path` was built for (see LIBRARY_API_SYMBOL)."""
+    version = _int_symbol(path, LIBRARY_API_SYMBOL)
+    return UNVERSIONED_LIBRARY_API if version is None else version
 
 
 def library_ort_api_version(path: str | os.PathLike) -> int | None:
     """The ONNX Runtime C API version the library at `path` needs (None: a library that does not
     say; RegisterCustomOps still refuses an older onnxruntime with an error status)."""
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise LibraryError(f"{path}: cannot load the op library: {e}") from e
-    fn = getattr(lib, ORT_API_SYMBOL, None)
-    if fn is None:
-        return None
-    fn.restype, fn.argtypes = ctypes.c_int, []
-    return int(fn())
+    return _int_symbol(path, ORT_API_SYMBOL)
 
 
 def onnxruntime_api_version(version: str | None = None) -> int | None:
