@@ -9,6 +9,7 @@
 #include "common/ffn_params.h"
 #include "common/status.h"
 #include "cpu/ffn_cpu.h"
+#include "cpu/ffn_cpu_quant.h"
 #include "cuda/register_cuda.h"
 
 #if defined(_WIN32)
@@ -52,6 +53,7 @@ extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOpti
   return dsmoe::StatusFromCall([&] {
     Ort::CustomOpDomain domain{dsmoe::kDomain};
     dsmoe::cpu::RegisterOps(domain);
+    dsmoe::cpu::RegisterQuantOps(domain);
     dsmoe::cuda::RegisterOps(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
     Domains().push_back(std::move(domain));  // kept first: ORT holds on to the pointer

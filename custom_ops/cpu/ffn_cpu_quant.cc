@@ -1,0 +1,461 @@
+// CPU kernel of the weight-only quantized ops org.dsmoe::GatedBlockSparseFFNInt4,
+// Int8 and F16 (docs/op-spec.md "Quantized variants"; notes in
+// docs/quant-kernel-notes.md). Same plan as the float32 kernel (ffn_cpu.cc):
+//
+//   decode  (N <= kDecodeMaxTokens): tasks (block, group of row slabs); a slab's
+//           gate/up rows are dequantized once per vector and used for up to 4
+//           tokens (QuantKernelSet::dot_rows), its down rows are accumulated per
+//           scale group (accumulate_rows). Memory-bound: bytes per active block
+//           are 3 * B * d * bits / 8 plus the scales.
+//   prefill (more tokens): per (block, tile of 24 rows) the gate/up rows are
+//           dequantized into a float32 tile (2 * 24 * d floats, L2) and the float32
+//           kernel's fused gate/up GEMM (KernelSet::panel_gate_up) runs on it for
+//           all the block's panels; per column tile of 64, the block's down
+//           columns are dequantized into a [B][64] tile and panel_down adds the
+//           panels' contributions. Never a dequantized copy of a whole weight.
+//
+// Routing and the pair sort are copies of ffn_cpu.cc's (to be shared).
+#include "cpu/ffn_cpu_quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <memory>
+#include <vector>
+
+#include "common/ffn_quant_params.h"
+#include "common/status.h"
+#include "cpu/kernels.h"
+#include "cpu/kernels_quant.h"
+#include "cpu/parallel.h"
+
+namespace dsmoe::cpu {
+
+namespace baseline { const QuantKernelSet& QuantKernels(); }
+#if defined(DSMOE_HAVE_AVX2)
+namespace avx2 { const QuantKernelSet& QuantKernels(); }
+#endif
+#if defined(DSMOE_HAVE_AVX512)
+namespace avx512 { const QuantKernelSet& QuantKernels(); }
+#endif
+
+namespace {
+
+bool SupportsQuant(const std::string& isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }
+#endif
+  return isa == "baseline";
+}
+
+const QuantKernelSet* CompiledQuant(const std::string& isa) {
+#if defined(DSMOE_HAVE_AVX512)
+  if (isa == "avx512") return &avx512::QuantKernels();
+#endif
+#if defined(DSMOE_HAVE_AVX2)
+  if (isa == "avx2") return &avx2::QuantKernels();
+#endif
+  if (isa == "baseline") return &baseline::QuantKernels();
+  return nullptr;
+}
+
+}  // namespace
+
+const QuantKernelSet& SelectQuantKernels() {
+  if (const char* forced = std::getenv("DSMOE_CPU_ISA"); forced != nullptr && *forced != '\0') {
+    const QuantKernelSet* set = CompiledQuant(forced);
+    if (set == nullptr || !SupportsQuant(forced)) {
+      ThrowInvalidArgument(std::string("DSMOE_CPU_ISA=") + forced +
+                           ": not built into this library or not supported by this CPU "
+                           "(expected baseline, avx2 or avx512)");
+    }
+    return *set;
+  }
+  for (const char* isa : {"avx512", "avx2"}) {
+    if (const QuantKernelSet* set = CompiledQuant(isa); set != nullptr && SupportsQuant(isa)) return *set;
+  }
+  return baseline::QuantKernels();
+}
+
+namespace {
+
+constexpr int64_t kDecodeMaxTokens = 6;
+constexpr int64_t kPrefillMaxPairs = 2048;
+constexpr int64_t kRoutingTokensPerTask = 16;
+constexpr int64_t kDecodeRows = 32;  // decode slab (rounded up to a whole scale group)
+constexpr int64_t kDecodeGroups = 8;
+constexpr int64_t kPrefillRowsPerTask = 24;
+constexpr int64_t kPrefillColsPerTask = 64;
+
+template <typename T>
+std::unique_ptr<T[]> Scratch(int64_t count) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-thread scratch that only grows (tasks of one call run on the pool's threads).
+float* ThreadBuffer(int slot, int64_t count) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
+  return b.data();
+}
+
+WeightFormat FormatOf(QuantKind kind) {
+  return kind == QuantKind::kInt4 ? WeightFormat::kInt4
+         : kind == QuantKind::kInt8 ? WeightFormat::kInt8
+                                    : WeightFormat::kF16;
+}
+
+struct QWeights {
+  WeightFormat format;
+  int64_t group;  // scale group size (0 for float16)
+  const float* x;
+  const float* router;
+  const float* bias;
+  const uint8_t *gate, *up, *down;  // [n, B, row_bytes]
+  const float *gate_scales, *up_scales, *down_scales;  // nullptr for float16
+  int64_t row_bytes, row_groups, block_groups;
+};
+
+struct Routing {
+  std::unique_ptr<float[]> coef;
+  std::unique_ptr<bool[]> active;
+};
+
+// As ffn_cpu.cc's Route: coef[t * n + i] = g_i * c (0 when inactive).
+Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+              const QWeights& w) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
+  Routing r{Scratch<float>(N * n), Scratch<bool>(N * n)};
+  float* coef = r.coef.get();
+  bool* active = r.active.get();
+  ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
+    const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
+    const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* ct = coef + t * n;
+      bool* at = active + t * n;
+      const float* xt = w.x + t * d;
+      ks.dot_rows(w.router, d, n, &xt, 1, d, ct, n);
+      int64_t k = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float logit = ct[i] + (w.bias ? w.bias[i] : 0.0f);
+        const float s = 1.0f / (1.0f + std::exp(-logit));
+        at[i] = s > attrs.threshold;
+        ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
+        k += at[i];
+      }
+      const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
+      for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
+    }
+  });
+  return r;
+}
+
+struct PairsByBlock {
+  std::unique_ptr<int64_t[]> block_start, pair_token;
+  int64_t pairs = 0;
+};
+
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
+  PairsByBlock s{Scratch<int64_t>(n + 1), nullptr};
+  int64_t* start = s.block_start.get();
+  std::fill(start, start + n + 1, 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  s.pairs = start[n];
+  s.pair_token = Scratch<int64_t>(s.pairs);
+  auto fill = Scratch<int64_t>(n);
+  std::copy(start, start + n, fill.get());
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (active[t * n + i]) s.pair_token[fill[i]++] = t;
+    }
+  }
+  return s;
+}
+
+void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
+                   const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
+                   float* y) {
+  const FfnDims& dims = qd.base;
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
+  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, 0, N);
+  const int64_t* block_start = sorted.block_start.get();
+  const int64_t* pair_token = sorted.pair_token.get();
+
+  // Slabs are whole scale groups of the down rows (the group size is a power of two).
+  const int64_t slab_rows = w.format == WeightFormat::kF16 ? kDecodeRows : std::max(kDecodeRows, w.group);
+  const int64_t slabs = CeilDiv(B, slab_rows);
+  const int64_t groups = std::min(slabs, kDecodeGroups);
+  const int64_t slabs_per_group = CeilDiv(slabs, groups);
+  auto partial = Scratch<float>(sorted.pairs * groups * d);
+  const int64_t rb = w.row_bytes;
+  ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
+    const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
+    if (first_pair == last_pair) return;
+    for (int64_t p = first_pair; p < last_pair; ++p) {
+      float* out = partial.get() + (p * groups + grp) * d;
+      std::fill(out, out + d, 0.0f);
+    }
+    float* g = ThreadBuffer(0, kMaxQuantDotTokens * slab_rows);
+    float* u = ThreadBuffer(1, kMaxQuantDotTokens * slab_rows + slab_rows);
+    float* h = u + kMaxQuantDotTokens * slab_rows;
+    float* acc = ThreadBuffer(2, d);
+    const int64_t s_end = std::min(slabs, (grp + 1) * slabs_per_group);
+    for (int64_t s = grp * slabs_per_group; s < s_end; ++s) {
+      const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
+      const int64_t row = i * B + r0;
+      const float* gs = w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr;
+      const float* us = w.up_scales ? w.up_scales + row * w.row_groups : nullptr;
+      const float* ds = w.down_scales ? w.down_scales + (i * w.block_groups + r0 / std::max<int64_t>(w.group, 1)) * d
+                                      : nullptr;
+      for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxQuantDotTokens) {
+        const int count = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, last_pair - p0));
+        const float* xs[kMaxQuantDotTokens];
+        for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
+        qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, count, g, slab_rows);
+        qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, count, u, slab_rows);
+        for (int c = 0; c < count; ++c) {
+          const int64_t p = p0 + c;
+          ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,
+                              routing.coef[pair_token[p] * n + i], rows, h);
+          qk.accumulate_rows(w.format, w.down + row * rb, ds, h, rows, d, w.group, acc,
+                             partial.get() + (p * groups + grp) * d);
+        }
+      }
+    }
+  });
+
+  auto pair_of = Scratch<int64_t>(N * n);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
+  }
+  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
+  ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
+    const int64_t t = static_cast<int64_t>(task) / col_tasks;
+    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
+    float* yt = y + t * d;
+    std::fill(yt + c0, yt + c1, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!routing.active[t * n + i]) continue;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* src = partial.get() + (pair_of[t * n + i] * groups + grp) * d;
+        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
+      }
+    }
+  });
+}
+
+void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
+                         const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
+                         int64_t t0, int64_t t1, float* y) {
+  const FfnDims& dims = qd.base;
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const int64_t P = ks.panel, rb = w.row_bytes;
+  const bool* active = routing.active.get();
+  const float* coef = routing.coef.get();
+
+  const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
+  const int64_t* block_start = sorted.block_start.get();
+  const int64_t* pair_token = sorted.pair_token.get();
+  auto panel_start = Scratch<int64_t>(n + 1);
+  panel_start[0] = 0;
+  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] = panel_start[i] + CeilDiv(block_start[i + 1] - block_start[i], P);
+  const int64_t panels = panel_start[n];
+  auto panel_block = Scratch<int64_t>(panels);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) panel_block[q] = i;
+  }
+  auto panel_pairs = [&](int64_t q, int64_t& first, int& count) {
+    const int64_t i = panel_block[q];
+    first = block_start[i] + (q - panel_start[i]) * P;
+    count = static_cast<int>(std::min<int64_t>(P, block_start[i + 1] - first));
+  };
+
+  auto xp = Scratch<float>(panels * d * P);
+  auto cp = Scratch<float>(panels * P);
+  ParallelFor(ctx, static_cast<size_t>(panels), [&](size_t task) {
+    const int64_t q = static_cast<int64_t>(task);
+    int64_t first;
+    int count;
+    panel_pairs(q, first, count);
+    ks.pack_panel(w.x, d, pair_token + first, count, xp.get() + q * d * P);
+    for (int t = 0; t < P; ++t) cp[q * P + t] = t < count ? coef[pair_token[first + t] * n + panel_block[q]] : 0.0f;
+  });
+
+  auto hp = Scratch<float>(panels * B * P);
+  const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
+  auto task_block = Scratch<int64_t>(n);
+  int64_t used_blocks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (block_start[i + 1] > block_start[i]) task_block[used_blocks++] = i;
+  }
+  ParallelFor(ctx, static_cast<size_t>(used_blocks * row_tasks), [&](size_t task) {
+    const int64_t i = task_block[static_cast<int64_t>(task) / row_tasks];
+    const int64_t r0 = static_cast<int64_t>(task) % row_tasks * kPrefillRowsPerTask;
+    const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
+    const int64_t row = i * B + r0;
+    // The tile's gate and up rows, dequantized once for all the block's panels.
+    float* gt = ThreadBuffer(0, rows * d);
+    float* ut = ThreadBuffer(1, rows * d);
+    qk.dequantize_rows(w.format, w.gate + row * rb, w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr,
+                       rows, d, w.group, gt);
+    qk.dequantize_rows(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
+                       d, w.group, ut);
+    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
+      ks.panel_gate_up(attrs.activation, gt, ut, rows, d, xp.get() + q * d * P, cp.get() + q * P,
+                       hp.get() + (q * B + r0) * P);
+    }
+  });
+
+  const int64_t col_tasks = CeilDiv(d, kPrefillColsPerTask);
+  ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
+    const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
+    const int64_t width = std::min(kPrefillColsPerTask, d - c0);
+    for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    float* vp = ThreadBuffer(2, B * width);
+    float* rows[64];
+    int64_t packed_block = -1;
+    for (int64_t q = 0; q < panels; ++q) {
+      const int64_t i = panel_block[q];
+      if (i != packed_block) {  // V_i[:, c0:c0 + width], dequantized
+        qk.dequantize_columns(w.format, w.down + i * B * rb,
+                              w.down_scales ? w.down_scales + i * w.block_groups * d : nullptr, B, d, w.group, c0,
+                              width, vp);
+        packed_block = i;
+      }
+      int64_t first;
+      int count;
+      panel_pairs(q, first, count);
+      for (int t = 0; t < count; ++t) rows[t] = y + pair_token[first + t] * d + c0;
+      ks.panel_down(hp.get() + q * B * P, vp, B, width, width, rows, count);
+    }
+  });
+}
+
+class QuantCpuKernel {
+ public:
+  QuantCpuKernel(QuantKind kind, const QuantAttributes& attrs)
+      : kind_(kind), attrs_(attrs), kernels_(SelectKernels()), quant_(SelectQuantKernels()) {}
+
+  void Compute(Ort::KernelContext& ctx) const {
+    const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
+    const QuantDims& qd = in.dims;
+    const FfnDims& dims = qd.base;
+    float* y = ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>();
+    bool* active_out = nullptr;
+    if (ctx.GetOutputCount() > kActive) {
+      Ort::UnownedValue active = ctx.GetOutput(kActive, dims.active_shape);
+      if (active) active_out = active.GetTensorMutableData<bool>();
+    }
+    if (dims.num_tokens == 0) return;
+    auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
+    auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
+    const QWeights w{FormatOf(kind_),           attrs_.group_size,      in.x.GetTensorData<float>(),
+                     floats(in.router_weight),  floats(in.router_bias), bytes(in.gate),
+                     bytes(in.up),              bytes(in.down),         floats(in.gate_scales),
+                     floats(in.up_scales),      floats(in.down_scales), qd.row_bytes,
+                     qd.row_groups,             qd.block_groups};
+    const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w);
+    if (active_out) {
+      std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
+    }
+    if (dims.num_tokens <= kDecodeMaxTokens) {
+      ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
+      return;
+    }
+    const int64_t n = dims.num_blocks, N = dims.num_tokens;
+    for (int64_t t0 = 0; t0 < N;) {
+      int64_t t1 = t0, pairs = 0;
+      do {
+        pairs += std::count(routing.active.get() + t1 * n, routing.active.get() + (t1 + 1) * n, true);
+        ++t1;
+      } while (t1 < N && pairs < kPrefillMaxPairs);
+      ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, t0, t1, y);
+      t0 = t1;
+    }
+  }
+
+ private:
+  QuantKind kind_;
+  QuantAttributes attrs_;
+  const KernelSet& kernels_;
+  const QuantKernelSet& quant_;
+};
+
+struct QuantKernelAdapter {
+  QuantKernelAdapter(QuantKind kind, const QuantAttributes& attrs) : kernel(kind, attrs) {}
+  OrtStatus* ComputeV2(OrtKernelContext* context) {
+    return StatusFromCall([&] {
+      Ort::KernelContext ctx(context);
+      kernel.Compute(ctx);
+    });
+  }
+  QuantCpuKernel kernel;
+};
+
+// The op's description for ORT: inputs per docs/op-spec.md "Quantized variants".
+struct QuantFfnOp : Ort::CustomOpBase<QuantFfnOp, QuantKernelAdapter, /*WithStatus=*/true> {
+  explicit QuantFfnOp(QuantKind k) : kind(k) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
+    *op_kernel = nullptr;
+    return StatusFromCall([&] {
+      *op_kernel = new QuantKernelAdapter(kind, ParseQuantAttributes(kind, Ort::ConstKernelInfo(info)));
+    });
+  }
+  const char* GetName() const { return QuantOpName(kind); }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+
+  size_t GetInputTypeCount() const {
+    return kind == QuantKind::kF16 ? static_cast<size_t>(kNumFfnInputs) : static_cast<size_t>(kNumQuantInputs);
+  }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (kind == QuantKind::kF16) {
+      return index == static_cast<size_t>(kGateWeight) || index == static_cast<size_t>(kUpWeight) ||
+                     index == static_cast<size_t>(kDownWeight)
+                 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    return index == static_cast<size_t>(kQGateWeight) || index == static_cast<size_t>(kQUpWeight) ||
+                   index == static_cast<size_t>(kQDownWeight)
+               ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    const size_t bias =
+        kind == QuantKind::kF16 ? static_cast<size_t>(kRouterBias) : static_cast<size_t>(kQRouterBias);
+    return index == bias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return kNumFfnOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == kActive ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == kActive ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+
+  QuantKind kind;
+};
+
+}  // namespace
+
+void RegisterQuantOps(Ort::CustomOpDomain& domain) {
+  static const QuantFfnOp int4(QuantKind::kInt4), int8(QuantKind::kInt8), f16(QuantKind::kF16);
+  domain.Add(&int4);
+  domain.Add(&int8);
+  domain.Add(&f16);
+}
+
+}  // namespace dsmoe::cpu

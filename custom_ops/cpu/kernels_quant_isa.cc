@@ -1,0 +1,355 @@
+// Inner loops of the weight-only quantized ops (cpu/kernels_quant.h), compiled
+// once per instruction set with DSMOE_ISA = avx512 | avx2 | baseline, like
+// kernels_isa.cc: GCC/Clang vector extensions of kVL floats.
+//
+// Dequantizing one vector of kVL weights: int8 = load kVL bytes, zero-extend
+// to int32, convert, subtract the zero point (4 instructions); int4 = one
+// 16-byte load gives 32 weights (low nibbles: weights 0-15, high nibbles:
+// 16-31), then the same per vector plus one and/shift; float16 = one
+// vcvtph2ps (F16C / AVX-512F; a scalar conversion on the baseline). The group
+// scale is applied once per group sum (gate/up) or once per group of rows and
+// column (down), never per weight. Costs and measurements:
+// docs/quant-kernel-notes.md.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/kernels_quant.h"
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#ifndef DSMOE_ISA
+#error "compile with -DDSMOE_ISA=<name>"
+#endif
+
+namespace dsmoe::cpu::DSMOE_ISA {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVL = 16;
+#elif defined(__AVX2__)
+constexpr int kVL = 8;
+#else
+constexpr int kVL = 4;
+#endif
+
+using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
+using VecI = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));
+using VecU8 = uint8_t __attribute__((vector_size(kVL)));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec Splat(float s) { return s - Vec{}; }  // exact for every s, a plain broadcast
+inline float HorizontalSum(Vec v) {
+  float s = 0.0f;
+  for (int l = 0; l < kVL; ++l) s += v[l];
+  return s;
+}
+
+// IEEE binary16 -> binary32, exact (subnormals, inf, NaN payload kept).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline Vec LoadHalf(const uint8_t* p) {
+  Vec v;
+#if defined(__AVX512F__)
+  // The masked form with a zero source: GCC 12's plain _mm512_cvtph_ps passes an
+  // undefined vector and warns (-Wmaybe-uninitialized).
+  const __m512 f = _mm512_mask_cvtph_ps(_mm512_setzero_ps(), static_cast<__mmask16>(0xffff),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &f, sizeof v);
+#elif defined(__F16C__) && defined(__AVX2__)
+  const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &f, sizeof v);
+#else
+  for (int l = 0; l < kVL; ++l) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * l, sizeof h);
+    v[l] = HalfToFloat(h);
+  }
+#endif
+  return v;
+}
+
+inline Vec BytesToFloat(VecU8 b) { return __builtin_convertvector(__builtin_convertvector(b, VecI), Vec); }
+
+// Columns per load step and vectors per step.
+template <WeightFormat F>
+constexpr int kStep = F == WeightFormat::kInt4 ? 32 : kVL;
+template <WeightFormat F>
+constexpr int kStepVecs = kStep<F> / kVL;
+template <WeightFormat F>
+constexpr float kZero = F == WeightFormat::kInt4 ? 8.0f : F == WeightFormat::kInt8 ? 128.0f : 0.0f;
+
+// The kStep<F> weights of a row from column c (a multiple of kStep<F>), minus the zero point.
+template <WeightFormat F>
+inline void LoadStep(const uint8_t* row, int64_t c, Vec* out) {
+  if constexpr (F == WeightFormat::kInt4) {
+    const uint8_t* chunk = row + c / 2;
+    for (int v = 0; v < kStepVecs<F>; ++v) {
+      const int half = v * kVL / 16, offset = v * kVL % 16;
+      VecU8 b;
+      std::memcpy(&b, chunk + offset, sizeof b);
+      b = half ? VecU8(b >> 4) : VecU8(b & 15);
+      out[v] = BytesToFloat(b) - kZero<F>;
+    }
+  } else if constexpr (F == WeightFormat::kInt8) {
+    VecU8 b;
+    std::memcpy(&b, row + c, sizeof b);
+    out[0] = BytesToFloat(b) - kZero<F>;
+  } else {
+    out[0] = LoadHalf(row + 2 * c);
+  }
+}
+
+// One weight of a row, minus the zero point (tails).
+template <WeightFormat F>
+inline float LoadOne(const uint8_t* row, int64_t c) {
+  if constexpr (F == WeightFormat::kInt4) {
+    const uint8_t b = row[c / 32 * 16 + c % 16];
+    return static_cast<float>(c % 32 < 16 ? b & 15 : b >> 4) - kZero<F>;
+  } else if constexpr (F == WeightFormat::kInt8) {
+    return static_cast<float>(row[c]) - kZero<F>;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * c, sizeof h);
+    return HalfToFloat(h);
+  }
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Group length along a row: float16 has no groups (one "group" of d, scale 1).
+template <WeightFormat F>
+int64_t GroupOf(int64_t d, int64_t group) {
+  return F == WeightFormat::kF16 ? std::max<int64_t>(d, 1) : group;
+}
+
+template <WeightFormat F, int T>
+void DotRowsT(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+              const float* const* x, float* out, int64_t ldo) {
+  constexpr int S = kStep<F>, NV = kStepVecs<F>;
+  constexpr int U = NV >= 2 ? 1 : 2;  // steps per iteration: at least two accumulator chains per token
+  const int64_t rb = RowBytes(F, d), G = GroupOf<F>(d, group), groups = CeilDiv(d, G);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * rb;
+    Vec acc[T][2] = {};
+    float tail[T] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * G, c1 = std::min(d, c0 + G);
+      Vec part[T][2] = {};
+      float part_tail[T] = {};
+      int64_t c = c0;
+      for (; c + U * S <= c1; c += U * S) {
+        Vec wv[U * NV];
+        for (int u = 0; u < U; ++u) LoadStep<F>(row, c + u * S, wv + u * NV);
+        for (int t = 0; t < T; ++t) {
+          for (int v = 0; v < U * NV; ++v) part[t][v & 1] += wv[v] * Load(x[t] + c + v * kVL);
+        }
+      }
+      for (; c + S <= c1; c += S) {
+        Vec wv[NV];
+        LoadStep<F>(row, c, wv);
+        for (int t = 0; t < T; ++t) {
+          for (int v = 0; v < NV; ++v) part[t][v & 1] += wv[v] * Load(x[t] + c + v * kVL);
+        }
+      }
+      for (; c < c1; ++c) {
+        const float wq = LoadOne<F>(row, c);
+        for (int t = 0; t < T; ++t) part_tail[t] += wq * x[t][c];
+      }
+      if constexpr (F == WeightFormat::kF16) {
+        for (int t = 0; t < T; ++t) {
+          acc[t][0] += part[t][0];
+          acc[t][1] += part[t][1];
+          tail[t] += part_tail[t];
+        }
+      } else {
+        const float s = scales[r * groups + g];
+        const Vec sv = Splat(s);
+        for (int t = 0; t < T; ++t) {
+          acc[t][0] += sv * part[t][0];
+          acc[t][1] += sv * part[t][1];
+          tail[t] += s * part_tail[t];
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) out[t * ldo + r] = HorizontalSum(acc[t][0] + acc[t][1]) + tail[t];
+  }
+}
+
+template <WeightFormat F>
+void DotRowsF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+              const float* const* x, int count, float* out, int64_t ldo) {
+  switch (count) {
+    case 1: return DotRowsT<F, 1>(w, scales, rows, d, group, x, out, ldo);
+    case 2: return DotRowsT<F, 2>(w, scales, rows, d, group, x, out, ldo);
+    case 3: return DotRowsT<F, 3>(w, scales, rows, d, group, x, out, ldo);
+    default: return DotRowsT<F, 4>(w, scales, rows, d, group, x, out, ldo);
+  }
+}
+
+void DotRows(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+             const float* const* x, int count, float* out, int64_t ldo) {
+  if (count <= 0) return;
+  switch (f) {
+    case WeightFormat::kInt4: return DotRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, x, count, out, ldo);
+    case WeightFormat::kInt8: return DotRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, x, count, out, ldo);
+    case WeightFormat::kF16: return DotRowsF<WeightFormat::kF16>(w, scales, rows, d, group, x, count, out, ldo);
+  }
+}
+
+// y (or acc) [c] += h0 * row0[c] (+ h1 * row1[c]) over all columns.
+template <WeightFormat F, bool Two>
+inline void AddRows(const uint8_t* row0, const uint8_t* row1, float h0, float h1, int64_t d, float* dst) {
+  constexpr int S = kStep<F>, NV = kStepVecs<F>;
+  const Vec hv0 = Splat(h0), hv1 = Splat(h1);
+  int64_t c = 0;
+  for (; c + S <= d; c += S) {
+    Vec a[NV], b[NV];
+    LoadStep<F>(row0, c, a);
+    if constexpr (Two) LoadStep<F>(row1, c, b);
+    for (int v = 0; v < NV; ++v) {
+      Vec y = Load(dst + c + v * kVL) + hv0 * a[v];
+      if constexpr (Two) y += hv1 * b[v];
+      Store(dst + c + v * kVL, y);
+    }
+  }
+  for (; c < d; ++c) {
+    float y = dst[c] + h0 * LoadOne<F>(row0, c);
+    if constexpr (Two) y += h1 * LoadOne<F>(row1, c);
+    dst[c] = y;
+  }
+}
+
+template <WeightFormat F>
+void AccumulateRowsF(const uint8_t* v, const float* scales, const float* h, int64_t rows, int64_t d,
+                     int64_t group, float* acc, float* y) {
+  const int64_t rb = RowBytes(F, d);
+  if constexpr (F == WeightFormat::kF16) {  // no scales: straight into y
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, y);
+    if (j < rows) AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, y);
+    return;
+  } else {
+    // Per group of rows: acc = sum_j h[j] * (q[j] - zero), then y += scale_row * acc.
+    for (int64_t j0 = 0, g = 0; j0 < rows; j0 += group, ++g) {
+      const int64_t j1 = std::min(rows, j0 + group);
+      std::fill(acc, acc + d, 0.0f);
+      int64_t j = j0;
+      for (; j + 2 <= j1; j += 2) AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, acc);
+      if (j < j1) AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, acc);
+      const float* s = scales + g * d;
+      int64_t c = 0;
+      for (; c + kVL <= d; c += kVL) Store(y + c, Load(y + c) + Load(s + c) * Load(acc + c));
+      for (; c < d; ++c) y[c] += s[c] * acc[c];
+    }
+  }
+}
+
+void AccumulateRows(WeightFormat f, const uint8_t* v, const float* scales, const float* h, int64_t rows, int64_t d,
+                    int64_t group, float* acc, float* y) {
+  switch (f) {
+    case WeightFormat::kInt4: return AccumulateRowsF<WeightFormat::kInt4>(v, scales, h, rows, d, group, acc, y);
+    case WeightFormat::kInt8: return AccumulateRowsF<WeightFormat::kInt8>(v, scales, h, rows, d, group, acc, y);
+    case WeightFormat::kF16: return AccumulateRowsF<WeightFormat::kF16>(v, scales, h, rows, d, group, acc, y);
+  }
+}
+
+template <WeightFormat F>
+void DequantizeRowsF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group, float* out) {
+  constexpr int S = kStep<F>, NV = kStepVecs<F>;
+  const int64_t rb = RowBytes(F, d), G = GroupOf<F>(d, group), groups = CeilDiv(d, G);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * rb;
+    float* o = out + r * d;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * G, c1 = std::min(d, c0 + G);
+      const float s = F == WeightFormat::kF16 ? 1.0f : scales[r * groups + g];
+      const Vec sv = Splat(s);
+      int64_t c = c0;
+      for (; c + S <= c1; c += S) {
+        Vec wv[NV];
+        LoadStep<F>(row, c, wv);
+        for (int vi = 0; vi < NV; ++vi) Store(o + c + vi * kVL, sv * wv[vi]);
+      }
+      for (; c < c1; ++c) o[c] = s * LoadOne<F>(row, c);
+    }
+  }
+}
+
+void DequantizeRows(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+                    float* out) {
+  switch (f) {
+    case WeightFormat::kInt4: return DequantizeRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, out);
+    case WeightFormat::kInt8: return DequantizeRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, out);
+    case WeightFormat::kF16: return DequantizeRowsF<WeightFormat::kF16>(w, scales, rows, d, group, out);
+  }
+}
+
+template <WeightFormat F>
+void DequantizeColumnsF(const uint8_t* v, const float* scales, int64_t rows, int64_t d, int64_t group, int64_t c0,
+                        int64_t width, float* out) {
+  constexpr int S = kStep<F>, NV = kStepVecs<F>;
+  const int64_t rb = RowBytes(F, d), c_end = c0 + width;
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint8_t* row = v + j * rb;
+    const float* s = F == WeightFormat::kF16 ? nullptr : scales + (j / group) * d;
+    float* o = out + j * width - c0;
+    int64_t c = c0;
+    for (; c + S <= c_end; c += S) {
+      Vec wv[NV];
+      LoadStep<F>(row, c, wv);
+      for (int vi = 0; vi < NV; ++vi) {
+        const int64_t cc = c + vi * kVL;
+        Store(o + cc, F == WeightFormat::kF16 ? wv[vi] : Load(s + cc) * wv[vi]);
+      }
+    }
+    for (; c < c_end; ++c) o[c] = F == WeightFormat::kF16 ? LoadOne<F>(row, c) : s[c] * LoadOne<F>(row, c);
+  }
+}
+
+void DequantizeColumns(WeightFormat f, const uint8_t* v, const float* scales, int64_t rows, int64_t d, int64_t group,
+                       int64_t c0, int64_t width, float* out) {
+  switch (f) {
+    case WeightFormat::kInt4:
+      return DequantizeColumnsF<WeightFormat::kInt4>(v, scales, rows, d, group, c0, width, out);
+    case WeightFormat::kInt8:
+      return DequantizeColumnsF<WeightFormat::kInt8>(v, scales, rows, d, group, c0, width, out);
+    case WeightFormat::kF16:
+      return DequantizeColumnsF<WeightFormat::kF16>(v, scales, rows, d, group, c0, width, out);
+  }
+}
+
+}  // namespace
+
+const QuantKernelSet& QuantKernels() {
+  static const QuantKernelSet set{
+#define DSMOE_QSTR2(x) #x
+#define DSMOE_QSTR(x) DSMOE_QSTR2(x)
+      DSMOE_QSTR(DSMOE_ISA), DotRows, AccumulateRows, DequantizeRows, DequantizeColumns,
+  };
+  return set;
+}
+
+}  // namespace dsmoe::cpu::DSMOE_ISA

@@ -1,0 +1,240 @@
+"""Weight-only quantized FFN blocks: the ONNX side of ``org.dsmoe::GatedBlockSparseFFNInt4``,
+``...Int8`` and ``...F16`` (docs/op-spec.md, "Quantized variants").
+
+- :func:`quantize_rows` / :func:`dequantize_rows`: symmetric block-wise quantization along
+  the last axis (one float32 scale per ``group_size`` values), the same for the op's
+  blocks and for ONNX Runtime's ``com.microsoft.MatMulNBits``;
+- :func:`quantize_block_weights`: packed ``[n, B, d]`` blocks (``onnx_op.pack_block_weights``)
+  to the op's inputs (gate/up grouped along d, down along B, int4 packed 32 weights per 16 bytes);
+- :func:`make_node`, :func:`function_proto`, :func:`add_functions_to_model`: the nodes and
+  their ONNX function bodies (dequantize with standard ops, then call the float32 op,
+  whose own function body or kernel runs it);
+- :func:`matmul_nbits_weights`: a MatMul weight ``[K, N]`` in MatMulNBits' layout.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import onnx_op
+
+FORMATS = ("float32", "float16", "int8", "int4")
+BITS = {"int4": 4, "int8": 8}
+OP_TYPES = {"int4": "GatedBlockSparseFFNInt4", "int8": "GatedBlockSparseFFNInt8", "float16": "GatedBlockSparseFFNF16"}
+FORMAT_OF_OP = {v: k for k, v in OP_TYPES.items()}
+QUANT_INPUTS = ("X", "router_weight", "gate_weight", "gate_scales", "up_weight", "up_scales", "down_weight",
+                "down_scales", "router_bias")
+F16_INPUTS = onnx_op.INPUTS
+DEFAULT_GROUP_SIZE = 32
+
+
+def zero_point(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+def check_group_size(group_size: int) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 32 \
+            or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 32, got {group_size!r}")
+    return int(group_size)
+
+
+# --------------------------------------------------------------------------- numerics
+
+def quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization of ``w [..., K]`` in groups of ``group_size`` along the last axis
+    (the last group may be shorter). Returns (q [..., K] uint8 in [zp - m, zp + m], scales
+    [..., ceil(K / group_size)] float32) with m = 2^(bits-1) - 1, zp = 2^(bits-1),
+    scale = max |w| / m over the group (0 for an all-zero group), q = round_half_even(w / scale) + zp."""
+    w = np.asarray(w, np.float32)
+    K = w.shape[-1]
+    G = check_group_size(group_size)
+    m = zero_point(bits) - 1
+    groups = -(-K // G)
+    padded = np.zeros(w.shape[:-1] + (groups * G,), np.float32)
+    padded[..., :K] = w
+    g = padded.reshape(w.shape[:-1] + (groups, G))
+    scales = (np.abs(g).max(axis=-1) / np.float32(m)).astype(np.float32)
+    safe = np.where(scales == 0, np.float32(1), scales)
+    q = np.clip(np.rint(g / safe[..., None]), -m, m) + zero_point(bits)
+    q = q.reshape(w.shape[:-1] + (groups * G,))[..., :K].astype(np.uint8)
+    return q, scales
+
+
+def dequantize_rows(q: np.ndarray, scales: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """Inverse of :func:`quantize_rows` (float32): scale * (q - zp)."""
+    K = q.shape[-1]
+    s = np.repeat(scales, group_size, axis=-1)[..., :K]
+    return (s * (q.astype(np.float32) - np.float32(zero_point(bits)))).astype(np.float32)
+
+
+def fake_quantize_rows(w: np.ndarray, fmt: str, group_size: int) -> np.ndarray:
+    """The values a ``fmt`` weight holds after storage: quantize then dequantize along the last axis."""
+    if fmt == "float32":
+        return np.asarray(w, np.float32)
+    if fmt == "float16":
+        return np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
+    bits = BITS[fmt]
+    return dequantize_rows(*quantize_rows(w, bits, group_size), bits, group_size)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """q [..., K] (values < 16, K a multiple of 32) -> [..., K / 2] bytes: in every 32 values,
+    byte m holds value m (low nibble) and value m + 16 (high nibble)."""
+    K = q.shape[-1]
+    if K % 32:
+        raise ValueError(f"int4 packing needs the row length to be a multiple of 32, got {K}")
+    c = q.reshape(q.shape[:-1] + (K // 32, 2, 16)).astype(np.uint8)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(q.shape[:-1] + (K // 2,))
+
+
+def unpack_int4(b: np.ndarray) -> np.ndarray:
+    c = b.reshape(b.shape[:-1] + (b.shape[-1] // 16, 16))
+    return np.stack([c & 15, c >> 4], axis=-2).reshape(b.shape[:-1] + (b.shape[-1] * 2,))
+
+
+def quantize_block_weights(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: str,
+                           group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, np.ndarray]:
+    """Packed float blocks ``[n, B, d]`` (down transposed, op-spec) -> the ``fmt`` op's weight inputs
+    by name. gate/up: groups along d ([n, B, ceil(d/G)] scales); down: groups along B, the block's
+    input dimension ([n, ceil(B/G), d] scales)."""
+    gate, up, down = (np.asarray(a, np.float32) for a in (gate, up, down))
+    if gate.ndim != 3 or gate.shape != up.shape or gate.shape != down.shape:
+        raise ValueError(f"gate, up and down must all be [n, B, d], got {gate.shape}, {up.shape}, {down.shape}")
+    if fmt == "float16":
+        return {"gate_weight": gate.astype(np.float16), "up_weight": up.astype(np.float16),
+                "down_weight": down.astype(np.float16)}
+    if fmt not in BITS:
+        raise ValueError(f"fmt must be one of float16, int8, int4, got {fmt!r}")
+    bits = BITS[fmt]
+    d = gate.shape[-1]
+    if bits == 4 and d % 32:
+        raise ValueError(f"int4 blocks need d (hidden size) to be a multiple of 32, got {d}")
+    out = {}
+    for name, w in (("gate", gate), ("up", up)):
+        q, s = quantize_rows(w, bits, group_size)
+        out[f"{name}_weight"], out[f"{name}_scales"] = (pack_int4(q) if bits == 4 else q), s
+    q, s = quantize_rows(down.transpose(0, 2, 1), bits, group_size)      # [n, d, B], groups along B
+    q = np.ascontiguousarray(q.transpose(0, 2, 1))                       # [n, B, d]
+    out["down_weight"] = pack_int4(q) if bits == 4 else q
+    out["down_scales"] = np.ascontiguousarray(s.transpose(0, 2, 1))     # [n, ceil(B/G), d]
+    return out
+
+
+def matmul_nbits_weights(w_kn: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight ``[K, N]`` as MatMulNBits' (B [N, ceil(K/G), G * bits / 8] uint8,
+    scales [N * ceil(K/G)] float32) with the default zero point 2^(bits-1); padding is zp."""
+    w = np.asarray(w_kn, np.float32).T                                   # [N, K]: groups along K
+    q, s = quantize_rows(w, bits, group_size)
+    N, K = q.shape
+    blocks = s.shape[1]
+    padded = np.full((N, blocks * group_size), zero_point(bits), np.uint8)
+    padded[:, :K] = q
+    if bits == 4:
+        p = padded.reshape(N, -1, 2)
+        packed = (p[..., 0] | (p[..., 1] << 4)).astype(np.uint8)
+    else:
+        packed = padded
+    return packed.reshape(N, blocks, group_size * bits // 8), s.reshape(-1)
+
+
+# --------------------------------------------------------------------------- nodes
+
+def make_node(fmt: str, inputs: list[str], outputs: list[str], *, num_experts: int, group_size: int | None = None,
+              threshold: float = 0.5, rescale: bool = True, weighting: str = "score", activation: str = "silu",
+              name: str | None = None) -> onnx.NodeProto:
+    """The ``fmt`` op's node; ``inputs`` in the order of QUANT_INPUTS (int4/int8) or F16_INPUTS."""
+    onnx_op._check_attributes(num_experts, threshold, rescale, weighting, activation)
+    if fmt not in OP_TYPES:
+        raise ValueError(f"fmt must be one of {tuple(OP_TYPES)}, got {fmt!r}")
+    names = QUANT_INPUTS if fmt in BITS else F16_INPUTS
+    inputs = onnx_op._strip_trailing_empty(inputs)
+    if not len(names) - 1 <= len(inputs) <= len(names) or not all(inputs[:len(names) - 1]):
+        raise ValueError(f"inputs must name {names[:-1]} and optionally router_bias, got {inputs}")
+    attrs = dict(num_experts=int(num_experts), threshold=float(threshold), rescale=int(bool(rescale)),
+                 weighting=weighting, activation=activation)
+    if fmt in BITS:
+        attrs["group_size"] = check_group_size(group_size)
+    return helper.make_node(OP_TYPES[fmt], inputs, onnx_op._pad_outputs(outputs), name=name, domain=onnx_op.DOMAIN,
+                            **attrs)
+
+
+def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
+    """The ``fmt`` op as a model-local function: dequantize the three weights with standard ops
+    (float32, full size: a fallback), then one node of the float32 op ``GatedBlockSparseFFN``
+    (its kernel when the library is registered, else its own function body)."""
+    b = onnx_op._Body()
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    names = QUANT_INPUTS if fmt in BITS else F16_INPUTS
+    if fmt == "float16":
+        gate, up, down = (b.op("Cast", w, to=f32) for w in ("gate_weight", "up_weight", "down_weight"))
+    else:
+        bits = BITS[fmt]
+        group = b.attr("value_int", "group_size")
+        n = b.op("Shape", "gate_weight", start=0, end=1)
+        block = b.op("Shape", "gate_weight", start=1, end=2)
+        d = b.op("Shape", "router_weight", start=1, end=2)
+        zero_i, one_i = b.const(0, i64), b.const(1, i64)
+        zp = b.const(float(zero_point(bits)))
+
+        def values(q: str) -> str:  # [n, B, d] float32: q - zp
+            if bits == 8:
+                return b.op("Sub", b.op("Cast", q, to=f32), zp)
+            qi = b.op("Cast", q, to=TensorProto.INT32)
+            chunks = b.op("Reshape", qi, b.op("Concat", n, block, b.const(-1, i64, [1]), b.const(16, i64, [1]), axis=0))
+            sixteen = b.const(16, TensorProto.INT32)
+            high = b.op("Div", chunks, sixteen)
+            low = b.op("Sub", chunks, b.op("Mul", high, sixteen))
+            full = b.op("Reshape", b.op("Concat", low, high, axis=-1), b.op("Concat", n, block, d, axis=0))
+            return b.op("Sub", b.op("Cast", full, to=f32), zp)
+
+        def group_index(length: str) -> str:  # [length] int64: position // group_size
+            return b.op("Div", b.op("Range", zero_i, b.op("Squeeze", length), one_i), group)
+
+        col_groups, row_groups = group_index(d), group_index(block)
+        gate = b.op("Mul", values("gate_weight"), b.op("Gather", "gate_scales", col_groups, axis=2))
+        up = b.op("Mul", values("up_weight"), b.op("Gather", "up_scales", col_groups, axis=2))
+        down = b.op("Mul", values("down_weight"), b.op("Gather", "down_scales", row_groups, axis=1))
+    inner = helper.make_node(onnx_op.OP_TYPE, ["X", "router_weight", gate, up, down, "router_bias"],
+                             ["Y", "active"], domain=onnx_op.DOMAIN)
+    for attr, kind in (("num_experts", onnx.AttributeProto.INT), ("threshold", onnx.AttributeProto.FLOAT),
+                       ("rescale", onnx.AttributeProto.INT), ("weighting", onnx.AttributeProto.STRING),
+                       ("activation", onnx.AttributeProto.STRING)):
+        inner.attribute.append(onnx.AttributeProto(name=attr, ref_attr_name=attr, type=kind))
+    b.nodes.append(inner)
+    return helper.make_function(
+        onnx_op.DOMAIN, OP_TYPES[fmt], list(names), list(onnx_op.OUTPUTS), b.nodes,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)],
+        attributes=["num_experts"] + (["group_size"] if fmt in BITS else []),
+        attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items()],
+        doc_string=f"{onnx_op.DOMAIN}::{OP_TYPES[fmt]} v{onnx_op.OP_VERSION} (docs/op-spec.md): dequantize, "
+                   f"then {onnx_op.OP_TYPE}.")
+
+
+def add_functions_to_model(model: onnx.ModelProto) -> None:
+    """Function bodies for the quantized ops the model uses, plus the float32 op's (which they call)."""
+    onnx_op.add_function_to_model(model)
+    opset = onnx_op._ai_onnx_opset(model)
+    used = {n.op_type for n in _all_nodes(model.graph) if n.domain == onnx_op.DOMAIN and n.op_type in FORMAT_OF_OP}
+    kept = [f for f in model.functions if not (f.domain == onnx_op.DOMAIN and f.name in used)]
+    del model.functions[:]
+    model.functions.extend(kept + [function_proto(FORMAT_OF_OP[t], opset) for t in sorted(used)])
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def size_bytes(fmt: str, n: int, B: int, d: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of one FFN's three block weights and their scales in ``fmt``."""
+    if fmt in ("float32", "float16"):
+        return 3 * n * B * d * (4 if fmt == "float32" else 2)
+    G = group_size
+    return 3 * n * B * d * BITS[fmt] // 8 + 4 * n * (2 * B * math.ceil(d / G) + math.ceil(B / G) * d)

@@ -1,0 +1,208 @@
+"""org.dsmoe::GatedBlockSparseFFNInt4 / Int8 / F16 (docs/op-spec.md, "Quantized variants"):
+the CPU kernel and the ONNX function body against the float64 reference on the dequantized
+weights (tests/quant_reference.py, written from the spec), fresh random inputs per run."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from dsmoe_export import onnx_op, quant
+from op_graph import IR_VERSION, OPSET, RTOL, assert_matches_reference, make_case
+from quant_reference import dequantize
+from reference import ffn_reference
+
+ISAS = ("avx512", "avx2", "baseline")
+
+
+def quant_inputs(case, fmt: str, group: int) -> dict[str, np.ndarray]:
+    feeds = {"X": case.x, "router_weight": case.router_weight}
+    feeds.update(quant.quantize_block_weights(case.gate, case.up, case.down, fmt, group))
+    if case.router_bias is not None:
+        feeds["router_bias"] = case.router_bias
+    return feeds
+
+
+def reference(case, feeds, fmt: str, group: int):
+    if fmt == "float16":
+        gate, up, down = (feeds[k].astype(np.float64) for k in ("gate_weight", "up_weight", "down_weight"))
+    else:
+        gate, up, down = dequantize(feeds, quant.BITS[fmt], group)
+    return ffn_reference(case.x, case.router_weight, gate, up, down, case.router_bias, **case.attrs)
+
+
+def make_model(case, feeds, fmt: str, group: int, *, with_function=True, node_attrs=None):
+    names = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
+    inputs = [k for k in names if k in feeds]
+    if node_attrs is None:
+        node = quant.make_node(fmt, inputs, ["Y", "active"], num_experts=case.num_experts,
+                               group_size=group if fmt in quant.BITS else None, **case.attrs)
+    else:
+        node = helper.make_node(quant.OP_TYPES[fmt], inputs, ["Y", "active"], domain=onnx_op.DOMAIN, **node_attrs)
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+             np.dtype(np.uint8): TensorProto.UINT8}
+    graph_inputs = [helper.make_tensor_value_info(k, types[feeds[k].dtype], [None] * feeds[k].ndim) for k in inputs]
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("active", TensorProto.BOOL, None)]
+    model = helper.make_model(helper.make_graph([node], "q", graph_inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    if with_function:
+        quant.add_functions_to_model(model)
+    else:
+        model.opset_import.append(helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION))
+    return model
+
+
+def run(model, feeds, library, threads=1):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(library)
+    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+class _Ref:
+    """assert_matches_reference wants an object with .reference()."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def reference(self):
+        return self._result
+
+
+def check(case, fmt, group, library, threads=1):
+    feeds = quant_inputs(case, fmt, group)
+    out = run(make_model(case, feeds, fmt, group, with_function=library is None), feeds, library, threads)
+    return assert_matches_reference(_Ref(reference(case, feeds, fmt, group)), out)
+
+
+# (lead, d, n, B, group): decode (<= 6 tokens) and prefill shapes, ragged last groups along d
+# (int8/f16: d not a multiple of the vector width either) and along B.
+SHAPES = [
+    ((1,), 64, 4, 64, 32),
+    ((2, 3), 96, 8, 48, 64),      # 6 tokens: decode; d % 64 and B % 64 ragged
+    ((19,), 128, 4, 40, 32),      # prefill, B % 32 ragged
+    ((3, 25), 64, 8, 24, 128),    # prefill over several panels; one group longer than B
+]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-d{s[1]}-n{s[2]}-B{s[3]}-g{s[4]}")
+def test_kernel_matches_reference(op_library, rng, fmt, shape):
+    lead, d, n, B, group = shape
+    case = make_case(rng, lead, d, n, B, bias=bool(rng.integers(2)))
+    check(case, fmt, group, op_library, threads=2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float16"])
+@pytest.mark.parametrize("lead", [(2,), (11,)])
+def test_hidden_size_off_the_vector_width(op_library, rng, fmt, lead):
+    case = make_case(rng, lead, 37, 3, 20)  # d = 37: scalar tails in every kernel
+    check(case, fmt, 32, op_library)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+def test_every_instruction_set(op_library, rng, monkeypatch, isa, fmt):
+    import subprocess  # noqa: F401 (the ISA is read at kernel creation: env var in-process is enough)
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    for lead in [(3,), (17,)]:
+        case = make_case(rng, lead, 64, 4, 40, activation=str(rng.choice(["silu", "gelu_tanh"])))
+        try:
+            check(case, fmt, 32, op_library)
+        except Exception as e:  # this CPU may lack the ISA: the library says so
+            if "not supported by this CPU" in str(e) or "not built into" in str(e):
+                pytest.skip(f"{isa} not available here")
+            raise
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+def test_all_active_none_active_and_attributes(op_library, rng, fmt):
+    # make_case forces token 0 to k = n and token 1 to k = 0 (exact zeros checked).
+    case = make_case(rng, (9,), 64, 4, 32, weighting="binary", rescale=False, threshold=0.3)
+    check(case, fmt, 32, op_library)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+def test_zero_tokens(op_library, rng, fmt):
+    case = make_case(rng, (0, 3), 64, 4, 32)
+    feeds = quant_inputs(case, fmt, 32)
+    y, active = run(make_model(case, feeds, fmt, 32, with_function=False), feeds, op_library)
+    assert y.shape == (0, 3, 64) and active.shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+def test_function_body_matches_reference(rng, fmt):
+    """Without the library, ONNX Runtime runs the function bodies (dequantize + float32 op body)."""
+    for lead in [(2,), (9,)]:
+        case = make_case(rng, lead, 64, 4, 40, bias=True)
+        check(case, fmt, 32, None)
+
+
+def test_quantization_round_trip(rng):
+    """quantize_rows: scales are max|w| / m per group, values within half a step."""
+    w = rng.standard_normal((5, 100)).astype(np.float32)
+    for bits in (4, 8):
+        q, s = quant.quantize_rows(w, bits, 32)
+        m = 2 ** (bits - 1) - 1
+        assert s.shape == (5, 4) and q.dtype == np.uint8
+        groups = np.zeros((5, 128), np.float32)
+        groups[:, :100] = w
+        np.testing.assert_allclose(s, np.abs(groups.reshape(5, 4, 32)).max(-1) / m, rtol=1e-6)
+        back = quant.dequantize_rows(q, s, bits, 32)
+        step = np.repeat(s, 32, axis=-1)[:, :100]
+        assert (np.abs(back - w) <= 0.5 * step * (1 + 1e-5)).all()
+    q4 = q[:, :96] % 16
+    assert (quant.unpack_int4(quant.pack_int4(q4)) == q4).all()
+
+
+def _error(op_library, case, feeds, fmt, group, node_attrs=None):
+    with pytest.raises(Exception) as info:
+        run(make_model(case, feeds, fmt, group, with_function=False, node_attrs=node_attrs), feeds, op_library)
+    return str(info.value)
+
+
+def test_bad_shapes_and_attributes_are_errors(op_library, rng):
+    case = make_case(rng, (3,), 64, 4, 32)
+    feeds = quant_inputs(case, "int4", 32)
+    bad = dict(feeds, gate_scales=feeds["gate_scales"][:, :, :1].copy())
+    msg = _error(op_library, case, bad, "int4", 32)
+    assert "gate_scales" in msg and "[4, 32, 2]" in msg
+    bad = dict(feeds, down_scales=feeds["down_scales"].transpose(0, 2, 1).copy())
+    assert "down_scales" in _error(op_library, case, bad, "int4", 32)
+    bad = dict(feeds, up_weight=np.concatenate([feeds["up_weight"]] * 2, axis=-1))
+    assert "up_weight" in _error(op_library, case, bad, "int4", 32)
+    bad = dict(feeds, X=np.zeros((3, 32), np.float32))
+    assert "last dim d = 64" in _error(op_library, case, bad, "int4", 32)
+    base = dict(num_experts=4)
+    assert "group_size" in _error(op_library, case, feeds, "int4", 32, node_attrs=base)
+    assert "power of two" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(base, group_size=48))
+    assert "num_experts" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=5, group_size=32))
+    # int4 needs d % 32 == 0: d = 48 with hand-made inputs of consistent shapes.
+    odd = make_case(rng, (2,), 48, 2, 32)
+    q8 = quant.quantize_block_weights(odd.gate, odd.up, odd.down, "int8", 32)
+    feeds = {"X": odd.x, "router_weight": odd.router_weight,
+             "gate_weight": q8["gate_weight"][..., :24].copy(), "gate_scales": q8["gate_scales"],
+             "up_weight": q8["up_weight"][..., :24].copy(), "up_scales": q8["up_scales"],
+             "down_weight": q8["down_weight"][..., :24].copy(), "down_scales": q8["down_scales"]}
+    assert "multiple of 32" in _error(op_library, odd, feeds, "int4", 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.quantize_block_weights(odd.gate, odd.up, odd.down, "int4", 32)
+    # float16 op: shapes as the float32 op's.
+    case16 = make_case(rng, (3,), 64, 4, 32)
+    feeds = quant_inputs(case16, "float16", 32)
+    bad = dict(feeds, down_weight=feeds["down_weight"][:, :16].copy())
+    assert "down_weight" in _error(op_library, case16, bad, "float16", 32)
+
+
+def test_kernel_agrees_across_thread_counts(op_library, rng):
+    case = make_case(rng, (40,), 128, 8, 64)
+    feeds = quant_inputs(case, "int4", 32)
+    model = make_model(case, feeds, "int4", 32, with_function=False)
+    one, two = run(model, feeds, op_library, 1), run(model, feeds, op_library, 2)
+    np.testing.assert_array_equal(one[0], two[0])
+    assert RTOL > 0
