@@ -315,20 +315,28 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
             C.permute_ffn(tensors, i, perm)
         model = build_model(config, {**tensors, **random_routers(cfg, n, opts.seed, router_bias)})
         _log(opts, f"regrouped FFN neurons by co-activation ({time.perf_counter() - t0:.1f}s)")
+    tc = (opts.train or C.TrainConfig(seed=opts.seed)) if opts.calibrate is not None else None
+    # with an annealed calibration target, the routers start at the schedule's first target
+    start = tc.target_start if tc is not None and tc.target_start is not None else opts.target_active
     if router_init == "fit":
         t0 = time.perf_counter()
         with torch.no_grad():
             for m, h in zip(model.mlps, inputs):
-                w, b = C.fit_router(m, h, n, opts.target_active, opts.threshold)
+                w, b = C.fit_router(m, h, n, start, opts.threshold)
                 m.router.weight.copy_(w)
                 m.router.bias.copy_(b)
         if opts.allocation == "global":
-            fractions = C.allocate(model, inputs, resid, opts.target_active)
-            C.rebias(model, inputs, fractions)
+            fractions = C.allocate(model, inputs, resid, start)
             report["allocation"] = fractions
-        _log(opts, f"fitted routers to block contributions, target active fraction {opts.target_active} "
+            if tc is not None and tc.control:
+                end = fractions if start == opts.target_active else C.allocate(model, inputs, resid, opts.target_active)
+                tc.layer_targets = (fractions, end)
+                report["allocation_end"] = end
+            C.rebias(model, inputs, fractions)
+        _log(opts, f"fitted routers to block contributions, target active fraction {start} "
                    f"({opts.allocation} over layers; {time.perf_counter() - t0:.1f}s)")
         report["target_active"] = opts.target_active
+        report["fit_target"] = start
 
     # 3. evaluate, calibrate, evaluate.
     if eval_chunks is not None:
@@ -339,20 +347,26 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
         report["converted"] = {"ppl": r.ppl, "active": r.active, "mean_active": r.mean_active}
         _log(opts, f"held-out perplexity: dense {report['dense']['ppl']:.3f}, converted {r.ppl:.3f} at active "
                    f"fraction {r.mean_active:.3f} ({time.perf_counter() - t0:.1f}s)")
-    if opts.calibrate is not None:
-        tc = opts.train or C.TrainConfig(seed=opts.seed)
+    if tc is not None:
+        if tc.control and not router_bias:
+            raise DSMoEError("target control (--control) shifts router biases: it needs --router-init fit")
+        target = "" if tc.target_active is None else (
+            f" above {tc.target_active:g}" if tc.target_start is None else
+            f" above a target annealed {tc.target_start:g} -> {tc.target_active:g} over {tc.anneal:.0%} of the steps")
         _log(opts, f"calibrating: {tc.steps} steps x {tc.batch} x {opts.seq_len} tokens "
-                   f"({'routers and experts' if tc.train_experts else 'routers'}; "
+                   f"({'routers' if tc.train_experts == 'none' else f'routers and experts ({tc.train_experts})'}; "
                    f"{'KL to dense logits' if tc.distill else 'cross-entropy'} + {tc.sparsity_weight:g} x sparsity"
-                   f"{'' if tc.target_active is None else f' above {tc.target_active:g}'})")
+                   f"{target}{'; per-layer bias control' if tc.control else ''})")
         log = C.train(model, train_chunks, tc, progress=opts.progress)
         report["training"] = {"steps": tc.steps, "batch": tc.batch, "lr": tc.lr, "sparsity_weight": tc.sparsity_weight,
-                              "target_active": tc.target_active, "distill": tc.distill,
-                              "train_experts": tc.train_experts, "seconds": log.seconds,
+                              "target_active": tc.target_active, "target_start": tc.target_start,
+                              "anneal": tc.anneal, "control": tc.control, "distill": tc.distill,
+                              "train_experts": tc.train_experts, "expert_lr": tc.expert_lr,
+                              "seconds": log.seconds, "cpu_seconds": log.cpu_seconds, "threads": log.threads,
                               "task_loss": log.task_loss, "sparsity": log.sparsity}
-        if tc.train_experts:
+        if tc.train_experts != "none":
             for i, m in enumerate(model.mlps):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
+                for proj in C.EXPERT_SETS[tc.train_experts]:
                     name = f"model.layers.{i}.mlp.{proj}.weight"
                     tensors[name] = getattr(m, proj).weight.detach().to(tensors[name].dtype).clone()
         if eval_chunks is not None:
@@ -400,6 +414,43 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
     return report
 
 
+def dense_baseline(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
+    """The fair reference for a calibration that trains FFN weights: the dense model's same FFN
+    weights fine-tuned on the same text (cross-entropy, same steps, batch, learning rate and seed),
+    evaluated on the same held-out windows. Writes OUT/baseline.json; returns the report."""
+    from . import calibrate as C
+
+    tc = opts.train
+    if opts.calibrate is None or tc is None or tc.train_experts == "none":
+        raise DSMoEError("--dense-baseline needs --calibrate TEXT and --train-experts")
+    if opts.eval_text is None:
+        raise DSMoEError("--dense-baseline needs --eval-text (held-out text)")
+    t_start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    dense = load_dense(src)
+    model = build_model(dense.config, dense.tensors, sparse=False)
+    tok = lambda path: C.tokenize_text(Path(path).read_text(encoding="utf-8"), dense.tokenizer, dense.cfg.vocab_size)
+    train_chunks = C.chunk(tok(opts.calibrate), opts.seq_len)
+    eval_chunks = C.chunk(tok(opts.eval_text), opts.seq_len, max(1, opts.eval_tokens // opts.seq_len))
+    report: dict = {"source": str(src), "seed": opts.seed, "seq_len": opts.seq_len, "eval_tokens": int(eval_chunks.numel())}
+    report["dense"] = {"ppl": C.evaluate(model, eval_chunks, dense=True).ppl}
+    _log(opts, f"held-out perplexity of the dense model: {report['dense']['ppl']:.3f}")
+    log = C.train(model, train_chunks, tc, progress=opts.progress, dense=True)
+    report["finetuned_dense"] = {"ppl": C.evaluate(model, eval_chunks, dense=True).ppl}
+    report["training"] = {"steps": tc.steps, "batch": tc.batch, "train_experts": tc.train_experts,
+                          "expert_lr": tc.expert_lr, "loss": "cross-entropy", "seconds": log.seconds,
+                          "cpu_seconds": log.cpu_seconds, "threads": log.threads, "task_loss": log.task_loss}
+    report["seconds"] = time.perf_counter() - t_start
+    _log(opts, f"after fine-tuning ({tc.train_experts}, {tc.steps} steps x {tc.batch}, lr {tc.expert_lr:g}): "
+               f"perplexity {report['finetuned_dense']['ppl']:.3f} ({log.seconds:.0f}s)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "baseline.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / "baseline.json")
+    return report
+
+
 # ------------------------------------------------------------------------------------- report
 
 def report_markdown(report: dict) -> str:
@@ -417,9 +468,12 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {label} | {r['ppl']:.3f} | {r['ppl'] / report['dense']['ppl']:.3f} | {r['mean_active']:.3f} |")
     if "training" in report:
         t = report["training"]
+        sched = "" if t.get("target_start") is None else f" (annealed from {t['target_start']:g})"
+        experts = t["train_experts"] if t["train_experts"] == "none" else f"{t['train_experts']} (lr {t['expert_lr']:g})"
         lines += ["", f"Calibration: {t['steps']} steps x batch {t['batch']}, lr {t['lr']:g}, sparsity weight "
-                      f"{t['sparsity_weight']:g}, target {t['target_active']}, distill {t['distill']}, experts "
-                      f"trained {t['train_experts']}: {t['seconds']:.0f}s."]
+                      f"{t['sparsity_weight']:g}, target {t['target_active']}{sched}, bias control "
+                      f"{t.get('control', False)}, distill {t['distill']}, experts trained {experts}: "
+                      f"{t['seconds']:.0f}s wall, {t.get('cpu_seconds', 0):.0f}s CPU, {t.get('threads', 0)} threads."]
     lines += ["", "Active fraction per layer:", "",
               "| layer | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
     for i in range(len(report[stages[0]]["active"])):
@@ -506,8 +560,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain sparsity loss (the paper's mean gate) instead of its excess over --target-active")
     p.add_argument("--no-distill", dest="distill", action="store_false",
                    help="train on next-token cross-entropy instead of KL to the dense model's logits")
-    p.add_argument("--train-experts", action="store_true", help="also train the FFN weights (lr --expert-lr)")
-    p.add_argument("--expert-lr", type=float, default=1e-5)
+    p.add_argument("--train-experts", nargs="?", const="all", default="none", choices=("none", "gate_up", "all"),
+                   help="also train FFN weights (bare flag: all of gate/up/down; gate_up: only those) at --expert-lr")
+    p.add_argument("--expert-lr", type=float, default=1e-4, help="FFN weights' learning rate (default: %(default)g)")
+    p.add_argument("--target-start", type=float, default=None,
+                   help="anneal the calibration target from this active fraction down to --target-active "
+                        "(the fitted routers start here)")
+    p.add_argument("--anneal", type=float, default=0.5,
+                   help="share of the steps over which --target-start is annealed (default: %(default)g)")
+    p.add_argument("--control", action="store_true",
+                   help="after every step, shift each layer's router bias towards its (annealed, allocated) target "
+                        "active fraction on the batch: holds the sparsity on schedule (needs fitted routers)")
+    p.add_argument("--dense-baseline", action="store_true",
+                   help="instead of converting: fine-tune the dense model's FFN weights (--train-experts) on the "
+                        "--calibrate text with cross-entropy, same steps, batch and --expert-lr, and report its "
+                        "held-out perplexity next to the original's (OUT_DIR/baseline.json): how much of a "
+                        "calibrated model's perplexity is domain adaptation")
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity (default: the calibration text's tail)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens evaluated (default: %(default)s)")
     p.add_argument("--tradeoff", default="", help="comma-separated target active fractions for the trade-off curve, "
@@ -533,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     train = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, sparsity_weight=args.sparsity_weight,
                         target_active=None if args.no_target else args.target_active, distill=args.distill,
-                        train_experts=args.train_experts, expert_lr=args.expert_lr, seed=args.seed)
+                        train_experts=args.train_experts, expert_lr=args.expert_lr, seed=args.seed,
+                        target_start=args.target_start, anneal=args.anneal, control=args.control)
     opts = ConvertOptions(experts=args.experts, threshold=args.threshold, weighting=args.weighting,
                           rescale=args.rescale, router_init=args.router_init, regroup=args.regroup,
                           target_active=args.target_active, allocation=args.allocation, calib_text=args.calib_text,
@@ -541,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
                           eval_tokens=args.eval_tokens, seq_len=args.seq_len, tradeoff=tradeoff, seed=args.seed,
                           train=train, progress=not args.quiet)
     try:
+        if args.dense_baseline:
+            report = dense_baseline(args.src, args.out, opts)
+            return 0
         report = convert(args.src, args.out, opts)
     except KeyboardInterrupt:
         print("dsmoe-convert: interrupted", file=sys.stderr)

