@@ -200,6 +200,12 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
   const int64_t slabs_per_group = CeilDiv(slabs, groups);
   auto partial = Scratch<float>(sorted.pairs * groups * d);
   const int64_t rb = w.row_bytes;
+  // Per-token sums of X over each scale group (the zero point of dot_rows).
+  const int64_t xgroups = w.format == WeightFormat::kF16 ? 1 : w.row_groups;
+  auto xsum = Scratch<float>(N * xgroups);
+  if (w.format != WeightFormat::kF16) {
+    for (int64_t t = 0; t < N; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum.get() + t * xgroups);
+  }
   ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
     const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
     const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
@@ -223,9 +229,13 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
       for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxQuantDotTokens) {
         const int count = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, last_pair - p0));
         const float* xs[kMaxQuantDotTokens];
-        for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
-        qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, count, g, slab_rows);
-        qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, count, u, slab_rows);
+        const float* sums[kMaxQuantDotTokens];
+        for (int c = 0; c < count; ++c) {
+          xs[c] = w.x + pair_token[p0 + c] * d;
+          sums[c] = xsum.get() + pair_token[p0 + c] * xgroups;
+        }
+        qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
+        qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
         for (int c = 0; c < count; ++c) {
           const int64_t p = p0 + c;
           ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,

@@ -31,8 +31,12 @@ struct QuantKernelSet {
   // Gate/up GEMV: out[t * ldo + r] = sum_c W[r][c] * x[t][c] for r < rows, t < count <= kMaxQuantDotTokens,
   // W[r][c] = scales[r * groups + c / group] * (q[r][c] - zero) (or the float16 value; scales unused),
   // q row r at w + r * RowBytes(f, d), groups = ceil(d / group). Each row is dequantized once for all tokens.
+  // xsum[t]: group_sums of x[t] (integer formats; the zero point is applied per group through them).
   void (*dot_rows)(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
-                   const float* const* x, int count, float* out, int64_t ldo);
+                   const float* const* x, const float* const* xsum, int count, float* out, int64_t ldo);
+
+  // xsum[g] = sum_{c in group g} x[c] for g < ceil(d / group).
+  void (*group_sums)(const float* x, int64_t d, int64_t group, float* xsum);
 
   // Down GEMV: y[c] += sum_{j < rows} h[j] * V[j][c] for c < d, where row j of V is at v + j * RowBytes(f, d)
   // and V[j][c] = scales[(j / group) * d + c] * (q[j][c] - zero): the rows start at a group boundary and

@@ -15,7 +15,7 @@
 
 #include "cpu/kernels_quant.h"
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -91,6 +91,27 @@ inline Vec LoadHalf(const uint8_t* p) {
   return v;
 }
 
+// kVL bytes at p, zero-extended and converted to float. The intrinsics matter: with the
+// generic vector conversion GCC 12 splits the bytes through general registers for int8.
+inline Vec LoadBytesAsFloat(const uint8_t* p) {
+  Vec v;
+#if defined(__AVX512F__)
+  // Masked forms: GCC 12's plain ones pass an undefined vector and warn (-Wmaybe-uninitialized).
+  const __m512 f = _mm512_maskz_cvtepi32_ps(
+      static_cast<__mmask16>(0xffff),
+      _mm512_maskz_cvtepu8_epi32(static_cast<__mmask16>(0xffff), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&v, &f, sizeof v);
+#else
+  VecU8 b;
+  std::memcpy(&b, p, sizeof b);
+  v = __builtin_convertvector(__builtin_convertvector(b, VecI), Vec);
+#endif
+  return v;
+}
+
 inline Vec BytesToFloat(VecU8 b) { return __builtin_convertvector(__builtin_convertvector(b, VecI), Vec); }
 
 // Columns per load step and vectors per step.
@@ -114,9 +135,7 @@ inline void LoadStep(const uint8_t* row, int64_t c, Vec* out) {
       out[v] = BytesToFloat(b) - kZero<F>;
     }
   } else if constexpr (F == WeightFormat::kInt8) {
-    VecU8 b;
-    std::memcpy(&b, row + c, sizeof b);
-    out[0] = BytesToFloat(b) - kZero<F>;
+    out[0] = LoadBytesAsFloat(row + c) - kZero<F>;
   } else {
     out[0] = LoadHalf(row + 2 * c);
   }
@@ -145,90 +164,193 @@ int64_t GroupOf(int64_t d, int64_t group) {
   return F == WeightFormat::kF16 ? std::max<int64_t>(d, 1) : group;
 }
 
-template <WeightFormat F, int T>
-void DotRowsT(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
-              const float* const* x, float* out, int64_t ldo) {
-  constexpr int S = kStep<F>, NV = kStepVecs<F>;
-  constexpr int U = NV >= 2 ? 1 : 2;  // steps per iteration: at least two accumulator chains per token
-  const int64_t rb = RowBytes(F, d), G = GroupOf<F>(d, group), groups = CeilDiv(d, G);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * rb;
-    Vec acc[T][2] = {};
-    float tail[T] = {};
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t c0 = g * G, c1 = std::min(d, c0 + G);
-      Vec part[T][2] = {};
-      float part_tail[T] = {};
-      int64_t c = c0;
-      for (; c + U * S <= c1; c += U * S) {
-        Vec wv[U * NV];
-        for (int u = 0; u < U; ++u) LoadStep<F>(row, c + u * S, wv + u * NV);
-        for (int t = 0; t < T; ++t) {
-          for (int v = 0; v < U * NV; ++v) part[t][v & 1] += wv[v] * Load(x[t] + c + v * kVL);
-        }
-      }
-      for (; c + S <= c1; c += S) {
-        Vec wv[NV];
-        LoadStep<F>(row, c, wv);
-        for (int t = 0; t < T; ++t) {
-          for (int v = 0; v < NV; ++v) part[t][v & 1] += wv[v] * Load(x[t] + c + v * kVL);
-        }
-      }
-      for (; c < c1; ++c) {
-        const float wq = LoadOne<F>(row, c);
-        for (int t = 0; t < T; ++t) part_tail[t] += wq * x[t][c];
-      }
-      if constexpr (F == WeightFormat::kF16) {
-        for (int t = 0; t < T; ++t) {
-          acc[t][0] += part[t][0];
-          acc[t][1] += part[t][1];
-          tail[t] += part_tail[t];
-        }
-      } else {
-        const float s = scales[r * groups + g];
-        const Vec sv = Splat(s);
-        for (int t = 0; t < T; ++t) {
-          acc[t][0] += sv * part[t][0];
-          acc[t][1] += sv * part[t][1];
-          tail[t] += s * part_tail[t];
-        }
-      }
+// Columns per step of the GEMV loops (two or more vectors: two accumulator chains per row and token).
+template <WeightFormat F>
+constexpr int kDotStep = F == WeightFormat::kF16 ? 2 * kVL : 32;
+
+template <WeightFormat F>
+constexpr int64_t ByteOffset(int64_t c) {
+  return F == WeightFormat::kInt4 ? c / 2 : F == WeightFormat::kInt8 ? c : 2 * c;
+}
+
+// The kDotStep<F> weights of a row from column c, raw: q as float (no zero point) or the float16 value.
+template <WeightFormat F>
+inline void LoadRaw(const uint8_t* row, int64_t c, Vec* out) {
+  constexpr int NV = kDotStep<F> / kVL;
+  if constexpr (F == WeightFormat::kInt4) {
+    const uint8_t* chunk = row + c / 2;
+    for (int v = 0; v < NV; ++v) {
+      const int half = v * kVL / 16, offset = v * kVL % 16;
+      VecU8 b;
+      std::memcpy(&b, chunk + offset, sizeof b);
+      out[v] = BytesToFloat(half ? VecU8(b >> 4) : VecU8(b & 15));
     }
-    for (int t = 0; t < T; ++t) out[t * ldo + r] = HorizontalSum(acc[t][0] + acc[t][1]) + tail[t];
+  } else if constexpr (F == WeightFormat::kInt8) {
+    for (int v = 0; v < NV; ++v) out[v] = LoadBytesAsFloat(row + c + v * kVL);
+  } else {
+    for (int v = 0; v < NV; ++v) out[v] = LoadHalf(row + 2 * (c + v * kVL));
   }
 }
 
 template <WeightFormat F>
+inline float LoadOneRaw(const uint8_t* row, int64_t c) {
+  return LoadOne<F>(row, c) + kZero<F>;
+}
+
+// R rows x T tokens. Integer formats: per group, part = sum q * x over the group's columns
+// (raw q), then acc += scale * part and corr += scale * xsum[t][g]; the result is
+// hsum(acc) - zero * corr, i.e. sum scale * (q - zero) * x without a subtraction per weight.
+// SPG: steps of kDotStep<F> columns per group when known at compile time (G = 32, 64, 128),
+// so that the loop over whole groups has no bounds arithmetic; 0 = read from G.
+template <WeightFormat F, int R, int T, int SPG>
+void DotTile(const uint8_t* w, int64_t rb, const float* scales, int64_t groups, int64_t d, int64_t G,
+             const float* const* x, const float* const* xsum, float* out, int64_t ldo) {
+  constexpr int S = kDotStep<F>, NV = S / kVL;
+  const int64_t d_steps = d - d % S;
+  Vec acc[R][T] = {};
+  float corr[R][T] = {}, tail[R][T] = {};
+  auto finish_group = [&](int64_t g, Vec (&part)[R][T][2], const float (&pt)[R][T]) {
+    for (int rr = 0; rr < R; ++rr) {
+      const float s = F == WeightFormat::kF16 ? 1.0f : scales[rr * groups + g];
+      const Vec sv = Splat(s);
+      for (int t = 0; t < T; ++t) {
+        acc[rr][t] += sv * (part[rr][t][0] + part[rr][t][1]);
+        tail[rr][t] += s * pt[rr][t];
+        if constexpr (F != WeightFormat::kF16) corr[rr][t] += s * xsum[t][g];
+      }
+    }
+  };
+  auto step = [&](int64_t c, Vec (&part)[R][T][2]) {
+    Vec wv[R][NV];
+    for (int rr = 0; rr < R; ++rr) {
+      LoadRaw<F>(w + rr * rb, c, wv[rr]);
+      // The rows of the next tile, same columns: R rows ahead in the weight stream.
+      __builtin_prefetch(w + (rr + R) * rb + ByteOffset<F>(c), 0, 3);
+    }
+    for (int t = 0; t < T; ++t) {
+      for (int v = 0; v < NV; ++v) {
+        const Vec xv = Load(x[t] + c + v * kVL);
+        for (int rr = 0; rr < R; ++rr) part[rr][t][v & 1] += wv[rr][v] * xv;
+      }
+    }
+  };
+  // Whole groups (integer formats: G is a multiple of the step), then the last, partial one.
+  const int64_t whole = F == WeightFormat::kF16 ? 0 : d / G;
+  const int64_t spg = SPG > 0 ? SPG : G / S;
+  const float zero_pt[R][T] = {};
+  for (int64_t g = 0; g < whole; ++g) {
+    Vec part[R][T][2] = {};
+    const int64_t c0 = g * G;
+    for (int64_t i = 0; i < spg; ++i) step(c0 + i * S, part);
+    finish_group(g, part, zero_pt);
+  }
+  for (int64_t g = whole; g < groups; ++g) {
+    const int64_t c0 = g * G, c1 = std::min(d, c0 + G), cs = std::min(c1, d_steps);
+    Vec part[R][T][2] = {};
+    for (int64_t c = c0; c < cs; c += S) step(c, part);
+    float pt[R][T] = {};
+    for (int64_t c = cs; c < c1; ++c) {
+      for (int rr = 0; rr < R; ++rr) {
+        const float q = LoadOneRaw<F>(w + rr * rb, c);
+        for (int t = 0; t < T; ++t) pt[rr][t] += q * x[t][c];
+      }
+    }
+    finish_group(g, part, pt);
+  }
+  for (int rr = 0; rr < R; ++rr) {
+    for (int t = 0; t < T; ++t) {
+      out[t * ldo + rr] = HorizontalSum(acc[rr][t]) + tail[rr][t] - kZero<F> * corr[rr][t];
+    }
+  }
+}
+
+// Rows per register tile: more rows share each x load and keep more loads in flight; the
+// accumulators (2 R T part vectors + R T sums) must fit the registers (32 with AVX-512, 16 else).
+template <int T>
+constexpr int kDotRowsFor = kVL == 16 ? (T == 1 ? 4 : T == 2 ? 2 : 1) : (T == 1 ? 2 : 1);
+
+template <WeightFormat F, int T, int SPG>
+void DotRowsG(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t G, int64_t groups,
+              const float* const* x, const float* const* xsum, float* out, int64_t ldo) {
+  constexpr int R = kDotRowsFor<T>;
+  const int64_t rb = RowBytes(F, d);
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) {
+    DotTile<F, R, T, SPG>(w + r * rb, rb, scales ? scales + r * groups : nullptr, groups, d, G, x, xsum, out + r,
+                          ldo);
+  }
+  for (; r < rows; ++r) {
+    DotTile<F, 1, T, SPG>(w + r * rb, rb, scales ? scales + r * groups : nullptr, groups, d, G, x, xsum, out + r,
+                          ldo);
+  }
+}
+
+template <WeightFormat F, int T>
+void DotRowsT(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+              const float* const* x, const float* const* xsum, float* out, int64_t ldo) {
+  const int64_t G = GroupOf<F>(d, group), groups = CeilDiv(d, G);
+  if constexpr (F != WeightFormat::kF16) {
+    switch (G / kDotStep<F>) {
+      case 1: return DotRowsG<F, T, 1>(w, scales, rows, d, G, groups, x, xsum, out, ldo);
+      case 2: return DotRowsG<F, T, 2>(w, scales, rows, d, G, groups, x, xsum, out, ldo);
+      case 4: return DotRowsG<F, T, 4>(w, scales, rows, d, G, groups, x, xsum, out, ldo);
+      default: break;
+    }
+  }
+  DotRowsG<F, T, 0>(w, scales, rows, d, G, groups, x, xsum, out, ldo);
+}
+
+template <WeightFormat F>
 void DotRowsF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
-              const float* const* x, int count, float* out, int64_t ldo) {
+              const float* const* x, const float* const* xsum, int count, float* out, int64_t ldo) {
   switch (count) {
-    case 1: return DotRowsT<F, 1>(w, scales, rows, d, group, x, out, ldo);
-    case 2: return DotRowsT<F, 2>(w, scales, rows, d, group, x, out, ldo);
-    case 3: return DotRowsT<F, 3>(w, scales, rows, d, group, x, out, ldo);
-    default: return DotRowsT<F, 4>(w, scales, rows, d, group, x, out, ldo);
+    case 1: return DotRowsT<F, 1>(w, scales, rows, d, group, x, xsum, out, ldo);
+    case 2: return DotRowsT<F, 2>(w, scales, rows, d, group, x, xsum, out, ldo);
+    case 3: return DotRowsT<F, 3>(w, scales, rows, d, group, x, xsum, out, ldo);
+    default: return DotRowsT<F, 4>(w, scales, rows, d, group, x, xsum, out, ldo);
   }
 }
 
 void DotRows(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
-             const float* const* x, int count, float* out, int64_t ldo) {
+             const float* const* x, const float* const* xsum, int count, float* out, int64_t ldo) {
   if (count <= 0) return;
   switch (f) {
-    case WeightFormat::kInt4: return DotRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, x, count, out, ldo);
-    case WeightFormat::kInt8: return DotRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, x, count, out, ldo);
-    case WeightFormat::kF16: return DotRowsF<WeightFormat::kF16>(w, scales, rows, d, group, x, count, out, ldo);
+    case WeightFormat::kInt4:
+      return DotRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, x, xsum, count, out, ldo);
+    case WeightFormat::kInt8:
+      return DotRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, x, xsum, count, out, ldo);
+    case WeightFormat::kF16:
+      return DotRowsF<WeightFormat::kF16>(w, scales, rows, d, group, x, xsum, count, out, ldo);
   }
 }
 
-// y (or acc) [c] += h0 * row0[c] (+ h1 * row1[c]) over all columns.
+// xsum[g] = sum of x over column group g (the zero-point correction of DotRows).
+void GroupSums(const float* x, int64_t d, int64_t group, float* xsum) {
+  for (int64_t g = 0, c0 = 0; c0 < d; ++g, c0 += group) {
+    const int64_t c1 = std::min(d, c0 + group);
+    Vec a = Vec{};
+    int64_t c = c0;
+    for (; c + kVL <= c1; c += kVL) a += Load(x + c);
+    float s = HorizontalSum(a);
+    for (; c < c1; ++c) s += x[c];
+    xsum[g] = s;
+  }
+}
+
+// dst[c] += h0 * row0[c] (+ h1 * row1[c]) over all columns, raw values (LoadRaw).
 template <WeightFormat F, bool Two>
 inline void AddRows(const uint8_t* row0, const uint8_t* row1, float h0, float h1, int64_t d, float* dst) {
-  constexpr int S = kStep<F>, NV = kStepVecs<F>;
+  constexpr int S = kDotStep<F>, NV = S / kVL;
   const Vec hv0 = Splat(h0), hv1 = Splat(h1);
   int64_t c = 0;
   for (; c + S <= d; c += S) {
     Vec a[NV], b[NV];
-    LoadStep<F>(row0, c, a);
-    if constexpr (Two) LoadStep<F>(row1, c, b);
+    LoadRaw<F>(row0, c, a);
+    if constexpr (Two) LoadRaw<F>(row1, c, b);
+    if constexpr (Two) {  // two rows ahead in the weight stream (the next pair's rows), same columns
+      __builtin_prefetch(row0 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
+      __builtin_prefetch(row1 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
+    }
     for (int v = 0; v < NV; ++v) {
       Vec y = Load(dst + c + v * kVL) + hv0 * a[v];
       if constexpr (Two) y += hv1 * b[v];
@@ -236,8 +358,8 @@ inline void AddRows(const uint8_t* row0, const uint8_t* row1, float h0, float h1
     }
   }
   for (; c < d; ++c) {
-    float y = dst[c] + h0 * LoadOne<F>(row0, c);
-    if constexpr (Two) y += h1 * LoadOne<F>(row1, c);
+    float y = dst[c] + h0 * LoadOneRaw<F>(row0, c);
+    if constexpr (Two) y += h1 * LoadOneRaw<F>(row1, c);
     dst[c] = y;
   }
 }
@@ -252,17 +374,27 @@ void AccumulateRowsF(const uint8_t* v, const float* scales, const float* h, int6
     if (j < rows) AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, y);
     return;
   } else {
-    // Per group of rows: acc = sum_j h[j] * (q[j] - zero), then y += scale_row * acc.
+    // Per group of rows: acc = sum_j h[j] * q[j] (raw), hs = sum_j h[j];
+    // then y += scale_row * (acc - zero * hs).
     for (int64_t j0 = 0, g = 0; j0 < rows; j0 += group, ++g) {
       const int64_t j1 = std::min(rows, j0 + group);
       std::fill(acc, acc + d, 0.0f);
+      float hs = 0.0f;
       int64_t j = j0;
-      for (; j + 2 <= j1; j += 2) AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, acc);
-      if (j < j1) AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, acc);
+      for (; j + 2 <= j1; j += 2) {
+        AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, acc);
+        hs += h[j] + h[j + 1];
+      }
+      if (j < j1) {
+        AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, acc);
+        hs += h[j];
+      }
       const float* s = scales + g * d;
+      const float zh = kZero<F> * hs;
+      const Vec zhv = Splat(zh);
       int64_t c = 0;
-      for (; c + kVL <= d; c += kVL) Store(y + c, Load(y + c) + Load(s + c) * Load(acc + c));
-      for (; c < d; ++c) y[c] += s[c] * acc[c];
+      for (; c + kVL <= d; c += kVL) Store(y + c, Load(y + c) + Load(s + c) * (Load(acc + c) - zhv));
+      for (; c < d; ++c) y[c] += s[c] * (acc[c] - zh);
     }
   }
 }
@@ -347,7 +479,7 @@ const QuantKernelSet& QuantKernels() {
   static const QuantKernelSet set{
 #define DSMOE_QSTR2(x) #x
 #define DSMOE_QSTR(x) DSMOE_QSTR2(x)
-      DSMOE_QSTR(DSMOE_ISA), DotRows, AccumulateRows, DequantizeRows, DequantizeColumns,
+      DSMOE_QSTR(DSMOE_ISA), DotRows, GroupSums, AccumulateRows, DequantizeRows, DequantizeColumns,
   };
   return set;
 }
