@@ -218,6 +218,30 @@ def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
     assert_matches_reference(case, run(case, op_library))
 
 
+# Tokens per block that land on every side of the prefill path's panel cuts for
+# each instruction set (full panels of 8/16/32 tokens, narrow ones of 4/8/16).
+PANEL_CUT_COUNTS = (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 48, 49, 70)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_panel_cuts(op_library, rng, monkeypatch, isa):
+    """Exact token counts per block: the prefill path's full and narrow panels and their padding."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    n, d, B, N = len(PANEL_CUT_COUNTS), 40, 21, 70
+    case = make_case(rng, (N,), d=d, n=n, B=B)
+    # Block i reads only coordinate i of x (logit +-4): active for the tokens where it is +1.
+    case.router_weight = np.zeros((n, d), np.float32)
+    case.router_weight[np.arange(n), np.arange(n)] = 4.0
+    active = np.zeros((N, n), bool)
+    for i, count in enumerate(PANEL_CUT_COUNTS):
+        active[rng.permutation(N)[:count], i] = True
+    case.x[:, :n] = np.where(active, 1.0, -1.0)
+    np.testing.assert_array_equal(case.reference()[1], active)
+    assert_matches_reference(case, run(case, op_library))
+
+
 def test_unknown_instruction_set_is_an_error(op_library, rng, monkeypatch):
     monkeypatch.setenv("DSMOE_CPU_ISA", "avx9000")
     case = make_case(rng, (3,), d=8, n=2, B=4)

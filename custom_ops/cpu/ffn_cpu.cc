@@ -13,7 +13,8 @@
 //           A second pass sums the partials per token in a fixed order.
 //   prefill (more tokens): compute-bound. Per chunk of tokens, a counting sort
 //           of the active pairs by block, X rows packed into panels of P tokens
-//           (P = two vector registers), then per (block, row tile) the fused
+//           (P = two vector registers; a block's last <= P/2 tokens go to a
+//           narrow panel of one register), then per (block, row tile) the fused
 //           gate/up GEMM with act(g) * u * g_i * c in its epilogue, and per
 //           output column tile the down GEMMs of all panels added into Y (each
 //           task owns its columns: no write conflicts, no reduction).
@@ -25,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "common/ffn_op.h"
 #include "cpu/parallel.h"
@@ -128,6 +130,32 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
   return s;
 }
 
+// A panel: `count` consecutive pairs of one block (from pair `first`), packed
+// `width` tokens wide (full or narrow panel; count <= width, the rest padding);
+// `offset` counts the token slots of the panels before it.
+struct Panel {
+  int64_t block, first, offset;
+  int count, width;
+};
+
+// Each block's pairs in full panels of P tokens; a last part of at most Pn
+// tokens goes to a narrow panel of Pn (a full one would pad it up to P).
+std::vector<Panel> CutPanels(const int64_t* block_start, int64_t n, int P, int Pn) {
+  std::vector<Panel> panels;
+  int64_t offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = block_start[i]; p < block_start[i + 1];) {
+      const int64_t left = block_start[i + 1] - p;
+      const int width = left > Pn ? P : Pn;
+      const int count = static_cast<int>(std::min<int64_t>(left, width));
+      panels.push_back({i, p, offset, count, width});
+      offset += width;
+      p += count;
+    }
+  }
+  return panels;
+}
+
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
@@ -200,55 +228,48 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
                          const FfnDims& dims, const Weights& w, const Routing& routing, int64_t t0, int64_t t1,
                          float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  const int64_t P = ks.panel;
   const bool* active = routing.active.get();
   const float* coef = routing.coef.get();
 
   const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
   const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
-  auto panel_start = Scratch<int64_t>(n + 1);  // panels of block i: [panel_start[i], panel_start[i + 1])
-  panel_start[0] = 0;
-  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] = panel_start[i] + CeilDiv(block_start[i + 1] - block_start[i], P);
-  const int64_t panels = panel_start[n];
-  // Panel q of block i holds the block's pairs [block_start[i] + (q - panel_start[i]) * P, ...).
-  auto panel_block = Scratch<int64_t>(panels);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) panel_block[q] = i;
-  }
-  auto panel_pairs = [&](int64_t q, int64_t& first, int& count) {
-    const int64_t i = panel_block[q];
-    first = block_start[i] + (q - panel_start[i]) * P;
-    count = static_cast<int>(std::min<int64_t>(P, block_start[i + 1] - first));
-  };
+  const std::vector<Panel> panels = CutPanels(block_start, n, ks.panel, ks.narrow_panel);
+  const int64_t num_panels = static_cast<int64_t>(panels.size());
+  const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
+  std::vector<int64_t> panel_start(n + 1, 0);  // panels of block i: [panel_start[i], panel_start[i + 1])
+  for (const Panel& pn : panels) ++panel_start[pn.block + 1];
+  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] += panel_start[i];
 
-  // Packed X (panel q is [d][P]) and the per-panel coefficients g_i * c (0 for padding).
-  auto xp = Scratch<float>(panels * d * P);
-  auto cp = Scratch<float>(panels * P);
-  ParallelFor(ctx, static_cast<size_t>(panels), [&](size_t task) {
-    const int64_t q = static_cast<int64_t>(task);
-    int64_t first;
-    int count;
-    panel_pairs(q, first, count);
-    ks.pack_panel(w.x, d, pair_token + first, count, xp.get() + q * d * P);
-    for (int t = 0; t < P; ++t) cp[q * P + t] = t < count ? coef[pair_token[first + t] * n + panel_block[q]] : 0.0f;
+  // Packed X (panel q is [d][width] at xp + offset * d) and the per-slot
+  // coefficients g_i * c (0 for padding).
+  auto xp = Scratch<float>(slots * d);
+  auto cp = Scratch<float>(slots);
+  ParallelFor(ctx, static_cast<size_t>(num_panels), [&](size_t task) {
+    const Panel& pn = panels[task];
+    const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
+    pack(w.x, d, pair_token + pn.first, pn.count, xp.get() + pn.offset * d);
+    for (int t = 0; t < pn.width; ++t) {
+      cp[pn.offset + t] = t < pn.count ? coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
+    }
   });
 
-  // hp: panel q is [B][P]: h of the panel's tokens, already scaled by g_i * c.
-  auto hp = Scratch<float>(panels * B * P);
+  // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
+  auto hp = Scratch<float>(slots * B);
   const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
-  auto task_block = Scratch<int64_t>(n);  // the blocks that have tokens
-  int64_t used_blocks = 0;
+  std::vector<int64_t> task_block;  // the blocks that have tokens
   for (int64_t i = 0; i < n; ++i) {
-    if (block_start[i + 1] > block_start[i]) task_block[used_blocks++] = i;
+    if (panel_start[i + 1] > panel_start[i]) task_block.push_back(i);
   }
-  ParallelFor(ctx, static_cast<size_t>(used_blocks * row_tasks), [&](size_t task) {
-    const int64_t i = task_block[static_cast<int64_t>(task) / row_tasks];
-    const int64_t r0 = static_cast<int64_t>(task) % row_tasks * kPrefillRowsPerTask;
+  ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
+    const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
+    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * kPrefillRowsPerTask;
     const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      ks.panel_gate_up(attrs.activation, w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d, rows, d,
-                       xp.get() + q * d * P, cp.get() + q * P, hp.get() + (q * B + r0) * P);
+      const Panel& pn = panels[q];
+      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
+      gate_up(attrs.activation, w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d, rows, d,
+              xp.get() + pn.offset * d, cp.get() + pn.offset, hp.get() + pn.offset * B + r0 * pn.width);
     }
   });
 
@@ -260,20 +281,17 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
     // read in place, every row of the tile would start a new page (stride d).
     auto vp = Scratch<float>(B * width);
-    float* rows[64];  // output rows of a panel's tokens (P <= 64)
+    float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
     int64_t packed_block = -1;
-    for (int64_t q = 0; q < panels; ++q) {
-      const int64_t i = panel_block[q];
-      if (i != packed_block) {
-        const float* src = w.down + i * B * d + c0;
+    for (const Panel& pn : panels) {
+      if (pn.block != packed_block) {
+        const float* src = w.down + pn.block * B * d + c0;
         for (int64_t j = 0; j < B; ++j) std::copy(src + j * d, src + j * d + width, vp.get() + j * width);
-        packed_block = i;
+        packed_block = pn.block;
       }
-      int64_t first;
-      int count;
-      panel_pairs(q, first, count);
-      for (int t = 0; t < count; ++t) rows[t] = y + pair_token[first + t] * d + c0;
-      ks.panel_down(hp.get() + q * B * P, vp.get(), B, width, width, rows, count);
+      for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
+      const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
+      down(hp.get() + pn.offset * B, vp.get(), B, width, width, rows, pn.count);
     }
   });
 }

@@ -44,6 +44,15 @@ struct KernelSet {
   // where y[t] points at column 0 of token t's output slice.
   void (*panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
                      int count);
+
+  // The same three for narrow panels of narrow_panel tokens (one vector register),
+  // which hold a block's last few tokens with less padding than a full panel.
+  int narrow_panel;
+  void (*pack_narrow_panel)(const float* x, int64_t d, const int64_t* tokens, int count, float* panel);
+  void (*narrow_panel_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
+                               const float* panel, const float* coef, float* h);
+  void (*narrow_panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
+                            float* const* y, int count);
 };
 
 // The widest kernel set this CPU supports. DSMOE_CPU_ISA=baseline|avx2|avx512

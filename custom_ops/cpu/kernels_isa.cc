@@ -6,8 +6,10 @@
 //
 // Register budget of the tiles (accumulators + operands), R = 3 (6 with AVX-512):
 //   panel_gate_up: R gate rows + R up rows x 2 vectors = 4R accumulators,
-//                  2 panel vectors, broadcasts straight from the weight rows.
-//   panel_down:    2R tokens x 2 vectors = 4R accumulators, 2 rows of V.
+//                  2 panel vectors, broadcasts straight from the weight rows
+//                  (narrow panels: 2R rows x 1 vector, the same 4R).
+//   panel_down:    2R tokens x 2 vectors = 4R accumulators, 2 rows of V
+//                  (narrow panels: tiles of half a panel).
 // 12 accumulators fit the 16 registers of AVX2/SSE, 24 the 32 of AVX-512; per
 // step of k they issue 4R FMAs for 2 + 2R loads, so the FMA units bound them.
 // Both walk k in slices that keep their streamed operand in L1.
@@ -35,13 +37,21 @@ constexpr int kVL = 4;
 using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
 using VecI = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));
 
-constexpr int kNV = 2;             // vectors per tile row
-constexpr int kPanel = kNV * kVL;  // tokens per panel
+// Panels of tokens are NV vector registers wide: 2 for full panels, 1 for the
+// narrow panels that hold a block's last few tokens (less padding).
+constexpr int kWideNV = 2;
+constexpr int kPanel = kWideNV * kVL;  // tokens per full panel
+constexpr int kNarrowPanel = kVL;      // tokens per narrow panel
 // Register tiles: AVX-512 has 32 vector registers, the others 16 (SSE, AVX2) or
 // 32 (NEON, kept at 16-register tiles: NEON cores are narrow).
 constexpr bool kWideRegs = kVL == 16;
-constexpr int kGateUpRows = kWideRegs ? 6 : 3;   // rows of gate (and of up) per register tile
-constexpr int kDownTokens = kWideRegs ? 12 : 6;  // tokens per register tile of the down projection
+// Rows of gate (and of up) per register tile: 4 * rows * NV / 2 accumulators.
+template <int NV>
+constexpr int kGateUpRows = (kWideRegs ? 6 : 3) * 2 / NV;
+// Tokens per register tile of the down projection (2 column vectors each): full
+// panels 12 (6) tokens, narrow panels half a panel, so that both split evenly.
+template <int NV>
+constexpr int kDownTokens = NV == 2 ? (kWideRegs ? 12 : 6) : kVL / 2;
 
 inline Vec Load(const float* p) {
   Vec v;
@@ -181,8 +191,10 @@ void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, in
   }
 }
 
+template <int NV>
 void PackPanel(const float* x, int64_t d, const int64_t* tokens, int count, float* panel) {
-  // Transposed in [16 k][kPanel t] blocks: 16 contiguous floats per source row, contiguous writes.
+  // Transposed in [16 k][P t] blocks: 16 contiguous floats per source row, contiguous writes.
+  constexpr int kPanel = NV * kVL;
   constexpr int64_t kStep = 16;
   for (int64_t k0 = 0; k0 < d; k0 += kStep) {
     const int64_t kn = std::min(kStep, d - k0);
@@ -198,11 +210,12 @@ void PackPanel(const float* x, int64_t d, const int64_t* tokens, int count, floa
   }
 }
 
-// Accumulates rows [0, R) of gate and up over k < kc into acc ([R][2][kPanel],
-// gate then up), starting from zero when `first`.
-template <int R>
+// Accumulates rows [0, R) of gate and up over k < kc into acc ([R][2][P],
+// gate then up; P = NV vectors), starting from zero when `first`.
+template <int R, int NV>
 inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t kc, const float* panel, bool first,
                        float* acc) {
+  constexpr int kNV = NV, kPanel = NV * kVL;
   Vec ag[R][kNV], au[R][kNV];
   for (int i = 0; i < R; ++i) {
     for (int v = 0; v < kNV; ++v) {
@@ -229,8 +242,10 @@ inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t k
   }
 }
 
+template <int NV>
 void PanelGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* panel,
                  const float* coef, float* h) {
+  constexpr int kNV = NV, kPanel = NV * kVL, kRows = kGateUpRows<NV>;
   // k is cut into slices of kKc so that the panel's slice ([kKc][kPanel], 16-32 KB)
   // stays in L1 while every row tile of this call passes over it.
   constexpr int64_t kKc = 8192 / kPanel;
@@ -242,13 +257,13 @@ void PanelGateUp(Activation act, const float* gate, const float* up, int64_t row
       const int64_t kc = std::min(kKc, d - k0);
       const float* pk = panel + k0 * kPanel;
       int64_t r = 0;
-      for (; r + kGateUpRows <= nr; r += kGateUpRows) {
+      for (; r + kRows <= nr; r += kRows) {
         const int64_t off = (r0 + r) * d + k0;
-        GateUpTile<kGateUpRows>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+        GateUpTile<kRows, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
       }
       for (; r < nr; ++r) {
         const int64_t off = (r0 + r) * d + k0;
-        GateUpTile<1>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+        GateUpTile<1, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
       }
     }
     Vec cv[kNV];
@@ -262,8 +277,13 @@ void PanelGateUp(Activation act, const float* gate, const float* up, int64_t row
   }
 }
 
-template <int M>
+// M tokens x kDownCols columns (2 vectors); h rows are P = NV vectors wide.
+constexpr int kDownNV = 2;
+constexpr int kDownCols = kDownNV * kVL;
+
+template <int M, int NV>
 inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, int64_t c) {
+  constexpr int kNV = kDownNV, kPanel = NV * kVL;
   Vec acc[M][kNV] = {};
   for (int64_t j = 0; j < rows; ++j) {
     Vec b[kNV];
@@ -278,10 +298,11 @@ inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, f
   }
 }
 
-template <int M>
+template <int M, int NV>
 void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y) {
+  constexpr int kPanel = NV * kVL;
   int64_t c = 0;
-  for (; c + kPanel <= width; c += kPanel) DownTile<M>(h, v + c, rows, ld, y, c);
+  for (; c + kDownCols <= width; c += kDownCols) DownTile<M, NV>(h, v + c, rows, ld, y, c);
   for (; c < width; ++c) {  // column tail: hidden sizes are usually multiples of the panel
     for (int i = 0; i < M; ++i) {
       float s = 0.0f;
@@ -292,26 +313,28 @@ void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_
 }
 
 // DownTokens<m> for a run-time m < kDownTokens.
-template <int M>
+template <int M, int NV>
 inline void DownRemainder(int m, const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
                           float* const* y) {
   if constexpr (M >= 1) {
-    if (m == M) return DownTokens<M>(h, v, rows, ld, width, y);
-    DownRemainder<M - 1>(m, h, v, rows, ld, width, y);
+    if (m == M) return DownTokens<M, NV>(h, v, rows, ld, width, y);
+    DownRemainder<M - 1, NV>(m, h, v, rows, ld, width, y);
   }
 }
 
+template <int NV>
 void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y, int count) {
-  // Rows j in slices of kKj: the slices of h ([kKj][kPanel]) and of V stay in L1
+  // Rows j in slices of kKj: the slices of h ([kKj][P]) and of V stay in L1
   // while all token and column tiles pass over them.
+  constexpr int kPanel = NV * kVL, kTokens = kDownTokens<NV>;
   constexpr int64_t kKj = 2048 / kPanel;
   for (int64_t j0 = 0; j0 < rows; j0 += kKj) {
     const int64_t kj = std::min(kKj, rows - j0);
     const float* hj = h + j0 * kPanel;
     const float* vj = v + j0 * ld;
     int t = 0;
-    for (; t + kDownTokens <= count; t += kDownTokens) DownTokens<kDownTokens>(hj + t, vj, kj, ld, width, y + t);
-    if (t < count) DownRemainder<kDownTokens - 1>(count - t, hj + t, vj, kj, ld, width, y + t);
+    for (; t + kTokens <= count; t += kTokens) DownTokens<kTokens, NV>(hj + t, vj, kj, ld, width, y + t);
+    if (t < count) DownRemainder<kTokens - 1, NV>(count - t, hj + t, vj, kj, ld, width, y + t);
   }
 }
 
@@ -321,7 +344,8 @@ const KernelSet& Kernels() {
   static const KernelSet set{
 #define DSMOE_STR2(x) #x
 #define DSMOE_STR(x) DSMOE_STR2(x)
-      DSMOE_STR(DSMOE_ISA), kPanel, DotRows, GatedActivation, AccumulateRows, PackPanel, PanelGateUp, PanelDown,
+      DSMOE_STR(DSMOE_ISA), kPanel, DotRows, GatedActivation, AccumulateRows, PackPanel<kWideNV>,
+      PanelGateUp<kWideNV>, PanelDown<kWideNV>, kNarrowPanel, PackPanel<1>, PanelGateUp<1>, PanelDown<1>,
   };
   return set;
 }
