@@ -22,6 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type of weights and activations in the graph; float16 is for ONNX Runtime's "
                         "CUDA EP (the op's CUDA kernel; on the CPU EP the op falls back to its ONNX function). "
                         "Validation tolerance is then at least 3e-2 (default: %(default)s)")
+    p.add_argument("--ffn-weights", choices=("float32", "float16", "int8", "int4"), default="float32",
+                   help="storage of the FFN weights, float32 activations: weight-only int8/int4 (symmetric, "
+                        "block-wise scales) or float16; sparse: the op's GatedBlockSparseFFN{Int8,Int4,F16} "
+                        "variants, dense: com.microsoft.MatMulNBits (docs/op-spec.md). Validated against "
+                        "PyTorch with the same quantize-dequantized weights (default: %(default)s)")
+    p.add_argument("--matmul-weights", choices=("same", "float32", "float16", "int8", "int4"), default="same",
+                   help="storage of the other MatMuls' weights (attention, lm_head): MatMulNBits for int8/int4, "
+                        "float16 + Cast (smaller file only); 'same' follows --ffn-weights (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=32,
+                   help="quantization group along each weight's input dimension, a power of two >= 32 "
+                        "(default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,
@@ -74,7 +85,9 @@ def _run(args) -> int:
         result = export(args.model_dir, args.output, dense=args.dense, validate=args.validate,
                         tolerance=args.tolerance, external_data=ext, progress=not args.quiet,
                         active_outputs=args.active_outputs, copy_tokenizer=args.copy_tokenizer,
-                        hf_config=args.hf_config, genai=args.genai, dtype=args.dtype)
+                        hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
+                        ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
+                        group_size=args.group_size)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from . import __version__, graph_fixups, onnx_io, onnx_op
+from . import __version__, graph_fixups, onnx_io, onnx_op, quantize_model
 from .errors import ExportError
 from .loader import load_model
 from .validate import ValidationReport, validate_export
@@ -163,7 +163,8 @@ def _check_output_path(out: Path) -> None:
 def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
-           genai: bool = False, dtype: str = "float32") -> ExportResult:
+           genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
+           matmul_weights: str | None = None, group_size: int = 32) -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md.
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
@@ -174,11 +175,21 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     `dtype` "float16" exports weights, activations, the KV cache and logits in float16 (for
     the CUDA EP; docs/cuda.md). Validation then runs ONNX Runtime's CPU EP on the float16
     graph (the op's function body: the library has no float16 CPU kernel) against the
-    float16 PyTorch model, and `tolerance` is at least FLOAT16_TOLERANCE."""
+    float16 PyTorch model, and `tolerance` is at least FLOAT16_TOLERANCE.
+
+    `ffn_weights` (float32, float16, int8, int4) stores the FFN weights weight-only quantized
+    (sparse: the GatedBlockSparseFFN{F16,Int8,Int4} ops; dense: MatMulNBits / float16 + Cast),
+    `matmul_weights` (default: as `ffn_weights`) the other MatMuls (attention, lm_head), both
+    block-wise with `group_size` (docs/op-spec.md "Quantized variants"). Validation then runs
+    against the PyTorch model with quantize-dequantized weights (dsmoe_export/quantize_model.py)."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
+    matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
+    quantized = ffn_weights != "float32" or matmul_weights != "float32"
+    if quantized:
+        quantize_model.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
@@ -190,8 +201,17 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
         from tqdm.auto import tqdm
         bar = lambda names: tqdm(names, desc="[dsmoe-export] loading tensors", unit="tensor", leave=False, disable=None)  # noqa: E731
     model, cfg = load_model(model_dir, sparse=not dense, progress=bar, dtype=EXPORT_DTYPES[dtype])
+    if quantized:
+        with steps(f"quantizing weights (FFN {ffn_weights}, other MatMuls {matmul_weights}, group {group_size})"):
+            quantize_model.fake_quantize_model(model, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
+                                               group_size=group_size)
+            formats = quantize_model.linear_formats(model, ffn_weights=ffn_weights, matmul_weights=matmul_weights)
     with steps("tracing with torch.export and converting to ONNX"):
         proto = trace(model, sparse=not dense, active_outputs=active_outputs)
+    if quantized:
+        with steps("storing the quantized weights"):
+            quantize_model.quantize_graph(proto, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
+                                          group_size=group_size, formats=formats)
     report = None
     with staged_output(out) as staged:
         with steps(f"writing {out}"):

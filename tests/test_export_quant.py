@@ -1,0 +1,60 @@
+"""Quantized exports (--ffn-weights / --matmul-weights / --group-size): the graph holds the
+quantized ops, the file shrinks, ONNX Runtime matches the PyTorch model with the same
+quantize-dequantized weights, and differs from the float32 export by a quantization-sized error."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from dsmoe_export.exporter import export
+from dsmoe_export.synthetic import TinySpec, make_model_folder
+from dsmoe_export.validate import make_session, prompt_inputs
+from dsmoe_export import cli, onnx_io
+
+
+def _ops(path):
+    m = onnx.load(str(path))
+    return collections.Counter((n.domain, n.op_type) for n in m.graph.node)
+
+
+def _logits(path, vocab, sparse=True):
+    s = make_session(path, custom_ops=sparse)
+    ids, mask, pos = prompt_inputs(vocab, batch=2, seq=12, seed=3)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    for name in onnx_io.past_names(2):
+        feeds[name] = np.zeros((2, 2, 0, 16), np.float32)
+    return s.run(["logits"], feeds)[0]
+
+
+def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
+    spec = TinySpec(tie_word_embeddings=True, hidden_size=64, intermediate_size=256)
+    folder = make_model_folder(tmp_path / "m", spec, seed=seed % 1000, router_scale=3.0)
+    ref = export(folder, tmp_path / "fp32.onnx", progress=False, copy_tokenizer=False)
+    q4 = export(folder, tmp_path / "int4.onnx", ffn_weights="int4", group_size=32, progress=False,
+                copy_tokenizer=False)
+    assert q4.validation.max_rel_error <= 1e-3  # against the fake-quantized PyTorch model
+    ops = _ops(tmp_path / "int4.onnx")
+    assert ops[("org.dsmoe", "GatedBlockSparseFFNInt4")] == 2 and ops[("org.dsmoe", "GatedBlockSparseFFN")] == 0
+    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 4 + 1  # q, k, v, o per layer + the (untied) lm_head
+    assert q4.size_bytes < 0.6 * ref.size_bytes
+    a, b = _logits(tmp_path / "fp32.onnx", spec.vocab_size), _logits(tmp_path / "int4.onnx", spec.vocab_size)
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-4 < rel < 0.5, rel  # quantized (not equal), yet close
+
+    d8 = export(folder, tmp_path / "dense8.onnx", dense=True, ffn_weights="int8", group_size=64, progress=False,
+                copy_tokenizer=False)
+    assert d8.validation.max_rel_error <= 1e-3
+    ops = _ops(tmp_path / "dense8.onnx")
+    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 7 + 1 and ops[("", "MatMul")] == 2 * 2  # attention scores
+
+
+def test_quantized_export_errors(tmp_path, capsys):
+    folder = make_model_folder(tmp_path / "m", TinySpec(hidden_size=48, intermediate_size=96, num_attention_heads=4))
+    assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--ffn-weights", "int4", "-q"]) == 1
+    assert "multiple of 32" in capsys.readouterr().err
+    assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--ffn-weights", "int8", "--group-size", "48", "-q"]) == 1
+    assert "power of two" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
