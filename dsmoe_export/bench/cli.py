@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed rounds per group (a shape and token count): fewer rounds when they "
                         "would take longer, but at least 2 (default: 30; --quick: 5)")
+    p.add_argument("--precisions", type=lambda t: [x for x in t.split(",") if x], default=[],
+                   help="also run the op level with weight-only quantized blocks, e.g. int4,int8,float16: the sparse "
+                        "op against the dense FFN as com.microsoft.MatMulNBits and com.microsoft.QMoE at the same "
+                        "precision, and against the float32 sparse op (default: none)")
+    p.add_argument("--group-size", type=int, default=32, help="quantization group of --precisions (default: 32)")
     p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = 2 * probes.PROBE_STEPS[args.quick]
     if do_op:
         steps += op.planned_calls(args.shapes, args.tokens, ks_for, args.rounds)
+        if args.precisions:
+            steps += op.planned_quant_calls(args.shapes, args.tokens, ks_for, args.rounds, args.precisions)
     if do_e2e:
         steps += 3 + args.rounds * 3 * (len(prefill) + (1 if args.decode_steps else 0))
     from tqdm.auto import tqdm
@@ -187,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                 results["op"] += rows
                 results["checks"].append(check)
                 _save_partial(args.out, results, before)
+                if args.precisions:
+                    rows, check = op.run_shape_quant(
+                        shape, args.tokens, ks_for(shape), args.precisions, group_size=args.group_size,
+                        threads=args.threads, library=library, rounds=args.rounds, flush=flush, seed=args.seed + i,
+                        gate=gate, budget_s=args.budget, bar=bar)
+                    results.setdefault("quant", []).extend(rows)
+                    results.setdefault("quant_checks", []).append(check)
+                    _save_partial(args.out, results, before)
         if do_e2e:
             ffn = op.Shape.parse(args.e2e_shape)
             shape = e2e.ModelShape(ffn=ffn, layers=args.e2e_layers, heads=args.e2e_heads,
@@ -207,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ceilings"] = _best(before, after)
     results["probes"] = {"before": before, "after": after}
     metrics.annotate(results["op"], results["ceilings"])
+    metrics.annotate(results.get("quant", []), results["ceilings"])
     metrics.annotate(results["e2e"], results["ceilings"])
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     results["meta"]["quiet_gate"] = gate.summary()

@@ -42,7 +42,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .. import onnx_op
+from .. import onnx_op, quant
 
 # onnx writes its newest IR version; onnxruntime 1.31 reads up to 13 (10 is enough here).
 IR_VERSION = min(onnx.IR_VERSION, 10)
@@ -113,7 +113,7 @@ def _value_info(name, shape, elem=F32):
 def _placeholder(name: str, array: np.ndarray) -> TensorProto:
     """An initializer that only declares name, type and shape; its data is marked external and
     is supplied in memory at session creation (SessionOptions.add_external_initializers)."""
-    t = TensorProto(name=name, data_type=F32, dims=list(array.shape))
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape))
     t.data_location = TensorProto.EXTERNAL
     for key, value in (("location", "supplied-in-memory.bin"), ("offset", "0"), ("length", str(array.nbytes))):
         entry = t.external_data.add()
@@ -168,11 +168,20 @@ def dense_graph(e: Experts, weights: tuple[np.ndarray, np.ndarray, np.ndarray] |
 
 def moe_graph(e: Experts, *, k: int | None = None, threshold: float = OP_ATTRS["threshold"],
               rescale: bool = OP_ATTRS["rescale"], weighting: str = OP_ATTRS["weighting"],
-              moe_weights: tuple[np.ndarray, np.ndarray] | None = None):
+              moe_weights: tuple[np.ndarray, np.ndarray] | None = None, qmoe: tuple | None = None,
+              bits: int | None = None, group_size: int = quant.DEFAULT_GROUP_SIZE):
     """com.microsoft.MoE computing the DSMoE layer (module docstring). ``k``: MoE's top-k
     attribute, the exact active count per token when the caller guarantees one; None = n."""
     n = e.n
-    fc1, fc2 = moe_weights if moe_weights is not None else e.moe_layout()
+    if bits is None:
+        fc1, fc2 = moe_weights if moe_weights is not None else e.moe_layout()
+        weights = {"fc1": fc1, "fc2": fc2}
+        moe_inputs, op_type, quant_attrs = ["X", "router_probs", "fc1", "", "fc2"], "MoE", {}
+    else:  # com.microsoft.QMoE over the same blocks, block-wise quantized (qmoe_layout)
+        fc1, s1, fc2, s2 = qmoe if qmoe is not None else qmoe_layout(e, bits, group_size)
+        weights = {"fc1": fc1, "fc1_scales": s1, "fc2": fc2, "fc2_scales": s2}
+        moe_inputs = ["X", "router_probs", "fc1", "fc1_scales", "", "fc2", "fc2_scales"]
+        op_type, quant_attrs = "QMoE", dict(expert_weight_bits=bits, block_size=group_size)
     c = lambda name, value, dtype=np.float32: numpy_helper.from_array(np.asarray(value, dtype), name)  # noqa: E731
     consts = [c("tau", threshold), c("zero", 0.0), c("one", 1.0), c("neg_inf", -np.inf), c("n_f", float(n)),
               c("axis_last", [-1], np.int64), c("first_col", np.arange(n) == 0, np.bool_)]
@@ -190,10 +199,10 @@ def moe_graph(e: Experts, *, k: int | None = None, threshold: float = OP_ATTRS["
         helper.make_node("Where", ["active", "log_s", "neg_inf"], ["probs0"]),
         helper.make_node("And", ["idle", "first_col"], ["idle_first"]),
         helper.make_node("Where", ["idle_first", "zero", "probs0"], ["router_probs"]),
-        helper.make_node("MoE", ["X", "router_probs", "fc1", "", "fc2"], ["moe_y"], domain=MS_DOMAIN,
+        helper.make_node(op_type, moe_inputs, ["moe_y"], domain=MS_DOMAIN,
                          k=int(n if k is None else k), activation_type="swiglu", swiglu_fusion=1,
                          activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0,
-                         use_sparse_mixer=0),
+                         use_sparse_mixer=0, **quant_attrs),
     ]
     # Output scale per token: sum_active s (score) or k (binary), times n / k (rescale); 0 when k = 0.
     if weighting == "score":
@@ -211,8 +220,59 @@ def moe_graph(e: Experts, *, k: int | None = None, threshold: float = OP_ATTRS["
         nodes.append(helper.make_node("Identity", ["wsum"], ["scale"]))
     nodes.append(helper.make_node("Mul", ["moe_y", "scale"], ["Y"]))
     inputs, outputs = _xy(e.d)
-    return _model(nodes, inputs, outputs, {"fc1": fc1, "fc2": fc2}, consts=consts,
+    return _model(nodes, inputs, outputs, weights, consts=consts,
                   extra_opsets=[helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+# --------------------------------------------------------------------------- quantized variants
+# Weight-only precisions (docs/op-spec.md "Quantized variants"): the sparse op's Int4/Int8/F16 ops,
+# the dense FFN as com.microsoft.MatMulNBits (int4/int8; float16: none on the CPU EP) and
+# com.microsoft.QMoE (int4/int8), all from the same float weights and the same group size.
+PRECISIONS = ("int4", "int8", "float16")
+
+
+def quant_sparse_graph(e: Experts, fmt: str, group_size: int = quant.DEFAULT_GROUP_SIZE,
+                       packed: dict | None = None, **attrs):
+    """One GatedBlockSparseFFN{Int4,Int8,F16} node over ``e`` quantized to ``fmt``."""
+    attrs = {**OP_ATTRS, **attrs}
+    packed = packed if packed is not None else quant.quantize_block_weights(e.gate, e.up, e.down, fmt, group_size)
+    names = [k for k in (quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS)[2:] if k in packed]
+    inputs, outputs = _xy(e.d)
+    node = quant.make_node(fmt, ["X", "router_weight", *names], ["Y", ""], num_experts=e.n,
+                           group_size=group_size if fmt in quant.BITS else None, **attrs)
+    return _model([node], inputs, outputs, {k: packed[k] for k in names},
+                  extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
+
+
+def nbits_dense_graph(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZE):
+    """The dense SwiGLU FFN with its three MatMuls as com.microsoft.MatMulNBits (``bits``,
+    block-wise along K with ``group_size``, default zero point, accuracy_level 0)."""
+    wg, wu, wd = e.dense_layout()
+    weights, nodes = {}, []
+    for name, w, x, y in (("gate", wg, "X", "g"), ("up", wu, "X", "u"), ("down", wd, "h", "Y")):
+        K, N = w.shape
+        b, s = quant.matmul_nbits_weights(w, bits, group_size)
+        weights[f"{name}_q"], weights[f"{name}_s"] = b, s
+        nodes.append(helper.make_node("MatMulNBits", [x, f"{name}_q", f"{name}_s"], [y], domain=MS_DOMAIN,
+                                      K=K, N=N, bits=bits, block_size=group_size, accuracy_level=0))
+    nodes[2:2] = [helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["ag"]),
+                  helper.make_node("Mul", ["ag", "u"], ["h"])]
+    inputs, outputs = _xy(e.d)
+    return _model(nodes, inputs, outputs, weights, extra_opsets=[helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def qmoe_layout(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZE):
+    """QMoE's raw (un-prepacked) weights: fc1 [n, 2B, d*bits/8] (gate/up rows interleaved),
+    fc2 [n, d, B*bits/8], scales [n, rows, K / group_size], packed along K as MatMulNBits."""
+    fc1, fc2 = e.moe_layout()
+    out = []
+    for w in (fc1, fc2):
+        n, N, K = w.shape
+        q, s = quant.quantize_rows(w, bits, group_size)
+        if bits == 4:
+            q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        out += [np.ascontiguousarray(q), s]
+    return tuple(out)
 
 
 def session_options(threads: int, library: str | None = None) -> ort.SessionOptions:
@@ -280,6 +340,29 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
         if "moe" not in cache:
             cache["moe"] = e.moe_layout()
         model, shared = moe_graph(e, k=k, moe_weights=cache["moe"], **attrs)
+    elif "-" in kind and kind.split("-", 1)[1] in PRECISIONS:
+        # sparse-int4, dense-int8, qmoe-int4, ...: the quantized variants (group size: attrs["group_size"]).
+        base, fmt = kind.split("-", 1)
+        group = attrs.pop("group_size", quant.DEFAULT_GROUP_SIZE)
+        if base == "sparse":
+            if library is None:
+                raise ValueError("the sparse graph needs the op library (DSMOE_OPS_LIBRARY or pip install .)")
+            key = ("packed", fmt, group)
+            if key not in cache:
+                cache[key] = quant.quantize_block_weights(e.gate, e.up, e.down, fmt, group)
+            model, shared = quant_sparse_graph(e, fmt, group, packed=cache[key], **attrs)
+            return Runner(model, shared, threads=threads, library=library)
+        if fmt not in quant.BITS:
+            raise ValueError(f"{base} has no {fmt} variant on the CPU EP (MatMulNBits and QMoE are int4/int8)")
+        if base == "dense":
+            model, shared = nbits_dense_graph(e, quant.BITS[fmt], group)
+        elif base == "qmoe":
+            key = ("qmoe", fmt, group)
+            if key not in cache:
+                cache[key] = qmoe_layout(e, quant.BITS[fmt], group)
+            model, shared = moe_graph(e, k=k, qmoe=cache[key], bits=quant.BITS[fmt], group_size=group, **attrs)
+        else:
+            raise ValueError(f"unknown graph kind {kind!r}")
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
     return Runner(model, shared, threads=threads, library=library if kind == "sparse" else None)

@@ -18,8 +18,18 @@ def block_bytes(d: int, B: int) -> int:
     return 3 * B * d * FLOAT_BYTES
 
 
-def call_cost(kind: str, *, d: int, n: int, B: int, tokens: int, union: int, pairs: int) -> tuple[int, int]:
-    """(bytes of weights read, useful FLOPs) of one call of graph ``kind``."""
+def call_cost(kind: str, *, d: int, n: int, B: int, tokens: int, union: int, pairs: int,
+              group_size: int = 32) -> tuple[int, int]:
+    """(bytes of weights read, useful FLOPs) of one call of graph ``kind``. Quantized kinds
+    (``sparse-int4``, ``dense-int8``, ``qmoe-int4``, ...): the stored bytes (weights and float32 scales)."""
+    if "-" in kind:
+        from .. import quant
+
+        base, fmt = kind.split("-", 1)
+        per_block = quant.size_bytes(fmt, 1, B, d, group_size)
+        blocks = n if base == "dense" else union
+        weights = blocks * per_block + (n * d * FLOAT_BYTES if base == "sparse" else 0)
+        return weights, 6 * B * d * (n * tokens if base == "dense" else pairs)
     if kind == "dense":
         return n * block_bytes(d, B), 6 * B * d * n * tokens
     weights = union * block_bytes(d, B)

@@ -119,19 +119,107 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
     return rows, check
 
 
+def quant_kinds(precisions: list[str]) -> list[str]:
+    """Graph kinds of the quantized comparison: the float32 sparse op (the speed-up's reference), and per
+    precision the sparse op, the dense FFN as MatMulNBits and com.microsoft.QMoE (int4/int8 only: ORT's
+    CPU EP has no float16-weight MatMul nor float16 QMoE for float32 activations)."""
+    kinds = ["sparse"]
+    for p in precisions:
+        kinds.append(f"sparse-{p}")
+        if p in graphs.quant.BITS:
+            kinds += [f"dense-{p}", f"qmoe-{p}"]
+    return kinds
+
+
+def planned_quant_calls(shapes, tokens, ks_for, rounds: int, precisions: list[str]) -> int:
+    return sum(len(quant_kinds(precisions)) * (len(ks_for(s)) + 1) * len(tokens) * rounds * SHORT_CALL_FACTOR
+               for s in shapes)
+
+
+def run_shape_quant(shape: Shape, tokens: list[int], ks: list[int], precisions: list[str], *, group_size: int,
+                    threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
+                    gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
+    """Weight-only quantized variants of one shape, interleaved in the same rounds: per token count and
+    routing (exact k and natural), the float32 sparse op and, per precision, the sparse op, the dense
+    MatMulNBits FFN and QMoE. Rows carry the ratio to the dense FFN *at the same precision* (float16:
+    to the float32 dense FFN, its only CPU peer) and the speed-up over the float32 sparse op."""
+    rng = np.random.default_rng(seed)
+    e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
+    cache: dict = {}
+    kinds = quant_kinds(precisions)
+    if any(p not in graphs.quant.BITS for p in precisions):
+        kinds.append("dense")
+    runners = {}
+    for kind in kinds:
+        extra = {"group_size": group_size} if "-" in kind else {}
+        runners[kind] = graphs.runner(kind, e, threads=threads, library=library, cache=cache, **extra)
+    check = {"shape": shape.label, "group_size": group_size}
+    nat = routing.natural(rng, 5, shape.d, shape.n)
+    for p in precisions:
+        if p in graphs.quant.BITS:
+            ys = runners[f"sparse-{p}"](nat.x, nat.router_weight)[0]
+            yq = runners[f"qmoe-{p}"](nat.x, nat.router_weight)[0]
+            check[f"qmoe_vs_sparse_{p}"] = float(np.abs(yq - ys).max() / max(1.0, float(np.abs(ys).max())))
+    rows = []
+    for T in tokens:
+        if bar is not None:
+            bar.set_description(f"quant {shape.label} T={T}")
+        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks]
+        routings.append(routing.natural(rng, T, shape.d, shape.n))
+        calls = {}
+        for kind in kinds:
+            if kind.startswith("dense"):
+                calls[f"{kind}:None"] = runners[kind].bind(routings[-1].x, routings[-1].router_weight)
+            else:
+                for i, rt in enumerate(routings):
+                    calls[f"{kind}:{i}"] = runners[kind].bind(rt.x, rt.router_weight)
+        probe = timing.interleaved({"s": calls["sparse:0"]}, 1, flush=flush, gate=gate, warmup=1)
+        n_rounds = rounds * (SHORT_CALL_FACTOR if probe["s"].min < SHORT_CALL_MS else 1)
+        res = timing.interleaved(calls, n_rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
+                                 budget_s=budget_s, on_call=(lambda: bar.update(1)) if bar is not None else None)
+        got = len(next(iter(res.values())).ms)
+        for key, samples in res.items():
+            kind, idx = key.split(":")
+            if kind.startswith("dense"):
+                continue
+            rt = routings[int(idx)]
+            prec = kind.split("-", 1)[1] if "-" in kind else "float32"
+            dense_key = f"dense-{prec}:None" if prec in graphs.quant.BITS else "dense:None"
+            dense = res.get(dense_key)
+            row = _row(shape, T, kind, rt, samples, dense if dense is not None else samples, got, group_size)
+            row.update(level="quant", precision=prec, group_size=group_size,
+                       dense_kind=dense_key.split(":")[0] if dense is not None else None,
+                       dense_ms_min=dense.min if dense is not None else None,
+                       fp32_sparse_ms_min=res[f"sparse:{idx}"].min,
+                       speedup_vs_fp32=res[f"sparse:{idx}"].min / samples.min)
+            if dense is None:
+                row["ratio_min"] = row["ratio_median"] = None
+            rows.append(row)
+        for kind in (k for k in kinds if k.startswith("dense")):
+            rows.append(dict(_row(shape, T, kind, None, res[f"{kind}:None"], res[f"{kind}:None"], got, group_size),
+                             level="quant", precision=kind.split("-", 1)[1] if "-" in kind else "float32",
+                             group_size=group_size))
+        if bar is not None:
+            bar.update(len(calls) * rounds * SHORT_CALL_FACTOR - len(calls) * got)
+    del runners, cache, e
+    gc.collect()
+    return rows, check
+
+
 def _row(shape: Shape, T: int, kind: str, rt, samples: timing.Samples, dense: timing.Samples,
-         n_rounds: int) -> dict:
+         n_rounds: int, group_size: int = 32) -> dict:
     if rt is None:  # dense: every block of every token
         union, pairs, mode, k, mean_k = shape.n, shape.n * T, "all", shape.n, float(shape.n)
     else:
         union, pairs, mode, k, mean_k = rt.union, rt.pairs, rt.mode, rt.k, rt.mean_k
-    bytes_, flops = metrics.call_cost(kind, d=shape.d, n=shape.n, B=shape.block, tokens=T, union=union, pairs=pairs)
+    bytes_, flops = metrics.call_cost(kind, d=shape.d, n=shape.n, B=shape.block, tokens=T, union=union, pairs=pairs,
+                                      group_size=group_size)
     r = mean_k / shape.n
     row = {"level": "op", "shape": shape.label, "d": shape.d, "D": shape.D, "n": shape.n, "tokens": T,
            "kind": kind, "mode": mode, "k": k, "mean_k": mean_k, "r": r, "union": union, "pairs": pairs,
            **samples.summary(), "rounds": n_rounds,
            "ratio_min": samples.min / dense.min, "ratio_median": samples.median / dense.median,
            "bytes": bytes_, "flops": flops}
-    if kind != "dense":
+    if not kind.startswith("dense"):
         row["target"] = target_ratio(T, r)
     return row

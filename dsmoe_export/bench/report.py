@@ -72,6 +72,40 @@ def op_tables(rows: list[dict]) -> list[str]:
     return lines
 
 
+def quant_tables(rows: list[dict], checks: list[dict]) -> list[str]:
+    """Weight-only quantized variants (``--precisions``): the sparse op against the dense FFN at the
+    same precision (MatMulNBits), com.microsoft.QMoE, and the float32 sparse op."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        mine = [r for r in rows if r["shape"] == shape]
+        lines += [f"### Op level, weight-only quantized, {shape} (group size {mine[0]['group_size']})", ""]
+        dense = {(r["tokens"], r["kind"]): r for r in mine if r["kind"].startswith("dense")}
+        lines += ["Dense FFN per precision: " + "; ".join(
+            f"T={t} {k}: {_f(r['ms_min'], 2)} ms" for (t, k), r in dense.items()), ""]
+        qmoe = {(r["tokens"], r["mode"], r["k"], r["precision"]): r for r in mine if r["kind"].startswith("qmoe")}
+        table = []
+        for r in (r for r in mine if r["kind"].startswith("sparse-")):
+            q = qmoe.get((r["tokens"], r["mode"], r["k"], r["precision"]))
+            table.append([
+                str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}", r["precision"],
+                f"{_f(r['ms_min'])} / {_f(r['ms_median'])}", _f(r["fp32_sparse_ms_min"]),
+                f"**{_f(r['speedup_vs_fp32'], 2)}x**", _f(r.get("dense_ms_min")) + f" ({r.get('dense_kind')})",
+                f"**{_f(r.get('ratio_min'), 3)}**", _f(r["target"], 3), _f(q["ms_min"]) if q else "-",
+                _f(q["ms_min"] / r["ms_min"], 2) if q else "-",
+                f"{_f(r.get('gb_s'), 1)} ({_pct(r.get('gb_s_pct'))})"])
+        lines += _table(["T", "routing", "r", "union", "weights", "sparse ms (min / med)", "fp32 sparse ms",
+                         "speed-up vs fp32 sparse", "dense ms (same precision)", "sparse/dense", "target",
+                         "QMoE ms", "QMoE/sparse", "sparse GB/s of stored weights (% bw)"], table)
+        lines.append("")
+    for c in checks:
+        agree = "; ".join(f"{k.removeprefix('qmoe_vs_sparse_')}: {v:.2g}" for k, v in c.items()
+                          if k.startswith("qmoe_vs_sparse_"))
+        if agree:
+            lines += [f"QMoE vs sparse op, same quantized blocks ({c['shape']}): {agree} (int8 QMoE quantizes the "
+                      "activations to int8 on the CPU EP; int4 keeps them float32).", ""]
+    return lines
+
+
 def e2e_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
@@ -116,6 +150,7 @@ def markdown(results: dict) -> str:
                   f"memory bandwidth **{_f(ceil['bandwidth_gb_s'], 1)} GB/s** ({ceil['bandwidth_probe']}), "
                   f"GEMM **{_f(ceil['gemm_gflop_s'], 0)} GFLOP/s** ({ceil['gemm_probe']}).", ""]
     lines += op_tables(results.get("op", []))
+    lines += quant_tables(results.get("quant", []), results.get("quant_checks", []))
     lines += e2e_table(results.get("e2e", []))
     checks = results.get("checks") or []
     if checks:
