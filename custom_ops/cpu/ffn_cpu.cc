@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/ffn_op.h"
+#include "common/scratch.h"
 #include "cpu/parallel.h"
 
 static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a bool array");
@@ -52,8 +53,21 @@ constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d float
 constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
 template <typename T>
-std::unique_ptr<T[]> Scratch(int64_t count) {  // uninitialised: every element is written before it is read
+std::unique_ptr<T[]> HeapArray(int64_t count) {  // uninitialised: every element is written before it is read
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(count, 1))]);
+}
+
+// Large per-call buffers (packed X, h, partial sums) come from the session's
+// CPU allocator (common/scratch.h). The memory description is created once and
+// never released: releasing it at exit could run after ONNX Runtime's teardown.
+const OrtMemoryInfo& CpuMemory() {
+  static const OrtMemoryInfo* info = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault).release();
+  return *info;
+}
+
+template <typename T>
+ScratchArray<T> CallScratch(const Ort::KernelContext& ctx, int64_t count) {
+  return ScratchArray<T>(ctx, CpuMemory(), count, "CPU");
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -77,7 +91,7 @@ struct Routing {
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const Weights& w) {
   const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
-  Routing r{Scratch<float>(N * n), Scratch<bool>(N * n)};
+  Routing r{HeapArray<float>(N * n), HeapArray<bool>(N * n)};
   float* coef = r.coef.get();
   bool* active = r.active.get();
   ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
@@ -111,7 +125,7 @@ struct PairsByBlock {
 };
 
 PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
-  PairsByBlock s{Scratch<int64_t>(n + 1), nullptr};
+  PairsByBlock s{HeapArray<int64_t>(n + 1), nullptr};
   int64_t* start = s.block_start.get();
   std::fill(start, start + n + 1, 0);
   for (int64_t t = t0; t < t1; ++t) {
@@ -119,8 +133,8 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
   }
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
   s.pairs = start[n];
-  s.pair_token = Scratch<int64_t>(s.pairs);
-  auto fill = Scratch<int64_t>(n);
+  s.pair_token = HeapArray<int64_t>(s.pairs);
+  auto fill = HeapArray<int64_t>(n);
   std::copy(start, start + n, fill.get());
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t i = 0; i < n; ++i) {
@@ -171,7 +185,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   const int64_t slabs = CeilDiv(B, kDecodeRows);
   const int64_t groups = std::min(slabs, kDecodeGroups);
   const int64_t slabs_per_group = CeilDiv(slabs, groups);
-  auto partial = Scratch<float>(sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
+  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
   ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
     const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
     const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
@@ -201,7 +215,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   });
 
   // pair_of[t * n + i]: the pair of (token t, block i) when active.
-  auto pair_of = Scratch<int64_t>(N * n);
+  auto pair_of = HeapArray<int64_t>(N * n);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
   }
@@ -243,8 +257,8 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
   // Packed X (panel q is [d][width] at xp + offset * d) and the per-slot
   // coefficients g_i * c (0 for padding).
-  auto xp = Scratch<float>(slots * d);
-  auto cp = Scratch<float>(slots);
+  auto xp = CallScratch<float>(ctx, slots * d);
+  auto cp = CallScratch<float>(ctx, slots);
   ParallelFor(ctx, static_cast<size_t>(num_panels), [&](size_t task) {
     const Panel& pn = panels[task];
     const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
@@ -255,7 +269,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   });
 
   // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
-  auto hp = Scratch<float>(slots * B);
+  auto hp = CallScratch<float>(ctx, slots * B);
   const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
   std::vector<int64_t> task_block;  // the blocks that have tokens
   for (int64_t i = 0; i < n; ++i) {
@@ -280,7 +294,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
     // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
     // read in place, every row of the tile would start a new page (stride d).
-    auto vp = Scratch<float>(B * width);
+    auto vp = HeapArray<float>(B * width);
     float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
     int64_t packed_block = -1;
     for (const Panel& pn : panels) {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/scratch.h"
 #include "cuda/forward.h"
 #include "cuda/plan.h"
 
@@ -18,39 +19,6 @@ constexpr DType ToDType(ONNXTensorElementDataType t) {
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Device scratch from ORT's allocator for the memory of X (the CUDA EP's arena),
-// freed when the call returns: the arena hands the bytes out again to later
-// work on the same compute stream, which runs after these kernels.
-class Scratch {
- public:
-  Scratch(Ort::KernelContext& ctx, const OrtMemoryInfo& memory, size_t bytes)
-      : allocator_(ctx.GetAllocator(memory)) {
-    if (bytes == 0) return;
-    data_ = allocator_->Alloc(allocator_, bytes);
-    if (data_ == nullptr) {
-      Release();
-      throw Ort::Exception(std::string(kOpName) + ": could not allocate " + std::to_string(bytes) +
-                               " bytes of CUDA scratch memory",
-                           ORT_FAIL);
-    }
-  }
-  ~Scratch() { Release(); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  void* data() const { return data_; }
-
- private:
-  void Release() {
-    if (allocator_ == nullptr) return;
-    if (data_ != nullptr) allocator_->Free(allocator_, data_);
-    Ort::GetApi().ReleaseAllocator(allocator_);
-    allocator_ = nullptr;
-    data_ = nullptr;
-  }
-  OrtAllocator* allocator_ = nullptr;
-  void* data_ = nullptr;
-};
 
 }  // namespace
 
@@ -90,7 +58,9 @@ void FfnCudaKernel<kType>::Compute(Ort::KernelContext& ctx) const {
   if (!MakePlan(args.shape, plan, error)) ThrowInvalidArgument(error);
 
   const Ort::ConstMemoryInfo memory = in.x.GetTensorMemoryInfo();
-  Scratch scratch(ctx, *static_cast<const OrtMemoryInfo*>(memory), static_cast<size_t>(plan.scratch.bytes));
+  // Freed when the call returns: the arena hands the bytes out again to later
+  // work on the same compute stream, which runs after these kernels.
+  Scratch scratch(ctx, *static_cast<const OrtMemoryInfo*>(memory), static_cast<size_t>(plan.scratch.bytes), "CUDA");
   args.scratch = scratch.data();
   args.stream = ctx.GetGPUComputeStream();
   error = FfnCudaForward(args, plan);
