@@ -144,6 +144,22 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
   return s;
 }
 
+// dst[j * width + c] = src[j * ld + c]: the rows are a page apart (ld = d), which
+// the hardware prefetchers do not follow, so the rows ahead are prefetched here.
+void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* dst) {
+  constexpr int64_t kAhead = 8;
+  for (int64_t j = 0; j < rows; ++j) {
+    if (j + kAhead < rows) {
+      for (int64_t c = 0; c < width; c += 16) __builtin_prefetch(src + (j + kAhead) * ld + c);
+    }
+    if (width == kPrefillColsPerTask) {
+      std::memcpy(dst + j * width, src + j * ld, sizeof(float) * kPrefillColsPerTask);  // inlined: fixed size
+    } else {
+      std::copy(src + j * ld, src + j * ld + width, dst + j * width);
+    }
+  }
+}
+
 // A panel: `count` consecutive pairs of one block (from pair `first`), packed
 // `width` tokens wide (full or narrow panel; count <= width, the rest padding);
 // `offset` counts the token slots of the panels before it.
@@ -300,7 +316,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     for (const Panel& pn : panels) {
       if (pn.block != packed_block) {
         const float* src = w.down + pn.block * B * d + c0;
-        for (int64_t j = 0; j < B; ++j) std::copy(src + j * d, src + j * d + width, vp.get() + j * width);
+        CopyTile(src, d, B, width, vp.get());
         packed_block = pn.block;
       }
       for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
