@@ -1,0 +1,105 @@
+"""Logits of a quantized export against a reference export of the same model:
+``python -m dsmoe_export.bench.quality REF.onnx CANDIDATE.onnx [MORE.onnx ...] --text FILE``.
+
+Runs every model on the same token sequence (one prefill of ``--tokens`` tokens of the text,
+tokenized with the tokenizer.json beside REF.onnx; random ids without ``--text``) and reports,
+per candidate: the max relative error of the logits (max |cand - ref| / max |ref| over all
+positions), the mean per-position relative error, the top-1 agreement (argmax equal) and each
+model's perplexity on the text (next-token cross-entropy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _session(path: Path, threads: int | None):
+    from ..validate import make_session
+
+    return make_session(path, threads=threads, custom_ops=True)
+
+
+def _feeds(session, ids: np.ndarray) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            _, kv, _, hd = inp.shape
+            feeds[inp.name] = np.zeros((1, kv, 0, hd), np.float32)
+    return feeds
+
+
+def token_ids(ref: Path, text: Path | None, count: int, seed: int = 0) -> np.ndarray:
+    if text is None:
+        import onnx
+
+        vocab = next(o for o in onnx.load(str(ref), load_external_data=False).graph.output if o.name == "logits")
+        v = vocab.type.tensor_type.shape.dim[-1].dim_value
+        return np.random.default_rng(seed).integers(0, v, (1, count), dtype=np.int64)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ref.parent / "tokenizer.json"))
+    ids = tok.encode(Path(text).read_text(encoding="utf-8", errors="replace")[: 40 * count]).ids[:count]
+    if len(ids) < count:
+        raise SystemExit(f"{text}: only {len(ids)} tokens, wanted {count}")
+    return np.asarray(ids, np.int64)[None]
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    z = logits[0, :-1].astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -logp[np.arange(z.shape[0]), ids[0, 1:]]
+    return float(np.exp(nll.mean()))
+
+
+def compare(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
+    a, b = ref_logits[0].astype(np.float64), logits[0].astype(np.float64)
+    per_pos = np.abs(a - b).max(-1) / np.abs(a).max(-1)
+    return {"max_rel_error": float(np.abs(a - b).max() / np.abs(a).max()),
+            "mean_rel_error_per_position": float(per_pos.mean()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("reference", type=Path)
+    p.add_argument("candidates", type=Path, nargs="+")
+    p.add_argument("--text", type=Path, default=None, help="text file (default: random token ids)")
+    p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    ids = token_ids(args.reference, args.text, args.tokens)
+    ref_s = _session(args.reference, args.threads)
+    ref = ref_s.run(["logits"], _feeds(ref_s, ids))[0]
+    results = {"reference": str(args.reference), "tokens": int(ids.shape[1]),
+               "text": str(args.text) if args.text else "random ids",
+               "reference_perplexity": perplexity(ref, ids) if args.text else None, "candidates": []}
+    for path in args.candidates:
+        s = _session(path, args.threads)
+        logits = s.run(["logits"], _feeds(s, ids))[0]
+        row = {"model": str(path), "size_bytes": path.stat().st_size, **compare(ref, logits)}
+        if args.text:
+            row["perplexity"] = perplexity(logits, ids)
+        results["candidates"].append(row)
+        del s
+    print(f"reference {args.reference} ({results['tokens']} tokens of {results['text']}"
+          + (f", perplexity {results['reference_perplexity']:.2f})" if args.text else ")"))
+    print("| model | MiB | max rel. error | mean rel. error per position | top-1 agreement | perplexity |")
+    print("|---|---|---|---|---|---|")
+    for r in results["candidates"]:
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        print(f"| {Path(r['model']).name} | {r['size_bytes'] / 2**20:.0f} | {r['max_rel_error']:.3g} | "
+              f"{r['mean_rel_error_per_position']:.3g} | {100 * r['top1_agreement']:.1f}% | {ppl} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
