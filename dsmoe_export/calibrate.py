@@ -303,6 +303,10 @@ class TrainConfig:
     layer_targets: tuple[list[float], list[float]] | None = None
     control: bool = False                # after each step, shift every router bias towards its target
     control_rate: float = 0.2            # share of the measured bias error corrected per step
+    # Wall-clock cap on the training loop (seconds): training stops after the step that reaches it,
+    # and the annealing follows whichever is further along, the steps or the time (so that a slowed
+    # run still reaches its final target and holds it for the last part of the budget).
+    time_budget: float | None = None
     distill: bool = True                 # KL to the dense logits (else next-token cross-entropy)
     train_experts: str = "none"          # FFN weights trained too: none | gate_up | all (EXPERT_SETS)
     expert_lr: float = 1e-4
@@ -316,24 +320,28 @@ class TrainConfig:
         if self.target_start is not None and self.target_active is None:
             raise ValueError("target_start needs target_active (the annealed target's end point)")
 
-    def _progress(self, step: int) -> float:
-        return min(1.0, step / max(1, round(self.anneal * self.steps)))
+    def _progress(self, step: int, elapsed: float = 0.0) -> float:
+        t = step / max(1, round(self.anneal * self.steps))
+        if self.time_budget:
+            t = max(t, elapsed / max(1e-9, self.anneal * self.time_budget))
+        return min(1.0, t)
 
-    def target_at(self, step: int) -> float | None:
-        """The sparsity target at `step` (0-based): target_start annealed linearly to target_active."""
+    def target_at(self, step: int, elapsed: float = 0.0) -> float | None:
+        """The sparsity target at `step` (0-based; `elapsed` seconds into training): target_start
+        annealed linearly to target_active."""
         if self.target_active is None or self.target_start is None:
             return self.target_active
-        return self.target_start + self._progress(step) * (self.target_active - self.target_start)
+        return self.target_start + self._progress(step, elapsed) * (self.target_active - self.target_start)
 
-    def layer_targets_at(self, step: int, layers: int) -> list[float] | None:
+    def layer_targets_at(self, step: int, layers: int, elapsed: float = 0.0) -> list[float] | None:
         """Per-layer targets at `step`: `layer_targets` interpolated (start -> end), else the mean target."""
         if self.layer_targets is not None:
             a, b = self.layer_targets
             if self.target_start is None:
                 return list(b)
-            t = self._progress(step)
+            t = self._progress(step, elapsed)
             return [x + t * (y - x) for x, y in zip(a, b)]
-        mean = self.target_at(step)
+        mean = self.target_at(step, elapsed)
         return None if mean is None else [mean] * layers
 
 
@@ -346,6 +354,7 @@ class TrainLog:
     seconds: float = 0.0                  # wall time of the training loop
     cpu_seconds: float = 0.0              # CPU time of this process over it (all threads)
     threads: int = 0
+    stopped_early: bool = False           # the time budget ended training before `steps`
 
 
 def train(model: DSMoEForCausalLM, chunks: torch.Tensor, cfg: TrainConfig, *, progress: bool = True,
@@ -394,7 +403,11 @@ def train(model: DSMoEForCausalLM, chunks: torch.Tensor, cfg: TrainConfig, *, pr
                disable=not progress)
     for step in bar:
         ids = chunks[torch.randint(len(chunks), (cfg.batch,), generator=g)]
-        target = None if dense else cfg.target_at(step)
+        elapsed = time.perf_counter() - t0
+        if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+            log.stopped_early = True
+            break
+        target = None if dense else cfg.target_at(step, elapsed)
         if cfg.distill and not dense:
             with torch.no_grad():
                 t_model = teacher if teacher is not None else model
@@ -418,7 +431,7 @@ def train(model: DSMoEForCausalLM, chunks: torch.Tensor, cfg: TrainConfig, *, pr
         loss.backward()
         opt.step()
         if hooks:
-            _control(model, logits_seen, cfg.layer_targets_at(step, len(model.mlps)), cfg.control_rate)
+            _control(model, logits_seen, cfg.layer_targets_at(step, len(model.mlps), elapsed), cfg.control_rate)
         log.steps.append(step)
         log.task_loss.append(task.item())
         log.target.append(target)

@@ -363,7 +363,8 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
                               "anneal": tc.anneal, "control": tc.control, "distill": tc.distill,
                               "train_experts": tc.train_experts, "expert_lr": tc.expert_lr,
                               "seconds": log.seconds, "cpu_seconds": log.cpu_seconds, "threads": log.threads,
-                              "task_loss": log.task_loss, "sparsity": log.sparsity}
+                              "steps_done": len(log.steps), "time_budget": tc.time_budget,
+                              "task_loss": log.task_loss, "sparsity": log.sparsity, "target": log.target}
         if tc.train_experts != "none":
             for i, m in enumerate(model.mlps):
                 for proj in C.EXPERT_SETS[tc.train_experts]:
@@ -437,7 +438,8 @@ def dense_baseline(src: str | Path, out: str | Path, opts: ConvertOptions) -> di
     _log(opts, f"held-out perplexity of the dense model: {report['dense']['ppl']:.3f}")
     log = C.train(model, train_chunks, tc, progress=opts.progress, dense=True)
     report["finetuned_dense"] = {"ppl": C.evaluate(model, eval_chunks, dense=True).ppl}
-    report["training"] = {"steps": tc.steps, "batch": tc.batch, "train_experts": tc.train_experts,
+    report["training"] = {"steps": tc.steps, "steps_done": len(log.steps), "batch": tc.batch,
+                          "train_experts": tc.train_experts,
                           "expert_lr": tc.expert_lr, "loss": "cross-entropy", "seconds": log.seconds,
                           "cpu_seconds": log.cpu_seconds, "threads": log.threads, "task_loss": log.task_loss}
     report["seconds"] = time.perf_counter() - t_start
@@ -470,7 +472,9 @@ def report_markdown(report: dict) -> str:
         t = report["training"]
         sched = "" if t.get("target_start") is None else f" (annealed from {t['target_start']:g})"
         experts = t["train_experts"] if t["train_experts"] == "none" else f"{t['train_experts']} (lr {t['expert_lr']:g})"
-        lines += ["", f"Calibration: {t['steps']} steps x batch {t['batch']}, lr {t['lr']:g}, sparsity weight "
+        done = t.get("steps_done", t["steps"])
+        steps = f"{t['steps']} steps" if done == t["steps"] else f"{done} of {t['steps']} steps (time budget)"
+        lines += ["", f"Calibration: {steps} x batch {t['batch']}, lr {t['lr']:g}, sparsity weight "
                       f"{t['sparsity_weight']:g}, target {t['target_active']}{sched}, bias control "
                       f"{t.get('control', False)}, distill {t['distill']}, experts trained {experts}: "
                       f"{t['seconds']:.0f}s wall, {t.get('cpu_seconds', 0):.0f}s CPU, {t.get('threads', 0)} threads."]
@@ -571,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", action="store_true",
                    help="after every step, shift each layer's router bias towards its (annealed, allocated) target "
                         "active fraction on the batch: holds the sparsity on schedule (needs fitted routers)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall-clock cap on the calibration loop: it stops after the step that reaches it, and "
+                        "--target-start's annealing follows the steps or the time, whichever is further along")
     p.add_argument("--dense-baseline", action="store_true",
                    help="instead of converting: fine-tune the dense model's FFN weights (--train-experts) on the "
                         "--calibrate text with cross-entropy, same steps, batch and --expert-lr, and report its "
@@ -602,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     train = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, sparsity_weight=args.sparsity_weight,
                         target_active=None if args.no_target else args.target_active, distill=args.distill,
                         train_experts=args.train_experts, expert_lr=args.expert_lr, seed=args.seed,
-                        target_start=args.target_start, anneal=args.anneal, control=args.control)
+                        target_start=args.target_start, anneal=args.anneal, control=args.control,
+                        time_budget=None if args.time_budget is None else 60.0 * args.time_budget)
     opts = ConvertOptions(experts=args.experts, threshold=args.threshold, weighting=args.weighting,
                           rescale=args.rescale, router_init=args.router_init, regroup=args.regroup,
                           target_active=args.target_active, allocation=args.allocation, calib_text=args.calib_text,

