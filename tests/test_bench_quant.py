@@ -40,10 +40,11 @@ def test_quant_rows_and_report(op_library):
                                      threads=1, library=op_library, rounds=2, flush=timing.Flusher(enabled=False),
                                      seed=0)
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"sparse", "sparse-int4", "dense-int4", "qmoe-int4", "sparse-float16", "dense"}
+    assert kinds == {"sparse", "sparse-int4", "dense-int4", "densei8-int4", "qmoe-int4", "sparse-float16", "dense"}
     assert check["qmoe_vs_sparse_int4"] < 1e-4
     r = next(r for r in rows if r["kind"] == "sparse-int4" and r["mode"] == "exact" and r["tokens"] == 1)
     assert r["dense_kind"] == "dense-int4" and r["ratio_min"] > 0 and r["speedup_vs_fp32"] > 0
+    assert r["ratio_i8_min"] > 0
     md = markdown({"meta": {"command": "x", "date": "d", "cpu": "c", "cores": 1, "threads": 1, "versions": {},
                             "library": "l", "cache": "c", "rounds_note": "r"},
                    "op": [], "e2e": [], "quant": rows, "quant_checks": [check]})

@@ -244,9 +244,11 @@ def quant_sparse_graph(e: Experts, fmt: str, group_size: int = quant.DEFAULT_GRO
                   extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
 
 
-def nbits_dense_graph(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZE):
+def nbits_dense_graph(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0):
     """The dense SwiGLU FFN with its three MatMuls as com.microsoft.MatMulNBits (``bits``,
-    block-wise along K with ``group_size``, default zero point, accuracy_level 0)."""
+    block-wise along K with ``group_size``, default zero point). ``accuracy_level`` 0: float32
+    activations (the same arithmetic as the sparse op); 4: activations quantized to int8 per
+    block (MLAS's integer dot-product kernels: faster, a different function)."""
     wg, wu, wd = e.dense_layout()
     weights, nodes = {}, []
     for name, w, x, y in (("gate", wg, "X", "g"), ("up", wu, "X", "u"), ("down", wd, "h", "Y")):
@@ -254,7 +256,8 @@ def nbits_dense_graph(e: Experts, bits: int, group_size: int = quant.DEFAULT_GRO
         b, s = quant.matmul_nbits_weights(w, bits, group_size)
         weights[f"{name}_q"], weights[f"{name}_s"] = b, s
         nodes.append(helper.make_node("MatMulNBits", [x, f"{name}_q", f"{name}_s"], [y], domain=MS_DOMAIN,
-                                      K=K, N=N, bits=bits, block_size=group_size, accuracy_level=0))
+                                      K=K, N=N, bits=bits, block_size=group_size,
+                                      accuracy_level=accuracy_level))
     nodes[2:2] = [helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["ag"]),
                   helper.make_node("Mul", ["ag", "u"], ["h"])]
     inputs, outputs = _xy(e.d)
@@ -354,8 +357,8 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
             return Runner(model, shared, threads=threads, library=library)
         if fmt not in quant.BITS:
             raise ValueError(f"{base} has no {fmt} variant on the CPU EP (MatMulNBits and QMoE are int4/int8)")
-        if base == "dense":
-            model, shared = nbits_dense_graph(e, quant.BITS[fmt], group)
+        if base in ("dense", "densei8"):  # densei8: MatMulNBits with int8 activations (accuracy_level 4)
+            model, shared = nbits_dense_graph(e, quant.BITS[fmt], group, accuracy_level=4 if base == "densei8" else 0)
         elif base == "qmoe":
             key = ("qmoe", fmt, group)
             if key not in cache:

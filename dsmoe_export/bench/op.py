@@ -121,13 +121,14 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
 
 def quant_kinds(precisions: list[str]) -> list[str]:
     """Graph kinds of the quantized comparison: the float32 sparse op (the speed-up's reference), and per
-    precision the sparse op, the dense FFN as MatMulNBits and com.microsoft.QMoE (int4/int8 only: ORT's
-    CPU EP has no float16-weight MatMul nor float16 QMoE for float32 activations)."""
+    precision the sparse op, the dense FFN as MatMulNBits with float32 activations (dense-) and with
+    int8 activations (densei8-, accuracy_level 4) and com.microsoft.QMoE (int4/int8 only: ORT's CPU EP
+    has no float16-weight MatMul nor float16 QMoE for float32 activations)."""
     kinds = ["sparse"]
     for p in precisions:
         kinds.append(f"sparse-{p}")
         if p in graphs.quant.BITS:
-            kinds += [f"dense-{p}", f"qmoe-{p}"]
+            kinds += [f"dense-{p}", f"densei8-{p}", f"qmoe-{p}"]
     return kinds
 
 
@@ -187,9 +188,12 @@ def run_shape_quant(shape: Shape, tokens: list[int], ks: list[int], precisions: 
             dense_key = f"dense-{prec}:None" if prec in graphs.quant.BITS else "dense:None"
             dense = res.get(dense_key)
             row = _row(shape, T, kind, rt, samples, dense if dense is not None else samples, got, group_size)
+            i8 = res.get(f"densei8-{prec}:None")
             row.update(level="quant", precision=prec, group_size=group_size,
                        dense_kind=dense_key.split(":")[0] if dense is not None else None,
                        dense_ms_min=dense.min if dense is not None else None,
+                       densei8_ms_min=i8.min if i8 is not None else None,
+                       ratio_i8_min=samples.min / i8.min if i8 is not None else None,
                        fp32_sparse_ms_min=res[f"sparse:{idx}"].min,
                        speedup_vs_fp32=res[f"sparse:{idx}"].min / samples.min)
             if dense is None:

@@ -90,12 +90,13 @@ def quant_tables(rows: list[dict], checks: list[dict]) -> list[str]:
                 str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}", r["precision"],
                 f"{_f(r['ms_min'])} / {_f(r['ms_median'])}", _f(r["fp32_sparse_ms_min"]),
                 f"**{_f(r['speedup_vs_fp32'], 2)}x**", _f(r.get("dense_ms_min")) + f" ({r.get('dense_kind')})",
-                f"**{_f(r.get('ratio_min'), 3)}**", _f(r["target"], 3), _f(q["ms_min"]) if q else "-",
+                f"**{_f(r.get('ratio_min'), 3)}**", _f(r["target"], 3), _f(r.get("densei8_ms_min")),
+                _f(r.get("ratio_i8_min"), 3), _f(q["ms_min"]) if q else "-",
                 _f(q["ms_min"] / r["ms_min"], 2) if q else "-",
                 f"{_f(r.get('gb_s'), 1)} ({_pct(r.get('gb_s_pct'))})"])
         lines += _table(["T", "routing", "r", "union", "weights", "sparse ms (min / med)", "fp32 sparse ms",
                          "speed-up vs fp32 sparse", "dense ms (same precision)", "sparse/dense", "target",
-                         "QMoE ms", "QMoE/sparse", "sparse GB/s of stored weights (% bw)"], table)
+                         "dense ms, int8 activations", "sparse/that", "QMoE ms", "QMoE/sparse", "sparse GB/s of stored weights (% bw)"], table)
         lines.append("")
     for c in checks:
         agree = "; ".join(f"{k.removeprefix('qmoe_vs_sparse_')}: {v:.2g}" for k, v in c.items()
