@@ -42,7 +42,7 @@ namespace {
 // tokens waste work on small buckets. Measured crossover, d = 2048, B = 704,
 // all 8 blocks active, AVX-512: about 8 tokens.
 constexpr int64_t kDecodeMaxTokens = 6;
-// Prefill works on chunks of at most this many active pairs (plus one token),
+// Prefill works on chunks of about equal pairs, at most this many (plus one token),
 // which bounds the scratch memory (packed X: pairs * d floats) while keeping
 // hundreds of tokens per block tile.
 constexpr int64_t kPrefillMaxPairs = 2048;
@@ -329,12 +329,18 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                     const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
   const int64_t n = dims.num_blocks, N = dims.num_tokens;
+  const bool* active = routing.active.get();
+  const int64_t total = std::count(active, active + N * n, true);
+  // Chunks of about equal pairs: every chunk reads the weights of its active
+  // blocks once, so a small last chunk would cost a full weight read for a few tokens.
+  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, kPrefillMaxPairs));
+  const int64_t per_chunk = CeilDiv(std::max<int64_t>(total, 1), chunks);
   for (int64_t t0 = 0; t0 < N;) {
     int64_t t1 = t0, pairs = 0;
     do {
-      pairs += std::count(routing.active.get() + t1 * n, routing.active.get() + (t1 + 1) * n, true);
+      pairs += std::count(active + t1 * n, active + (t1 + 1) * n, true);
       ++t1;
-    } while (t1 < N && pairs < kPrefillMaxPairs);
+    } while (t1 < N && pairs < per_chunk);
     ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, t0, t1, y);
     t0 = t1;
   }
