@@ -29,48 +29,18 @@
 #include <vector>
 
 #include "common/ffn_op.h"
-#include "common/scratch.h"
 #include "cpu/parallel.h"
+#include "cpu/plan.h"
 
 static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a bool array");
 
 namespace dsmoe::cpu {
 namespace {
 
-// Up to this many tokens per call, the GEMV path (weights streamed once per
-// kMaxDotTokens tokens of a block); above, the GEMM path, whose panels of 16-32
-// tokens waste work on small buckets. Measured crossover, d = 2048, B = 704,
-// all 8 blocks active, AVX-512: about 8 tokens.
-constexpr int64_t kDecodeMaxTokens = 6;
-// Prefill works on chunks of about equal pairs, at most this many (plus one token),
-// which bounds the scratch memory (packed X: pairs * d floats) while keeping
-// hundreds of tokens per block tile.
-constexpr int64_t kPrefillMaxPairs = 2048;
-constexpr int64_t kRoutingTokensPerTask = 16;
 constexpr int64_t kDecodeRows = 32;    // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
 constexpr int64_t kDecodeGroups = 8;   // row groups per block in the decode path
 constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
 constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
-
-template <typename T>
-std::unique_ptr<T[]> HeapArray(int64_t count) {  // uninitialised: every element is written before it is read
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(count, 1))]);
-}
-
-// Large per-call buffers (packed X, h, partial sums) come from the session's
-// CPU allocator (common/scratch.h). The memory description is created once and
-// never released: releasing it at exit could run after ONNX Runtime's teardown.
-const OrtMemoryInfo& CpuMemory() {
-  static const OrtMemoryInfo* info = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault).release();
-  return *info;
-}
-
-template <typename T>
-ScratchArray<T> CallScratch(const Ort::KernelContext& ctx, int64_t count) {
-  return ScratchArray<T>(ctx, CpuMemory(), count, "CPU");
-}
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Weights {
   const float* x;       // [N, d]
@@ -80,69 +50,6 @@ struct Weights {
   const float* up;      // [n, B, d]
   const float* down;    // [n, B, d]
 };
-
-// Routing of one call: for token t and block i, coef[t * n + i] = g_i * c
-// (0 when inactive) and active[t * n + i]; logits in float32.
-struct Routing {
-  std::unique_ptr<float[]> coef;
-  std::unique_ptr<bool[]> active;
-};
-
-Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
-              const Weights& w) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
-  Routing r{HeapArray<float>(N * n), HeapArray<bool>(N * n)};
-  float* coef = r.coef.get();
-  bool* active = r.active.get();
-  ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
-    const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
-    const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
-    for (int64_t t = t0; t < t1; ++t) {
-      float* ct = coef + t * n;
-      bool* at = active + t * n;
-      const float* xt = w.x + t * d;
-      ks.dot_rows(w.router, d, n, &xt, 1, d, ct, n);  // logits, turned into coefficients in place
-      int64_t k = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float logit = ct[i] + (w.bias ? w.bias[i] : 0.0f);
-        const float s = 1.0f / (1.0f + std::exp(-logit));
-        at[i] = s > attrs.threshold;  // false for a NaN logit
-        ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
-        k += at[i];
-      }
-      const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
-      for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
-    }
-  });
-  return r;
-}
-
-// Active pairs sorted by block (tokens ascending within a block): pairs of block i
-// are [block_start[i], block_start[i + 1]), pair_token[p] is the token of pair p.
-struct PairsByBlock {
-  std::unique_ptr<int64_t[]> block_start, pair_token;
-  int64_t pairs = 0;
-};
-
-PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
-  PairsByBlock s{HeapArray<int64_t>(n + 1), nullptr};
-  int64_t* start = s.block_start.get();
-  std::fill(start, start + n + 1, 0);
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
-  }
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  s.pairs = start[n];
-  s.pair_token = HeapArray<int64_t>(s.pairs);
-  auto fill = HeapArray<int64_t>(n);
-  std::copy(start, start + n, fill.get());
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (active[t * n + i]) s.pair_token[fill[i]++] = t;
-    }
-  }
-  return s;
-}
 
 // dst[j * width + c] = src[j * ld + c]: the rows are a page apart (ld = d), which
 // the hardware prefetchers do not follow, so the rows ahead are prefetched here.
@@ -158,32 +65,6 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
       std::copy(src + j * ld, src + j * ld + width, dst + j * width);
     }
   }
-}
-
-// A panel: `count` consecutive pairs of one block (from pair `first`), packed
-// `width` tokens wide (full or narrow panel; count <= width, the rest padding);
-// `offset` counts the token slots of the panels before it.
-struct Panel {
-  int64_t block, first, offset;
-  int count, width;
-};
-
-// Each block's pairs in full panels of P tokens; a last part of at most Pn
-// tokens goes to a narrow panel of Pn (a full one would pad it up to P).
-std::vector<Panel> CutPanels(const int64_t* block_start, int64_t n, int P, int Pn) {
-  std::vector<Panel> panels;
-  int64_t offset = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = block_start[i]; p < block_start[i + 1];) {
-      const int64_t left = block_start[i + 1] - p;
-      const int width = left > Pn ? P : Pn;
-      const int count = static_cast<int>(std::min<int64_t>(left, width));
-      panels.push_back({i, p, offset, count, width});
-      offset += width;
-      p += count;
-    }
-  }
-  return panels;
 }
 
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
@@ -230,27 +111,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
     }
   });
 
-  // pair_of[t * n + i]: the pair of (token t, block i) when active.
-  auto pair_of = HeapArray<int64_t>(N * n);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
-  }
-  // Sum each token's partials (blocks, then groups, ascending), column chunks in
-  // parallel; k = 0 stays exactly 0.
-  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
-  ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task) / col_tasks;
-    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
-    float* yt = y + t * d;
-    std::fill(yt + c0, yt + c1, 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      if (!routing.active[t * n + i]) continue;
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        const float* src = partial.get() + (pair_of[t * n + i] * groups + grp) * d;
-        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
-      }
-    }
-  });
+  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
 }
 
 // Prefill on tokens [t0, t1).
@@ -262,14 +123,11 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   const float* coef = routing.coef.get();
 
   const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
-  const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
-  const std::vector<Panel> panels = CutPanels(block_start, n, ks.panel, ks.narrow_panel);
+  const std::vector<Panel> panels = CutPanels(sorted, n, ks);
   const int64_t num_panels = static_cast<int64_t>(panels.size());
   const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
-  std::vector<int64_t> panel_start(n + 1, 0);  // panels of block i: [panel_start[i], panel_start[i + 1])
-  for (const Panel& pn : panels) ++panel_start[pn.block + 1];
-  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] += panel_start[i];
+  const std::vector<int64_t> panel_start = PanelStarts(panels, n);
 
   // Packed X (panel q is [d][width] at xp + offset * d) and the per-slot
   // coefficients g_i * c (0 for padding).
@@ -328,21 +186,8 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                     const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
-  const int64_t n = dims.num_blocks, N = dims.num_tokens;
-  const bool* active = routing.active.get();
-  const int64_t total = std::count(active, active + N * n, true);
-  // Chunks of about equal pairs: every chunk reads the weights of its active
-  // blocks once, so a small last chunk would cost a full weight read for a few tokens.
-  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, kPrefillMaxPairs));
-  const int64_t per_chunk = CeilDiv(std::max<int64_t>(total, 1), chunks);
-  for (int64_t t0 = 0; t0 < N;) {
-    int64_t t1 = t0, pairs = 0;
-    do {
-      pairs += std::count(active + t1 * n, active + (t1 + 1) * n, true);
-      ++t1;
-    } while (t1 < N && pairs < per_chunk);
+  for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims.num_tokens, dims.num_blocks)) {
     ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, t0, t1, y);
-    t0 = t1;
   }
 }
 
@@ -365,7 +210,7 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const Weights w{x.GetTensorData<float>(),  router.GetTensorData<float>(),
                   bias ? bias.GetTensorData<float>() : nullptr,
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
-  const Routing routing = Route(ctx, kernels_, attrs_, dims, w);
+  const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
   if (active_out) {
     std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
   }

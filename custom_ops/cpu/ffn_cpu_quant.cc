@@ -14,7 +14,7 @@
 //           columns are dequantized into a [B][64] tile and panel_down adds the
 //           panels' contributions. Never a dequantized copy of a whole weight.
 //
-// Routing and the pair sort are copies of ffn_cpu.cc's (to be shared).
+// Routing, the pair sort, chunks and panels: cpu/plan.h, shared with ffn_cpu.cc.
 #include "cpu/ffn_cpu_quant.h"
 
 #include <algorithm>
@@ -30,6 +30,7 @@
 #include "cpu/kernels.h"
 #include "cpu/kernels_quant.h"
 #include "cpu/parallel.h"
+#include "cpu/plan.h"
 
 namespace dsmoe::cpu {
 
@@ -84,28 +85,17 @@ const QuantKernelSet& SelectQuantKernels() {
 
 namespace {
 
-constexpr int64_t kDecodeMaxTokens = 6;
-constexpr int64_t kPrefillMaxPairs = 2048;
-constexpr int64_t kRoutingTokensPerTask = 16;
 constexpr int64_t kDecodeRows = 32;  // decode slab (rounded up to a whole scale group)
 constexpr int64_t kDecodeGroups = 8;
 constexpr int64_t kPrefillRowsPerTask = 24;
 constexpr int64_t kPrefillColsPerTask = 64;
 
-template <typename T>
-std::unique_ptr<T[]> Scratch(int64_t count) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(count, 1))]);
-}
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Per-thread scratch that only grows: slots 0-2 for a task's tiles (tasks run on the pool's
-// threads), slots 3-5 for the calling thread's per-call buffers shared with its tasks (partial
-// outputs, packed panels). Fresh allocations of these sizes are mmap'ed and page-faulted in
+// Per-thread scratch that only grows, for a task's dequantized tiles (tasks run on
+// the pool's threads; the per-call buffers shared by the tasks come from
+// CallScratch). Fresh allocations of these sizes are mmap'ed and page-faulted in
 // on every call: 15 % of an int4 decode call's samples were the kernel zeroing pages.
-constexpr int kSlotPartial = 3, kSlotPanels = 4, kSlotH = 5;
 float* ThreadBuffer(int slot, int64_t count) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[3];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
   return b.data();
@@ -128,66 +118,6 @@ struct QWeights {
   int64_t row_bytes, row_groups, block_groups;
 };
 
-struct Routing {
-  std::unique_ptr<float[]> coef;
-  std::unique_ptr<bool[]> active;
-};
-
-// As ffn_cpu.cc's Route: coef[t * n + i] = g_i * c (0 when inactive).
-Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
-              const QWeights& w) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
-  Routing r{Scratch<float>(N * n), Scratch<bool>(N * n)};
-  float* coef = r.coef.get();
-  bool* active = r.active.get();
-  ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
-    const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
-    const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
-    for (int64_t t = t0; t < t1; ++t) {
-      float* ct = coef + t * n;
-      bool* at = active + t * n;
-      const float* xt = w.x + t * d;
-      ks.dot_rows(w.router, d, n, &xt, 1, d, ct, n);
-      int64_t k = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float logit = ct[i] + (w.bias ? w.bias[i] : 0.0f);
-        const float s = 1.0f / (1.0f + std::exp(-logit));
-        at[i] = s > attrs.threshold;
-        ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
-        k += at[i];
-      }
-      const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
-      for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
-    }
-  });
-  return r;
-}
-
-struct PairsByBlock {
-  std::unique_ptr<int64_t[]> block_start, pair_token;
-  int64_t pairs = 0;
-};
-
-PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
-  PairsByBlock s{Scratch<int64_t>(n + 1), nullptr};
-  int64_t* start = s.block_start.get();
-  std::fill(start, start + n + 1, 0);
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
-  }
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  s.pairs = start[n];
-  s.pair_token = Scratch<int64_t>(s.pairs);
-  auto fill = Scratch<int64_t>(n);
-  std::copy(start, start + n, fill.get());
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (active[t * n + i]) s.pair_token[fill[i]++] = t;
-    }
-  }
-  return s;
-}
-
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
                    float* y) {
@@ -202,15 +132,11 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
   const int64_t slabs = CeilDiv(B, slab_rows);
   const int64_t groups = std::min(slabs, kDecodeGroups);
   const int64_t slabs_per_group = CeilDiv(slabs, groups);
-  float* const partial_buffer = ThreadBuffer(kSlotPartial, sorted.pairs * groups * d);
-  struct {
-    float* p;
-    float* get() const { return p; }
-  } const partial{partial_buffer};
+  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
   const int64_t rb = w.row_bytes;
   // Per-token sums of X over each scale group (the zero point of dot_rows).
   const int64_t xgroups = w.format == WeightFormat::kF16 ? 1 : w.row_groups;
-  auto xsum = Scratch<float>(N * xgroups);
+  auto xsum = HeapArray<float>(N * xgroups);
   if (w.format != WeightFormat::kF16) {
     for (int64_t t = 0; t < N; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum.get() + t * xgroups);
   }
@@ -255,24 +181,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
     }
   });
 
-  auto pair_of = Scratch<int64_t>(N * n);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t p = block_start[i]; p < block_start[i + 1]; ++p) pair_of[pair_token[p] * n + i] = p;
-  }
-  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
-  ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task) / col_tasks;
-    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
-    float* yt = y + t * d;
-    std::fill(yt + c0, yt + c1, 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      if (!routing.active[t * n + i]) continue;
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        const float* src = partial.get() + (pair_of[t * n + i] * groups + grp) * d;
-        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
-      }
-    }
-  });
+  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
 }
 
 void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
@@ -280,52 +189,39 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
                          int64_t t0, int64_t t1, float* y) {
   const FfnDims& dims = qd.base;
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  const int64_t P = ks.panel, rb = w.row_bytes;
+  const int64_t rb = w.row_bytes;
   const bool* active = routing.active.get();
   const float* coef = routing.coef.get();
 
   const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
-  const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
-  auto panel_start = Scratch<int64_t>(n + 1);
-  panel_start[0] = 0;
-  for (int64_t i = 0; i < n; ++i) panel_start[i + 1] = panel_start[i] + CeilDiv(block_start[i + 1] - block_start[i], P);
-  const int64_t panels = panel_start[n];
-  auto panel_block = Scratch<int64_t>(panels);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) panel_block[q] = i;
-  }
-  auto panel_pairs = [&](int64_t q, int64_t& first, int& count) {
-    const int64_t i = panel_block[q];
-    first = block_start[i] + (q - panel_start[i]) * P;
-    count = static_cast<int>(std::min<int64_t>(P, block_start[i + 1] - first));
-  };
+  const std::vector<Panel> panels = CutPanels(sorted, n, ks);
+  const std::vector<int64_t> panel_start = PanelStarts(panels, n);
+  const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
 
-  struct Buffer {
-    float* p;
-    float* get() const { return p; }
-  };
-  const Buffer xp{ThreadBuffer(kSlotPanels, panels * d * P)};
-  auto cp = Scratch<float>(panels * P);
-  ParallelFor(ctx, static_cast<size_t>(panels), [&](size_t task) {
-    const int64_t q = static_cast<int64_t>(task);
-    int64_t first;
-    int count;
-    panel_pairs(q, first, count);
-    ks.pack_panel(w.x, d, pair_token + first, count, xp.get() + q * d * P);
-    for (int t = 0; t < P; ++t) cp[q * P + t] = t < count ? coef[pair_token[first + t] * n + panel_block[q]] : 0.0f;
+  // Packed X (panel q is [d][width] at xp + offset * d) and the per-slot
+  // coefficients g_i * c (0 for padding).
+  auto xp = CallScratch<float>(ctx, slots * d);
+  auto cp = CallScratch<float>(ctx, slots);
+  ParallelFor(ctx, panels.size(), [&](size_t task) {
+    const Panel& pn = panels[task];
+    const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
+    pack(w.x, d, pair_token + pn.first, pn.count, xp.get() + pn.offset * d);
+    for (int t = 0; t < pn.width; ++t) {
+      cp[pn.offset + t] = t < pn.count ? coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
+    }
   });
 
-  const Buffer hp{ThreadBuffer(kSlotH, panels * B * P)};
+  // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, scaled by g_i * c.
+  auto hp = CallScratch<float>(ctx, slots * B);
   const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
-  auto task_block = Scratch<int64_t>(n);
-  int64_t used_blocks = 0;
+  std::vector<int64_t> task_block;  // the blocks that have tokens
   for (int64_t i = 0; i < n; ++i) {
-    if (block_start[i + 1] > block_start[i]) task_block[used_blocks++] = i;
+    if (panel_start[i + 1] > panel_start[i]) task_block.push_back(i);
   }
-  ParallelFor(ctx, static_cast<size_t>(used_blocks * row_tasks), [&](size_t task) {
-    const int64_t i = task_block[static_cast<int64_t>(task) / row_tasks];
-    const int64_t r0 = static_cast<int64_t>(task) % row_tasks * kPrefillRowsPerTask;
+  ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
+    const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
+    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * kPrefillRowsPerTask;
     const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
     const int64_t row = i * B + r0;
     // The tile's gate and up rows, dequantized once for all the block's panels.
@@ -336,8 +232,10 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     qk.dequantize_rows(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
                        d, w.group, ut);
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      ks.panel_gate_up(attrs.activation, gt, ut, rows, d, xp.get() + q * d * P, cp.get() + q * P,
-                       hp.get() + (q * B + r0) * P);
+      const Panel& pn = panels[q];
+      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
+      gate_up(attrs.activation, gt, ut, rows, d, xp.get() + pn.offset * d, cp.get() + pn.offset,
+              hp.get() + pn.offset * B + r0 * pn.width);
     }
   });
 
@@ -349,19 +247,17 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     float* vp = ThreadBuffer(2, B * width);
     float* rows[64];
     int64_t packed_block = -1;
-    for (int64_t q = 0; q < panels; ++q) {
-      const int64_t i = panel_block[q];
+    for (const Panel& pn : panels) {
+      const int64_t i = pn.block;
       if (i != packed_block) {  // V_i[:, c0:c0 + width], dequantized
         qk.dequantize_columns(w.format, w.down + i * B * rb,
                               w.down_scales ? w.down_scales + i * w.block_groups * d : nullptr, B, d, w.group, c0,
                               width, vp);
         packed_block = i;
       }
-      int64_t first;
-      int count;
-      panel_pairs(q, first, count);
-      for (int t = 0; t < count; ++t) rows[t] = y + pair_token[first + t] * d + c0;
-      ks.panel_down(hp.get() + q * B * P, vp, B, width, width, rows, count);
+      for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
+      const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
+      down(hp.get() + pn.offset * B, vp, B, width, width, rows, pn.count);
     }
   });
 }
@@ -389,7 +285,7 @@ class QuantCpuKernel {
                      bytes(in.up),              bytes(in.down),         floats(in.gate_scales),
                      floats(in.up_scales),      floats(in.down_scales), qd.row_bytes,
                      qd.row_groups,             qd.block_groups};
-    const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w);
+    const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
     if (active_out) {
       std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
     }
@@ -397,15 +293,8 @@ class QuantCpuKernel {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }
-    const int64_t n = dims.num_blocks, N = dims.num_tokens;
-    for (int64_t t0 = 0; t0 < N;) {
-      int64_t t1 = t0, pairs = 0;
-      do {
-        pairs += std::count(routing.active.get() + t1 * n, routing.active.get() + (t1 + 1) * n, true);
-        ++t1;
-      } while (t1 < N && pairs < kPrefillMaxPairs);
+    for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims.num_tokens, dims.num_blocks)) {
       ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, t0, t1, y);
-      t0 = t1;
     }
   }
 

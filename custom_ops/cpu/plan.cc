@@ -1,0 +1,139 @@
+#include "cpu/plan.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/parallel.h"
+
+namespace dsmoe::cpu {
+namespace {
+
+constexpr int64_t kRoutingTokensPerTask = 16;
+// Prefill chunks hold at most this many active pairs (plus one token's), which
+// bounds the scratch memory while keeping hundreds of tokens per block tile.
+constexpr int64_t kPrefillMaxPairs = 2048;
+
+}  // namespace
+
+const OrtMemoryInfo& CpuMemory() {
+  // Created once and never released: releasing it at exit could run after ONNX Runtime's teardown.
+  static const OrtMemoryInfo* info = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault).release();
+  return *info;
+}
+
+Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+              const float* x, const float* router, const float* bias) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
+  Routing r{HeapArray<float>(N * n), HeapArray<bool>(N * n)};
+  float* coef = r.coef.get();
+  bool* active = r.active.get();
+  ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
+    const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
+    const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* ct = coef + t * n;
+      bool* at = active + t * n;
+      const float* xt = x + t * d;
+      ks.dot_rows(router, d, n, &xt, 1, d, ct, n);  // logits, turned into coefficients in place
+      int64_t k = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float logit = ct[i] + (bias ? bias[i] : 0.0f);
+        const float s = 1.0f / (1.0f + std::exp(-logit));
+        at[i] = s > attrs.threshold;  // false for a NaN logit
+        ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
+        k += at[i];
+      }
+      const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
+      for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
+    }
+  });
+  return r;
+}
+
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
+  PairsByBlock s{HeapArray<int64_t>(n + 1), nullptr};
+  int64_t* start = s.block_start.get();
+  std::fill(start, start + n + 1, 0);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  s.pairs = start[n];
+  s.pair_token = HeapArray<int64_t>(s.pairs);
+  auto fill = HeapArray<int64_t>(n);
+  std::copy(start, start + n, fill.get());
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (active[t * n + i]) s.pair_token[fill[i]++] = t;
+    }
+  }
+  return s;
+}
+
+void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
+                       const PairsByBlock& sorted, int64_t groups, const float* partial, float* y) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
+  // pair_of[t * n + i]: the pair of (token t, block i) when active.
+  auto pair_of = HeapArray<int64_t>(N * n);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = sorted.block_start[i]; p < sorted.block_start[i + 1]; ++p) {
+      pair_of[sorted.pair_token[p] * n + i] = p;
+    }
+  }
+  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
+  ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
+    const int64_t t = static_cast<int64_t>(task) / col_tasks;
+    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
+    float* yt = y + t * d;
+    std::fill(yt + c0, yt + c1, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!routing.active[t * n + i]) continue;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* src = partial + (pair_of[t * n + i] * groups + grp) * d;
+        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
+      }
+    }
+  });
+}
+
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, int64_t num_tokens, int64_t n) {
+  const int64_t total = std::count(active, active + num_tokens * n, true);
+  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, kPrefillMaxPairs));
+  const int64_t per_chunk = CeilDiv(std::max<int64_t>(total, 1), chunks);
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t t0 = 0; t0 < num_tokens;) {
+    int64_t t1 = t0, pairs = 0;
+    do {
+      pairs += std::count(active + t1 * n, active + (t1 + 1) * n, true);
+      ++t1;
+    } while (t1 < num_tokens && pairs < per_chunk);
+    out.emplace_back(t0, t1);
+    t0 = t1;
+  }
+  return out;
+}
+
+std::vector<Panel> CutPanels(const PairsByBlock& sorted, int64_t n, const KernelSet& ks) {
+  std::vector<Panel> panels;
+  int64_t offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t p = sorted.block_start[i]; p < sorted.block_start[i + 1];) {
+      const int64_t left = sorted.block_start[i + 1] - p;
+      const int width = left > ks.narrow_panel ? ks.panel : ks.narrow_panel;
+      const int count = static_cast<int>(std::min<int64_t>(left, width));
+      panels.push_back({i, p, offset, count, width});
+      offset += width;
+      p += count;
+    }
+  }
+  return panels;
+}
+
+std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n) {
+  std::vector<int64_t> start(static_cast<size_t>(n + 1), 0);
+  for (const Panel& pn : panels) ++start[static_cast<size_t>(pn.block + 1)];
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  return start;
+}
+
+}  // namespace dsmoe::cpu

@@ -1,0 +1,86 @@
+// The steps both CPU kernels (float32: ffn_cpu.cc; quantized: ffn_cpu_quant.cc)
+// share: routing, the pairs sorted by block, the prefill's chunks and panels,
+// the decode path's final sum, and per-call memory.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/ffn_params.h"
+#include "common/scratch.h"
+#include "cpu/kernels.h"
+
+namespace dsmoe::cpu {
+
+// Up to this many tokens per call, the GEMV path (weights streamed once per
+// kMaxDotTokens tokens of a block); above, the GEMM path, whose panels waste
+// work on small buckets. Measured crossover, d = 2048, B = 704, all 8 blocks
+// active, AVX-512: about 8 tokens.
+inline constexpr int64_t kDecodeMaxTokens = 6;
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+std::unique_ptr<T[]> HeapArray(int64_t count) {  // uninitialised: every element is written before it is read
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(count > 1 ? count : 1)]);
+}
+
+// Large per-call buffers (packed X, h, decode partials) come from the session's
+// CPU allocator (common/scratch.h): ORT's arena hands out cached chunks, where
+// fresh allocations would be mapped, page-faulted and zeroed at every call.
+const OrtMemoryInfo& CpuMemory();
+
+template <typename T>
+ScratchArray<T> CallScratch(const Ort::KernelContext& ctx, int64_t count) {
+  return ScratchArray<T>(ctx, CpuMemory(), count, "CPU");
+}
+
+// Routing of one call: for token t and block i, coef[t * n + i] = g_i * c
+// (0 when inactive) and active[t * n + i]; logits in float32.
+struct Routing {
+  std::unique_ptr<float[]> coef;
+  std::unique_ptr<bool[]> active;
+};
+
+Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+              const float* x, const float* router, const float* bias);
+
+// Active pairs of tokens [t0, t1) sorted by block (tokens ascending within a
+// block): pairs of block i are [block_start[i], block_start[i + 1]), pair_token[p]
+// is the token of pair p.
+struct PairsByBlock {
+  std::unique_ptr<int64_t[]> block_start, pair_token;
+  int64_t pairs = 0;
+};
+
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1);
+
+// Decode's second pass: y[t] = the sum of token t's partial outputs
+// partial[(pair * groups + g) * d + c] over its active blocks (ascending) and
+// the groups (ascending), column chunks in parallel; k = 0 gives exact zeros.
+void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
+                       const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
+
+// Prefill token ranges [t0, t1) of about equal active pairs, at most
+// kPrefillMaxPairs each (plus one token's): the packed X of a chunk is pairs * d
+// floats, and every chunk reads its active blocks' weights once, so a small
+// last chunk would pay a full weight read for a few tokens.
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, int64_t num_tokens, int64_t n);
+
+// A panel: `count` consecutive pairs of one block (from pair `first`), packed
+// `width` tokens wide (full or narrow panel; count <= width, the rest padding);
+// `offset` counts the token slots of the panels before it.
+struct Panel {
+  int64_t block, first, offset;
+  int count, width;
+};
+
+// Each block's pairs in full panels of ks.panel tokens; a last part of at most
+// ks.narrow_panel tokens goes to a narrow panel (a full one would pad it up).
+std::vector<Panel> CutPanels(const PairsByBlock& sorted, int64_t n, const KernelSet& ks);
+
+// Panels of block i: [start[i], start[i + 1]) in CutPanels' order.
+std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n);
+
+}  // namespace dsmoe::cpu
