@@ -301,7 +301,8 @@ class TrainConfig:
     # Per-layer targets (e.g. the global allocation at target_start and at target_active): with
     # `control`, each layer is held at its own target, interpolated like the mean target.
     layer_targets: tuple[list[float], list[float]] | None = None
-    control: bool = False                # after each step, shift every router bias towards its target
+    control: bool | None = False         # after each step, shift every router bias towards its target
+                                         # (the converter's default None: on when the routers have biases)
     control_rate: float = 0.2            # share of the measured bias error corrected per step
     # Wall-clock cap on the training loop (seconds): training stops after the step that reaches it,
     # and the annealing follows whichever is further along, the steps or the time (so that a slowed
@@ -309,7 +310,7 @@ class TrainConfig:
     time_budget: float | None = None
     distill: bool = True                 # KL to the dense logits (else next-token cross-entropy)
     train_experts: str = "none"          # FFN weights trained too: none | gate_up | all (EXPERT_SETS)
-    expert_lr: float = 1e-4
+    expert_lr: float = 2e-4
     seed: int = 0
 
     def __post_init__(self):

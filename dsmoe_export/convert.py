@@ -229,7 +229,7 @@ class ConvertOptions:
     router_init: str = "auto"            # random | fit | auto (fit when there is calibration text)
     regroup: str = "auto"                # none | coact | auto (coact when there is calibration text)
     target_active: float = 0.5           # fitted routers: active fraction on the calibration text
-    allocation: str = "uniform"          # uniform: every layer at target_active; global: per-layer, least loss
+    allocation: str = "global"           # uniform: every layer at target_active; global: per-layer, least loss
     calib_text: Path | None = None       # text for fitting / regrouping (default: the --calibrate text)
     calib_tokens: int = 16384            # tokens of it used for fitting and regrouping
     calibrate: Path | None = None        # text to train the routers on
@@ -318,6 +318,8 @@ def convert(src: str | Path, out: str | Path, opts: ConvertOptions) -> dict:
     tc = (opts.train or C.TrainConfig(seed=opts.seed)) if opts.calibrate is not None else None
     # with an annealed calibration target, the routers start at the schedule's first target
     start = tc.target_start if tc is not None and tc.target_start is not None else opts.target_active
+    if tc is not None and tc.control is None:  # default: hold the schedule whenever the routers have biases
+        tc.control = router_bias
     if router_init == "fit":
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -548,9 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-active", type=float, default=0.5,
                    help="fitted routers: active fraction per layer on the calibration text; with --calibrate "
                         "also the sparsity loss's target (default: %(default)s)")
-    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+    p.add_argument("--allocation", choices=("uniform", "global"), default="global",
                    help="fitted routers: every layer at --target-active (uniform), or per-layer fractions "
-                        "averaging it, spent where dropping blocks loses most (global)")
+                        "averaging it, spent where dropping blocks loses most (global, the default)")
     p.add_argument("--calib-text", type=Path, help="text for fitting and regrouping (default: the --calibrate text)")
     p.add_argument("--calib-tokens", type=int, default=16384, help="tokens of it used (default: %(default)s)")
     p.add_argument("--calibrate", type=Path, metavar="TEXT_FILE", help="train the routers on this text")
@@ -566,15 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on next-token cross-entropy instead of KL to the dense model's logits")
     p.add_argument("--train-experts", nargs="?", const="all", default="none", choices=("none", "gate_up", "all"),
                    help="also train FFN weights (bare flag: all of gate/up/down; gate_up: only those) at --expert-lr")
-    p.add_argument("--expert-lr", type=float, default=1e-4, help="FFN weights' learning rate (default: %(default)g)")
+    p.add_argument("--expert-lr", type=float, default=2e-4, help="FFN weights' learning rate (default: %(default)g)")
     p.add_argument("--target-start", type=float, default=None,
                    help="anneal the calibration target from this active fraction down to --target-active "
                         "(the fitted routers start here)")
     p.add_argument("--anneal", type=float, default=0.5,
                    help="share of the steps over which --target-start is annealed (default: %(default)g)")
-    p.add_argument("--control", action="store_true",
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                    help="after every step, shift each layer's router bias towards its (annealed, allocated) target "
-                        "active fraction on the batch: holds the sparsity on schedule (needs fitted routers)")
+                        "active fraction on the batch: holds the sparsity on schedule (default: on with fitted "
+                        "routers, which it needs)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="wall-clock cap on the calibration loop: it stops after the step that reaches it, and "
                         "--target-start's annealing follows the steps or the time, whichever is further along")

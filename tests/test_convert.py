@@ -88,7 +88,7 @@ def test_regrouping_and_fitting_keep_the_dense_model(tmp_path, rng):
     (tmp_path / "text.txt").write_text(TEXT)
     out = tmp_path / "moe"
     report = convert(src, out, ConvertOptions(experts=8, calib_text=tmp_path / "text.txt", seq_len=32,
-                                              target_active=0.5, progress=False))
+                                              target_active=0.5, allocation="uniform", progress=False))
     assert report["router_init"] == "fit" and report["regroup"] == "coact"
     before = load_file(str(src / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
