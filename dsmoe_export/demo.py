@@ -254,10 +254,13 @@ def print_latency(timings: dict, prompt_tokens: int, active: float, repeats: int
 def generate_both(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
     """Greedy continuations of each prompt by the sparse and the dense export, with tokens/s."""
     from dsmoe_runtime import DSMoESession
-    from dsmoe_runtime.__main__ import _eos_from_folder, load_tokenizer
+    from dsmoe_runtime.__main__ import load_tokenizer
 
-    tok = load_tokenizer(art.sparse.parent)
-    eos = _eos_from_folder(art.sparse.parent, tok)
+    tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer files, copied beside the exports
+    eos = None
+    gen_cfg = art.sparse.parent / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
     sessions = {"sparse": DSMoESession(art.sparse, ["CPUExecutionProvider"], threads=threads),
                 "dense": DSMoESession(art.dense, ["CPUExecutionProvider"], threads=threads, allow_dense=True)}
     out = []
