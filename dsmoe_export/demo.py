@@ -301,8 +301,10 @@ def real_demo(args, src: Path, plays: Path) -> int:
           f"({settings.allocation} allocation over layers)")
     print(f"held-out perplexity ({info['eval_tokens']} tokens of the held-out plays):")
     d = info["dense_ppl"]
-    print(f"  dense {d:.2f};  DSMoE {info['calibrated']['ppl']:.2f} ({info['calibrated']['ppl'] / d:.2f}x) at "
-          f"FFN active fraction {info['calibrated']['mean_active']:.2f}")
+    c, k = info["converted"], info["calibrated"]
+    print(f"  dense {d:.2f};  DSMoE {k['ppl']:.2f} ({k['ppl'] / d:.2f}x) at FFN active fraction "
+          f"{k['mean_active']:.2f} (before the {settings.steps} calibration steps: {c['ppl']:.2f}, "
+          f"{c['ppl'] / d:.2f}x at {c['mean_active']:.2f})")
     print("  (docs/conversion.md: what longer calibration with expert training gives)")
     print()
     print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
