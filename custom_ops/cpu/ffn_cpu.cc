@@ -120,35 +120,22 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
                          float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
   const bool* active = routing.active.get();
-  const float* coef = routing.coef.get();
 
   const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
   const int64_t* pair_token = sorted.pair_token.get();
   const std::vector<Panel> panels = CutPanels(sorted, n, ks);
-  const int64_t num_panels = static_cast<int64_t>(panels.size());
   const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
   const std::vector<int64_t> panel_start = PanelStarts(panels, n);
 
-  // Packed X (panel q is [d][width] at xp + offset * d) and the per-slot
-  // coefficients g_i * c (0 for padding).
+  // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.
   auto xp = CallScratch<float>(ctx, slots * d);
   auto cp = CallScratch<float>(ctx, slots);
-  ParallelFor(ctx, static_cast<size_t>(num_panels), [&](size_t task) {
-    const Panel& pn = panels[task];
-    const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
-    pack(w.x, d, pair_token + pn.first, pn.count, xp.get() + pn.offset * d);
-    for (int t = 0; t < pn.width; ++t) {
-      cp[pn.offset + t] = t < pn.count ? coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
-    }
-  });
+  PackPanels(ctx, ks, panels, w.x, d, sorted, routing, n, xp.get(), cp.get());
 
   // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
   auto hp = CallScratch<float>(ctx, slots * B);
   const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
-  std::vector<int64_t> task_block;  // the blocks that have tokens
-  for (int64_t i = 0; i < n; ++i) {
-    if (panel_start[i + 1] > panel_start[i]) task_block.push_back(i);
-  }
+  const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
   ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
     const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
     const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * kPrefillRowsPerTask;

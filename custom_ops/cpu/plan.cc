@@ -136,4 +136,26 @@ std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n) {
   return start;
 }
 
+std::vector<int64_t> BlocksWithPanels(const std::vector<int64_t>& panel_start, int64_t n) {
+  std::vector<int64_t> blocks;
+  for (int64_t i = 0; i < n; ++i) {
+    if (panel_start[i + 1] > panel_start[i]) blocks.push_back(i);
+  }
+  return blocks;
+}
+
+void PackPanels(const Ort::KernelContext& ctx, const KernelSet& ks, const std::vector<Panel>& panels,
+                const float* x, int64_t d, const PairsByBlock& sorted, const Routing& routing, int64_t n,
+                float* xp, float* cp) {
+  const int64_t* pair_token = sorted.pair_token.get();
+  ParallelFor(ctx, panels.size(), [&](size_t task) {
+    const Panel& pn = panels[task];
+    const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
+    pack(x, d, pair_token + pn.first, pn.count, xp + pn.offset * d);
+    for (int t = 0; t < pn.width; ++t) {
+      cp[pn.offset + t] = t < pn.count ? routing.coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
+    }
+  });
+}
+
 }  // namespace dsmoe::cpu

@@ -83,4 +83,13 @@ std::vector<Panel> CutPanels(const PairsByBlock& sorted, int64_t n, const Kernel
 // Panels of block i: [start[i], start[i + 1]) in CutPanels' order.
 std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n);
 
+// The blocks that have panels, ascending.
+std::vector<int64_t> BlocksWithPanels(const std::vector<int64_t>& panel_start, int64_t n);
+
+// Packs a chunk's panels: X into xp (panel q is [d][width] at xp + offset * d)
+// and the per-slot coefficients g_i * c into cp (0 for padding slots).
+void PackPanels(const Ort::KernelContext& ctx, const KernelSet& ks, const std::vector<Panel>& panels,
+                const float* x, int64_t d, const PairsByBlock& sorted, const Routing& routing, int64_t n,
+                float* xp, float* cp);
+
 }  // namespace dsmoe::cpu
