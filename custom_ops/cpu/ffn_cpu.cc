@@ -37,10 +37,6 @@ static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a
 namespace dsmoe::cpu {
 namespace {
 
-constexpr int64_t kDecodeRows = 32;    // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
-constexpr int64_t kDecodeGroups = 8;   // row groups per block in the decode path
-constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
-constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
 struct Weights {
   const float* x;       // [N, d]
@@ -124,7 +120,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
   const int64_t* pair_token = sorted.pair_token.get();
   const std::vector<Panel> panels = CutPanels(sorted, n, ks);
-  const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
+  const int64_t slots = PanelSlots(panels);
   const std::vector<int64_t> panel_start = PanelStarts(panels, n);
 
   // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.

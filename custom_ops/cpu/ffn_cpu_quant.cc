@@ -85,10 +85,6 @@ const QuantKernelSet& SelectQuantKernels() {
 
 namespace {
 
-constexpr int64_t kDecodeRows = 32;  // decode slab (rounded up to a whole scale group)
-constexpr int64_t kDecodeGroups = 8;
-constexpr int64_t kPrefillRowsPerTask = 24;
-constexpr int64_t kPrefillColsPerTask = 64;
 
 // Per-thread scratch that only grows, for a task's dequantized tiles (tasks run on
 // the pool's threads; the per-call buffers shared by the tasks come from
@@ -196,7 +192,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   const int64_t* pair_token = sorted.pair_token.get();
   const std::vector<Panel> panels = CutPanels(sorted, n, ks);
   const std::vector<int64_t> panel_start = PanelStarts(panels, n);
-  const int64_t slots = panels.empty() ? 0 : panels.back().offset + panels.back().width;
+  const int64_t slots = PanelSlots(panels);
 
   // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.
   auto xp = CallScratch<float>(ctx, slots * d);

@@ -19,6 +19,12 @@ namespace dsmoe::cpu {
 // active, AVX-512: about 8 tokens.
 inline constexpr int64_t kDecodeMaxTokens = 6;
 
+// Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
+inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
+inline constexpr int64_t kDecodeGroups = 8;         // row groups per block in the decode path
+inline constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
+inline constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
+
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
@@ -79,6 +85,11 @@ struct Panel {
 // Each block's pairs in full panels of ks.panel tokens; a last part of at most
 // ks.narrow_panel tokens goes to a narrow panel (a full one would pad it up).
 std::vector<Panel> CutPanels(const PairsByBlock& sorted, int64_t n, const KernelSet& ks);
+
+// The panels' total width in token slots (packed X holds slots * d floats).
+inline int64_t PanelSlots(const std::vector<Panel>& panels) {
+  return panels.empty() ? 0 : panels.back().offset + panels.back().width;
+}
 
 // Panels of block i: [start[i], start[i + 1]) in CutPanels' order.
 std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n);
