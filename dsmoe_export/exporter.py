@@ -188,8 +188,8 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
     matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
     quantized = ffn_weights != "float32" or matmul_weights != "float32"
-    if quantized:
-        quantize_model.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
+    # Always: a bad --group-size is an error even when nothing is quantized.
+    quantize_model.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)

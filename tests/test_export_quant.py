@@ -57,4 +57,7 @@ def test_quantized_export_errors(tmp_path, capsys):
     assert "multiple of 32" in capsys.readouterr().err
     assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--ffn-weights", "int8", "--group-size", "48", "-q"]) == 1
     assert "power of two" in capsys.readouterr().err
+    # also when nothing is quantized: a bad flag is never silently ignored
+    assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--group-size", "48", "-q"]) == 1
+    assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
