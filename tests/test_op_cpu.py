@@ -218,6 +218,19 @@ def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
     assert_matches_reference(case, run(case, op_library))
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_depth_beyond_one_k_slice(op_library, rng, monkeypatch, isa):
+    """d spans several of the GEMM's k slices (256 to 2048 deep, by panel width) with a tail
+    off the packed weights' 16-deep blocks; B leaves a partial group of packed rows."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    case = make_case(rng, (45,), d=2085, n=2, B=13, bias=True, threshold=0.3)
+    outputs = run(case, op_library)
+    assert outputs[1].sum(axis=0).min() > 8  # both blocks take full and narrow panels
+    assert_matches_reference(case, outputs)
+
+
 # Tokens per block that land on every side of the prefill path's panel cuts for
 # each instruction set (full panels of 8/16/32 tokens, narrow ones of 4/8/16).
 PANEL_CUT_COUNTS = (0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 47, 48, 49, 64, 65, 70)

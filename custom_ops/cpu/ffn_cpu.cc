@@ -151,18 +151,18 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
     // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
     // read in place, every row of the tile would start a new page (stride d).
-    auto vp = HeapArray<float>(B * width);
+    float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
     float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
     int64_t packed_block = -1;
     for (const Panel& pn : panels) {
       if (pn.block != packed_block) {
         const float* src = w.down + pn.block * B * d + c0;
-        CopyTile(src, d, B, width, vp.get());
+        CopyTile(src, d, B, width, vp);
         packed_block = pn.block;
       }
       for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
       const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp.get(), B, width, width, rows, pn.count);
+      down(hp.get() + pn.offset * B, vp, B, width, width, rows, pn.count);
     }
   });
 }

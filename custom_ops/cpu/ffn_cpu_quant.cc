@@ -86,17 +86,6 @@ const QuantKernelSet& SelectQuantKernels() {
 namespace {
 
 
-// Per-thread scratch that only grows, for a task's dequantized tiles (tasks run on
-// the pool's threads; the per-call buffers shared by the tasks come from
-// CallScratch). Fresh allocations of these sizes are mmap'ed and page-faulted in
-// on every call: 15 % of an int4 decode call's samples were the kernel zeroing pages.
-float* ThreadBuffer(int slot, int64_t count) {
-  thread_local std::vector<float> buffers[3];
-  std::vector<float>& b = buffers[slot];
-  if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
-  return b.data();
-}
-
 WeightFormat FormatOf(QuantKind kind) {
   return kind == QuantKind::kInt4 ? WeightFormat::kInt4
          : kind == QuantKind::kInt8 ? WeightFormat::kInt8
@@ -144,10 +133,10 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
       float* out = partial.get() + (p * groups + grp) * d;
       std::fill(out, out + d, 0.0f);
     }
-    float* g = ThreadBuffer(0, kMaxQuantDotTokens * slab_rows);
-    float* u = ThreadBuffer(1, kMaxQuantDotTokens * slab_rows + slab_rows);
+    float* g = ThreadBuffer(ThreadSlot::kGateTile, kMaxQuantDotTokens * slab_rows);
+    float* u = ThreadBuffer(ThreadSlot::kUpTile, kMaxQuantDotTokens * slab_rows + slab_rows);
     float* h = u + kMaxQuantDotTokens * slab_rows;
-    float* acc = ThreadBuffer(2, d);
+    float* acc = ThreadBuffer(ThreadSlot::kDownTile, d);
     const int64_t s_end = std::min(slabs, (grp + 1) * slabs_per_group);
     for (int64_t s = grp * slabs_per_group; s < s_end; ++s) {
       const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
@@ -209,8 +198,8 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
     const int64_t row = i * B + r0;
     // The tile's gate and up rows, dequantized once for all the block's panels.
-    float* gt = ThreadBuffer(0, rows * d);
-    float* ut = ThreadBuffer(1, rows * d);
+    float* gt = ThreadBuffer(ThreadSlot::kGateTile, rows * d);
+    float* ut = ThreadBuffer(ThreadSlot::kUpTile, rows * d);
     qk.dequantize_rows(w.format, w.gate + row * rb, w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr,
                        rows, d, w.group, gt);
     qk.dequantize_rows(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
@@ -228,7 +217,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
     const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
     const int64_t width = std::min(kPrefillColsPerTask, d - c0);
     for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
-    float* vp = ThreadBuffer(2, B * width);
+    float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
     float* rows[64];
     int64_t packed_block = -1;
     for (const Panel& pn : panels) {

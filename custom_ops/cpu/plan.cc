@@ -21,6 +21,13 @@ const OrtMemoryInfo& CpuMemory() {
   return *info;
 }
 
+float* ThreadBuffer(ThreadSlot slot, int64_t count) {
+  thread_local std::vector<float> buffers[static_cast<int>(ThreadSlot::kCount)];
+  std::vector<float>& b = buffers[static_cast<int>(slot)];
+  if (static_cast<int64_t>(b.size()) < count) b.resize(static_cast<size_t>(count));
+  return b.data();
+}
+
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const float* x, const float* router, const float* bias) {
   const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
