@@ -70,8 +70,8 @@ def test_odd_sizes(op_library, rng, d, n, B, tokens):
 
 
 def test_many_tokens_several_chunks(op_library, rng):
-    # > 2048 active pairs: the prefill path splits the tokens into chunks.
-    case = make_case(rng, (3, 250), d=16, n=8, B=8, bias=True)
+    # > 2048 active pairs with max(d, B) = 2048: the prefill path splits the tokens into chunks.
+    case = make_case(rng, (3, 250), d=16, n=8, B=2048, bias=True)
     outputs = run(case, op_library, threads=2)
     assert outputs[1].sum() > 2048
     assert_matches_reference(case, outputs)

@@ -169,7 +169,7 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                     const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
-  for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims.num_tokens, dims.num_blocks)) {
+  for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims)) {
     ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, t0, t1, y);
   }
 }

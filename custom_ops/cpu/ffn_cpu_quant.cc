@@ -266,7 +266,7 @@ class QuantCpuKernel {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }
-    for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims.num_tokens, dims.num_blocks)) {
+    for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims)) {
       ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, t0, t1, y);
     }
   }

@@ -9,9 +9,12 @@ namespace dsmoe::cpu {
 namespace {
 
 constexpr int64_t kRoutingTokensPerTask = 16;
-// Prefill chunks hold at most this many active pairs (plus one token's), which
-// bounds the scratch memory while keeping hundreds of tokens per block tile.
-constexpr int64_t kPrefillMaxPairs = 2048;
+// Prefill chunks hold at most max(kPrefillMinPairs, kPrefillMaxFloats / max(d, B))
+// active pairs (plus one token's): the packed X and h of a chunk are pairs * d and
+// pairs * B floats. Small models get more pairs per chunk, so that every block
+// still has several full panels (d = 576, n = 16: 256 tokens in one chunk, not two).
+constexpr int64_t kPrefillMinPairs = 2048;
+constexpr int64_t kPrefillMaxFloats = int64_t{4} << 20;
 
 }  // namespace
 
@@ -103,9 +106,12 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
   });
 }
 
-std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, int64_t num_tokens, int64_t n) {
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, const FfnDims& dims) {
+  const int64_t num_tokens = dims.num_tokens, n = dims.num_blocks;
+  const int64_t max_pairs =
+      std::max(kPrefillMinPairs, kPrefillMaxFloats / std::max<int64_t>(1, std::max(dims.hidden, dims.block_size)));
   const int64_t total = std::count(active, active + num_tokens * n, true);
-  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, kPrefillMaxPairs));
+  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, max_pairs));
   const int64_t per_chunk = CeilDiv(std::max<int64_t>(total, 1), chunks);
   std::vector<std::pair<int64_t, int64_t>> out;
   for (int64_t t0 = 0; t0 < num_tokens;) {

@@ -76,11 +76,11 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
 void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
                        const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
 
-// Prefill token ranges [t0, t1) of about equal active pairs, at most
-// kPrefillMaxPairs each (plus one token's): the packed X of a chunk is pairs * d
-// floats, and every chunk reads its active blocks' weights once, so a small
-// last chunk would pay a full weight read for a few tokens.
-std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, int64_t num_tokens, int64_t n);
+// Prefill token ranges [t0, t1) of about equal active pairs, at most a bound
+// each (plus one token's) that keeps a chunk's packed X and h near 16 MB (at
+// least 2048 pairs): every chunk reads its active blocks' weights once, so a
+// small last chunk would pay a full weight read for a few tokens.
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, const FfnDims& dims);
 
 // A panel: `count` consecutive pairs of one block (from pair `first`), packed
 // `width` tokens wide (full or narrow panel; count <= width, the rest padding);
