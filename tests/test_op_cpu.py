@@ -77,6 +77,15 @@ def test_many_tokens_several_chunks(op_library, rng):
     assert_matches_reference(case, outputs)
 
 
+def test_one_block_over_the_chunk_bound(op_library, rng):
+    # n = 1: one block with more active pairs than a chunk holds (2048 with max(d, B) = 2048) is
+    # cut into parts; the tokens forced to k = 0 still get exact zeros.
+    case = make_case(rng, (5000,), d=16, n=1, B=2048, bias=True)
+    outputs = run(case, op_library, threads=2)
+    assert 2048 < outputs[1].sum() < 5000
+    assert_matches_reference(case, outputs)
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 50])
 def test_thread_counts_agree(op_library, rng, tokens):
     case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True)

@@ -128,6 +128,18 @@ def test_all_active_none_active_and_attributes(op_library, rng, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+@pytest.mark.parametrize("n,tokens", [(4, 1400), (1, 5000)])
+def test_prefill_in_several_chunks(op_library, rng, fmt, n, tokens):
+    # Over 2048 active pairs with max(d, B) = 2048: chunks of whole blocks (n = 4) or one
+    # block cut into parts (n = 1); Y is zeroed once, by the first chunk.
+    case = make_case(rng, (tokens,), 32, n, 2048, bias=True)
+    feeds = quant_inputs(case, fmt, 32)
+    y, active = run(make_model(case, feeds, fmt, 32, with_function=False), feeds, op_library, 2)
+    assert active.sum() > 2048
+    assert_matches_reference(_Ref(reference(case, feeds, fmt, 32)), (y, active))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
 def test_zero_tokens(op_library, rng, fmt):
     case = make_case(rng, (0, 3), 64, 4, 32)
     feeds = quant_inputs(case, fmt, 32)

@@ -4,15 +4,16 @@
 // Cost per active pair (d = hidden, B = block size): 6*B*d FLOPs (gate, up,
 // down: 2*B*d each); routing adds 2*n*d FLOPs per token. Weight bytes: 12*B*d
 // per active block, read once per token in the decode regime and once per
-// chunk of tokens in the prefill regime.
+// call in the prefill regime (unless one block alone overflows a chunk).
 //
 //   decode  (N <= kDecodeMaxTokens): memory-bound. Tasks are (block, slab of
 //           kDecodeRows rows): each streams its slab of gate, up and down
 //           (3 * kDecodeRows * d contiguous floats) once for the block's tokens,
 //           computes h for those rows and a partial output h . V_slab per token.
 //           A second pass sums the partials per token in a fixed order.
-//   prefill (more tokens): compute-bound. Per chunk of tokens, a counting sort
-//           of the active pairs by block, X rows packed into panels of P tokens
+//   prefill (more tokens): compute-bound. A counting sort of the active pairs
+//           by block, cut into chunks of whole blocks (bounded scratch); per
+//           chunk, X rows packed into panels of P tokens
 //           (P = two vector registers; a block's last <= P/2 tokens go to a
 //           narrow panel of one register), then per (block, row tile) the fused
 //           gate/up GEMM with act(g) * u * g_i * c in its epilogue, and per
@@ -110,14 +111,11 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
 }
 
-// Prefill on tokens [t0, t1).
+// Prefill of one chunk of pairs (sorted by block); the first chunk zeroes Y.
 void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
-                         const FfnDims& dims, const Weights& w, const Routing& routing, int64_t t0, int64_t t1,
-                         float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  const bool* active = routing.active.get();
-
-  const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
+                         const FfnDims& dims, const Weights& w, const Routing& routing, const PairsByBlock& sorted,
+                         bool first, float* y) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
   const int64_t* pair_token = sorted.pair_token.get();
   const std::vector<Panel> panels = CutPanels(sorted, n, ks);
   const int64_t slots = PanelSlots(panels);
@@ -130,12 +128,13 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
   // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
   auto hp = CallScratch<float>(ctx, slots * B);
-  const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
+  const int64_t task_rows = PrefillRowsPerTask(d);
+  const int64_t row_tasks = CeilDiv(B, task_rows);
   const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
   ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
     const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
-    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * kPrefillRowsPerTask;
-    const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
+    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
+    const int64_t rows = std::min(task_rows, B - r0);
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
       const Panel& pn = panels[q];
       const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
@@ -148,7 +147,9 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
     const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
     const int64_t width = std::min(kPrefillColsPerTask, d - c0);
-    for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    if (first) {
+      for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    }
     // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
     // read in place, every row of the tile would start a new page (stride d).
     float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
@@ -169,9 +170,9 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                     const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
-  for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims)) {
-    ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, t0, t1, y);
-  }
+  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
+    ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, pairs, first, y);
+  });
 }
 
 }  // namespace

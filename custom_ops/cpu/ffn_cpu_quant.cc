@@ -171,13 +171,10 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
 
 void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                          const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
-                         int64_t t0, int64_t t1, float* y) {
+                         const PairsByBlock& sorted, bool first, float* y) {
   const FfnDims& dims = qd.base;
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
   const int64_t rb = w.row_bytes;
-  const bool* active = routing.active.get();
-
-  const PairsByBlock sorted = SortPairsByBlock(active, n, t0, t1);
   const int64_t* pair_token = sorted.pair_token.get();
   const std::vector<Panel> panels = CutPanels(sorted, n, ks);
   const std::vector<int64_t> panel_start = PanelStarts(panels, n);
@@ -190,12 +187,13 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
 
   // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, scaled by g_i * c.
   auto hp = CallScratch<float>(ctx, slots * B);
-  const int64_t row_tasks = CeilDiv(B, kPrefillRowsPerTask);
+  const int64_t task_rows = PrefillRowsPerTask(d);
+  const int64_t row_tasks = CeilDiv(B, task_rows);
   const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
   ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
     const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
-    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * kPrefillRowsPerTask;
-    const int64_t rows = std::min(kPrefillRowsPerTask, B - r0);
+    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
+    const int64_t rows = std::min(task_rows, B - r0);
     const int64_t row = i * B + r0;
     // The tile's gate and up rows, dequantized once for all the block's panels.
     float* gt = ThreadBuffer(ThreadSlot::kGateTile, rows * d);
@@ -216,7 +214,9 @@ void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, con
   ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
     const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
     const int64_t width = std::min(kPrefillColsPerTask, d - c0);
-    for (int64_t t = t0; t < t1; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    if (first) {
+      for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    }
     float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
     float* rows[64];
     int64_t packed_block = -1;
@@ -266,9 +266,9 @@ class QuantCpuKernel {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }
-    for (const auto& [t0, t1] : PrefillChunks(routing.active.get(), dims)) {
-      ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, t0, t1, y);
-    }
+    ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
+      ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, pairs, first, y);
+    });
   }
 
  private:

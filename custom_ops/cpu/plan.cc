@@ -10,9 +10,8 @@ namespace {
 
 constexpr int64_t kRoutingTokensPerTask = 16;
 // Prefill chunks hold at most max(kPrefillMinPairs, kPrefillMaxFloats / max(d, B))
-// active pairs (plus one token's): the packed X and h of a chunk are pairs * d and
-// pairs * B floats. Small models get more pairs per chunk, so that every block
-// still has several full panels (d = 576, n = 16: 256 tokens in one chunk, not two).
+// active pairs: the packed X and h of a chunk are pairs * d and pairs * B floats.
+// Small models get more pairs per chunk (d = 576, n = 16: 7281).
 constexpr int64_t kPrefillMinPairs = 2048;
 constexpr int64_t kPrefillMaxFloats = int64_t{4} << 20;
 
@@ -106,24 +105,36 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
   });
 }
 
-std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, const FfnDims& dims) {
-  const int64_t num_tokens = dims.num_tokens, n = dims.num_blocks;
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorted, const FfnDims& dims) {
+  const int64_t n = dims.num_blocks, total = sorted.pairs;
   const int64_t max_pairs =
       std::max(kPrefillMinPairs, kPrefillMaxFloats / std::max<int64_t>(1, std::max(dims.hidden, dims.block_size)));
-  const int64_t total = std::count(active, active + num_tokens * n, true);
-  const int64_t chunks = std::max<int64_t>(1, CeilDiv(total, max_pairs));
-  const int64_t per_chunk = CeilDiv(std::max<int64_t>(total, 1), chunks);
+  const int64_t* start = sorted.block_start.get();
   std::vector<std::pair<int64_t, int64_t>> out;
-  for (int64_t t0 = 0; t0 < num_tokens;) {
-    int64_t t1 = t0, pairs = 0;
-    do {
-      pairs += std::count(active + t1 * n, active + (t1 + 1) * n, true);
-      ++t1;
-    } while (t1 < num_tokens && pairs < per_chunk);
-    out.emplace_back(t0, t1);
-    t0 = t1;
-  }
+  int64_t p0 = 0;
+  do {
+    int64_t p1 = total;
+    if (total - p0 > max_pairs) {
+      // The last block boundary within reach; none: p0's block alone is over the bound.
+      const int64_t* b = std::upper_bound(start, start + n + 1, p0 + max_pairs);
+      if (*(b - 1) > p0) {
+        p1 = *(b - 1);
+      } else {
+        const int64_t block_end = *b, parts = CeilDiv(block_end - p0, max_pairs);
+        p1 = p0 + CeilDiv(block_end - p0, parts);
+      }
+    }
+    out.emplace_back(p0, p1);
+    p0 = p1;
+  } while (p0 < total);
   return out;
+}
+
+PairsByBlock SliceOfPairs(const PairsByBlock& sorted, int64_t n, int64_t p0, int64_t p1) {
+  PairsByBlock s{HeapArray<int64_t>(n + 1), HeapArray<int64_t>(p1 - p0), p1 - p0};
+  for (int64_t i = 0; i <= n; ++i) s.block_start[i] = std::clamp(sorted.block_start[i], p0, p1) - p0;
+  std::copy(sorted.pair_token.get() + p0, sorted.pair_token.get() + p1, s.pair_token.get());
+  return s;
 }
 
 std::vector<Panel> CutPanels(const PairsByBlock& sorted, int64_t n, const KernelSet& ks) {

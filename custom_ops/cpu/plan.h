@@ -3,6 +3,7 @@
 // the decode path's final sum, and per-call memory.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -22,7 +23,13 @@ inline constexpr int64_t kDecodeMaxTokens = 6;
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
 inline constexpr int64_t kDecodeGroups = 8;         // row groups per block in the decode path
-inline constexpr int64_t kPrefillRowsPerTask = 24;  // gate + up tile: 2 * 24 * d floats, L2-resident
+// Rows of gate + up per prefill task: 2 * rows * d floats stay in L2 (24 rows at
+// d = 2048, 393 KB) while the block's panels stream past them; a multiple of the
+// register tiles' 6 (AVX-512) and 3 rows.
+inline int64_t PrefillRowsPerTask(int64_t d) {
+  constexpr int64_t kTileFloats = 2 * 24 * 2048;
+  return std::min<int64_t>(24, std::max<int64_t>(6, kTileFloats / (2 * std::max<int64_t>(d, 1)) / 6 * 6));
+}
 inline constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -76,11 +83,28 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
 void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
                        const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
 
-// Prefill token ranges [t0, t1) of about equal active pairs, at most a bound
-// each (plus one token's) that keeps a chunk's packed X and h near 16 MB (at
-// least 2048 pairs): every chunk reads its active blocks' weights once, so a
-// small last chunk would pay a full weight read for a few tokens.
-std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const bool* active, const FfnDims& dims);
+// Prefill chunks: ranges [p0, p1) of the pairs of all tokens sorted by block,
+// each at most max(2048, 4M / max(d, B)) pairs (a chunk's packed X and h are
+// pairs * d and pairs * B floats: 16 MB at d = 2048). Chunks hold whole blocks
+// where they fit, so that every block's weights are read once per call and its
+// tokens fill full panels; only a block with more pairs than the bound is cut,
+// into about equal parts. At least one chunk (empty when no pair is active).
+std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorted, const FfnDims& dims);
+
+// Pairs [p0, p1) of `sorted` as a PairsByBlock of their own.
+PairsByBlock SliceOfPairs(const PairsByBlock& sorted, int64_t n, int64_t p0, int64_t p1);
+
+// run(pairs, first) for each prefill chunk of the call, in order; `first` is true
+// once, for the chunk that must zero the output first.
+template <typename F>
+void ForEachPrefillChunk(const Routing& routing, const FfnDims& dims, const F& run) {
+  const PairsByBlock all = SortPairsByBlock(routing.active.get(), dims.num_blocks, 0, dims.num_tokens);
+  bool first = true;
+  for (const auto& [p0, p1] : PrefillChunks(all, dims)) {
+    run(SliceOfPairs(all, dims.num_blocks, p0, p1), first);
+    first = false;
+  }
+}
 
 // A panel: `count` consecutive pairs of one block (from pair `first`), packed
 // `width` tokens wide (full or narrow panel; count <= width, the rest padding);
