@@ -1,8 +1,8 @@
 // The CPU inner loops (cpu/kernels.h), compiled once per instruction set with
 // DSMOE_ISA = avx512 | avx2 | baseline and the matching compiler flags.
 //
-// Vectors are GCC/Clang vector extensions of kVL floats (16 with AVX-512, 8
-// with AVX2, 4 for the SSE2 / NEON baseline): one source, three builds.
+// Vectors are GCC/Clang vector extensions of kVL floats (cpu/simd.h: 16 with
+// AVX-512, 8 with AVX2, 4 for the SSE2 / NEON baseline): one source, three builds.
 //
 // Register budget of the tiles (accumulators + operands), R = 3 (6 with AVX-512):
 //   panel_gate_up: R gate rows + R up rows x 2 vectors = 4R accumulators,
@@ -19,24 +19,10 @@
 #include <utility>
 
 #include "cpu/kernels.h"
-
-#ifndef DSMOE_ISA
-#error "compile with -DDSMOE_ISA=<name>"
-#endif
+#include "cpu/simd.h"
 
 namespace dsmoe::cpu::DSMOE_ISA {
 namespace {
-
-#if defined(__AVX512F__)
-constexpr int kVL = 16;
-#elif defined(__AVX2__)
-constexpr int kVL = 8;
-#else
-constexpr int kVL = 4;
-#endif
-
-using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
-using VecI = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));
 
 // Panels of tokens are NV vector registers wide: 2 for full panels, 1 for the
 // narrow panels that hold a block's last few tokens (less padding).
@@ -53,21 +39,6 @@ constexpr int kGateUpRows = (kWideRegs ? 6 : 3) * 2 / NV;
 // panels 12 (6) tokens, narrow panels half a panel, so that both split evenly.
 template <int NV>
 constexpr int kDownTokens = NV == 2 ? (kWideRegs ? 12 : 6) : kVL / 2;
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-// `s - 0` is exact for every s (unlike `0 + s`, which turns -0 into +0), so the
-// compiler drops the subtraction and emits a plain broadcast.
-inline Vec Splat(float s) { return s - Vec{}; }
-inline float HorizontalSum(Vec v) {
-  float s = 0.0f;
-  for (int l = 0; l < kVL; ++l) s += v[l];
-  return s;
-}
 
 // exp(x) with Cephes' polynomial (relative error ~2e-7 on the clamped range);
 // exp(+inf) = +inf, exp(-inf) = 0, NaN stays NaN.

@@ -1,6 +1,6 @@
 // Inner loops of the weight-only quantized ops (cpu/kernels_quant.h), compiled
 // once per instruction set with DSMOE_ISA = avx512 | avx2 | baseline, like
-// kernels_isa.cc: GCC/Clang vector extensions of kVL floats.
+// kernels_isa.cc: GCC/Clang vector extensions of kVL floats (cpu/simd.h).
 //
 // Dequantizing one vector of kVL weights: int8 = load kVL bytes, zero-extend
 // to int32, convert, subtract the zero point (4 instructions); int4 = one
@@ -14,42 +14,16 @@
 #include <cstring>
 
 #include "cpu/kernels_quant.h"
+#include "cpu/simd.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-#ifndef DSMOE_ISA
-#error "compile with -DDSMOE_ISA=<name>"
-#endif
-
 namespace dsmoe::cpu::DSMOE_ISA {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVL = 16;
-#elif defined(__AVX2__)
-constexpr int kVL = 8;
-#else
-constexpr int kVL = 4;
-#endif
-
-using Vec = float __attribute__((vector_size(kVL * sizeof(float))));
-using VecI = int32_t __attribute__((vector_size(kVL * sizeof(int32_t))));
 using VecU8 = uint8_t __attribute__((vector_size(kVL)));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec Splat(float s) { return s - Vec{}; }  // exact for every s, a plain broadcast
-inline float HorizontalSum(Vec v) {
-  float s = 0.0f;
-  for (int l = 0; l < kVL; ++l) s += v[l];
-  return s;
-}
 
 // IEEE binary16 -> binary32, exact (subnormals, inf, NaN payload kept).
 inline float HalfToFloat(uint16_t h) {
