@@ -13,12 +13,10 @@
 //           A second pass sums the partials per token in a fixed order.
 //   prefill (more tokens): compute-bound. A counting sort of the active pairs
 //           by block, cut into chunks of whole blocks (bounded scratch); per
-//           chunk, X rows packed into panels of P tokens
-//           (P = two vector registers; a block's last <= P/2 tokens go to a
-//           narrow panel of one register), then per (block, row tile) the fused
-//           gate/up GEMM with act(g) * u * g_i * c in its epilogue, and per
-//           output column tile the down GEMMs of all panels added into Y (each
-//           task owns its columns: no write conflicts, no reduction).
+//           chunk, cpu/prefill.h: X packed into panels, per (block, row tile)
+//           the fused gate/up GEMM of all the block's panels, per output column
+//           tile the down GEMMs added into Y. The weights are read in place
+//           (V through a copied column tile).
 // Every output element is produced by one task in a fixed order, so results
 // do not depend on the number of threads.
 #include "cpu/ffn_cpu.h"
@@ -32,6 +30,7 @@
 #include "common/ffn_op.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
+#include "cpu/prefill.h"
 
 static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a bool array");
 
@@ -111,67 +110,19 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
 }
 
-// Prefill of one chunk of pairs (sorted by block); the first chunk zeroes Y.
-void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
-                         const FfnDims& dims, const Weights& w, const Routing& routing, const PairsByBlock& sorted,
-                         bool first, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const int64_t* pair_token = sorted.pair_token.get();
-  const std::vector<Panel> panels = CutPanels(sorted, n, ks);
-  const int64_t slots = PanelSlots(panels);
-  const std::vector<int64_t> panel_start = PanelStarts(panels, n);
-
-  // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.
-  auto xp = CallScratch<float>(ctx, slots * d);
-  auto cp = CallScratch<float>(ctx, slots);
-  PackPanels(ctx, ks, panels, w.x, d, sorted, routing, n, xp.get(), cp.get());
-
-  // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
-  auto hp = CallScratch<float>(ctx, slots * B);
-  const int64_t task_rows = PrefillRowsPerTask(d);
-  const int64_t row_tasks = CeilDiv(B, task_rows);
-  const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
-  ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
-    const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
-    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
-    const int64_t rows = std::min(task_rows, B - r0);
-    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      const Panel& pn = panels[q];
-      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
-      gate_up(attrs.activation, w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d, rows, d,
-              xp.get() + pn.offset * d, cp.get() + pn.offset, hp.get() + pn.offset * B + r0 * pn.width);
-    }
-  });
-
-  const int64_t col_tasks = CeilDiv(d, kPrefillColsPerTask);
-  ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
-    const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
-    const int64_t width = std::min(kPrefillColsPerTask, d - c0);
-    if (first) {
-      for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
-    }
-    // V_i[:, c0:c0 + width] copied to a contiguous [B][width] tile once per block:
-    // read in place, every row of the tile would start a new page (stride d).
-    float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
-    float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
-    int64_t packed_block = -1;
-    for (const Panel& pn : panels) {
-      if (pn.block != packed_block) {
-        const float* src = w.down + pn.block * B * d + c0;
-        CopyTile(src, d, B, width, vp);
-        packed_block = pn.block;
-      }
-      for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
-      const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp, B, width, width, rows, pn.count);
-    }
-  });
-}
-
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                     const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
+  const int64_t d = dims.hidden, B = dims.block_size;
+  auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t) {
+    return std::pair{w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d};
+  };
+  // V_i[:, c0:c0 + width] copied to a contiguous tile: read in place, every row
+  // of the tile would start a new page (stride d).
+  auto down_tile = [&](int64_t i, int64_t c0, int64_t width, float* tile) {
+    CopyTile(w.down + i * B * d + c0, d, B, width, tile);
+  };
   ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
-    ComputePrefillChunk(ctx, ks, attrs, dims, w, routing, pairs, first, y);
+    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, y, gate_up_rows, down_tile);
   });
 }
 

@@ -7,12 +7,11 @@
 //           tokens (QuantKernelSet::dot_rows), its down rows are accumulated per
 //           scale group (accumulate_rows). Memory-bound: bytes per active block
 //           are 3 * B * d * bits / 8 plus the scales.
-//   prefill (more tokens): per (block, tile of 24 rows) the gate/up rows are
-//           dequantized into a float32 tile (2 * 24 * d floats, L2) and the float32
-//           kernel's fused gate/up GEMM (KernelSet::panel_gate_up) runs on it for
-//           all the block's panels; per column tile of 64, the block's down
-//           columns are dequantized into a [B][64] tile and panel_down adds the
-//           panels' contributions. Never a dequantized copy of a whole weight.
+//   prefill (more tokens): the float32 kernel's path (cpu/prefill.h) with the
+//           weights dequantized per task: a (block, row tile) task's gate/up rows
+//           into a float32 tile (2 * 24 * d floats at d = 2048, L2) used for all
+//           the block's panels, a column task's V columns into a [B][64] tile.
+//           Never a dequantized copy of a whole weight.
 //
 // Routing, the pair sort, chunks and panels: cpu/plan.h, shared with ffn_cpu.cc.
 #include "cpu/ffn_cpu_quant.h"
@@ -31,6 +30,7 @@
 #include "cpu/kernels_quant.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
+#include "cpu/prefill.h"
 
 namespace dsmoe::cpu {
 
@@ -169,69 +169,28 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
   SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
 }
 
-void ComputePrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                         const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
-                         const PairsByBlock& sorted, bool first, float* y) {
+void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
+                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
+                    float* y) {
   const FfnDims& dims = qd.base;
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const int64_t rb = w.row_bytes;
-  const int64_t* pair_token = sorted.pair_token.get();
-  const std::vector<Panel> panels = CutPanels(sorted, n, ks);
-  const std::vector<int64_t> panel_start = PanelStarts(panels, n);
-  const int64_t slots = PanelSlots(panels);
-
-  // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.
-  auto xp = CallScratch<float>(ctx, slots * d);
-  auto cp = CallScratch<float>(ctx, slots);
-  PackPanels(ctx, ks, panels, w.x, d, sorted, routing, n, xp.get(), cp.get());
-
-  // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, scaled by g_i * c.
-  auto hp = CallScratch<float>(ctx, slots * B);
-  const int64_t task_rows = PrefillRowsPerTask(d);
-  const int64_t row_tasks = CeilDiv(B, task_rows);
-  const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
-  ParallelFor(ctx, task_block.size() * static_cast<size_t>(row_tasks), [&](size_t task) {
-    const int64_t i = task_block[task / static_cast<size_t>(row_tasks)];
-    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
-    const int64_t rows = std::min(task_rows, B - r0);
+  const int64_t d = dims.hidden, B = dims.block_size, rb = w.row_bytes;
+  // The tile's gate and up rows dequantized into per-thread float32 tiles.
+  auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t rows) {
     const int64_t row = i * B + r0;
-    // The tile's gate and up rows, dequantized once for all the block's panels.
     float* gt = ThreadBuffer(ThreadSlot::kGateTile, rows * d);
     float* ut = ThreadBuffer(ThreadSlot::kUpTile, rows * d);
     qk.dequantize_rows(w.format, w.gate + row * rb, w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr,
                        rows, d, w.group, gt);
     qk.dequantize_rows(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
                        d, w.group, ut);
-    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      const Panel& pn = panels[q];
-      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
-      gate_up(attrs.activation, gt, ut, rows, d, xp.get() + pn.offset * d, cp.get() + pn.offset,
-              hp.get() + pn.offset * B + r0 * pn.width);
-    }
-  });
-
-  const int64_t col_tasks = CeilDiv(d, kPrefillColsPerTask);
-  ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
-    const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
-    const int64_t width = std::min(kPrefillColsPerTask, d - c0);
-    if (first) {
-      for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
-    }
-    float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
-    float* rows[64];
-    int64_t packed_block = -1;
-    for (const Panel& pn : panels) {
-      const int64_t i = pn.block;
-      if (i != packed_block) {  // V_i[:, c0:c0 + width], dequantized
-        qk.dequantize_columns(w.format, w.down + i * B * rb,
-                              w.down_scales ? w.down_scales + i * w.block_groups * d : nullptr, B, d, w.group, c0,
-                              width, vp);
-        packed_block = i;
-      }
-      for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
-      const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp, B, width, width, rows, pn.count);
-    }
+    return std::pair<const float*, const float*>{gt, ut};
+  };
+  auto down_tile = [&](int64_t i, int64_t c0, int64_t width, float* tile) {
+    qk.dequantize_columns(w.format, w.down + i * B * rb, w.down_scales ? w.down_scales + i * w.block_groups * d : nullptr,
+                          B, d, w.group, c0, width, tile);
+  };
+  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
+    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, y, gate_up_rows, down_tile);
   });
 }
 
@@ -266,9 +225,7 @@ class QuantCpuKernel {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }
-    ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
-      ComputePrefillChunk(ctx, kernels_, quant_, attrs_.base, qd, w, routing, pairs, first, y);
-    });
+    ComputePrefill(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
   }
 
  private:
