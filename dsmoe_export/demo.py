@@ -254,7 +254,7 @@ def print_latency(timings: dict, prompt_tokens: int, active: float, repeats: int
 def generate_both(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
     """Greedy continuations of each prompt by the sparse and the dense export, with tokens/s."""
     from dsmoe_runtime import DSMoESession
-    from dsmoe_runtime.__main__ import load_tokenizer
+    from dsmoe_runtime import load_tokenizer
 
     tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer files, copied beside the exports
     eos = None
@@ -319,7 +319,7 @@ def real_demo(args, src: Path, plays: Path) -> int:
             r = g[kind]
             print(f"  {kind:6s} ({r['tokens'] / r['seconds']:.1f} tokens/s): {r['text']!r}")
     print()
-    from dsmoe_runtime.__main__ import load_tokenizer
+    from dsmoe_runtime import load_tokenizer
 
     tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer, copied beside the exports
     ids = tok.encode(heldout_text.read_text(encoding="utf-8")[:20000])[:args.prompt_tokens]

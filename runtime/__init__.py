@@ -5,6 +5,7 @@
 - `DSMoESession`: a session on the best execution provider with `generate()`
   (greedy or sampling, KV cache, left-padded batches, streaming) and
   activation statistics (`ActivationStats`);
+- `load_tokenizer(folder)`: the tokenizer copied beside an export;
 - `python -m dsmoe_runtime MODEL.onnx --prompt ...`: the command line.
 
 See docs/runtime.md.
@@ -15,7 +16,7 @@ from .errors import DSMoERuntimeError, InputError, LibraryError, LibraryNotFound
 
 __all__ = ["get_library_path", "register", "check_library", "library_api_version", "ENV_VAR",
            "MIN_LIBRARY_API", "MAX_LIBRARY_API", "check_onnxruntime", "library_ort_api_version", "DSMoESession", "ActivationStats", "sample_tokens",
-           "DSMoERuntimeError", "LibraryNotFoundError", "LibraryError", "ModelError", "InputError"]
+           "load_tokenizer", "DSMoERuntimeError", "LibraryNotFoundError", "LibraryError", "ModelError", "InputError"]
 
 
 def __getattr__(name):  # the session pulls in numpy/onnxruntime: load it on first use
@@ -25,6 +26,9 @@ def __getattr__(name):  # the session pulls in numpy/onnxruntime: load it on fir
     if name == "ActivationStats":
         from .stats import ActivationStats
         return ActivationStats
+    if name == "load_tokenizer":
+        from .tokenizer import load_tokenizer
+        return load_tokenizer
     if name == "sample_tokens":
         from .sampling import sample_tokens
         return sample_tokens

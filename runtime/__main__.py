@@ -13,41 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DSMoERuntimeError
-
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-class _Tokenizer:
-    """What the CLI needs of a tokenizer: transformers' AutoTokenizer, else a bare tokenizer.json."""
-
-    def __init__(self, folder: Path):
-        self.hf = None
-        try:
-            from transformers import AutoTokenizer
-
-            self.hf = AutoTokenizer.from_pretrained(str(folder))
-            self.eos_token_id = self.hf.eos_token_id
-        except ImportError:
-            from tokenizers import Tokenizer
-
-            self.tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            self.eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text)) if self.hf is not None else self.tk.encode(text).ids
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.hf is not None:
-            return self.hf.decode(ids, skip_special_tokens=True)
-        return self.tk.decode(ids, skip_special_tokens=True)
-
-
-def load_tokenizer(folder: Path):
-    if not any((folder / m).is_file() for m in TOKENIZER_MARKERS):
-        return None
-    return _Tokenizer(folder)
-
+from .tokenizer import load_tokenizer
 
 def _eos_from_folder(folder: Path, tokenizer) -> list[int] | None:
     for name in ("generation_config.json", "config.json"):

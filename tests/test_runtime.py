@@ -280,6 +280,15 @@ def test_stats_plot(session, tmp_path):
 
 # ---------------------------------------------------------------------------- exporter side
 
+def test_load_tokenizer_is_public_and_reads_an_export_folder(tmp_path):
+    assert dsmoe_runtime.load_tokenizer(tmp_path) is None  # no tokenizer files: None, not an error
+    write_byte_tokenizer(tmp_path)
+    tok = dsmoe_runtime.load_tokenizer(str(tmp_path))
+    ids = tok.encode("To be, or not")
+    assert len(ids) == len("To be, or not") and all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids) == "To be, or not"
+
+
 def test_export_exposes_active_outputs_and_copies_tokenizer(exported, session):
     folder, path = exported
     model = onnx.load(str(path), load_external_data=False)
