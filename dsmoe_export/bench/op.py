@@ -79,6 +79,13 @@ def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) 
     return {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
 
 
+def _routings_for(bar, label: str, rng, T: int, shape, ks) -> list:
+    """Routings of one token count: exact k for each of ks, then the natural router (last)."""
+    if bar is not None:
+        bar.set_description(label)
+    return [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks] + [routing.natural(rng, T, shape.d, shape.n)]
+
+
 def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, library: str, rounds: int,
               flush: timing.Flusher, seed: int, gate: timing.QuietGate | None = None,
               budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
@@ -92,10 +99,7 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
     check = {"shape": shape.label, **check_agreement(runners, e, rng)}
     rows = []
     for T in tokens:
-        if bar is not None:
-            bar.set_description(f"op {shape.label} T={T}")
-        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks]
-        routings.append(routing.natural(rng, T, shape.d, shape.n))
+        routings = _routings_for(bar, f"op {shape.label} T={T}", rng, T, shape, ks)
         calls = {("dense", None): runners["dense"].bind(routings[-1].x, routings[-1].router_weight)}
         for i, rt in enumerate(routings):
             for kind in ("sparse", "moe"):
@@ -163,10 +167,7 @@ def run_shape_quant(shape: Shape, tokens: list[int], ks: list[int], precisions: 
             check[f"qmoe_vs_sparse_{p}"] = float(np.abs(yq - ys).max() / max(1.0, float(np.abs(ys).max())))
     rows = []
     for T in tokens:
-        if bar is not None:
-            bar.set_description(f"quant {shape.label} T={T}")
-        routings = [routing.exact_k(rng, T, shape.d, shape.n, k) for k in ks]
-        routings.append(routing.natural(rng, T, shape.d, shape.n))
+        routings = _routings_for(bar, f"quant {shape.label} T={T}", rng, T, shape, ks)
         calls = {}
         for kind in kinds:
             if kind.startswith("dense"):
