@@ -49,11 +49,10 @@ ScratchArray<T> CallScratch(const Ort::KernelContext& ctx, int64_t count) {
   return ScratchArray<T>(ctx, CpuMemory(), count, "CPU");
 }
 
-// Per-pool-thread scratch that only grows, for one task's tiles (dequantized
-// weights, copied down tiles) (tasks run on the pool's threads; buffers shared by the
-// tasks come from CallScratch). Fresh allocations of these sizes would be
-// mmap'ed and page-faulted in at every call (15 % of an int4 decode call's
-// samples were the kernel zeroing pages).
+// Per-pool-thread scratch that only grows, for one task's own tiles: dequantized
+// weights, copied down tiles. (Buffers that tasks share come from CallScratch.)
+// Fresh allocations of these sizes would be mmap'ed and page-faulted in at every
+// call: 15 % of an int4 decode call's samples were the kernel zeroing pages.
 enum class ThreadSlot { kGateTile, kUpTile, kDownTile, kCount };
 float* ThreadBuffer(ThreadSlot slot, int64_t count);
 
