@@ -22,10 +22,8 @@
 #include "cpu/ffn_cpu.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-#include <memory>
-#include <vector>
+#include <utility>
 
 #include "common/ffn_op.h"
 #include "cpu/parallel.h"
@@ -36,7 +34,6 @@ static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a
 
 namespace dsmoe::cpu {
 namespace {
-
 
 struct Weights {
   const float* x;       // [N, d]
@@ -66,7 +63,7 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, 0, N);
+  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, N);
   const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
 

@@ -85,7 +85,6 @@ const QuantKernelSet& SelectQuantKernels() {
 
 namespace {
 
-
 WeightFormat FormatOf(QuantKind kind) {
   return kind == QuantKind::kInt4 ? WeightFormat::kInt4
          : kind == QuantKind::kInt8 ? WeightFormat::kInt8
@@ -108,7 +107,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
                    float* y) {
   const FfnDims& dims = qd.base;
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, 0, N);
+  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, N);
   const int64_t* block_start = sorted.block_start.get();
   const int64_t* pair_token = sorted.pair_token.get();
 

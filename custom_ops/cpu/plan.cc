@@ -59,11 +59,11 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
   return r;
 }
 
-PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1) {
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t num_tokens) {
   PairsByBlock s{HeapArray<int64_t>(n + 1), nullptr};
   int64_t* start = s.block_start.get();
   std::fill(start, start + n + 1, 0);
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t i = 0; i < n; ++i) start[i + 1] += active[t * n + i];
   }
   for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
@@ -71,7 +71,7 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t
   s.pair_token = HeapArray<int64_t>(s.pairs);
   auto fill = HeapArray<int64_t>(n);
   std::copy(start, start + n, fill.get());
-  for (int64_t t = t0; t < t1; ++t) {
+  for (int64_t t = 0; t < num_tokens; ++t) {
     for (int64_t i = 0; i < n; ++i) {
       if (active[t * n + i]) s.pair_token[fill[i]++] = t;
     }

@@ -66,7 +66,7 @@ struct Routing {
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const float* x, const float* router, const float* bias);
 
-// Active pairs of tokens [t0, t1) sorted by block (tokens ascending within a
+// The active pairs of a call sorted by block (tokens ascending within a
 // block): pairs of block i are [block_start[i], block_start[i + 1]), pair_token[p]
 // is the token of pair p.
 struct PairsByBlock {
@@ -74,7 +74,7 @@ struct PairsByBlock {
   int64_t pairs = 0;
 };
 
-PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t t0, int64_t t1);
+PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t num_tokens);
 
 // Decode's second pass: y[t] = the sum of token t's partial outputs
 // partial[(pair * groups + g) * d + c] over its active blocks (ascending) and
@@ -97,7 +97,7 @@ PairsByBlock SliceOfPairs(const PairsByBlock& sorted, int64_t n, int64_t p0, int
 // once, for the chunk that must zero the output first.
 template <typename F>
 void ForEachPrefillChunk(const Routing& routing, const FfnDims& dims, const F& run) {
-  const PairsByBlock all = SortPairsByBlock(routing.active.get(), dims.num_blocks, 0, dims.num_tokens);
+  const PairsByBlock all = SortPairsByBlock(routing.active.get(), dims.num_blocks, dims.num_tokens);
   bool first = true;
   for (const auto& [p0, p1] : PrefillChunks(all, dims)) {
     run(SliceOfPairs(all, dims.num_blocks, p0, p1), first);
