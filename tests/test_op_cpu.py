@@ -70,7 +70,7 @@ def test_odd_sizes(op_library, rng, d, n, B, tokens):
 
 
 def test_many_tokens_several_chunks(op_library, rng):
-    # > 2048 active pairs with max(d, B) = 2048: the prefill path splits the tokens into chunks.
+    # > 2048 active pairs with max(d, B) = 2048: the prefill path cuts the pairs into chunks of whole blocks.
     case = make_case(rng, (3, 250), d=16, n=8, B=2048, bias=True)
     outputs = run(case, op_library, threads=2)
     assert outputs[1].sum() > 2048
@@ -229,8 +229,8 @@ def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_depth_beyond_one_k_slice(op_library, rng, monkeypatch, isa):
-    """d spans several of the GEMM's k slices (256 to 2048 deep, by panel width) with a tail
-    off the packed weights' 16-deep blocks; B leaves a partial group of packed rows."""
+    """d spans several of the GEMM's k slices (256 to 2048 deep, by panel width) and ends off
+    the vector width (2085 % 16 = 5); B = 13 leaves a partial register tile of rows."""
     if isa not in _cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("DSMOE_CPU_ISA", isa)
