@@ -167,3 +167,81 @@ def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
     phases = {(r["phase"], r["kind"]) for r in results["e2e"]}
     assert {("prefill", "sparse"), ("decode", "dense"), ("decode", "attn")} <= phases
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def _tiny_folder(path):
+    from byte_tokenizer import write_byte_tokenizer
+
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    # split experts and tied embeddings: the layouts the attention-only copy must read
+    folder = make_model_folder(path, TinySpec(tie_word_embeddings=True), seed=3, split=True)
+    write_byte_tokenizer(folder)
+    return folder
+
+
+def test_attention_only_copy_keeps_all_but_the_ffn_rows(tmp_path):
+    from dsmoe_export.bench.e2e import attention_only_folder
+    from dsmoe_export.checkpoint import load_state_dict
+    from dsmoe_export.config import load_config
+    from dsmoe_export.loader import load_model
+
+    src = _tiny_folder(tmp_path / "model")
+    dst = attention_only_folder(src, tmp_path / "attn")
+    cfg, cfg_attn = load_config(src), load_config(dst)
+    n = cfg.dsmoe.num_experts
+    assert cfg_attn.intermediate_size == n and cfg_attn.hidden_size == cfg.hidden_size
+    assert cfg_attn.tie_word_embeddings and cfg_attn.dsmoe.num_experts == n
+    full = load_state_dict(src, cfg, with_routers=True)
+    attn = load_state_dict(dst, cfg_attn, with_routers=True)
+    assert set(full) == set(attn)
+    for name, t in full.items():
+        proj = name.rsplit(".", 2)[-2]
+        if proj in ("gate_proj", "up_proj"):
+            assert attn[name].shape == (n, cfg.hidden_size) and attn[name].equal(t[:n])
+        elif proj == "down_proj":
+            assert attn[name].shape == (cfg.hidden_size, n) and attn[name].equal(t[:, :n])
+        else:
+            assert attn[name].equal(t), name
+    load_model(dst)  # a valid DSMoE folder in its own right
+
+
+def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
+    from dsmoe_export.bench import cli
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    folder = _tiny_folder(tmp_path / "my-model")
+    before = sorted(p.name for p in folder.iterdir())
+    out = tmp_path / "out"
+    text = tmp_path / "prompt.txt"
+    text.write_text("To be, or not to be: " * 2)  # 42 byte tokens; the run needs 16 + 4 (decode)
+    assert cli.main(["e2e", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "1,7",
+                     "--model", str(folder), "--text", str(text), "--out", str(out)]) == 0
+    results = _check_outputs(out, "e2e")
+    assert results["e2e_info"]["model"].startswith("my-model: 2 layers, d=64 D=192 n=8")
+    assert results["e2e_info"]["prompt"] == "the text of prompt.txt, 42 tokens"
+    rows = {(r["phase"], r["kind"]): r for r in results["e2e"]}
+    assert set(rows) == {(p, k) for p in ("prefill", "decode") for k in ("sparse", "dense", "attn")}
+    assert rows[("prefill", "sparse")]["tokens"] == 7 and 0 <= rows[("prefill", "sparse")]["r"] <= 1
+    assert "my-model: " in (out / "results.md").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == before   # the user's folder is left as it was
+    assert not (out / "e2e").exists()                          # exports removed without --keep-exports
+
+
+def test_model_option_errors(tmp_path, op_library, monkeypatch):
+    from dsmoe_export.bench import cli
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    with pytest.raises(SystemExit, match=r"--model: .*nowhere: not a directory"):
+        cli.main(["e2e", "--quick", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="not to op"):
+        cli.main(["op", "--quick", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    folder = _tiny_folder(tmp_path / "m")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    with pytest.raises(SystemExit, match=r"short\.txt: 10 tokens, the run needs 20"):
+        cli.main(["e2e", "--quick", "--model", str(folder), "--text", str(short), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--text needs --model"):
+        cli.main(["e2e", "--quick", "--text", str(short), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from byte_tokenizer import write_byte_tokenizer
 from model_refs import hf_reference, min_threshold_margin
 from onnx import TensorProto, helper
 
@@ -39,19 +40,6 @@ def module_seed(request) -> int:
     value = int(os.environ.get("DSMOE_TEST_SEED", secrets.randbits(31)))
     print(f"{request.module.__name__}: DSMOE_TEST_SEED={value}")
     return value
-
-
-def write_byte_tokenizer(folder) -> None:
-    """A byte-level tokenizer with one token per byte (vocab 256 = TinySpec's): no hub needed."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
 
 
 @pytest.fixture(scope="module")

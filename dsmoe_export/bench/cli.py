@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import DSMoEError
 from . import e2e, metrics, op, probes, report, timing
 
 DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
@@ -62,6 +63,13 @@ def parser() -> argparse.ArgumentParser:
                         "op against the dense FFN as com.microsoft.MatMulNBits and com.microsoft.QMoE at the same "
                         "precision, and against the float32 sparse op (default: none)")
     p.add_argument("--group-size", type=int, default=32, help="quantization group of --precisions (default: 32)")
+    p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
+                   help="end to end: time this DSMoE model folder (its sparse and --dense exports, and an "
+                        "attention-only copy for the FFN share) instead of a random model; the --e2e-* shape "
+                        "options do not apply")
+    p.add_argument("--text", type=Path, default=None, metavar="FILE",
+                   help="with --model: prompts and decode steps from this text file, tokenized with the folder's "
+                        "tokenizer (default: random token ids)")
     p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
@@ -122,6 +130,26 @@ def find_library(explicit: str | None) -> str:
         raise SystemExit(str(e)) from None
 
 
+def _text_ids(text: Path, model_dir: Path, needed: int) -> list[int]:
+    """The text file's token ids under the model folder's tokenizer, at least `needed` of them."""
+    try:
+        from dsmoe_runtime import load_tokenizer
+    except ImportError:
+        raise SystemExit("--text needs the dsmoe_runtime package (pip install .)") from None
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{text}: cannot read it as UTF-8 text ({e})") from None
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise SystemExit(f"{model_dir}: no tokenizer files (tokenizer.json or tokenizer.model), needed by --text")
+    ids = tokenizer.encode(content)
+    if len(ids) < needed:
+        raise SystemExit(f"{text}: {len(ids)} tokens, the run needs {needed} (the longest prefill, or the "
+                         f"decode prompt plus its steps)")
+    return ids
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -157,6 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     do_op, do_e2e = args.what in ("op", "all"), args.what in ("e2e", "all")
     ks_for = (lambda s: [k for k in args.ks if k <= s.n]) if args.ks else (lambda s: list(range(1, s.n + 1)))
     prefill = [t for t in args.tokens if t > 1]
+
+    if do_e2e and args.model is not None:
+        try:
+            model_shape = e2e.ModelShape.of_folder(args.model)
+        except DSMoEError as e:  # a clear message, not a traceback, before anything is timed
+            raise SystemExit(f"--model: {e}") from None
+    elif do_e2e:
+        model_shape = e2e.ModelShape(ffn=op.Shape.parse(args.e2e_shape), layers=args.e2e_layers,
+                                     heads=args.e2e_heads, kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
+    elif args.model is not None:
+        raise SystemExit("--model applies to the end-to-end benchmark (e2e or all), not to op")
+    token_ids = None
+    if args.text is not None:
+        if not do_e2e or args.model is None:
+            raise SystemExit("--text needs --model and the end-to-end benchmark (e2e or all)")
+        token_ids = _text_ids(args.text, args.model, e2e.tokens_needed(prefill, args.decode_past, args.decode_steps))
 
     flush = timing.Flusher(enabled=not args.no_flush)
     gate = timing.QuietGate(max_wait_s=args.max_wait, enabled=args.max_wait > 0)
@@ -203,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault("quant_checks", []).append(check)
                     _save_partial(args.out, results, before)
         if do_e2e:
-            ffn = op.Shape.parse(args.e2e_shape)
-            shape = e2e.ModelShape(ffn=ffn, layers=args.e2e_layers, heads=args.e2e_heads,
-                                   kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
+            shape = model_shape
             rows, info = e2e.run(args.out / "e2e", shape, prefill_tokens=prefill, decode_past=args.decode_past,
                                  decode_steps=args.decode_steps, threads=args.threads, library=library,
                                  rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
-                                 bar=bar)
+                                 bar=bar, token_ids=token_ids)
+            if args.text is not None:
+                info["prompt"] = f"the text of {args.text.name}, {len(token_ids)} tokens"
             results["e2e"], results["e2e_info"] = rows, info
             _save_partial(args.out, results, before)
             if not args.keep_exports:

@@ -1,18 +1,21 @@
-"""End to end: the sparse export against the ``--dense`` export of the same random model, in
-ONNX Runtime: prefill of T tokens and token-by-token decode with the KV cache.
+"""End to end: the sparse export against the ``--dense`` export of the same model, in ONNX
+Runtime: prefill of T tokens and token-by-token decode with the KV cache.
 
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
 block), exported dense. Its time is the attention, embedding, norms and LM head of the other
 two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio.
 
-The models come from :mod:`dsmoe_export.synthetic` (random LLaMA + DSMoE routers, the
-router's natural mix of k per token) and are exported with :func:`dsmoe_export.exporter.export`
-with validation on (each export is checked against the PyTorch reference before it is timed).
-The active fractions r are those of the PyTorch reference on the same token ids.
+The model is either random (:mod:`dsmoe_export.synthetic`: LLaMA + DSMoE routers, the router's
+natural mix of k per token) or a DSMoE model folder (``--model``; its attention-only twin keeps
+its weights but n rows of each FFN). Every export comes from
+:func:`dsmoe_export.exporter.export` with validation on (checked against the PyTorch reference
+before it is timed). The prompts are random token ids, or with a folder the token ids of a
+text; the active fractions r are those of the PyTorch reference on the same ids.
 """
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,8 @@ import onnxruntime as ort
 import torch
 
 from .. import onnx_io
+from ..checkpoint import load_state_dict, write_folder
+from ..config import CONFIG_NAME, load_config
 from ..exporter import export
 from ..loader import load_model
 from ..synthetic import TinySpec, make_model_folder
@@ -37,6 +42,16 @@ class ModelShape:
     heads: int = 32
     kv_heads: int = 4
     vocab: int = 2048
+    head_dim: int | None = None     # None: d / heads
+    folder: Path | None = None      # a DSMoE model folder instead of a random model
+
+    @classmethod
+    def of_folder(cls, model_dir: str | Path) -> "ModelShape":
+        """The shape of a DSMoE model folder (config.json checked as the exporter checks it)."""
+        cfg = load_config(model_dir)
+        return cls(ffn=Shape(cfg.hidden_size, cfg.intermediate_size, cfg.dsmoe.num_experts),
+                   layers=cfg.num_hidden_layers, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                   vocab=cfg.vocab_size, head_dim=cfg.head_dim, folder=Path(model_dir))
 
     def spec(self, *, ffn: bool = True) -> TinySpec:
         return TinySpec(vocab_size=self.vocab, hidden_size=self.ffn.d,
@@ -46,20 +61,45 @@ class ModelShape:
 
     @property
     def label(self) -> str:
-        return (f"{self.layers} layers, {self.ffn.label}, {self.heads} heads / {self.kv_heads} KV heads, "
+        name = f"{self.folder.resolve().name}: " if self.folder is not None else ""
+        return (f"{name}{self.layers} layers, {self.ffn.label}, {self.heads} heads / {self.kv_heads} KV heads, "
                 f"vocab {self.vocab}")
+
+
+def attention_only_folder(model_dir: Path, out: Path) -> Path:
+    """A copy of a DSMoE folder whose FFNs keep n of their D rows (one per block): the same
+    attention, embeddings, norms and LM head, a negligible FFN."""
+    cfg = load_config(model_dir)
+    n = cfg.dsmoe.num_experts
+    tensors = load_state_dict(model_dir, cfg, with_routers=True)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        for proj in ("gate_proj", "up_proj"):
+            tensors[p + proj + ".weight"] = tensors[p + proj + ".weight"][:n].clone()
+        tensors[p + "down_proj.weight"] = tensors[p + "down_proj.weight"][:, :n].clone()
+    config = json.loads((Path(model_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+    config["intermediate_size"] = n
+    write_folder(out, config, tensors)
+    return out
 
 
 def build(out: Path, shape: ModelShape, *, seed: int, bar=None) -> dict:
     """Model folders and the three validated exports: {kind: ExportResult}."""
     out.mkdir(parents=True, exist_ok=True)
-    folders = {"model": make_model_folder(out / "model", shape.spec(), seed=seed, router_scale=1.0),
-               "attn": make_model_folder(out / "model-attn", shape.spec(ffn=False), seed=seed, router_scale=1.0)}
+    if shape.folder is not None:
+        if bar is not None:
+            bar.set_description("e2e attention-only copy")
+        folders = {"model": shape.folder, "attn": attention_only_folder(shape.folder, out / "model-attn")}
+    else:
+        folders = {"model": make_model_folder(out / "model", shape.spec(), seed=seed, router_scale=1.0),
+                   "attn": make_model_folder(out / "model-attn", shape.spec(ffn=False), seed=seed,
+                                             router_scale=1.0)}
     results = {}
     for kind, folder, dense in (("sparse", "model", False), ("dense", "model", True), ("attn", "attn", True)):
         if bar is not None:
             bar.set_description(f"e2e export {kind}")
-        results[kind] = export(folders[folder], out / f"{kind}.onnx", dense=dense, validate=True, progress=False)
+        results[kind] = export(folders[folder], out / f"{kind}.onnx", dense=dense, validate=True, progress=False,
+                               copy_tokenizer=False)
         if bar is not None:
             bar.update(1)
     return {"folders": folders, "exports": results}
@@ -73,7 +113,7 @@ def _feeds(ids: np.ndarray, past_len: int, past: list[np.ndarray], shape: ModelS
     b, s = ids.shape
     feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64),
              "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)}
-    head_dim = shape.ffn.d // shape.heads
+    head_dim = shape.head_dim or shape.ffn.d // shape.heads
     for i, name in enumerate(onnx_io.past_names(shape.layers)):
         feeds[name] = past[i] if past else np.zeros((b, shape.kv_heads, 0, head_dim), np.float32)
     return feeds
@@ -108,7 +148,10 @@ def _activity_stats(per_layer: list[np.ndarray]) -> dict:
 
 def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past: int, decode_steps: int,
         threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
-        gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
+        gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None,
+        token_ids: np.ndarray | None = None) -> tuple[list[dict], dict]:
+    """Rows and run info. ``token_ids`` (1-D, at least tokens_needed() long): real text for the
+    prompts and decode steps instead of random ids."""
     built = build(out, shape, seed=seed, bar=bar)
     exports = built["exports"]
     info = {"model": shape.label, "decode_past": decode_past, "decode_steps": decode_steps,
@@ -117,8 +160,14 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     sessions = {k: _session(r.path, threads, library if k == "sparse" else None) for k, r in exports.items()}
     rng = np.random.default_rng(seed)
     longest = max(prefill_tokens + [decode_past])
-    prompt = rng.integers(0, shape.vocab, (1, longest), dtype=np.int64)
-    steps = rng.integers(0, shape.vocab, decode_steps, dtype=np.int64)
+    if token_ids is not None:
+        ids = np.asarray(token_ids, np.int64)
+        prompt, steps = ids[None, :longest], ids[decode_past:decode_past + decode_steps]
+        info["prompt"] = "text"
+    else:
+        prompt = rng.integers(0, shape.vocab, (1, longest), dtype=np.int64)
+        steps = rng.integers(0, shape.vocab, decode_steps, dtype=np.int64)
+        info["prompt"] = "random token ids"
     reference = load_model(built["folders"]["model"])[0]
     rows = []
 
@@ -158,6 +207,11 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     del sessions, reference
     gc.collect()
     return rows, info
+
+
+def tokens_needed(prefill_tokens: list[int], decode_past: int, decode_steps: int) -> int:
+    """Token ids a text prompt must provide for run()."""
+    return max(prefill_tokens + [decode_past + decode_steps])
 
 
 def _skip_unused(bar, res: dict, rounds: int) -> None:

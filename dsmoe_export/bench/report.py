@@ -161,7 +161,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     e2e_info = results.get("e2e_info")
     if e2e_info:
-        lines += [f"End-to-end model: {e2e_info['model']}; exports validated against PyTorch: "
+        prompt = f"; prompts: {e2e_info['prompt']}" if "prompt" in e2e_info else ""
+        lines += [f"End-to-end model: {e2e_info['model']}{prompt}; exports validated against PyTorch: "
                   + "; ".join(f"{k}: {v}" for k, v in e2e_info["validation"].items()), ""]
     lines += LEGEND + [""]
     for note in results.get("notes", []):
