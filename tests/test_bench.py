@@ -245,3 +245,22 @@ def test_model_option_errors(tmp_path, op_library, monkeypatch):
     with pytest.raises(SystemExit, match="--text needs --model"):
         cli.main(["e2e", "--quick", "--text", str(short), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_plot_of_end_to_end_rows_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dsmoe_export.bench import report
+
+    rows = []
+    for phase, T, past in (("prefill", 64, 0), ("decode", 1, 32)):
+        for kind, ms in (("sparse", 7.0), ("dense", 10.0), ("attn", 4.0)):
+            row = {"phase": phase, "tokens": T, "past": past, "kind": kind, "ms_min": ms, "ratio_min": ms / 10.0}
+            if kind == "sparse":
+                row.update(ffn_ratio_min=0.5, r=0.45, target=0.57)
+            rows.append(row)
+    results = {"meta": {"cpu": "cpu", "threads": 2, "date": "today"}, "op": [], "e2e": rows,
+               "e2e_info": {"model": "m: 2 layers"}}
+    assert report.plot(tmp_path / "p.png", results) is None
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert "no op-level or end-to-end rows" in report.plot(tmp_path / "q.png", {**results, "e2e": []})
+    assert not (tmp_path / "q.png").exists()

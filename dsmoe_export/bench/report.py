@@ -194,9 +194,14 @@ def plot(path: Path, results: dict) -> str | None:
         return "matplotlib is not installed (pip install '.[bench]'): no PNG written"
     rows = results.get("op", [])
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    if not shapes:
-        return "no op-level rows: no PNG written"
-    fig, axes = plt.subplots(len(shapes), 3, figsize=(16, 4.6 * len(shapes)), squeeze=False)
+    e2e_rows = results.get("e2e", [])
+    if not shapes and not e2e_rows:
+        return "no op-level or end-to-end rows: no PNG written"
+    n_rows = len(shapes) + (1 if e2e_rows else 0)
+    cols = 3 if shapes else 2  # op rows: 3 panels each; end to end: 2
+    fig, axes = plt.subplots(n_rows, cols, figsize=(16 if shapes else 11, 4.6 * n_rows), squeeze=False)
+    if e2e_rows:
+        _plot_e2e(axes[-1], e2e_rows, results.get("e2e_info", {}).get("model", ""))
     for row_axes, shape in zip(axes, shapes):
         mine = [r for r in rows if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in mine})
@@ -227,11 +232,39 @@ def plot(path: Path, results: dict) -> str | None:
         ax_ratio.legend(fontsize=6, ncol=2)
         ax_tok.legend(fontsize=7)
     meta = results["meta"]
-    fig.suptitle(f"dsmoe-export op benchmark, {meta['cpu']}, {meta['threads']} threads, {meta['date']}", fontsize=10)
+    fig.suptitle(f"dsmoe-export benchmark, {meta['cpu']}, {meta['threads']} threads, {meta['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
+
+
+def _plot_e2e(row_axes, rows: list[dict], model: str) -> None:
+    """Per phase: the three exports' latency, and the sparse/dense ratios next to r and the target."""
+    import numpy as np
+
+    keyed: dict = {}
+    for r in rows:
+        keyed.setdefault((r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
+    labels = [f"prefill {T}" if phase == "prefill" else f"decode\n(past {past})" for phase, T, past in keyed]
+    x = np.arange(len(keyed))
+    ax_ms, ax_ratio = row_axes[:2]
+    for i, (kind, label) in enumerate((("sparse", "sparse export"), ("dense", "dense export"),
+                                       ("attn", "attention-only export"))):
+        ax_ms.bar(x + (i - 1) * 0.27, [k[kind]["ms_min"] for k in keyed.values()], 0.27, label=label)
+    ax_ms.set(xticks=x, xticklabels=labels, ylabel="ms (min)", yscale="log", title="end to end: latency")
+    sparse = [k["sparse"] for k in keyed.values()]
+    ax_ratio.bar(x - 0.2, [r["ratio_min"] for r in sparse], 0.4, label="whole model sparse/dense")
+    ax_ratio.bar(x + 0.2, [r["ffn_ratio_min"] for r in sparse], 0.4, label="FFN share sparse/dense")
+    ax_ratio.plot(x + 0.2, [r["r"] for r in sparse], "ko", ms=5, label="r (active fraction)")
+    ax_ratio.plot(x + 0.2, [r["target"] for r in sparse], "r_", ms=22, mew=2, label="target")
+    ax_ratio.set(xticks=x, xticklabels=labels, ylabel="time / dense time", ylim=(0, 1.3),
+                 title="end to end: ratios" + (f" ({model.split(',')[0]})" if model else ""))
+    for ax in (ax_ms, ax_ratio):
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in row_axes[2:]:
+        ax.axis("off")
 
 
 def write_all(out: Path, results: dict) -> dict[str, Path]:
