@@ -33,7 +33,6 @@ from . import __version__
 from .exporter import export
 from .loader import load_model
 from .synthetic import TinySpec, make_model_folder
-from .validate import make_session
 
 DEFAULT_SPEC = TinySpec(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=2,
@@ -220,8 +219,21 @@ def time_interleaved(runs: dict[str, callable], repeats: int) -> dict[str, float
 
 
 def latency(paths: dict[str, Path], prompt: np.ndarray, *, threads: int | None, repeats: int) -> dict:
-    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved."""
-    sessions = {k: make_session(p, threads=threads, custom_ops=k == "sparse") for k, p in paths.items()}
+    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved, the
+    two sessions on one shared thread pool (as the benchmark tool times them)."""
+    import onnxruntime as ort
+
+    import dsmoe_runtime
+
+    from .bench import graphs
+
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    sessions = {}
+    for k, p in paths.items():
+        opts = graphs.session_options(threads)
+        if k == "sparse":
+            dsmoe_runtime.register(opts)
+        sessions[k] = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     past_inputs = [i for i in sessions["dense"].get_inputs() if i.name.startswith("past_key_values.")]
     layers = len(past_inputs) // 2
     kv_heads, head_dim = past_inputs[0].shape[1], past_inputs[0].shape[3]

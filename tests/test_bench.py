@@ -264,3 +264,11 @@ def test_plot_of_end_to_end_rows_alone(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert "no op-level or end-to-end rows" in report.plot(tmp_path / "q.png", {**results, "e2e": []})
     assert not (tmp_path / "q.png").exists()
+
+
+def test_timed_sessions_do_not_spin():
+    # Several sessions time in one process: a pool that spins after its call steals the cores
+    # from the next session's timed call (graphs.THREAD_POOL).
+    opts = graphs.session_options(2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == 2

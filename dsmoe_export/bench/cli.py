@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import DSMoEError
-from . import e2e, metrics, op, probes, report, timing
+from . import e2e, graphs, metrics, op, probes, report, timing
 
 DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
 DEFAULT_TOKENS = "1,16,128,256,512"
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"meta": {
         "command": "python -m dsmoe_export.bench " + shlex.join(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "versions": _versions(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
+        "thread_pool": graphs.THREAD_POOL, "versions": _versions(),
         "library": library, "platform": platform.platform(),
         "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
                   if flush.enabled else "warm (--no-flush)"),

@@ -278,10 +278,21 @@ def qmoe_layout(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZ
     return tuple(out)
 
 
+# How the timed sessions get their threads: a pool per session whose idle workers sleep.
+# ORT's default lets a pool's workers spin after each call; with several sessions in one
+# process (sparse, MoE, dense), the idle pools' spinning competed with another session's
+# timed call: on 2 cores that put medians at up to 2x the minimum and moved MoE's times by up
+# to 40 %, cache flush or not. (One pool shared by all sessions avoids it too, but ORT's global
+# pools are process-wide: every later session of the process, the exporter's validation
+# included, would have to use them.)
+THREAD_POOL = "a pool per session, idle workers sleeping (session.intra_op.allow_spinning=0)"
+
+
 def session_options(threads: int, library: str | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     if library is not None:

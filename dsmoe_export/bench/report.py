@@ -134,7 +134,8 @@ def markdown(results: dict) -> str:
     lines = ["# dsmoe-export benchmark", "",
              f"- command: `{meta['command']}`",
              f"- date: {meta['date']}",
-             f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads",
+             f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads"
+             + (f" ({meta['thread_pool']})" if meta.get("thread_pool") else ""),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
              f"- op library: `{meta['library']}`",
              f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}"]
