@@ -259,7 +259,8 @@ def _plot_e2e(row_axes, rows: list[dict], model: str) -> None:
     ax_ratio.bar(x + 0.2, [r["ffn_ratio_min"] for r in sparse], 0.4, label="FFN share sparse/dense")
     ax_ratio.plot(x + 0.2, [r["r"] for r in sparse], "ko", ms=5, label="r (active fraction)")
     ax_ratio.plot(x + 0.2, [r["target"] for r in sparse], "r_", ms=22, mew=2, label="target")
-    ax_ratio.set(xticks=x, xticklabels=labels, ylabel="time / dense time", ylim=(0, 1.3),
+    top = max([1.3] + [1.1 * r[key] for r in sparse for key in ("ratio_min", "ffn_ratio_min")])
+    ax_ratio.set(xticks=x, xticklabels=labels, ylabel="time / dense time", ylim=(0, top),
                  title="end to end: ratios" + (f" ({model.split(',')[0]})" if model else ""))
     for ax in (ax_ms, ax_ratio):
         ax.grid(True, axis="y", alpha=0.3)
