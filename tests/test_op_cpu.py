@@ -269,3 +269,56 @@ def test_unknown_instruction_set_is_an_error(op_library, rng, monkeypatch):
     case = make_case(rng, (3,), d=8, n=2, B=4)
     with pytest.raises(Exception, match="DSMOE_CPU_ISA=avx9000"):
         run(case, op_library)
+
+
+def _anon_huge_kb() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, enabled):
+    """Initializer weights are advised onto 2 MB pages at session creation (cpu/hugepages.h),
+    DSMOE_HUGEPAGES=0 leaves them, and the results stay those of the reference."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dsmoe_export import onnx_op
+
+    if _thp_mode() != "madvise":  # "always" would give ORT's copies huge pages anyway; "never" none
+        pytest.skip(f"transparent huge pages are {_thp_mode()!r} here, the test needs 'madvise'")
+    if not enabled:
+        monkeypatch.setenv("DSMOE_HUGEPAGES", "0")
+    d, n, B = 512, 2, 2048  # 8 MB per weight tensor: at least 3 aligned 2 MB pages each
+    case = make_case(rng, (9,), d=d, n=n, B=B, bias=True)
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), name) for name, a in
+             (("router_weight", case.router_weight), ("gate_weight", case.gate), ("up_weight", case.up),
+              ("down_weight", case.down), ("router_bias", case.router_bias))]
+    node = onnx_op.make_node(["X", "router_weight", "gate_weight", "up_weight", "down_weight", "router_bias"],
+                             ["Y"], num_experts=n, **case.attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, d])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(onnx_op.DOMAIN, 1)])
+    model.ir_version = 10
+    blob = model.SerializeToString()
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(op_library)
+    before = _anon_huge_kb()
+    sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    grown = _anon_huge_kb() - before
+    if enabled:
+        assert grown >= 3 * 3 * 2048, f"AnonHugePages grew by {grown} kB"
+    else:
+        assert grown < 2048, f"AnonHugePages grew by {grown} kB with DSMOE_HUGEPAGES=0"
+    y = sess.run(None, {"X": case.x.astype(np.float32)})[0]
+    y_ref = case.reference()[0]
+    assert np.abs(y - y_ref).max() <= 1e-4 * max(1.0, np.abs(y_ref).max())

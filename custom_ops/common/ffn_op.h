@@ -4,12 +4,23 @@
 //   static constexpr ONNXTensorElementDataType kElementType;  // T of docs/op-spec.md
 //   explicit Kernel(const FfnAttributes&);
 //   void Compute(Ort::KernelContext&);                   // may throw Ort::Exception
+// and optionally
+//   void Prepare(const Ort::ConstKernelInfo&);           // once, at session creation
 #pragma once
+
+#include <type_traits>
+#include <utility>
 
 #include "common/ffn_params.h"
 #include "common/status.h"
 
 namespace dsmoe {
+
+template <typename Kernel, typename = void>
+struct HasPrepare : std::false_type {};
+template <typename Kernel>
+struct HasPrepare<Kernel, std::void_t<decltype(std::declval<Kernel&>().Prepare(
+                              std::declval<const Ort::ConstKernelInfo&>()))>> : std::true_type {};
 
 template <typename Kernel>
 struct FfnKernelAdapter {
@@ -30,7 +41,12 @@ struct GatedBlockSparseFfnOp
 
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
     *op_kernel = nullptr;
-    return StatusFromCall([&] { *op_kernel = new Adapter(ParseAttributes(Ort::ConstKernelInfo(info))); });
+    return StatusFromCall([&] {
+      const Ort::ConstKernelInfo kernel_info(info);
+      auto* adapter = new Adapter(ParseAttributes(kernel_info));
+      *op_kernel = adapter;  // owned by ORT from here, also if Prepare throws
+      if constexpr (HasPrepare<Kernel>::value) adapter->kernel.Prepare(kernel_info);
+    });
   }
 
   const char* GetName() const { return kOpName; }

@@ -26,6 +26,7 @@
 #include <utility>
 
 #include "common/ffn_op.h"
+#include "cpu/hugepages.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
 #include "cpu/prefill.h"
@@ -124,6 +125,20 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
 }
 
 }  // namespace
+
+void FfnCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
+  for (const size_t index : {kGateWeight, kUpWeight, kDownWeight}) {
+    try {
+      int is_constant = 0;
+      Ort::ConstValue weight = info.GetTensorConstantInput(index, &is_constant);
+      if (!is_constant || !weight || !weight.IsTensor()) continue;  // a graph input: the caller's memory
+      const size_t count = weight.GetTensorTypeAndShapeInfo().GetElementCount();
+      AdviseHugePages(weight.GetTensorRawData(), count * sizeof(float));
+    } catch (const Ort::Exception&) {
+      // Only an optimisation: a runtime that cannot say which inputs are constant runs without it.
+    }
+  }
+}
 
 void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const FfnInputs in = GetInputs(ctx, attrs_);

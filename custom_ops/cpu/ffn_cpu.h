@@ -12,6 +12,8 @@ class FfnCpuKernel {
   static constexpr ONNXTensorElementDataType kElementType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
   explicit FfnCpuKernel(const FfnAttributes& attrs) : attrs_(attrs), kernels_(SelectKernels()) {}
+  // Constant gate/up/down weights (initializers) onto huge pages (cpu/hugepages.h).
+  void Prepare(const Ort::ConstKernelInfo& info) const;
   void Compute(Ort::KernelContext& ctx) const;
 
  private:

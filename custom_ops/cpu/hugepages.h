@@ -1,0 +1,19 @@
+// Asks Linux to back weight tensors with 2 MB pages.
+//
+// ORT copies the initializers into its own memory on 4 KB pages. The prefill's
+// down tiles read V's rows d floats apart, a new page per row, so every row
+// copied is a TLB miss; on 2 MB pages the op ran 3 % faster at d = 2048,
+// T = 256 (docs/cpu-kernel-notes.md #17). Advisory only: the contents do not
+// change, and any failure (other OS, THP off, no free huge pages, a read-only
+// file mapping) leaves the memory as it was.
+#pragma once
+
+#include <cstddef>
+
+namespace dsmoe::cpu {
+
+// MADV_HUGEPAGE, then MADV_COLLAPSE (Linux 6.1+: done now, not some time later),
+// on the 2 MB-aligned part of [data, data + bytes). Off with DSMOE_HUGEPAGES=0.
+void AdviseHugePages(const void* data, size_t bytes);
+
+}  // namespace dsmoe::cpu
