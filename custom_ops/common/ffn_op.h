@@ -8,6 +8,7 @@
 //   void Prepare(const Ort::ConstKernelInfo&);           // once, at session creation
 #pragma once
 
+#include <memory>
 #include <type_traits>
 #include <utility>
 
@@ -43,9 +44,9 @@ struct GatedBlockSparseFfnOp
     *op_kernel = nullptr;
     return StatusFromCall([&] {
       const Ort::ConstKernelInfo kernel_info(info);
-      auto* adapter = new Adapter(ParseAttributes(kernel_info));
-      *op_kernel = adapter;  // owned by ORT from here, also if Prepare throws
+      auto adapter = std::make_unique<Adapter>(ParseAttributes(kernel_info));
       if constexpr (HasPrepare<Kernel>::value) adapter->kernel.Prepare(kernel_info);
+      *op_kernel = adapter.release();  // ORT's from here on (KernelDestroy)
     });
   }
 
