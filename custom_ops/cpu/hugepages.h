@@ -2,10 +2,12 @@
 //
 // ORT copies the initializers into its own memory on 4 KB pages. The prefill's
 // down tiles read V's rows d floats apart, a new page per row, so every row
-// copied is a TLB miss; on 2 MB pages the op ran 3 % faster at d = 2048,
-// T = 256 (docs/cpu-kernel-notes.md #17). Advisory only: the contents do not
-// change, and any failure (other OS, THP off, no free huge pages, a read-only
-// file mapping) leaves the memory as it was.
+// copied is a TLB miss; on 2 MB pages the op ran 3.6 % faster at d = 2048,
+// T = 256 (docs/cpu-kernel-notes.md #17). The price is paid at session
+// creation: MADV_COLLAPSE copies the weights into huge pages there (138 MB of
+// weights: +26 to +243 ms, the first time in a process the slowest). Advisory
+// only: the contents do not change, and any failure (other OS, THP off, no free
+// huge pages, a read-only file mapping) leaves the memory as it was.
 #pragma once
 
 #include <cstddef>
