@@ -219,15 +219,15 @@ def time_interleaved(runs: dict[str, callable], repeats: int) -> dict[str, float
 
 
 def latency(paths: dict[str, Path], prompt: np.ndarray, *, threads: int | None, repeats: int) -> dict:
-    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved, the
-    two sessions on one shared thread pool (as the benchmark tool times them)."""
+    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved, in
+    sessions whose idle threads sleep (the benchmark tool's options: a pool that spins after
+    its call would take the cores from the other session's timed call)."""
     import onnxruntime as ort
 
     import dsmoe_runtime
 
     from .bench import graphs
 
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     sessions = {}
     for k, p in paths.items():
         opts = graphs.session_options(threads)

@@ -288,9 +288,11 @@ def qmoe_layout(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZ
 THREAD_POOL = "a pool per session, idle workers sleeping (session.intra_op.allow_spinning=0)"
 
 
-def session_options(threads: int, library: str | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None, library: str | None = None) -> ort.SessionOptions:
+    """Options of a timed session; `threads` None keeps ORT's default thread count."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    if threads:
+        opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
