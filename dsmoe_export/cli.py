@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32,
                    help="quantization group along each weight's input dimension, a power of two >= 32 "
                         "(default: %(default)s)")
+    p.add_argument("--down-layout", choices=("tiled", "rows"), default="tiled",
+                   help="layout of the sparse op's down weights (docs/op-spec.md, attribute down_tile): 'tiled' "
+                        "stores [B, 64] column tiles the CPU kernel reads in place (3-8 %% faster prefill); "
+                        "'rows' the plain [n, B, d] of earlier versions (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,
@@ -87,7 +91,7 @@ def _run(args) -> int:
                         active_outputs=args.active_outputs, copy_tokenizer=args.copy_tokenizer,
                         hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
-                        group_size=args.group_size)
+                        group_size=args.group_size, down_layout=args.down_layout)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -79,13 +79,14 @@ EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FLOAT16_TOLERANCE = 3e-2
 
 
-def trace(model, *, sparse: bool, active_outputs: bool = False) -> onnx.ModelProto:
+def trace(model, *, sparse: bool, active_outputs: bool = False, down_layout: str = "tiled") -> onnx.ModelProto:
     """Trace the reference model with torch.export and return the finished ONNX model.
 
     `active_outputs` (sparse only) adds the graph outputs `active.{i}` ([batch, seq, n] bool):
-    which blocks each token used in layer i, for activation statistics (dsmoe_runtime)."""
+    which blocks each token used in layer i, for activation statistics (dsmoe_runtime).
+    `down_layout` (sparse only): the op's down_weight layout, "tiled" or "rows" (op-spec.md)."""
     cfg = model.cfg
-    model.pack_for_export()
+    model.pack_for_export(onnx_op.DOWN_LAYOUTS[down_layout])
     wrapper = onnx_io.FlatKVWrapper(model).eval()
     n = cfg.num_hidden_layers
     dtype = next(model.parameters()).dtype  # float32, or float16 for --dtype float16
@@ -164,7 +165,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
-           matmul_weights: str | None = None, group_size: int = 32) -> ExportResult:
+           matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "tiled") -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md.
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
@@ -181,9 +182,16 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     (sparse: the GatedBlockSparseFFN{F16,Int8,Int4} ops; dense: MatMulNBits / float16 + Cast),
     `matmul_weights` (default: as `ffn_weights`) the other MatMuls (attention, lm_head), both
     block-wise with `group_size` (docs/op-spec.md "Quantized variants"). Validation then runs
-    against the PyTorch model with quantize-dequantized weights (dsmoe_export/quantize_model.py)."""
+    against the PyTorch model with quantize-dequantized weights (dsmoe_export/quantize_model.py).
+
+    `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
+    "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill)
+    or "rows" ([n, B, d], the layout of op files written before it existed). The quantized
+    FFN ops always store rows."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
+    if down_layout not in onnx_op.DOWN_LAYOUTS:
+        raise ExportError(f"down_layout must be one of {', '.join(onnx_op.DOWN_LAYOUTS)}, got {down_layout!r}", file=out)
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
     matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
@@ -207,7 +215,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
                                                group_size=group_size)
             formats = quantize_model.linear_formats(model, ffn_weights=ffn_weights, matmul_weights=matmul_weights)
     with steps("tracing with torch.export and converting to ONNX"):
-        proto = trace(model, sparse=not dense, active_outputs=active_outputs)
+        proto = trace(model, sparse=not dense, active_outputs=active_outputs, down_layout=down_layout)
     if quantized:
         with steps("storing the quantized weights"):
             quantize_model.quantize_graph(proto, ffn_weights=ffn_weights, matmul_weights=matmul_weights,

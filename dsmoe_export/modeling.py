@@ -152,15 +152,19 @@ class DSMoEMLP(nn.Module):
         return torch.onnx.ops.symbolic(
             f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}", inputs,
             dict(num_experts=moe.num_experts, threshold=float(moe.threshold), rescale=int(moe.rescale),
-                 weighting=moe.weighting, activation=moe.activation),
+                 weighting=moe.weighting, activation=moe.activation,
+                 **({"down_tile": self.down_tile} if self.down_tile else {})),
             dtype=x.dtype, shape=x.shape, version=onnx_op.OP_VERSION,
         )
 
     @torch.no_grad()
-    def pack_for_export(self) -> None:
-        """Store the experts in the op's block layout, as the initializers the export needs."""
+    def pack_for_export(self, down_tile: int = 0) -> None:
+        """Store the experts in the op's block layout, as the initializers the export needs;
+        ``down_tile`` is down_weight's layout (op-spec.md, attribute down_tile)."""
         gate, up, down = onnx_op.pack_block_weights(
-            self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.moe.num_experts)
+            self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.moe.num_experts,
+            down_tile=down_tile)
+        self.down_tile = down_tile
         self.packed = nn.ParameterList([nn.Parameter(t.contiguous(), requires_grad=False) for t in (gate, up, down)])
 
 
@@ -253,7 +257,7 @@ class DSMoEForCausalLM(nn.Module):
             raise RuntimeError("run a forward pass of a sparse model first")
         return torch.stack([g.mean() for g in gates]).mean()
 
-    def pack_for_export(self) -> None:
+    def pack_for_export(self, down_tile: int = 0) -> None:
         if self.sparse:
             for m in self.mlps:
-                m.pack_for_export()
+                m.pack_for_export(down_tile)

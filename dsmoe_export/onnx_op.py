@@ -1,7 +1,8 @@
 """The ONNX side of the op ``org.dsmoe::GatedBlockSparseFFN`` (docs/op-spec.md).
 
 - :func:`pack_block_weights` turns a SwiGLU FFN's Hugging Face weights into the
-  op's packed block layout;
+  op's packed block layout; :func:`tile_down` / :func:`untile_down` convert
+  ``down_weight`` between its two layouts (attribute ``down_tile``);
 - :func:`make_node` builds the op's node;
 - :func:`function_proto` / :func:`add_function_to_model` give a model a
   model-local function of the same domain and name whose body uses standard
@@ -29,17 +30,61 @@ OUTPUTS = ("Y", "active")
 # The function body compares string attributes with Equal, defined for strings from opset 19 on.
 MIN_FUNCTION_OPSET = 19
 
-_DEFAULTS = {"threshold": 0.5, "rescale": 1, "weighting": "score", "activation": "silu"}
+# down_weight's layouts: 0 = [n, B, d] rows; DOWN_TILE = [n, ceil(d / 64), B, 64] column tiles.
+DOWN_TILE = 64
+DOWN_LAYOUTS = {"rows": 0, "tiled": DOWN_TILE}
+
+_DEFAULTS = {"threshold": 0.5, "rescale": 1, "weighting": "score", "activation": "silu", "down_tile": 0}
 
 
 # --------------------------------------------------------------------------- weights
 
-def pack_block_weights(gate_proj, up_proj, down_proj, num_experts: int):
+def pack_block_weights(gate_proj, up_proj, down_proj, num_experts: int, *, down_tile: int = 0):
     """(gate [n, B, d], up [n, B, d], down [n, B, d]) from gate/up ``[D, d]`` and down ``[d, D]``.
 
     Block i holds rows ``[i*B, (i+1)*B)`` of gate/up and columns of down (transposed).
+    ``down_tile`` = DOWN_TILE gives down in column tiles instead (:func:`tile_down`).
     The results are contiguous and of the inputs' array library (torch or numpy).
     """
+    _check_down_tile(down_tile)
+    gate, up, down = _pack_rows(gate_proj, up_proj, down_proj, num_experts)
+    return gate, up, (tile_down(down) if down_tile else down)
+
+
+def _check_down_tile(down_tile) -> None:
+    if isinstance(down_tile, bool) or down_tile not in DOWN_LAYOUTS.values():
+        raise ValueError(f"down_tile must be 0 (down_weight [n, B, d]) or {DOWN_TILE} "
+                         f"([n, ceil(d / {DOWN_TILE}), B, {DOWN_TILE}]), got {down_tile!r}")
+
+
+def tile_down(down):
+    """``[n, B, d]`` -> ``[n, ceil(d / 64), B, 64]``: tile t of block i holds columns
+    ``[64t, 64t + 64)`` of its ``[B, d]`` rows, contiguous; columns past d are 0."""
+    if len(down.shape) != 3:
+        raise ValueError(f"down must be [n, B, d], got shape {tuple(down.shape)}")
+    n, B, d = down.shape
+    tiles = -(-d // DOWN_TILE)
+    pad = tiles * DOWN_TILE - d
+    if isinstance(down, np.ndarray):
+        padded = np.pad(down, ((0, 0), (0, 0), (0, pad))) if pad else down
+        return np.ascontiguousarray(padded.reshape(n, B, tiles, DOWN_TILE).transpose(0, 2, 1, 3))
+    import torch
+    padded = torch.nn.functional.pad(down, (0, pad)) if pad else down
+    return padded.reshape(n, B, tiles, DOWN_TILE).permute(0, 2, 1, 3).contiguous()
+
+
+def untile_down(down, d: int):
+    """The inverse of :func:`tile_down`: ``[n, ceil(d / 64), B, 64]`` -> ``[n, B, d]``."""
+    if len(down.shape) != 4 or down.shape[3] != DOWN_TILE or down.shape[1] != -(-d // DOWN_TILE):
+        raise ValueError(f"down must be [n, ceil(d / {DOWN_TILE}), B, {DOWN_TILE}] with d = {d}, "
+                         f"got shape {tuple(down.shape)}")
+    n, tiles, B, _ = down.shape
+    if isinstance(down, np.ndarray):
+        return np.ascontiguousarray(down.transpose(0, 2, 1, 3).reshape(n, B, tiles * DOWN_TILE)[..., :d])
+    return down.permute(0, 2, 1, 3).reshape(n, B, tiles * DOWN_TILE)[..., :d].contiguous()
+
+
+def _pack_rows(gate_proj, up_proj, down_proj, num_experts: int):
     if not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     n = int(num_experts)
@@ -63,7 +108,7 @@ def pack_block_weights(gate_proj, up_proj, down_proj, num_experts: int):
 
 # --------------------------------------------------------------------------- node
 
-def _check_attributes(num_experts, threshold, rescale, weighting, activation) -> None:
+def _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile=0) -> None:
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
@@ -74,6 +119,7 @@ def _check_attributes(num_experts, threshold, rescale, weighting, activation) ->
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_down_tile(down_tile)
 
 
 def _strip_trailing_empty(names: Sequence[str]) -> list[str]:
@@ -85,23 +131,25 @@ def _strip_trailing_empty(names: Sequence[str]) -> list[str]:
 
 def make_node(inputs: list[str], outputs: list[str], *, num_experts: int, threshold: float = 0.5,
               rescale: bool = True, weighting: str = "score", activation: str = "silu",
-              name: str | None = None) -> onnx.NodeProto:
+              down_tile: int = 0, name: str | None = None) -> onnx.NodeProto:
     """The op's node. ``inputs``: X, router_weight, gate_weight, up_weight, down_weight[, router_bias];
-    ``outputs``: Y[, active]. Empty names mark absent optional ones.
+    ``outputs``: Y[, active]. Empty names mark absent optional ones. ``down_tile`` (0 or
+    DOWN_TILE) is down_weight's layout; the attribute is written only when it is not 0.
 
     The node always lists two outputs (``""`` when ``active`` is not wanted):
     expanding the function body needs every output slot of the function.
     """
-    _check_attributes(num_experts, threshold, rescale, weighting, activation)
+    _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile)
     inputs = _strip_trailing_empty(inputs)
     if not 5 <= len(inputs) <= 6 or not all(inputs[:5]):
         raise ValueError(f"inputs must name {INPUTS[:5]} and optionally router_bias, got {inputs}")
     if not 1 <= len(outputs) <= 2 or not outputs[0]:
         raise ValueError(f"outputs must name Y and optionally active, got {outputs}")
+    layout = {"down_tile": int(down_tile)} if down_tile else {}
     return helper.make_node(
         OP_TYPE, inputs, _pad_outputs(outputs), name=name, domain=DOMAIN,
         num_experts=int(num_experts), threshold=float(threshold), rescale=int(bool(rescale)),
-        weighting=weighting, activation=activation)
+        weighting=weighting, activation=activation, **layout)
 
 
 def _pad_outputs(outputs: Sequence[str]) -> list[str]:
@@ -182,6 +230,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     rescale = b.attr("value_int", "rescale")
     weighting = b.attr("value_string", "weighting")
     activation = b.attr("value_string", "activation")
+    down_tile = b.attr("value_int", "down_tile")
 
     # Sizes: n, B, d from the weights; tokens flattened to [N, d].
     n = b.op("Shape", gate_weight, start=0, end=1)
@@ -209,7 +258,17 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     xf = b.op("Cast", x2, to=f32)
     gate2 = b.op("Reshape", b.op("Cast", gate_weight, to=f32), rows)                   # [n*B, d]
     up2 = b.op("Reshape", b.op("Cast", up_weight, to=f32), rows)
-    down2 = b.op("Reshape", b.op("Cast", down_weight, to=f32), rows)
+    # down_weight as [n, tiles, B, w]: w = d, tiles = 1 for the rows layout (a plain view), w = 64 for
+    # column tiles; to [n, B, tiles * w], then the columns past d (tile padding) cut off.
+    zero_i64 = b.const(0, TensorProto.INT64)
+    width = b.op("Where", b.op("Equal", down_tile, zero_i64), b.op("Squeeze", d), down_tile)
+    width1 = b.op("Unsqueeze", width, b.const(0, TensorProto.INT64, [1]))
+    tiles = b.op("Div", b.op("Sub", b.op("Add", d, width1), b.const(1, TensorProto.INT64, [1])), width1)
+    down4 = b.op("Reshape", b.op("Cast", down_weight, to=f32), b.op("Concat", n, tiles, block, width1, axis=0))
+    down3 = b.op("Reshape", b.op("Transpose", down4, perm=[0, 2, 1, 3]),
+                 b.op("Concat", n, block, b.op("Mul", tiles, width1), axis=0))
+    down3 = b.op("Slice", down3, b.const(0, TensorProto.INT64, [1]), d, b.const(2, TensorProto.INT64, [1]))
+    down2 = b.op("Reshape", down3, rows)
     z = b.op("Gemm", xf, gate2, transB=1)                                             # [N, n*B]
     h = b.op("Mul", b.select(activation, _activations(b, z), nan), b.op("Gemm", xf, up2, transB=1))
     h3 = b.op("Reshape", h, b.op("Concat", minus_one, n, block, axis=0))               # [N, n, B]

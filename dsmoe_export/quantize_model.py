@@ -133,7 +133,11 @@ def quantize_graph(proto: onnx.ModelProto, *, ffn_weights: str, matmul_weights: 
             if not all(x in inits for x in names[2:5]):
                 raise ExportError(f"FFN node {node.name}: block weights are not constant initializers; cannot "
                                   "quantize them")
-            packed = quant.quantize_block_weights(*(array(x) for x in names[2:5]), ffn_weights, group_size)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            gate, up, down = (array(x) for x in names[2:5])
+            if attrs.pop("down_tile", 0):  # the quantized ops take down as [n, B, d] rows
+                down = onnx_op.untile_down(down, gate.shape[2])
+            packed = quant.quantize_block_weights(gate, up, down, ffn_weights, group_size)
             prefix = names[2].rsplit(".", 1)[0] if "." in names[2] else node.name
             new_names = {}
             for key, value in packed.items():
@@ -144,7 +148,6 @@ def quantize_graph(proto: onnx.ModelProto, *, ffn_weights: str, matmul_weights: 
             bias = names[5] if len(names) > 5 else ""
             order = quant.QUANT_INPUTS if ffn_weights in quant.BITS else quant.F16_INPUTS
             inputs = [names[0], names[1]] + [new_names[k] for k in order[2:-1]] + [bias]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             for k in ("weighting", "activation"):
                 if isinstance(attrs.get(k), bytes):
                     attrs[k] = attrs[k].decode()

@@ -34,7 +34,7 @@ class Harness:
         lib.dsmoe_cuda_scratch_bytes.argtypes = [c_i64] * 4 + [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.dsmoe_cuda_path.argtypes = [c_i64] * 4 + [ctypes.c_int]
         lib.dsmoe_cuda_forward.argtypes = ([ctypes.c_int] + [c_ptr] * 8 + [c_i64] * 4 + [ctypes.c_float] +
-                                           [ctypes.c_int] * 3 + [c_ptr, c_i64, c_ptr, ctypes.c_char_p, ctypes.c_int])
+                                           [ctypes.c_int] * 4 + [c_ptr, c_i64, c_ptr, ctypes.c_char_p, ctypes.c_int])
         self._scratch = None
 
     def device_count(self) -> tuple[int, str]:
@@ -47,8 +47,9 @@ class Harness:
             self.lib.dsmoe_cuda_path(tokens, d, n, B, DTYPES[dtype]), "error")
 
     def forward(self, x, router, gate, up, down, bias=None, *, threshold=0.5, rescale=True, weighting="score",
-                activation="silu", y=None, active=None):
-        """Y [N, d] (and active [N, n] when a bool tensor is given) on torch's current stream."""
+                activation="silu", down_tile=0, y=None, active=None):
+        """Y [N, d] (and active [N, n] when a bool tensor is given) on torch's current stream;
+        ``down`` is [n, B, d], or [n, ceil(d / 64), B, 64] with down_tile=64 (docs/op-spec.md)."""
         import torch
 
         N, d = x.shape
@@ -64,7 +65,7 @@ class Harness:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         rc = self.lib.dsmoe_cuda_forward(
             DTYPES[dtype], ptr(x), ptr(router), ptr(bias), ptr(gate), ptr(up), ptr(down), ptr(y), ptr(active),
-            N, d, n, B, threshold, int(rescale), int(weighting == "binary"), ACTIVATIONS[activation],
+            N, d, n, B, threshold, int(rescale), int(weighting == "binary"), ACTIVATIONS[activation], int(down_tile),
             ptr(self._scratch), self._scratch.numel(), torch.cuda.current_stream().cuda_stream, err, 512)
         if rc:
             raise RuntimeError(err.value.decode())

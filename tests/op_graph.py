@@ -40,12 +40,17 @@ class Case:
         return self.gate.shape[0]
 
     def feeds(self) -> dict[str, np.ndarray]:
-        arrays = (self.x, self.router_weight, self.gate, self.up, self.down, self.router_bias)
+        """The op's inputs: down in the layout attribute down_tile names (self.down is [n, B, d])."""
+        down = self.down
+        if self.attrs.get("down_tile") and self.down.shape == self.gate.shape:
+            down = onnx_op.tile_down(self.down)
+        arrays = (self.x, self.router_weight, self.gate, self.up, down, self.router_bias)
         return {k: v for k, v in zip(INPUT_NAMES, arrays) if v is not None}
 
     def reference(self):
+        attrs = {k: v for k, v in self.attrs.items() if k != "down_tile"}  # a layout, not semantics
         return ffn_reference(self.x, self.router_weight, self.gate, self.up, self.down, self.router_bias,
-                             **self.attrs)
+                             **attrs)
 
 
 def _logit(p: float) -> float:

@@ -155,6 +155,38 @@ def test_quick_op_run_writes_json_and_markdown(op_library, tmp_path, monkeypatch
     assert any("matplotlib" in n for n in results["notes"])
 
 
+def test_compare_layouts(op_library, tmp_path, monkeypatch):
+    """--compare-layouts times the op with its down weights in rows too, in the same rounds: one
+    sparse_rows row per sparse row, its numbers in two more columns, and equal outputs."""
+    from dsmoe_export.bench import cli
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main([*QUICK_OP, "--compare-layouts", "--out", str(tmp_path)]) == 0
+    results = _check_outputs(tmp_path, "op")
+    keys = lambda kind: {(r["mode"], r["k"], r["tokens"]) for r in results["op"] if r["kind"] == kind}  # noqa: E731
+    assert keys("sparse_rows") == keys("sparse") and len(keys("sparse")) == 6
+    assert results["checks"][0]["rows_layout_vs_sparse"] == 0.0  # same sums, same order
+    table = (tmp_path / "results.md").read_text()
+    assert "| rows-layout ms | rows/tiled |" in table
+    # Without the flag: no such rows, no such columns.
+    assert cli.main([*QUICK_OP, "--out", str(tmp_path / "plain")]) == 0
+    assert "rows/tiled" not in (tmp_path / "plain" / "results.md").read_text()
+
+
+def test_sparse_graph_down_layouts(op_library, rng):
+    """The bench's sparse graph stores down in the exporter's default layout (column tiles),
+    or in rows with down_tile=0; both compute the reference."""
+    e, rt, x = _case(rng, "natural", 30)
+    y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down)
+    model, shared = graphs.sparse_graph(e)
+    assert shared["down_weight"].shape == (e.n, -(-e.d // 64), e.block, 64)
+    assert graphs.sparse_graph(e, down_tile=0)[1]["down_weight"].shape == (e.n, e.block, e.d)
+    for kind in ("sparse", "sparse_rows"):
+        y = graphs.runner(kind, e, threads=2, library=op_library)(x, rt.router_weight)[0]
+        assert _rel_err(y, y_ref) <= RTOL
+
+
 @pytest.mark.slow
 def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")

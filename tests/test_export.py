@@ -109,6 +109,30 @@ def test_sparse_export_matches_float64_reference(tmp_path, case, rng, seed):
     ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
     assert len(ffn_nodes) == c["spec"].num_hidden_layers
     assert {f.name for f in model.functions} == {onnx_op.OP_TYPE}
+    _check_down_layout(model, ffn_nodes, c["spec"], tiled=True)
+    check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
+
+
+def _check_down_layout(model, ffn_nodes, spec, *, tiled: bool) -> None:
+    inits = {t.name: t for t in model.graph.initializer}
+    n = spec.dsmoe["num_experts"]
+    B, d = spec.intermediate_size // n, spec.hidden_size
+    for node in ffn_nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("down_tile", 0) == (64 if tiled else 0)
+        want = [n, -(-d // 64), B, 64] if tiled else [n, B, d]
+        assert list(inits[node.input[4]].dims) == want
+
+
+def test_rows_down_layout(tmp_path, rng, seed):
+    """--down-layout rows writes down_weight as [n, B, d] without the attribute (the files of
+    earlier versions), with the same results."""
+    c = CASES["n1_odd_sizes"]
+    folder = make_model_folder(tmp_path / "model", c["spec"], seed=seed, router_scale=c["router_scale"])
+    out = tmp_path / "model.onnx"
+    assert main([str(folder), str(out), "-q", "--down-layout", "rows"]) == 0
+    model = onnx.load(str(out))
+    _check_down_layout(model, [n for n in model.graph.node if n.domain == onnx_op.DOMAIN], c["spec"], tiled=False)
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
 
 

@@ -60,12 +60,15 @@ def test_leading_dims(op_library, rng, lead):
     assert_matches_reference(case, run(case, op_library))
 
 
-@pytest.mark.parametrize("d,n,B", [(7, 5, 3), (1, 1, 1), (17, 3, 33), (130, 2, 9), (64, 6, 65)])
+@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("d,n,B", [(7, 5, 3), (1, 1, 1), (17, 3, 33), (130, 2, 9), (64, 6, 65), (200, 3, 40)])
 @pytest.mark.parametrize("tokens", [1, 2, 9, 70])
-def test_odd_sizes(op_library, rng, d, n, B, tokens):
-    # d % 16 / d % 8 tails, B % 32 row tails, panels of 8 tokens partly filled.
+def test_odd_sizes(op_library, rng, d, n, B, tokens, down_tile):
+    # d % 16 / d % 8 tails, B % 32 row tails, panels of 8 tokens partly filled; in the tiled down
+    # layout: one partial tile (d < 64), whole tiles only (64), whole tiles and a partial one (130, 200).
     case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)),
-                     threshold=float(rng.uniform(0.3, 0.7)), activation=str(rng.choice(["silu", "gelu"])))
+                     threshold=float(rng.uniform(0.3, 0.7)), activation=str(rng.choice(["silu", "gelu"])),
+                     down_tile=down_tile)
     assert_matches_reference(case, run(case, op_library))
 
 
@@ -86,9 +89,10 @@ def test_one_block_over_the_chunk_bound(op_library, rng):
     assert_matches_reference(case, outputs)
 
 
+@pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("tokens", [1, 3, 50])
-def test_thread_counts_agree(op_library, rng, tokens):
-    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True)
+def test_thread_counts_agree(op_library, rng, tokens, down_tile):
+    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, down_tile=down_tile)
     model = make_model(case)
     results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2, 3)]
     assert_matches_reference(case, results[0])
@@ -149,6 +153,10 @@ GOOD_ATTRS = dict(num_experts=4, threshold=0.5, rescale=1, weighting="score", ac
     (dict(weighting="softmax"), "weighting"),
     (dict(activation="relu"), "activation"),
     (dict(activation=1), "activation"),
+    (dict(down_tile=32), "down_tile"),
+    (dict(down_tile=-64), "down_tile"),
+    (dict(down_tile=64.0), "down_tile"),
+    (dict(down_tile="tiled"), "down_tile"),
 ])
 def test_bad_attributes(op_library, rng, change, expected):
     case = make_case(rng, (3,), d=8, n=4, B=2)
@@ -191,6 +199,23 @@ def test_bad_shapes(op_library, rng, mutate, expected):
         sess.run(None, case.feeds())
 
 
+@pytest.mark.parametrize("down", ["rows", "tile32", "tiles-short", "B"])
+def test_bad_tiled_down_shapes(op_library, rng, down):
+    """down_tile = 64 with down_weight not [n, ceil(d / 64), B, 64]: an error that names the
+    input and the expected shape, not a read past the tensor."""
+    n, B, d = 4, 3, 130
+    case = make_case(rng, (5,), d=d, n=n, B=B, bias=True, down_tile=64)
+    feeds = case.feeds()
+    feeds["down_weight"] = {"rows": case.down, "tile32": np.zeros((n, 5, B, 32), np.float32),
+                            "tiles-short": np.zeros((n, 2, B, 64), np.float32),
+                            "B": np.zeros((n, 3, B + 1, 64), np.float32)}[down]
+    model = make_model(case, with_function=False, x_rank=0)
+    next(i for i in model.graph.input if i.name == "down_weight").type.tensor_type.ClearField("shape")
+    sess = session(model, op_library)
+    with pytest.raises(ORT_ERRORS, match=r"down_weight.*\[n, ceil\(d / 64\), B, 64\].*\[4, 3, 3, 64\]"):
+        sess.run(None, feeds)
+
+
 def test_weights_disagree_with_num_experts(op_library, rng):
     case = make_case(rng, (5,), d=8, n=4, B=3)
     sess = session(make_model(case, with_function=False, node_attrs={**GOOD_ATTRS, "num_experts": 3}), op_library)
@@ -228,13 +253,35 @@ def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-def test_depth_beyond_one_k_slice(op_library, rng, monkeypatch, isa):
-    """d spans several of the GEMM's k slices (256 to 2048 deep, by panel width) and ends off
-    the vector width (2085 % 16 = 5); B = 13 leaves a partial register tile of rows."""
+@pytest.mark.parametrize("tokens", [1, 5, 7, 45, 300])
+def test_down_layouts_agree(op_library, rng, monkeypatch, isa, tokens):
+    """down_weight in column tiles (down_tile = 64) gives the same bits as in rows: the same
+    products summed in the same order, read from another place (decode: all the tiles at once;
+    prefill: the tile in place instead of its copy). d = 192: whole tiles. (A partial last tile
+    is checked against the reference in test_odd_sizes: there the rows path's scalar tail may
+    round a product and a sum separately where the tiled one fuses them.)"""
     if isa not in _cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("DSMOE_CPU_ISA", isa)
-    case = make_case(rng, (45,), d=2085, n=2, B=13, bias=True, threshold=0.3)
+    case = make_case(rng, (tokens,), d=192, n=6, B=45, bias=True, threshold=0.4)
+    rows = run(case, op_library, threads=2)
+    case.attrs["down_tile"] = 64
+    assert case.feeds()["down_weight"].shape == (6, 3, 45, 64)
+    tiled = run(case, op_library, threads=2)
+    assert_matches_reference(case, tiled)
+    np.testing.assert_array_equal(tiled[0], rows[0])
+    np.testing.assert_array_equal(tiled[1], rows[1])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_depth_beyond_one_k_slice(op_library, rng, monkeypatch, isa):
+    """d spans several of the GEMM's k slices (256 to 2048 deep, by panel width) and ends off
+    the vector width (2085 % 16 = 5); B = 13 leaves a partial register tile of rows. Down in
+    column tiles: 32 whole ones and one of 37 columns."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    case = make_case(rng, (45,), d=2085, n=2, B=13, bias=True, threshold=0.3, down_tile=64)
     outputs = run(case, op_library)
     assert outputs[1].sum(axis=0).min() > 8  # both blocks take full and narrow panels
     assert_matches_reference(case, outputs)
@@ -288,7 +335,6 @@ def _thp_mode() -> str:
 def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, enabled):
     """Initializer weights are advised onto 2 MB pages at session creation (cpu/hugepages.h),
     DSMOE_HUGEPAGES=0 leaves them, and the results stay those of the reference."""
-    import onnx
     from onnx import helper, numpy_helper
 
     from dsmoe_export import onnx_op

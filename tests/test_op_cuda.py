@@ -70,7 +70,8 @@ def run_harness(h, case, dtype):
     dev = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to("cuda", td)  # noqa: E731
     x = dev(case.x.reshape(-1, case.x.shape[-1]))
     active = torch.empty(x.shape[0], case.num_experts, dtype=torch.bool, device="cuda")
-    y = h.forward(x, dev(case.router_weight), dev(case.gate), dev(case.up), dev(case.down), dev(case.router_bias),
+    down = case.feeds()["down_weight"]  # in the layout case.attrs' down_tile names
+    y = h.forward(x, dev(case.router_weight), dev(case.gate), dev(case.up), dev(down), dev(case.router_bias),
                   active=active, **case.attrs)
     torch.cuda.synchronize()
     return y.float().cpu().numpy().reshape(case.x.shape), active.cpu().numpy().reshape(*case.x.shape[:-1], -1)
@@ -107,13 +108,14 @@ def test_harness_block_counts(harness, rng, dtype, tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("d,n,B", [(7, 5, 3), (1, 1, 1), (17, 3, 33), (130, 2, 9), (64, 6, 65), (520, 8, 200)])
 @pytest.mark.parametrize("tokens", [1, 2, 9, 70, 257])
-def test_harness_odd_sizes(harness, rng, dtype, d, n, B, tokens):
+def test_harness_odd_sizes(harness, rng, dtype, d, n, B, tokens, down_tile):
     case = rounded(make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)),
                              threshold=float(rng.uniform(0.3, 0.7)),
-                             activation=str(rng.choice(["silu", "gelu", "gelu_tanh"]))), dtype)
+                             activation=str(rng.choice(["silu", "gelu", "gelu_tanh"])), down_tile=down_tile), dtype)
     check(case, *run_harness(harness, case, dtype), dtype)
 
 
@@ -161,10 +163,11 @@ def cuda_session(model, library):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("tokens", [1, 6, 33, 300])
-def test_cuda_ep(cuda_ep, op_library, rng, dtype, tokens):
-    case = make_case(rng, (tokens,), d=128, n=8, B=40, bias=True)
+def test_cuda_ep(cuda_ep, op_library, rng, dtype, tokens, down_tile):
+    case = make_case(rng, (tokens,), d=128, n=8, B=40, bias=True, down_tile=down_tile)
     elem = TensorProto.FLOAT if dtype == "float32" else TensorProto.FLOAT16
     case = rounded(case, dtype)
     feeds = {k: v.astype(np.float16 if dtype == "float16" else np.float32) for k, v in case.feeds().items()}

@@ -34,6 +34,15 @@ def test_function_body_shapes(rng, lead, bias):
     assert_matches_reference(case, run(case, NO_LIBRARY))
 
 
+@pytest.mark.parametrize("d", [1, 9, 64, 150])
+@pytest.mark.parametrize("tokens", [0, 1, 12])
+def test_function_body_tiled_down(rng, d, tokens):
+    """down_tile = 64: the body undoes the column tiles (and their zero padding past d)."""
+    case = make_case(rng, (tokens,), d=d, n=3, B=5, bias=True, down_tile=64)
+    assert case.feeds()["down_weight"].shape == (3, -(-d // 64), 5, 64)
+    assert_matches_reference(case, run(case, NO_LIBRARY))
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_function_body_thresholds(rng, threshold):
     case = make_case(rng, (13,), d=12, n=16, B=2, threshold=threshold)
@@ -117,6 +126,8 @@ def test_function_proto_needs_opset_19():
     (dict(num_experts=4, threshold=math.nan), "threshold"),
     (dict(num_experts=4, weighting="softmax"), "weighting"),
     (dict(num_experts=4, activation="relu"), "activation"),
+    (dict(num_experts=4, down_tile=32), "down_tile"),
+    (dict(num_experts=4, down_tile=True), "down_tile"),
 ])
 def test_make_node_rejects_bad_attributes(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -129,6 +140,8 @@ def test_make_node_inputs_outputs():
     assert (node.domain, node.op_type) == (onnx_op.DOMAIN, onnx_op.OP_TYPE)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == dict(num_experts=2, threshold=0.5, rescale=0, weighting=b"score", activation=b"silu")
+    tiled = onnx_op.make_node(["x", "r", "g", "u", "v"], ["y"], num_experts=2, down_tile=64)
+    assert {a.name: helper.get_attribute_value(a) for a in tiled.attribute}["down_tile"] == 64
     with pytest.raises(ValueError, match="inputs"):
         onnx_op.make_node(["x", "r", "g", "u"], ["y"], num_experts=2)
 
@@ -152,6 +165,29 @@ def test_pack_block_weights(rng, lib):
     gate, up, down = (np.asarray(a) for a in packed)
     total = sum(_dense_ffn(x, gate[i], up[i], down[i].T) for i in range(n))
     np.testing.assert_allclose(total, _dense_ffn(x, gate_proj, up_proj, down_proj), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("d", [1, 63, 64, 65, 200])
+def test_tile_down(rng, lib, d):
+    """tile t of block i = columns [64t, 64t + 64) of its rows, zero past d; untile inverts it."""
+    n, B = 3, 7
+    down = rng.standard_normal((n, B, d)).astype(np.float32)
+    arg = down if lib == "numpy" else torch.from_numpy(down)
+    tiled = onnx_op.tile_down(arg)
+    t = np.asarray(tiled)
+    tiles = -(-d // 64)
+    assert t.shape == (n, tiles, B, 64)
+    for i, j, c in [(0, 0, 0), (n - 1, B - 1, d - 1), (1, 3, d // 2)]:
+        assert t[i, c // 64, j, c % 64] == down[i, j, c]
+    assert not t[:, -1, :, d - 64 * (tiles - 1):].any()
+    np.testing.assert_array_equal(np.asarray(onnx_op.untile_down(tiled, d)), down)
+    proj = (rng.standard_normal((n * B, d)), rng.standard_normal((n * B, d)), np.ascontiguousarray(down.reshape(n * B, d).T))
+    gate, up, packed_down = onnx_op.pack_block_weights(
+        *(a if lib == "numpy" else torch.from_numpy(a) for a in proj), n, down_tile=64)
+    np.testing.assert_array_equal(np.asarray(packed_down), t)
+    with pytest.raises(ValueError, match="ceil"):
+        onnx_op.untile_down(tiled, d + 64)
 
 
 def test_pack_block_weights_rejects_bad_sizes(rng):

@@ -194,6 +194,9 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
     assert "group_size" in _error(op_library, case, feeds, "int4", 32, node_attrs=base)
     assert "power of two" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(base, group_size=48))
     assert "num_experts" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=5, group_size=32))
+    # The tiled down layout is the float32 op's only (op-spec "down_weight's two layouts").
+    msg = _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=4, group_size=32, down_tile=64))
+    assert "down_tile" in msg and "must be 0" in msg
     # int4 needs d % 32 == 0: d = 48 with hand-made inputs of consistent shapes.
     odd = make_case(rng, (2,), 48, 2, 32)
     q8 = quant.quantize_block_weights(odd.gate, odd.up, odd.down, "int8", 32)
@@ -209,6 +212,7 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
     feeds = quant_inputs(case16, "float16", 32)
     bad = dict(feeds, down_weight=feeds["down_weight"][:, :16].copy())
     assert "down_weight" in _error(op_library, case16, bad, "float16", 32)
+    assert "down_tile" in _error(op_library, case16, feeds, "float16", 32, node_attrs=dict(num_experts=4, down_tile=64))
 
 
 def test_kernel_agrees_across_thread_counts(op_library, rng):

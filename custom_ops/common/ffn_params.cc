@@ -97,6 +97,14 @@ FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info) {
   } else {
     ThrowInvalidArgument("attribute 'activation' must be 'silu', 'gelu' or 'gelu_tanh', got " + Quote(activation));
   }
+
+  if (GetOptionalAttribute(info, "down_tile", "int", a.down_tile) && a.down_tile != 0 &&
+      a.down_tile != kDownTileWidth) {
+    ThrowInvalidArgument("attribute 'down_tile' must be 0 (down_weight [n, B, d]) or " +
+                         std::to_string(kDownTileWidth) + " (down_weight [n, ceil(d / " +
+                         std::to_string(kDownTileWidth) + "), B, " + std::to_string(kDownTileWidth) +
+                         "]), got " + std::to_string(a.down_tile));
+  }
   return a;
 }
 
@@ -135,7 +143,14 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.hidden = gate_weight[2];
   const int64_t n = dims.num_blocks, d = dims.hidden;
   ExpectShape(kUpWeight, up_weight, gate_weight, "[n, B, d] (as gate_weight)");
-  ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
+  dims.down_tile = attrs.down_tile;
+  if (attrs.down_tile == 0) {
+    ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
+  } else {
+    static_assert(kDownTileWidth == 64, "the message below names the width");
+    ExpectShape(kDownWeight, down_weight, {n, (d + kDownTileWidth - 1) / kDownTileWidth, dims.block_size, kDownTileWidth},
+                "[n, ceil(d / 64), B, 64] (attribute 'down_tile' = 64)");
+  }
   ExpectShape(kRouterWeight, router_weight, {n, d}, "[n, d]");
   if (n != attrs.num_experts) {
     ThrowInvalidArgument("attribute 'num_experts' = " + std::to_string(attrs.num_experts) +
@@ -157,7 +172,7 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.num_tokens = tokens;
   CheckedMul(tokens, d, "N * d");
   CheckedMul(tokens, n, "N * n");
-  CheckedMul(CheckedMul(n, dims.block_size, "n * B"), d, "n * B * d");
+  CheckedMul(CheckedMul(n, dims.block_size, "n * B"), d + kDownTileWidth, "n * B * (d + 64)");
   CheckedMul(CheckedMul(tokens, n, "N * n"), dims.block_size, "N * n * B");
 
   dims.y_shape = x;

@@ -17,6 +17,11 @@ enum FfnInput : size_t { kX, kRouterWeight, kGateWeight, kUpWeight, kDownWeight,
 enum FfnOutput : size_t { kY, kActive, kNumFfnOutputs };
 
 enum class Activation { kSilu, kGelu, kGeluTanh };
+
+// The column-tile width of down_weight's tiled layout (op-spec "down_tile"): the CPU
+// prefill's down GEMM reads a block's V in [B, 64] tiles, which this layout stores
+// contiguously.
+inline constexpr int64_t kDownTileWidth = 64;
 enum class Weighting { kScore, kBinary };
 
 // The node's attributes, validated (op-spec "Attributes").
@@ -26,6 +31,7 @@ struct FfnAttributes {
   bool rescale = true;
   Weighting weighting = Weighting::kScore;
   Activation activation = Activation::kSilu;
+  int64_t down_tile = 0;  // 0: down_weight [n, B, d]; kDownTileWidth: [n, ceil(d / 64), B, 64]
 };
 
 // Sizes of one call, validated against each other and the attributes.
@@ -34,12 +40,21 @@ struct FfnDims {
   int64_t hidden = 0;      // d
   int64_t num_blocks = 0;  // n
   int64_t block_size = 0;  // B
+  int64_t down_tile = 0;   // as the attribute
   bool has_bias = false;
   std::vector<int64_t> y_shape;       // X's shape
   std::vector<int64_t> active_shape;  // X.shape[:-1] + [n]
 };
 
 using Shape = std::vector<int64_t>;
+
+// Offset of V_i[j, c] (block i's down weights, [B, d]) in down_weight, for either layout.
+inline int64_t DownOffset(const FfnDims& dims, int64_t i, int64_t j, int64_t c) {
+  const int64_t B = dims.block_size, d = dims.hidden, w = dims.down_tile;
+  if (w == 0) return (i * B + j) * d + c;
+  const int64_t tiles = (d + w - 1) / w;
+  return ((i * tiles + c / w) * B + j) * w + c % w;
+}
 
 // Throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the attribute / input, the
 // expected and the actual value.

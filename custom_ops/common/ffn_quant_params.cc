@@ -43,6 +43,10 @@ const char* QuantOpName(QuantKind kind) {
 QuantAttributes ParseQuantAttributes(QuantKind kind, const Ort::ConstKernelInfo& info) {
   QuantAttributes a;
   a.base = ParseAttributes(info);
+  if (a.base.down_tile != 0) {
+    Fail(kind, "attribute 'down_tile' must be 0: its down_weight is [n, B, row_bytes] (the tiled layout is "
+               "the float32 op's), got " + std::to_string(a.base.down_tile));
+  }
   if (kind == QuantKind::kF16) return a;
   int64_t g = 0;
   try {

@@ -187,6 +187,7 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
   auto down_tile = [&](int64_t i, int64_t c0, int64_t width, float* tile) {
     qk.dequantize_columns(w.format, w.down + i * B * rb, w.down_scales ? w.down_scales + i * w.block_groups * d : nullptr,
                           B, d, w.group, c0, width, tile);
+    return std::pair<const float*, int64_t>{tile, width};
   };
   ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
     PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, y, gate_up_rows, down_tile);

@@ -30,6 +30,14 @@ struct KernelSet {
   // y[c] += sum_{j < rows} h[j] * v[j * ld + c] for c < width.
   void (*accumulate_rows)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y);
 
+  // The same for V stored in column tiles of kDownTileWidth (op-spec "down_tile"), for
+  // count <= kMaxDotTokens tokens at once:
+  //   y[t][c] += sum_{j < rows} h[t][j] * v[(c / 64) * tile_stride + j * 64 + c % 64]
+  // for c < width, each sum in ascending j as accumulate_rows does it (bitwise equal).
+  // All the tiles stream at once, in a wavefront: tile q is at row s - q at step s.
+  void (*accumulate_tiles)(const float* const* h, int count, const float* v, int64_t rows, int64_t tile_stride,
+                           int64_t width, float* const* y);
+
   // panel[k * P + t] = x[tokens[t] * d + k] for t < count, 0 for count <= t < P (P = panel).
   void (*pack_panel)(const float* x, int64_t d, const int64_t* tokens, int count, float* panel);
 

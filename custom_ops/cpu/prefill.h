@@ -6,8 +6,10 @@
 //       [r0, r0 + rows) of block i's gate and up weights as float32 rows of d
 //       values (row stride d): the weights in place, or a per-thread
 //       dequantized tile;
-//   down_tile(i, c0, width, tile): block i's V[:, c0:c0 + width] written to
-//       `tile` as a contiguous [B][width] float32 tile.
+//   down_tile(i, c0, width, tile) -> (const float* v, int64_t ld): block i's
+//       V[:, c0:c0 + width] as B rows ld floats apart (ld <= 64): in place when
+//       the weights are stored in column tiles, else written to `tile` (a
+//       per-thread buffer) with ld = width.
 //
 // Plan: X rows packed into panels (full and narrow, cpu/plan.h); per (block,
 // row tile) task the fused gate/up GEMM of every panel of the block with
@@ -66,17 +68,18 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
     if (first) {
       for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
     }
-    float* vp = ThreadBuffer(ThreadSlot::kDownTile, B * width);
+    float* buffer = ThreadBuffer(ThreadSlot::kDownTile, B * width);
+    std::pair<const float*, int64_t> vp{buffer, width};
     float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
     int64_t tile_block = -1;
     for (const Panel& pn : panels) {
       if (pn.block != tile_block) {  // once per block: the panels are in block order
-        down_tile(pn.block, c0, width, vp);
+        vp = down_tile(pn.block, c0, width, buffer);
         tile_block = pn.block;
       }
       for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
       const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp, B, width, width, rows, pn.count);
+      down(hp.get() + pn.offset * B, vp.first, B, vp.second, width, rows, pn.count);
     }
   });
 }

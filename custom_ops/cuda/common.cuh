@@ -40,7 +40,18 @@ struct Params {
   Act act;
   int decode_down_rows, decode_cols;
   bool vec;  // 16-byte loads along d
+  bool down_tiled;  // down in [n, ceil(d / 64), B, 64] column tiles
 };
+
+// Index of down_weight[i][j][c] (block i, row j < B, column c < d) in either layout
+// (op-spec "down_tile"). A 16-byte vector at a column that is a multiple of its
+// width stays inside one 64-column tile.
+template <typename T>
+__device__ __forceinline__ int64_t DownIndex(const Params<T>& p, int i, int j, int c) {
+  if (!p.down_tiled) return (static_cast<int64_t>(i) * p.B + j) * p.d + c;
+  const int tiles = (p.d + 63) / 64;
+  return ((static_cast<int64_t>(i) * tiles + c / 64) * p.B + j) * 64 + c % 64;
+}
 
 template <typename T> __device__ __forceinline__ float ToFloat(T v);
 template <> __device__ __forceinline__ float ToFloat<float>(float v) { return v; }

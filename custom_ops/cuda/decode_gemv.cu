@@ -126,21 +126,22 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeDownKernel(Params<T> p) 
   // Column of element v of this lane: contiguous 16 bytes (vector loads) or strided by 32.
   auto local_col = [&](int v) { return p.vec ? lane * V + v : v * 32 + lane; };
   float acc[kMaxTok][V] = {};
-  const T* w0 = p.down + (static_cast<int64_t>(i) * p.B + j0) * d + c0;
 #pragma unroll 4
   for (int r = warp; r < rows; r += kWarps) {
-    const T* w = w0 + static_cast<int64_t>(r) * d;
     float wv[V];
     if (p.vec) {
       if (c0 + lane * V < d) {  // d % V == 0: a vector is wholly inside or outside
-        LoadVecStreaming(w + lane * V, wv);
+        LoadVecStreaming(p.down + DownIndex(p, i, j0 + r, c0 + lane * V), wv);
       } else {
 #pragma unroll
         for (int v = 0; v < V; ++v) wv[v] = 0.0f;
       }
     } else {
 #pragma unroll
-      for (int v = 0; v < V; ++v) wv[v] = c0 + v * 32 + lane < d ? ToFloat(w[v * 32 + lane]) : 0.0f;
+      for (int v = 0; v < V; ++v) {
+        const int c = c0 + v * 32 + lane;
+        wv[v] = c < d ? ToFloat(p.down[DownIndex(p, i, j0 + r, c)]) : 0.0f;
+      }
     }
 #pragma unroll
     for (int q = 0; q < kMaxTok; ++q) {

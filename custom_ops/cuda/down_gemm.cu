@@ -33,7 +33,6 @@ __global__ void __launch_bounds__(kTcThreads) DownTcKernel(Params<T> p) {
   const int n0 = blockIdx.y * BN;
   const int tid = threadIdx.x;
   const T* h0 = p.h + static_cast<int64_t>(blockIdx.x) * BM * p.h_ld;
-  const T* w0 = p.down + static_cast<int64_t>(i) * B * d;
 
   // A (h): 128 rows x 4 chunks; B (down rows): 32 rows x 16 chunks. 2 + 2 chunks per thread.
   int a_row[2], a_k[2], b_k[2], b_col[2];
@@ -53,7 +52,7 @@ __global__ void __launch_bounds__(kTcThreads) DownTcKernel(Params<T> p) {
                 a_ok ? h0 + static_cast<int64_t>(a_row[r]) * p.h_ld + k0 + a_k[r] : p.h, a_ok);
       const int k = k0 + b_k[r], col = n0 + b_col[r];
       const bool b_ok = k < B && col < d;
-      CpAsync16(Bs + stage * kStageB + b_k[r] * LDB + b_col[r], b_ok ? w0 + static_cast<int64_t>(k) * d + col : p.down,
+      CpAsync16(Bs + stage * kStageB + b_k[r] * LDB + b_col[r], b_ok ? p.down + DownIndex(p, i, k, col) : p.down,
                 b_ok);
     }
     CpAsyncCommit();
@@ -121,7 +120,6 @@ __global__ void __launch_bounds__(kSimtThreads) DownSimtKernel(Params<T> p) {
   const int d = p.d, B = p.B, i = tile.block, n0 = blockIdx.y * BN;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const T* h0 = p.h + static_cast<int64_t>(blockIdx.x) * BM * p.h_ld;
-  const T* w0 = p.down + static_cast<int64_t>(i) * B * d;
   float acc[4][4] = {};
   for (int k0 = 0; k0 < B; k0 += BK) {
 #pragma unroll
@@ -130,7 +128,7 @@ __global__ void __launch_bounds__(kSimtThreads) DownSimtKernel(Params<T> p) {
       const int row = e / BK, kk = e % BK;  // A: h[row, k0 + kk]
       As[kk][row] = k0 + kk < B ? ToFloat(h0[static_cast<int64_t>(row) * p.h_ld + k0 + kk]) : 0.0f;
       const int bk = e / BN, col = e % BN;  // B: down[i, k0 + bk, n0 + col]
-      Bs[bk][col] = k0 + bk < B && n0 + col < d ? ToFloat(w0[static_cast<int64_t>(k0 + bk) * d + n0 + col]) : 0.0f;
+      Bs[bk][col] = k0 + bk < B && n0 + col < d ? ToFloat(p.down[DownIndex(p, i, k0 + bk, n0 + col)]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll

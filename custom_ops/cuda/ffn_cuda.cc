@@ -53,6 +53,7 @@ void FfnCudaKernel<kType>::Compute(Ort::KernelContext& ctx) const {
   args.activation = attrs_.activation == Activation::kGelu       ? Act::kGelu
                     : attrs_.activation == Activation::kGeluTanh ? Act::kGeluTanh
                                                                  : Act::kSilu;
+  args.down_tiled = attrs_.down_tile != 0;
   FfnCudaPlan plan;
   std::string error;
   if (!MakePlan(args.shape, plan, error)) ThrowInvalidArgument(error);

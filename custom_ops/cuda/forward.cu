@@ -55,6 +55,7 @@ std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
   p.decode_down_rows = static_cast<int>(plan.decode_down_rows);
   p.decode_cols = static_cast<int>(plan.decode_cols);
   p.vec = plan.vec_loads;
+  p.down_tiled = a.down_tiled;
 
   cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
   cudaError_t err = LaunchRouter(p, plan, stream);

@@ -20,13 +20,14 @@ struct FfnCudaArgs {
   const void* bias = nullptr;    // [n]
   const void* gate = nullptr;    // [n, B, d]
   const void* up = nullptr;      // [n, B, d]
-  const void* down = nullptr;    // [n, B, d]
+  const void* down = nullptr;    // [n, B, d], or [n, ceil(d / 64), B, 64] when down_tiled
   void* y = nullptr;             // [N, d]
   bool* active = nullptr;        // [N, n]
   float threshold = 0.5f;
   bool rescale = true;
   bool binary_weighting = false;
   Act activation = Act::kSilu;
+  bool down_tiled = false;       // op attribute down_tile = 64 (docs/op-spec.md)
   void* scratch = nullptr;       // plan.scratch.bytes bytes of device memory, 256-byte aligned
   void* stream = nullptr;        // cudaStream_t
 };

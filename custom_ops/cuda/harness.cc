@@ -44,15 +44,17 @@ DSMOE_HARNESS_API int64_t dsmoe_cuda_scratch_bytes(int64_t tokens, int64_t hidde
 }
 
 // Y = GatedBlockSparseFFN(...) on device pointers (dtype 0 float32, 1 float16, 2 bfloat16;
-// activation 0 silu, 1 gelu, 2 gelu_tanh), enqueued on `stream` (a cudaStream_t, e.g.
+// activation 0 silu, 1 gelu, 2 gelu_tanh; down_tile 0 or 64, down's layout as the op
+// attribute), enqueued on `stream` (a cudaStream_t, e.g.
 // torch.cuda.current_stream().cuda_stream). 0, or 1 with the error.
 DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* router, const void* bias,
                                          const void* gate, const void* up, const void* down, void* y, bool* active,
                                          int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size,
                                          float threshold, int rescale, int binary_weighting, int activation,
-                                         void* scratch, int64_t scratch_bytes, void* stream, char* error,
+                                         int down_tile, void* scratch, int64_t scratch_bytes, void* stream, char* error,
                                          int error_len) {
   if (dtype < 0 || dtype > 2 || activation < 0 || activation > 2) return Fail("bad dtype or activation", error, error_len);
+  if (down_tile != 0 && down_tile != 64) return Fail("down_tile must be 0 or 64", error, error_len);
   dsmoe::cuda::FfnCudaArgs args;
   args.shape = {tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype), true};
   for (const void* p : {x, router, bias, gate, up, down, static_cast<const void*>(y)}) {
@@ -77,6 +79,7 @@ DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* r
   args.rescale = rescale != 0;
   args.binary_weighting = binary_weighting != 0;
   args.activation = static_cast<dsmoe::cuda::Act>(activation);
+  args.down_tiled = down_tile != 0;
   args.scratch = scratch;
   args.stream = stream;
   e = dsmoe::cuda::FfnCudaForward(args, plan);

@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                         "op against the dense FFN as com.microsoft.MatMulNBits and com.microsoft.QMoE at the same "
                         "precision, and against the float32 sparse op (default: none)")
     p.add_argument("--group-size", type=int, default=32, help="quantization group of --precisions (default: 32)")
+    p.add_argument("--compare-layouts", action="store_true",
+                   help="op level: also time the sparse op with its down weights in the rows layout (--down-layout "
+                        "rows of the exporter) in the same rounds; the table gains 'rows-layout ms' and 'rows/tiled'")
     p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
                    help="end to end: time this DSMoE model folder (its sparse and --dense exports, and an "
                         "attention-only copy for the FFN share) instead of a random model; the --e2e-* shape "
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps = 2 * probes.PROBE_STEPS[args.quick]
     if do_op:
-        steps += op.planned_calls(args.shapes, args.tokens, ks_for, args.rounds)
+        steps += op.planned_calls(args.shapes, args.tokens, ks_for, args.rounds, args.compare_layouts)
         if args.precisions:
             steps += op.planned_quant_calls(args.shapes, args.tokens, ks_for, args.rounds, args.precisions)
     if do_e2e:
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, shape in enumerate(args.shapes):
                 rows, check = op.run_shape(shape, args.tokens, ks_for(shape), threads=args.threads, library=library,
                                            rounds=args.rounds, flush=flush, seed=args.seed + i, gate=gate,
-                                           budget_s=args.budget, bar=bar)
+                                           budget_s=args.budget, bar=bar, layouts=args.compare_layouts)
                 results["op"] += rows
                 results["checks"].append(check)
                 _save_partial(args.out, results, before)

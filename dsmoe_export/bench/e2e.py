@@ -221,7 +221,7 @@ def _skip_unused(bar, res: dict, rounds: int) -> None:
 
 
 def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape) -> list[dict]:
-    s, dn, at = res["sparse"], res["dense"], res["attn"]
+    dn, at = res["dense"], res["attn"]
     L, d, n, B = shape.layers, shape.ffn.d, shape.ffn.n, shape.ffn.block
     rows = []
     for kind, samples in res.items():

@@ -35,6 +35,7 @@ numerically against the sparse op and the numpy reference (tests/test_bench.py):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,11 @@ class Experts:
             return a
         return cls(gate=draw(d), up=draw(d), down=draw(D))
 
+    @functools.cached_property
+    def down_tiled(self) -> np.ndarray:
+        """down in the op's column-tile layout (down_tile = 64), made once for all sessions."""
+        return onnx_op.tile_down(self.down)
+
     # Layouts of the other graphs (fresh contiguous copies).
     def dense_layout(self):
         """(W_gate [d, D], W_up [d, D], W_down [D, d]): x @ W, the layout ORT's MatMul pre-packs."""
@@ -137,9 +143,11 @@ def _xy(d):
 
 
 def sparse_graph(e: Experts, *, active_output: bool = False, **attrs):
-    """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given)."""
-    attrs = {**OP_ATTRS, **attrs}
-    weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": e.down}
+    """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given; down_weight
+    in the exporter's default layout, column tiles, unless down_tile=0 is given)."""
+    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_TILE, **attrs}
+    down = e.down_tiled if attrs["down_tile"] else e.down
+    weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": down}
     inputs, outputs = _xy(e.d)
     if active_output:
         outputs.append(_value_info("active", ["T", e.n], TensorProto.BOOL))
@@ -346,10 +354,10 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
     """A Runner for ``kind`` in sparse / dense / moe. ``cache`` (a dict) keeps the re-laid-out
     weights of ``e`` so that several MoE sessions (one per k) share one copy."""
     cache = {} if cache is None else cache
-    if kind == "sparse":
+    if kind in ("sparse", "sparse_rows"):  # sparse_rows: down_weight in the rows layout (down_tile = 0)
         if library is None:
             raise ValueError("the sparse graph needs the op library (DSMOE_OPS_LIBRARY or pip install .)")
-        model, shared = sparse_graph(e, **attrs)
+        model, shared = sparse_graph(e, **({"down_tile": 0} if kind == "sparse_rows" else {}), **attrs)
     elif kind == "dense":
         model, shared = dense_graph(e)
     elif kind == "moe":
@@ -381,4 +389,4 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
             raise ValueError(f"unknown graph kind {kind!r}")
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
-    return Runner(model, shared, threads=threads, library=library if kind == "sparse" else None)
+    return Runner(model, shared, threads=threads, library=library if kind in ("sparse", "sparse_rows") else None)

@@ -51,11 +51,11 @@ def target_ratio(tokens: int, r: float) -> float:
     return r + 0.05 if tokens == 1 else 1.15 * r + 0.05
 
 
-def planned_calls(shapes, tokens, ks_for, rounds: int) -> int:
+def planned_calls(shapes, tokens, ks_for, rounds: int, layouts: bool = False) -> int:
     """Upper bound of timed calls (for the progress bar): short calls get more rounds."""
     total = 0
     for s in shapes:
-        variants = 1 + 2 * (len(ks_for(s)) + 1)
+        variants = 1 + (3 if layouts else 2) * (len(ks_for(s)) + 1)
         for _ in tokens:
             total += variants * rounds * SHORT_CALL_FACTOR
     return total
@@ -76,7 +76,10 @@ def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) 
     def rel(a, b):
         return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
 
-    return {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
+    out = {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
+    if "sparse_rows" in runners:  # the same sums in the same order (op-spec "down_weight's two layouts")
+        out["rows_layout_vs_sparse"] = rel(runners["sparse_rows"](nat.x, nat.router_weight)[0], y_sparse)
+    return out
 
 
 def _routings_for(bar, label: str, rng, T: int, shape, ks) -> list:
@@ -88,22 +91,27 @@ def _routings_for(bar, label: str, rng, T: int, shape, ks) -> list:
 
 def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, library: str, rounds: int,
               flush: timing.Flusher, seed: int, gate: timing.QuietGate | None = None,
-              budget_s: float | None = None, bar=None) -> tuple[list[dict], dict]:
-    """Rows of one shape, and its agreement check."""
+              budget_s: float | None = None, bar=None, layouts: bool = False) -> tuple[list[dict], dict]:
+    """Rows of one shape, and its agreement check. ``layouts``: the sparse op with its down
+    weights in the rows layout too (kind ``sparse_rows``; ``sparse`` is the exporter's default,
+    column tiles), in the same interleaved rounds."""
     rng = np.random.default_rng(seed)
     e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
     cache: dict = {}
     runners = {"sparse": graphs.runner("sparse", e, threads=threads, library=library),
                "moe": graphs.runner("moe", e, threads=threads, cache=cache),
                "dense": graphs.runner("dense", e, threads=threads)}
+    if layouts:
+        runners["sparse_rows"] = graphs.runner("sparse_rows", e, threads=threads, library=library)
     check = {"shape": shape.label, **check_agreement(runners, e, rng)}
     rows = []
     for T in tokens:
         routings = _routings_for(bar, f"op {shape.label} T={T}", rng, T, shape, ks)
         calls = {("dense", None): runners["dense"].bind(routings[-1].x, routings[-1].router_weight)}
         for i, rt in enumerate(routings):
-            for kind in ("sparse", "moe"):
-                calls[(kind, i)] = runners[kind].bind(rt.x, rt.router_weight)
+            for kind in ("sparse", "moe", "sparse_rows"):
+                if kind in runners:
+                    calls[(kind, i)] = runners[kind].bind(rt.x, rt.router_weight)
         # The dense call's time (after a warm-up call) decides the number of rounds.
         probe = timing.interleaved({"dense": calls[("dense", None)]}, 1, flush=flush, gate=gate, warmup=1)
         n_rounds = rounds * (SHORT_CALL_FACTOR if probe["dense"].min < SHORT_CALL_MS else 1)

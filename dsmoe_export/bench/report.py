@@ -53,10 +53,12 @@ def op_tables(rows: list[dict]) -> list[str]:
                               f"({_pct(r.get('gb_s_pct'))} of bw), {_f(r.get('gflop_s'), 0)} GFLOP/s "
                               f"({_pct(r.get('gflop_s_pct'))} of GEMM)" for t, r in dense.items()), ""]
         moe = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] == "moe"}
+        rows_layout = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] == "sparse_rows"}
         table = []
         for r in (r for r in mine if r["kind"] == "sparse"):
             m = moe.get((r["tokens"], r["mode"], r["k"]))
             d = dense[r["tokens"]]
+            lay = rows_layout.get((r["tokens"], r["mode"], r["k"]))
             table.append([
                 str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}",
                 f"{_f(r['ms_min'])} / {_f(r['ms_median'])}", _f(m["ms_min"]) if m else "-", _f(d["ms_min"]),
@@ -65,9 +67,12 @@ def op_tables(rows: list[dict]) -> list[str]:
                 f"{_f(r.get('gb_s'), 1)} ({_pct(r.get('gb_s_pct'))})",
                 f"{_f(r.get('gflop_s'), 0)} ({_pct(r.get('gflop_s_pct'))})", _pct(100 * r["of_roofline"])
                 if r.get("of_roofline") is not None else "-"])
-        lines += _table(["T", "routing", "r", "union", "sparse ms (min / med)", "MoE ms", "dense ms",
-                         "sparse/dense", "target", "MoE/dense", "MoE/sparse", "sparse GB/s (% bw)",
-                         "sparse GFLOP/s (% GEMM)", "sparse % of roofline"], table)
+            if rows_layout:  # --compare-layouts: the same op, down weights in rows
+                table[-1] += [_f(lay["ms_min"]), _f(lay["ms_min"] / r["ms_min"], 3)] if lay else ["-", "-"]
+        header = ["T", "routing", "r", "union", "sparse ms (min / med)", "MoE ms", "dense ms", "sparse/dense",
+                  "target", "MoE/dense", "MoE/sparse", "sparse GB/s (% bw)", "sparse GFLOP/s (% GEMM)",
+                  "sparse % of roofline"]
+        lines += _table(header + (["rows-layout ms", "rows/tiled"] if rows_layout else []), table)
         lines.append("")
     return lines
 
