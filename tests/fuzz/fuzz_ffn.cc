@@ -7,7 +7,8 @@
 //   shapes:  arbitrary (huge, zero, mismatched) int64 shapes straight into CheckShapes,
 //            which must accept them only when every size product fits int64;
 //   kernel:  small tensors (sometimes with mismatched shapes, bad attributes, NaN/inf,
-//            an unknown DSMOE_CPU_ISA) through kernel creation and Compute, twice, with
+//            an unknown DSMOE_CPU_ISA, down_weight in either layout with NaN in the
+//            column tiles' padding) through kernel creation and Compute, twice, with
 //            ParallelFor items in a different order: the results must be bitwise equal,
 //            fully written, and (finite inputs) match a float64 reference.
 // Any violation aborts (a crash for the fuzzer); ASan/UBSan report memory errors and UB.
@@ -123,7 +124,11 @@ void ShapesCase(Reader& r) {
   dsmoe::FfnAttributes attrs;
   int64_t n = HugeDim(r), B = HugeDim(r), d = HugeDim(r);
   attrs.num_experts = r.Chance(90) ? n : HugeDim(r);
-  Shape gate{n, B, d}, up = gate, down = gate, router{n, d}, bias{n};
+  attrs.down_tile = r.Chance(50) ? 0 : dsmoe::kDownTileWidth;
+  const auto down_shape = [&](int64_t n_, int64_t B_, int64_t d_) {
+    return attrs.down_tile == 0 ? Shape{n_, B_, d_} : Shape{n_, d_ / 64 + (d_ % 64 != 0), B_, 64};
+  };
+  Shape gate{n, B, d}, up = gate, down = down_shape(n, B, d), router{n, d}, bias{n};
   Shape x;
   const int rank = static_cast<int>(r.Range(0, 5));
   for (int i = 0; i + 1 < rank; ++i) x.push_back(HugeDim(r));
@@ -149,8 +154,9 @@ void ShapesCase(Reader& r) {
   ++stats.shapes_ok;
   // Accepted: the spec's rules hold and every size product the kernels form fits int64.
   CHECK(!x.empty() && x.back() == dims.hidden, dsmoe::ShapeToString(x));
-  CHECK(gate == Shape({dims.num_blocks, dims.block_size, dims.hidden}) && up == gate && down == gate,
-        dsmoe::ShapeToString(gate));
+  CHECK(gate == Shape({dims.num_blocks, dims.block_size, dims.hidden}) && up == gate &&
+            down == down_shape(dims.num_blocks, dims.block_size, dims.hidden) && dims.down_tile == attrs.down_tile,
+        dsmoe::ShapeToString(gate) + " " + dsmoe::ShapeToString(down));
   CHECK(router == Shape({dims.num_blocks, dims.hidden}), dsmoe::ShapeToString(router));
   CHECK(dims.num_blocks == attrs.num_experts && dims.num_blocks >= 1 && dims.block_size >= 1 && dims.hidden >= 1,
         "n, B, d");
@@ -161,6 +167,7 @@ void ShapesCase(Reader& r) {
   CHECK(MulFits(tokens, dims.hidden, p), "N * d");
   CHECK(MulFits(tokens, dims.num_blocks, p) && MulFits(p, dims.block_size, p), "N * n * B");
   CHECK(MulFits(dims.num_blocks, dims.block_size, p) && MulFits(p, dims.hidden, p), "n * B * d");
+  CHECK(MulFits(dims.num_blocks, dims.block_size, p) && MulFits(p, dims.hidden + 64, p), "n * B * (d + 64)");
   CHECK(dims.y_shape == x, "Y shape");
   CHECK(dims.active_shape.size() == x.size() && dims.active_shape.back() == dims.num_blocks, "active shape");
 }
@@ -201,6 +208,8 @@ const char* kIsas[] = {nullptr, "baseline", "avx2", "avx512", "", "sse9"};
 // tolerance from the sum of the absolute values of every term.
 void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, int64_t N, int64_t n, int64_t B, int64_t d,
                     const float* y, const uint8_t* active) {
+  dsmoe::FfnDims dims;
+  dims.num_blocks = n, dims.block_size = B, dims.hidden = d, dims.down_tile = a.down_tile;
   const float* x = reinterpret_cast<const float*>(in.x.data.get());
   const float* rw = reinterpret_cast<const float*>(in.router.data.get());
   const float* bias = in.bias.data ? reinterpret_cast<const float*>(in.bias.data.get()) : nullptr;
@@ -254,10 +263,10 @@ void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, int64_t N, 
         }
         const double h = coef * act * u;
         const double habs = coef * (std::fabs(g) + gabs + 1.0) * (std::fabs(u) + uabs + 1.0);
-        const float* vr = dw + (i * B + j) * d;
         for (int64_t cc = 0; cc < d; ++cc) {
-          yref[cc] += h * vr[cc];
-          bound[cc] += habs * std::fabs(static_cast<double>(vr[cc]));
+          const double v = dw[dsmoe::DownOffset(dims, i, j, cc)];
+          yref[cc] += h * v;
+          bound[cc] += habs * std::fabs(v);
         }
       }
     }
@@ -339,6 +348,25 @@ void KernelCase(Reader& r) {
     else info.attributes.insert(info.attributes.begin(), {name, junk});
   }
 
+  int64_t down_tile = 0;  // the layout the tensors below use
+  if (r.Chance(50)) {
+    down_tile = dsmoe::kDownTileWidth;
+    info.attributes.emplace_back("down_tile", down_tile);
+  } else if (r.Chance(10)) {
+    info.attributes.emplace_back("down_tile", int64_t{0});
+  }
+  if (r.Chance(2)) {  // a bad value first (the first of a name is the one ORT's lookup returns)
+    if (r.Chance(50)) {
+      const int64_t v = static_cast<int64_t>(r.Byte()) - 64;
+      info.attributes.insert(info.attributes.begin(), {"down_tile", v});
+      if (v == 0 || v == dsmoe::kDownTileWidth) down_tile = v;  // valid after all: the layout
+      else attrs_valid = false;
+    } else {
+      info.attributes.insert(info.attributes.begin(), {"down_tile", 64.0f});
+      attrs_valid = false;
+    }
+  }
+
   static const dsmoe::GatedBlockSparseFfnOp<dsmoe::cpu::FfnCpuKernel> op;
   const OrtCustomOp& table = op;
   void* kernel = nullptr;
@@ -367,7 +395,9 @@ void KernelCase(Reader& r) {
   in.x.shape.push_back(d);
   in.router.shape = {n, d};
   in.gate.shape = {n, B, d};
-  in.up.shape = in.down.shape = in.gate.shape;
+  in.up.shape = in.gate.shape;
+  const Shape down_shape = down_tile == 0 ? in.gate.shape : Shape{n, (d + 63) / 64, B, 64};
+  in.down.shape = down_shape;
   const int bias_mode = r.Byte() % 4;  // 0: absent slot, 1: null optional input, 2-3: present
   in.bias.shape = {n};
   if (r.Chance(8)) {
@@ -383,7 +413,7 @@ void KernelCase(Reader& r) {
     const bool rank_ok = in.x.shape.size() >= 1 && in.router.shape.size() == 2 && in.gate.shape.size() == 3 &&
                          in.bias.shape.size() == 1;
     if (rank_ok && in.x.shape.back() == d && in.router.shape == Shape({n, d}) && in.gate.shape == Shape({n, B, d}) &&
-        in.up.shape == in.gate.shape && in.down.shape == in.gate.shape && in.bias.shape == Shape({n})) {
+        in.up.shape == in.gate.shape && in.down.shape == down_shape && in.bias.shape == Shape({n})) {
       shapes_valid = ne && std::get<int64_t>(*ne) == n;
     }
   }
@@ -394,6 +424,13 @@ void KernelCase(Reader& r) {
   Fill(r, in.gate, specials, in.finite, scale);
   Fill(r, in.up, specials, in.finite, scale);
   Fill(r, in.down, specials, in.finite, scale);
+  if (down_tile != 0 && in.down.shape == down_shape && d % 64 != 0) {  // the spec: the tiles' padding is ignored
+    float* v = reinterpret_cast<float*>(in.down.data.get());
+    const int64_t last = (d + 63) / 64 - 1;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < B; ++j)
+        for (int64_t c = d - last * 64; c < 64; ++c) v[((i * (last + 1) + last) * B + j) * 64 + c] = std::nanf("");
+  }
   if (bias_mode >= 2) Fill(r, in.bias, specials, in.finite, 1.0f);
 
   const size_t outputs = r.Chance(70) ? 2 : 1;
@@ -441,6 +478,7 @@ void KernelCase(Reader& r) {
     if (order == fake_ort::Order::kForward && in.finite && active != nullptr) {
       dsmoe::FfnAttributes parsed;
       parsed.threshold = threshold;
+      parsed.down_tile = down_tile;
       for (auto& [k, v] : info.attributes) {  // the first of a name is the one ORT's lookup returns
         if (k == "rescale" && std::holds_alternative<int64_t>(v)) { parsed.rescale = std::get<int64_t>(v) == 1; break; }
       }
