@@ -148,7 +148,8 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
     ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
   } else {
     static_assert(kDownTileWidth == 64, "the message below names the width");
-    ExpectShape(kDownWeight, down_weight, {n, (d + kDownTileWidth - 1) / kDownTileWidth, dims.block_size, kDownTileWidth},
+    const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);  // ceil, without overflow
+    ExpectShape(kDownWeight, down_weight, {n, tiles, dims.block_size, kDownTileWidth},
                 "[n, ceil(d / 64), B, 64] (attribute 'down_tile' = 64)");
   }
   ExpectShape(kRouterWeight, router_weight, {n, d}, "[n, d]");
@@ -172,7 +173,9 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.num_tokens = tokens;
   CheckedMul(tokens, d, "N * d");
   CheckedMul(tokens, n, "N * n");
-  CheckedMul(CheckedMul(n, dims.block_size, "n * B"), d + kDownTileWidth, "n * B * (d + 64)");
+  const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);
+  CheckedMul(CheckedMul(CheckedMul(n, dims.block_size, "n * B"), tiles, "n * B * ceil(d / 64)"), kDownTileWidth,
+             "n * B * ceil(d / 64) * 64");
   CheckedMul(CheckedMul(tokens, n, "N * n"), dims.block_size, "N * n * B");
 
   dims.y_shape = x;

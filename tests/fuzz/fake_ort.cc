@@ -1,5 +1,6 @@
 #include "fake_ort.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 
@@ -159,6 +160,47 @@ OrtStatus* ORT_API_CALL ParallelFor(const OrtKernelContext* ctx, void (*fn)(void
   return nullptr;
 }
 
+// The kernel's Prepare asks which weights are constant initializers: none here (graph
+// inputs, the caller's memory), the answer ORT gives for a weight fed at run time.
+OrtStatus* ORT_API_CALL GetConstantInput(const OrtKernelInfo*, size_t, int* is_constant, const OrtValue** out) noexcept {
+  *is_constant = 0;
+  *out = nullptr;
+  return nullptr;
+}
+
+// Per-call scratch (common/scratch.h): malloc'd, filled with 0xFF bytes (NaN floats) so
+// that a read of scratch the kernel never wrote shows up in the results.
+int dummy_memory_info;
+OrtStatus* ORT_API_CALL CreateCpuMemoryInfo(OrtAllocatorType, OrtMemType, OrtMemoryInfo** out) noexcept {
+  *out = reinterpret_cast<OrtMemoryInfo*>(&dummy_memory_info);
+  return nullptr;
+}
+void ORT_API_CALL ReleaseMemoryInfo(OrtMemoryInfo*) noexcept {}
+void* ORT_API_CALL ScratchAlloc(OrtAllocator*, size_t bytes) noexcept {
+  void* p = std::malloc(bytes ? bytes : 1);
+  if (p != nullptr) std::memset(p, 0xFF, bytes);
+  return p;
+}
+void ORT_API_CALL ScratchFree(OrtAllocator*, void* p) noexcept { std::free(p); }
+const OrtMemoryInfo* ORT_API_CALL ScratchInfo(const OrtAllocator*) noexcept {
+  return reinterpret_cast<const OrtMemoryInfo*>(&dummy_memory_info);
+}
+OrtAllocator MakeAllocator() {
+  OrtAllocator a;
+  std::memset(&a, 0, sizeof a);
+  a.version = ORT_API_VERSION;
+  a.Alloc = ScratchAlloc;
+  a.Free = ScratchFree;
+  a.Info = ScratchInfo;
+  return a;
+}
+OrtAllocator scratch_allocator = MakeAllocator();
+OrtStatus* ORT_API_CALL GetAllocator(const OrtKernelContext*, const OrtMemoryInfo*, OrtAllocator** out) noexcept {
+  *out = &scratch_allocator;
+  return nullptr;
+}
+void ORT_API_CALL ReleaseAllocator(OrtAllocator*) noexcept {}
+
 OrtApi MakeApi() {
   OrtApi api;
   std::memset(&api, 0, sizeof api);  // everything else null: a call crashes (reported by the fuzzer)
@@ -169,6 +211,11 @@ OrtApi MakeApi() {
   api.KernelInfoGetAttribute_float = GetAttrFloat;
   api.KernelInfoGetAttribute_int64 = GetAttrInt;
   api.KernelInfoGetAttribute_string = GetAttrString;
+  api.KernelInfoGetConstantInput_tensor = GetConstantInput;
+  api.CreateCpuMemoryInfo = CreateCpuMemoryInfo;
+  api.ReleaseMemoryInfo = ReleaseMemoryInfo;
+  api.KernelContext_GetAllocator = GetAllocator;
+  api.ReleaseAllocator = ReleaseAllocator;
   api.KernelContext_GetInputCount = GetInputCount;
   api.KernelContext_GetOutputCount = GetOutputCount;
   api.KernelContext_GetInput = GetInput;

@@ -126,7 +126,7 @@ void ShapesCase(Reader& r) {
   attrs.num_experts = r.Chance(90) ? n : HugeDim(r);
   attrs.down_tile = r.Chance(50) ? 0 : dsmoe::kDownTileWidth;
   const auto down_shape = [&](int64_t n_, int64_t B_, int64_t d_) {
-    return attrs.down_tile == 0 ? Shape{n_, B_, d_} : Shape{n_, d_ / 64 + (d_ % 64 != 0), B_, 64};
+    return attrs.down_tile == 0 ? Shape{n_, B_, d_} : Shape{n_, d_ / 64 + (d_ % 64 != 0), B_, 64};  // no d + 63: d may be near 2^63
   };
   Shape gate{n, B, d}, up = gate, down = down_shape(n, B, d), router{n, d}, bias{n};
   Shape x;
@@ -167,7 +167,8 @@ void ShapesCase(Reader& r) {
   CHECK(MulFits(tokens, dims.hidden, p), "N * d");
   CHECK(MulFits(tokens, dims.num_blocks, p) && MulFits(p, dims.block_size, p), "N * n * B");
   CHECK(MulFits(dims.num_blocks, dims.block_size, p) && MulFits(p, dims.hidden, p), "n * B * d");
-  CHECK(MulFits(dims.num_blocks, dims.block_size, p) && MulFits(p, dims.hidden + 64, p), "n * B * (d + 64)");
+  CHECK(MulFits(dims.num_blocks, dims.block_size, p) && MulFits(p, dims.hidden / 64 + (dims.hidden % 64 != 0), p) &&
+            MulFits(p, 64, p), "n * B * ceil(d / 64) * 64");
   CHECK(dims.y_shape == x, "Y shape");
   CHECK(dims.active_shape.size() == x.size() && dims.active_shape.back() == dims.num_blocks, "active shape");
 }
