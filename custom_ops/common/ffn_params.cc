@@ -142,13 +142,13 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.block_size = gate_weight[1];
   dims.hidden = gate_weight[2];
   const int64_t n = dims.num_blocks, d = dims.hidden;
+  const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);  // ceil(d / 64), without overflow
   ExpectShape(kUpWeight, up_weight, gate_weight, "[n, B, d] (as gate_weight)");
   dims.down_tile = attrs.down_tile;
   if (attrs.down_tile == 0) {
     ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
   } else {
     static_assert(kDownTileWidth == 64, "the message below names the width");
-    const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);  // ceil, without overflow
     ExpectShape(kDownWeight, down_weight, {n, tiles, dims.block_size, kDownTileWidth},
                 "[n, ceil(d / 64), B, 64] (attribute 'down_tile' = 64)");
   }
@@ -173,7 +173,6 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.num_tokens = tokens;
   CheckedMul(tokens, d, "N * d");
   CheckedMul(tokens, n, "N * n");
-  const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);
   CheckedMul(CheckedMul(CheckedMul(n, dims.block_size, "n * B"), tiles, "n * B * ceil(d / 64)"), kDownTileWidth,
              "n * B * ceil(d / 64) * 64");
   CheckedMul(CheckedMul(tokens, n, "N * n"), dims.block_size, "N * n * B");

@@ -17,12 +17,12 @@ enum FfnInput : size_t { kX, kRouterWeight, kGateWeight, kUpWeight, kDownWeight,
 enum FfnOutput : size_t { kY, kActive, kNumFfnOutputs };
 
 enum class Activation { kSilu, kGelu, kGeluTanh };
+enum class Weighting { kScore, kBinary };
 
 // The column-tile width of down_weight's tiled layout (op-spec "down_tile"): the CPU
 // prefill's down GEMM reads a block's V in [B, 64] tiles, which this layout stores
 // contiguously.
 inline constexpr int64_t kDownTileWidth = 64;
-enum class Weighting { kScore, kBinary };
 
 // The node's attributes, validated (op-spec "Attributes").
 struct FfnAttributes {
