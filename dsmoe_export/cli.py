@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--down-layout", choices=("tiled", "rows"), default="tiled",
                    help="layout of the sparse op's down weights (docs/op-spec.md, attribute down_tile): 'tiled' "
                         "stores [B, 64] column tiles the CPU kernel reads in place (prefill 5-10 %% faster, one-token "
-                        "decode 1-4 %% slower); 'rows' the plain [n, B, d] of earlier versions (default: %(default)s)")
+                        "decode 1-10 %% slower); 'rows' the plain [n, B, d] of earlier versions (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,

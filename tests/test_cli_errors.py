@@ -126,3 +126,18 @@ def test_failed_validation_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert "validation failed" in err[-1] and "0.5" in err[-1]
     assert out.read_bytes() == OLD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "model"]
+
+
+def test_bad_down_layout_is_refused(tmp_path, capsys):
+    """An unknown down_weight layout: the CLI's choices, and the API's ExportError naming the
+    output file, before anything is loaded or written."""
+    from dsmoe_export.errors import ExportError
+    from dsmoe_export.exporter import export
+
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(out), "--down-layout", "columns"])
+    assert "--down-layout" in capsys.readouterr().err
+    with pytest.raises(ExportError, match=r"model\.onnx.*down_layout must be one of rows, tiled, got 'columns'"):
+        export(tmp_path / "no-such-folder", out, down_layout="columns")
+    assert list(tmp_path.iterdir()) == []

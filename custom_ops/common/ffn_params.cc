@@ -142,7 +142,7 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.block_size = gate_weight[1];
   dims.hidden = gate_weight[2];
   const int64_t n = dims.num_blocks, d = dims.hidden;
-  const int64_t tiles = d / kDownTileWidth + (d % kDownTileWidth != 0);  // ceil(d / 64), without overflow
+  const int64_t tiles = DownTileCount(d);
   ExpectShape(kUpWeight, up_weight, gate_weight, "[n, B, d] (as gate_weight)");
   dims.down_tile = attrs.down_tile;
   if (attrs.down_tile == 0) {

@@ -48,12 +48,14 @@ struct FfnDims {
 
 using Shape = std::vector<int64_t>;
 
+// ceil(d / 64): the column tiles of the tiled layout (no d + 63: d may be any int64).
+inline int64_t DownTileCount(int64_t d) { return d / kDownTileWidth + (d % kDownTileWidth != 0); }
+
 // Offset of V_i[j, c] (block i's down weights, [B, d]) in down_weight, for either layout.
 inline int64_t DownOffset(const FfnDims& dims, int64_t i, int64_t j, int64_t c) {
-  const int64_t B = dims.block_size, d = dims.hidden, w = dims.down_tile;
-  if (w == 0) return (i * B + j) * d + c;
-  const int64_t tiles = (d + w - 1) / w;
-  return ((i * tiles + c / w) * B + j) * w + c % w;
+  const int64_t B = dims.block_size, d = dims.hidden, w = kDownTileWidth;
+  if (dims.down_tile == 0) return (i * B + j) * d + c;
+  return ((i * DownTileCount(d) + c / w) * B + j) * w + c % w;
 }
 
 // Throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the attribute / input, the

@@ -34,7 +34,8 @@ struct KernelSet {
   // count <= kMaxDotTokens tokens at once:
   //   y[t][c] += sum_{j < rows} h[t][j] * v[(c / 64) * tile_stride + j * 64 + c % 64]
   // for c < width, each sum in ascending j as accumulate_rows does it (bitwise equal).
-  // All the tiles stream at once, in a wavefront: tile q is at row s - q at step s.
+  // The tiles stream together, in bands of 8 in a wavefront: at step s, tile q of a band
+  // (q from 0) takes rows 2(s - q) and 2(s - q) + 1 (kernels_isa.cc says why).
   void (*accumulate_tiles)(const float* const* h, int count, const float* v, int64_t rows, int64_t tile_stride,
                            int64_t width, float* const* y);
 

@@ -173,7 +173,7 @@ void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, in
 // 2-5 % slower, four rows equal to two).
 void AccumulateTiles(const float* const* h, int count, const float* v, int64_t rows, int64_t tile_stride,
                      int64_t width, float* const* y) {
-  constexpr int64_t kT = kDownTileWidth, kRows = 2, kBand = 8;
+  constexpr int64_t kT = kDownTileWidth, kRows = 2, kBand = 8;  // as kernels.h describes
   static_assert(kT % kVL == 0, "a tile row is whole vectors");
   const int64_t tiles = (width + kT - 1) / kT, full = width / kT;  // the last tile may be partial
   const int64_t steps = (rows + kRows - 1) / kRows;
