@@ -6,8 +6,9 @@
 2. timing, float16, d=4096 / D=11008 / n=8 (LLaMA-7B FFN): sparse at exactly k active blocks
    per token (random subsets) against the dense FFN in torch (cuBLAS), tokens 1..8 and 4096;
    each call replayed from a CUDA graph after an L2 flush (the flush's own time subtracted);
-3. the op under ONNX Runtime's CUDA EP against a dense ONNX FFN, when onnxruntime-gpu is there.
-Prints a table last and writes it (with the card and the date) to --out (markdown + JSON).
+3. (--part ort) the op under ONNX Runtime's CUDA EP against the dense FFN and com.microsoft.MoE
+   (scripts/gpu_ort.py), when onnxruntime-gpu is there.
+Prints tables last and writes them (with the card and the date) to --out (markdown + JSON).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 from cuda_harness import Harness, find_library  # noqa: E402
 from op_graph import make_case  # noqa: E402
 
+from dsmoe_export.onnx_op import tile_down  # noqa: E402
+
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 
 
@@ -44,24 +47,33 @@ def correctness(h: Harness, seed: int) -> list[str]:
         for tokens, d, n, B in shapes:
             attrs = dict(threshold=float(rng.uniform(0.3, 0.7)), activation=str(rng.choice(["silu", "gelu", "gelu_tanh"])),
                          weighting=str(rng.choice(["score", "binary"])), rescale=bool(rng.integers(2)))
-            case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)), **attrs)
+            down_tile = int(rng.choice([0, 64]))
+            case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)), down_tile=down_tile, **attrs)
             for name in ("x", "router_weight", "gate", "up", "down", "router_bias"):  # what the kernel sees
                 a = getattr(case, name)
                 if a is not None:
                     setattr(case, name, torch.from_numpy(a).to(getattr(torch, dtype)).float().numpy())
             act = torch.empty(tokens, n, dtype=torch.bool, device="cuda")
-            y = h.forward(to_dev(case.x, dtype), to_dev(case.router_weight, dtype), to_dev(case.gate, dtype),
-                          to_dev(case.up, dtype), to_dev(case.down, dtype), to_dev(case.router_bias, dtype),
-                          active=act, **attrs)
-            torch.cuda.synchronize()
+            down = case.feeds()["down_weight"]  # in the layout down_tile names
+            try:
+                y = h.forward(to_dev(case.x, dtype), to_dev(case.router_weight, dtype), to_dev(case.gate, dtype),
+                              to_dev(case.up, dtype), to_dev(down, dtype), to_dev(case.router_bias, dtype),
+                              active=act, down_tile=down_tile, **attrs)
+                torch.cuda.synchronize()
+                y = y.float().cpu().numpy()
+                act_np = act.cpu().numpy()
+            except Exception as ex:  # noqa: BLE001 (recorded; a sticky CUDA error fails the rest too)
+                count += 1
+                failures.append(f"{dtype} N={tokens} d={d} n={n} B={B} down_tile={down_tile}: {type(ex).__name__}: "
+                                f"{str(ex)[:200]}")
+                continue
             y_ref, a_ref = case.reference()
-            y = y.float().cpu().numpy()
             err = float(np.abs(y - y_ref).max()) / max(1.0, float(np.abs(y_ref).max()))
-            ok_active = bool((act.cpu().numpy() == a_ref).all())
+            ok_active = bool((act_np == a_ref).all())
             ok_zero = bool((y[~a_ref.any(-1)] == 0).all())
             count += 1
             if not (err <= TOL[dtype] and ok_active and ok_zero):
-                failures.append(f"{dtype} N={tokens} d={d} n={n} B={B} {attrs}: err={err:.3g} "
+                failures.append(f"{dtype} N={tokens} d={d} n={n} B={B} down_tile={down_tile} {attrs}: err={err:.3g} "
                                 f"active={'ok' if ok_active else 'WRONG'} k0={'ok' if ok_zero else 'WRONG'} "
                                 f"path={h.path(tokens, d, n, B, dtype)}")
     print(f"correctness: {count - len(failures)}/{count} cases within tolerance (seed {seed})")
@@ -100,13 +112,15 @@ def graph_time_ms(fn, flush, reps=20) -> float:
     return max(timed(both) - timed(only_flush), 1e-4)
 
 
-def timing(h: Harness, tokens_list, ks, d=4096, D=11008, n=8, seed=0):
+def timing(h: Harness, tokens_list, ks, d=4096, D=11008, n=8, seed=0, log=None):
+    """Sparse (both down_weight layouts) against the dense FFN, same weights, same replays."""
     torch.manual_seed(seed)
     B = D // n
     dt = torch.float16
     gate = torch.randn(n, B, d, device="cuda", dtype=dt) / math.sqrt(d)
     up = torch.randn(n, B, d, device="cuda", dtype=dt) / math.sqrt(d)
     down = torch.randn(n, B, d, device="cuda", dtype=dt) / math.sqrt(B)
+    downs = {"rows": (down, 0), "tiled": (tile_down(down), 64)}
     wg, wu = gate.reshape(D, d), up.reshape(D, d)
     wd = down.reshape(D, d)  # down_proj.weight.T
     router = torch.zeros(n, d, device="cuda", dtype=dt)
@@ -127,69 +141,124 @@ def timing(h: Harness, tokens_list, ks, d=4096, D=11008, n=8, seed=0):
             sel = torch.rand(T, n, device="cuda").argsort(-1) < k  # exactly k random blocks per token
             xs[:, :n] = torch.where(sel, 1.0, -1.0).to(dt)
             union = int(sel.any(0).sum())
-            t_sparse = graph_time_ms(lambda: h.forward(xs, router, gate, up, down, y=y), flush)
             r = k / n
             limit = r + 0.1 if T <= 8 else 1.15 * r
-            rows.append(dict(tokens=T, k=k, r=r, union=union, dense_ms=t_dense, sparse_ms=t_sparse,
-                             ratio=t_sparse / t_dense, target=limit, ok=t_sparse / t_dense <= limit))
-            print(f"  T={T:5d} k={k} sparse {t_sparse:8.4f} ms dense {t_dense:8.4f} ms ratio {t_sparse / t_dense:.3f} "
-                  f"(target <= {limit:.3f})", flush=True)
+            row = dict(tokens=T, k=k, r=r, union=union, dense_ms=t_dense, target=limit)
+            for layout, (dw, tile) in downs.items():
+                t = graph_time_ms(lambda: h.forward(xs, router, gate, up, dw, y=y, down_tile=tile), flush)
+                row[f"{layout}_ms"] = t
+            row["sparse_ms"], row["ratio"] = row["tiled_ms"], row["tiled_ms"] / t_dense  # the exporter's default
+            row["rows_ratio"] = row["rows_ms"] / t_dense
+            row["ok"] = row["ratio"] <= limit
+            rows.append(row)
+            line = (f"  T={T:5d} k={k} tiled {row['tiled_ms']:8.4f} rows {row['rows_ms']:8.4f} dense {t_dense:8.4f} ms"
+                    f"  tiled/dense {row['ratio']:.3f} rows/dense {row['rows_ratio']:.3f} (target <= {limit:.3f})")
+            print(line, flush=True)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
     return rows
 
 
-def ort_cuda_check(library: str | None) -> str:
+def ort_available() -> str | None:
+    """None when onnxruntime has the CUDA EP, else why not."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return "onnxruntime not importable: ORT CUDA EP path not run"
+        return "onnxruntime not importable"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: ORT CUDA EP path (op vs --dense "
-                "export vs com.microsoft.MoE) not run; bring onnxruntime-gpu (docs/cuda.md)")
-    if library is None:
-        return "libdsmoe_ops.so not built: ORT CUDA EP path not run"
-    import subprocess
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests/test_op_cuda.py"), "-k", "cuda_ep"],
-                       capture_output=True, text=True, env={**__import__("os").environ, "DSMOE_OPS_LIBRARY": library})
-    return "ORT CUDA EP op tests: " + (r.stdout.strip().splitlines() or ["no output"])[-1]
+        return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (bring onnxruntime-gpu: "
+                "scripts/gpu_prepare.sh, docs/cuda.md)")
+    return None
+
+
+def harness_part(args, out: Path, card: str, date: str) -> int:
+    path = find_library()
+    if path is None:
+        print("no harness library (libdsmoe_cuda_harness.so)", file=sys.stderr)
+        return 2
+    h = Harness(path)
+    failures = correctness(h, args.seed)
+    with open(out / "gpu-harness.jsonl", "w") as log:
+        log.write(json.dumps(dict(card=card, date=date, seed=args.seed, failures=failures)) + "\n")
+        log.flush()
+        rows = timing(h, [int(t) for t in args.tokens.split(",")], [int(k) for k in args.ks.split(",")], log=log)
+    lines = [f"### The kernels through the test harness: {card}, {date}", "",
+             f"torch {torch.__version__}, float16, d=4096, D=11008, n=8; exactly k random blocks per token; "
+             "CUDA-graph replays after an L2 flush, median of 20; dense = torch (cuBLAS) SwiGLU FFN. "
+             "`tiled` is down_weight in 64-column tiles (the exporter's default), `rows` the [n, B, d] layout.", "",
+             f"Correctness: {'all cases within tolerance' if not failures else f'{len(failures)} FAILURES'} "
+             f"(fp32 1e-4, fp16 1e-2, bf16 3e-2; seed {args.seed}).", "",
+             "| tokens | k | r | union | tiled ms | rows ms | dense ms | tiled/dense | rows/dense | target | met |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in rows:
+        lines.append(f"| {r['tokens']} | {r['k']} | {r['r']:.3f} | {r['union']} | {r['tiled_ms']:.4f} | "
+                     f"{r['rows_ms']:.4f} | {r['dense_ms']:.4f} | {r['ratio']:.3f} | {r['rows_ratio']:.3f} | "
+                     f"{r['target']:.3f} | {'yes' if r['ok'] else 'no'} |")
+    text = "\n".join(lines) + "\n"
+    (out / "gpu-harness.md").write_text(text)
+    print()
+    print(text)
+    return 1 if failures else 0
+
+
+def ort_part(args, out: Path, card: str, date: str) -> int:
+    why = ort_available()
+    if why:
+        print(f"ORT CUDA EP part not run: {why}")
+        return 0
+    if not args.library:
+        print("ORT CUDA EP part needs --library (libdsmoe_ops.so)", file=sys.stderr)
+        return 2
+    import onnxruntime as ort
+    from gpu_ort import ort_op_timing, table
+
+    with open(out / "gpu-ort.jsonl", "w") as log:
+        log.write(json.dumps(dict(card=card, date=date, onnxruntime=ort.__version__)) + "\n")
+        rows, notes = ort_op_timing(args.library, tokens_list=[int(t) for t in args.ort_tokens.split(",")],
+                                    ks=[int(k) for k in args.ort_ks.split(",")], log=log)
+    lines = [f"### The op in ONNX Runtime {ort.__version__} (CUDA EP): {card}, {date}", "",
+             "float16, d=4096, D=11008, n=8, exactly k random blocks per token; one graph each (the CPU "
+             "benchmark's graphs in float16): the sparse op (tiled and rows layouts), the dense FFN as MatMuls, "
+             "com.microsoft.MoE fed the same blocks with top-k = k; IOBinding on the device, an L2 flush "
+             "before each run, wall-clock median of 25 interleaved runs (ORT's launch overhead included). "
+             "`graph` columns: the same sessions with enable_cuda_graph (1 and 8 tokens).", "",
+             *table(rows), ""]
+    lines += [f"- {n}" for n in notes]
+    agree = {(r["tokens"], r["k"]): r["agree"] for r in rows}
+    lines.append(f"- max relative difference to the sparse op's Y: {json.dumps({f'{t}x{k}': a for (t, k), a in agree.items()})}")
+    text = "\n".join(lines) + "\n"
+    (out / "gpu-ort.md").write_text(text)
+    with open(out / "gpu-ort.jsonl", "a") as log:
+        log.write(json.dumps(dict(notes=notes)) + "\n")
+    print()
+    print(text)
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu-check-out")
-    p.add_argument("--library", default=None, help="libdsmoe_ops.so (for the ORT CUDA EP path)")
+    p.add_argument("--part", choices=("harness", "ort", "all"), default="all")
+    p.add_argument("--library", default=None, help="libdsmoe_ops.so (for the ORT CUDA EP part)")
     p.add_argument("--tokens", default="1,2,4,8,4096")
     p.add_argument("--ks", default="1,2,3,4,5,6,7,8")
+    p.add_argument("--ort-tokens", default="1,8,512,4096")
+    p.add_argument("--ort-ks", default="1,2,4,8")
     p.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = find_library()
-    if path is None or not torch.cuda.is_available():
-        print("no harness library or no CUDA device", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("no CUDA device visible to torch", file=sys.stderr)
         return 2
-    h = Harness(path)
-    card = torch.cuda.get_device_name(0)
-    failures = correctness(h, args.seed)
-    rows = timing(h, [int(t) for t in args.tokens.split(",")], [int(k) for k in args.ks.split(",")])
-    ort_note = ort_cuda_check(args.library)
-    date = datetime.date.today().isoformat()
-    lines = [f"## CUDA kernel (scripts/gpu_check.sh): {card}, {date}", "",
-             f"torch {torch.__version__}, float16, d=4096, D=11008, n=8; exactly k random blocks per token; "
-             "CUDA-graph replays after an L2 flush, median of 20; dense = torch (cuBLAS) SwiGLU FFN.", "",
-             f"Correctness: {'all cases within tolerance' if not failures else f'{len(failures)} FAILURES'} "
-             f"(fp32 1e-4, fp16 1e-2, bf16 3e-2; seed {args.seed}). {ort_note}.", "",
-             "| tokens | k | r | union | sparse ms | dense ms | sparse/dense | target | met |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['k']} | {r['r']:.3f} | {r['union']} | {r['sparse_ms']:.4f} | "
-                     f"{r['dense_ms']:.4f} | {r['ratio']:.3f} | {r['target']:.3f} | {'yes' if r['ok'] else 'no'} |")
-    text = "\n".join(lines) + "\n"
-    (out / "gpu-benchmarks.md").write_text(text)
-    (out / "gpu-benchmarks.json").write_text(json.dumps(dict(card=card, date=date, failures=failures, rows=rows,
-                                                             ort=ort_note, seed=args.seed), indent=1))
-    print()
-    print(text)
-    return 1 if failures else 0
+    card, date = torch.cuda.get_device_name(0), datetime.date.today().isoformat()
+    rc = 0
+    if args.part in ("harness", "all"):
+        rc = max(rc, harness_part(args, out, card, date))
+    if args.part in ("ort", "all"):
+        rc = max(rc, ort_part(args, out, card, date))
+    return rc
 
 
 if __name__ == "__main__":
