@@ -91,6 +91,23 @@ __device__ __forceinline__ void LoadVecStreaming(const T* p, float (&out)[kVec<T
   for (int i = 0; i < kVec<T>; ++i) out[i] = ToFloat(e[i]);
 }
 
+// The same load, raw: callers that batch many loads keep 4 registers per load in flight
+// (not 8 floats) and convert at use with ToFloats.
+__device__ __forceinline__ uint4 LoadRawStreaming(const void* p) {
+  uint4 raw;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+               : "l"(p));
+  return raw;
+}
+
+template <typename T>
+__device__ __forceinline__ void ToFloats(const uint4& raw, float (&out)[kVec<T>]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) out[i] = ToFloat(e[i]);
+}
+
 __device__ __forceinline__ float Sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 // act(g) per docs/op-spec.md: silu, gelu (erf), gelu_tanh.

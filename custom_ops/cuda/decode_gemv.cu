@@ -10,6 +10,9 @@
 //     are summed in shared memory and added (float atomics) to acc[t, c].
 // Only active (token, block) pairs are computed: no NaN/inf of an inactive
 // block can reach Y.
+// Both kernels are instantiated per token bucket M (1, 2, 4, 8 >= N): per-token
+// accumulators are registers, and sizing them for 8 tokens at N = 1 cut the down
+// kernel's occupancy to where it streamed 0.4-0.6 TB/s on an H200 (docs/cuda.md).
 #include "cuda/kernels.cuh"
 
 namespace dsmoe::cuda {
@@ -34,7 +37,7 @@ __device__ __forceinline__ int BlockTokens(const Params<T>& p, int i, int* token
   return count;
 }
 
-template <typename T>
+template <typename T, int M>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeGateUpKernel(Params<T> p) {
   __shared__ int tokens[kMaxTok];
   const int row_tiles = (p.B + kDecodeGateUpRows - 1) / kDecodeGateUpRows;
@@ -48,26 +51,41 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeGateUpKernel(Params<T> p
   const int64_t offset = (static_cast<int64_t>(i) * p.B + j) * d;
   const T* g = p.gate + offset;
   const T* u = p.up + offset;
-  const T* xs[kMaxTok];
+  const T* xs[M];
 #pragma unroll
-  for (int q = 0; q < kMaxTok; ++q) xs[q] = p.x + static_cast<int64_t>(tokens[q < m ? q : 0]) * d;
-  float ag[kMaxTok] = {}, au[kMaxTok] = {};
+  for (int q = 0; q < M; ++q) xs[q] = p.x + static_cast<int64_t>(tokens[q < m ? q : 0]) * d;
+  float ag[M] = {}, au[M] = {};
   if (p.vec) {
     constexpr int V = kVec<T>;
-#pragma unroll 2
-    for (int c = lane * V; c < d; c += 32 * V) {
-      float gv[V], uv[V];
-      LoadVecStreaming(g + c, gv);
-      LoadVecStreaming(u + c, uv);
+    constexpr int kBatch = 4;  // 16-byte loads of gate and up in flight per lane, per step
+    for (int c0 = lane * V; c0 < d; c0 += kBatch * 32 * V) {
+      uint4 graw[kBatch], uraw[kBatch];
 #pragma unroll
-      for (int q = 0; q < kMaxTok; ++q) {
-        if (q < m) {
-          float xv[V];
-          LoadVec(xs[q] + c, xv);
+      for (int b = 0; b < kBatch; ++b) {
+        const int c = c0 + b * 32 * V;
+        if (c < d) {
+          graw[b] = LoadRawStreaming(g + c);
+          uraw[b] = LoadRawStreaming(u + c);
+        }
+      }
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
-            ag[q] += gv[v] * xv[v];
-            au[q] += uv[v] * xv[v];
+      for (int b = 0; b < kBatch; ++b) {
+        const int c = c0 + b * 32 * V;
+        if (c < d) {
+          float gv[V], uv[V];
+          ToFloats<T>(graw[b], gv);
+          ToFloats<T>(uraw[b], uv);
+#pragma unroll
+          for (int q = 0; q < M; ++q) {
+            if (q < m) {
+              float xv[V];
+              LoadVec(xs[q] + c, xv);
+#pragma unroll
+              for (int v = 0; v < V; ++v) {
+                ag[q] += gv[v] * xv[v];
+                au[q] += uv[v] * xv[v];
+              }
+            }
           }
         }
       }
@@ -76,7 +94,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeGateUpKernel(Params<T> p
     for (int c = lane; c < d; c += 32) {
       const float gv = ToFloat(g[c]), uv = ToFloat(u[c]);
 #pragma unroll
-      for (int q = 0; q < kMaxTok; ++q) {
+      for (int q = 0; q < M; ++q) {
         if (q < m) {
           const float xv = ToFloat(xs[q][c]);
           ag[q] += gv * xv;
@@ -86,7 +104,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeGateUpKernel(Params<T> p
     }
   }
 #pragma unroll
-  for (int q = 0; q < kMaxTok; ++q) {
+  for (int q = 0; q < M; ++q) {
     if (q < m) {  // m is uniform over the CTA: whole warps take the branch
       const float G = WarpSum(ag[q]), U = WarpSum(au[q]);
       if (lane == 0) {
@@ -97,8 +115,10 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeGateUpKernel(Params<T> p
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kDecodeThreads) DecodeDownKernel(Params<T> p) {
+// At least 2 CTAs (16 warps) per SM (up to 2 tokens need no bound: 64-80 registers): 8
+// warps per SM (172 registers at 8 tokens) could not keep enough loads in flight.
+template <typename T, int M>
+__global__ void __launch_bounds__(kDecodeThreads, M <= 2 ? 1 : 2) DecodeDownKernel(Params<T> p) {
   constexpr int V = kVec<T>;
   constexpr int kCols = 32 * V;  // == p.decode_cols
   __shared__ int tokens[kMaxTok];
@@ -125,35 +145,56 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeDownKernel(Params<T> p) 
   const int c0 = ct * kCols;
   // Column of element v of this lane: contiguous 16 bytes (vector loads) or strided by 32.
   auto local_col = [&](int v) { return p.vec ? lane * V + v : v * 32 + lane; };
-  float acc[kMaxTok][V] = {};
-#pragma unroll 4
-  for (int r = warp; r < rows; r += kWarps) {
-    float wv[V];
-    if (p.vec) {
-      if (c0 + lane * V < d) {  // d % V == 0: a vector is wholly inside or outside
-        LoadVecStreaming(p.down + DownIndex(p, i, j0 + r, c0 + lane * V), wv);
-      } else {
+  float acc[M][V] = {};
+  if (p.vec) {
+    // kBatch rows' 16-byte loads in flight per lane before any is used.
+    constexpr int kBatch = 8;
+    const bool in_cols = c0 + lane * V < d;  // d % V == 0: a vector is wholly inside or outside
+    for (int r0 = warp; r0 < rows; r0 += kBatch * kWarps) {
+      uint4 raw[kBatch];
 #pragma unroll
-        for (int v = 0; v < V; ++v) wv[v] = 0.0f;
+      for (int b = 0; b < kBatch; ++b) {
+        const int r = r0 + b * kWarps;
+        raw[b] = r < rows && in_cols ? LoadRawStreaming(p.down + DownIndex(p, i, j0 + r, c0 + lane * V))
+                                     : make_uint4(0, 0, 0, 0);
       }
-    } else {
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int r = r0 + b * kWarps;
+        if (r < rows) {
+          float wv[V];
+          ToFloats<T>(raw[b], wv);
+#pragma unroll
+          for (int q = 0; q < M; ++q) {
+            if (q < m) {
+              const float hq = hs[q][r];
+#pragma unroll
+              for (int v = 0; v < V; ++v) acc[q][v] += hq * wv[v];
+            }
+          }
+        }
+      }
+    }
+  } else {
+    for (int r = warp; r < rows; r += kWarps) {
+      float wv[V];
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const int c = c0 + v * 32 + lane;
         wv[v] = c < d ? ToFloat(p.down[DownIndex(p, i, j0 + r, c)]) : 0.0f;
       }
-    }
 #pragma unroll
-    for (int q = 0; q < kMaxTok; ++q) {
-      if (q < m) {
-        const float hq = hs[q][r];
+      for (int q = 0; q < M; ++q) {
+        if (q < m) {
+          const float hq = hs[q][r];
 #pragma unroll
-        for (int v = 0; v < V; ++v) acc[q][v] += hq * wv[v];
+          for (int v = 0; v < V; ++v) acc[q][v] += hq * wv[v];
+        }
       }
     }
   }
 #pragma unroll
-  for (int q = 0; q < kMaxTok; ++q) {
+  for (int q = 0; q < M; ++q) {
     if (q < m) {  // uniform over the CTA
 #pragma unroll
       for (int v = 0; v < V; ++v) partial[warp][local_col(v)] = acc[q][v];
@@ -170,13 +211,27 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeDownKernel(Params<T> p) 
   }
 }
 
+template <typename T, int M>
+void LaunchDecodeKernels(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
+  DecodeGateUpKernel<T, M><<<Grid(plan.decode_gate_up), kDecodeThreads, 0, stream>>>(p);
+  DecodeDownKernel<T, M><<<Grid(plan.decode_down), kDecodeThreads, 0, stream>>>(p);
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t LaunchDecode(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
   if (plan.decode_cols != 32 * kVec<T> || plan.decode_down_rows > kMaxDownRows) return cudaErrorInvalidValue;
-  DecodeGateUpKernel<T><<<Grid(plan.decode_gate_up), kDecodeThreads, 0, stream>>>(p);
-  DecodeDownKernel<T><<<Grid(plan.decode_down), kDecodeThreads, 0, stream>>>(p);
+  if (p.N <= 1) {
+    LaunchDecodeKernels<T, 1>(p, plan, stream);
+  } else if (p.N <= 2) {
+    LaunchDecodeKernels<T, 2>(p, plan, stream);
+  } else if (p.N <= 4) {
+    LaunchDecodeKernels<T, 4>(p, plan, stream);
+  } else {
+    static_assert(kMaxTok == 8, "token buckets 1, 2, 4, 8");
+    LaunchDecodeKernels<T, kMaxTok>(p, plan, stream);
+  }
   return cudaGetLastError();
 }
 

@@ -9,20 +9,61 @@
 namespace dsmoe::cuda {
 namespace {
 
+// Logits are summed in a fixed order (lanes, then warps in shared memory): the same
+// inputs give the same active set on every run. kRouterGroup blocks per pass, so that
+// their weight loads are in flight together: a decode call is a chain of dependent
+// kernels, and a pass over one block at a time (scalar loads) was its longest link.
+constexpr int kRouterGroup = 4;
+
 template <typename T>
 __global__ void __launch_bounds__(kRouterThreads) RouterKernel(Params<T> p) {
   extern __shared__ float gate_weight[];  // [n]: logit, then g_i (-1: inactive)
+  __shared__ float warp_part[kRouterThreads / 32][kRouterGroup];
   __shared__ int k_shared;
   const int t = blockIdx.x;
   const int d = p.d, n = p.n;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* xt = p.x + static_cast<int64_t>(t) * d;
-  for (int i = warp; i < n; i += warps) {
-    const T* w = p.router + static_cast<int64_t>(i) * d;
-    float s = 0.0f;
-    for (int c = lane; c < d; c += 32) s += ToFloat(xt[c]) * ToFloat(w[c]);
-    s = WarpSum(s);
-    if (lane == 0) gate_weight[i] = s + (p.bias != nullptr ? ToFloat(p.bias[i]) : 0.0f);
+  for (int i0 = 0; i0 < n; i0 += kRouterGroup) {
+    float s[kRouterGroup] = {};
+    const T* w = p.router + static_cast<int64_t>(i0) * d;
+    if (p.vec) {
+      constexpr int V = kVec<T>;
+      for (int c = threadIdx.x * V; c < d; c += kRouterThreads * V) {
+        float xv[V];
+        LoadVec(xt + c, xv);
+#pragma unroll
+        for (int g = 0; g < kRouterGroup; ++g) {
+          if (i0 + g < n) {
+            float wv[V];
+            LoadVec(w + static_cast<int64_t>(g) * d + c, wv);
+#pragma unroll
+            for (int v = 0; v < V; ++v) s[g] += xv[v] * wv[v];
+          }
+        }
+      }
+    } else {
+      for (int c = threadIdx.x; c < d; c += kRouterThreads) {
+        const float xv = ToFloat(xt[c]);
+#pragma unroll
+        for (int g = 0; g < kRouterGroup; ++g) {
+          if (i0 + g < n) s[g] += xv * ToFloat(w[static_cast<int64_t>(g) * d + c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kRouterGroup; ++g) {
+      const float r = WarpSum(s[g]);
+      if (lane == 0) warp_part[warp][g] = r;
+    }
+    __syncthreads();
+    if (threadIdx.x < kRouterGroup && i0 + threadIdx.x < n) {
+      float z = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kRouterThreads / 32; ++q) z += warp_part[q][threadIdx.x];
+      gate_weight[i0 + threadIdx.x] = z + (p.bias != nullptr ? ToFloat(p.bias[i0 + threadIdx.x]) : 0.0f);
+    }
+    __syncthreads();
   }
   if (threadIdx.x == 0) k_shared = 0;
   __syncthreads();
