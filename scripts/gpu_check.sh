@@ -42,9 +42,11 @@ export DSMOE_OPS_LIBRARY=$ROOT/build/gpu/libdsmoe_ops.so
 build() {
   [ -f "$DSMOE_OPS_LIBRARY" ] && [ -f "$DSMOE_CUDA_HARNESS" ] && [ -z "${REBUILD:-}" ] && return 0
   echo "== build (build/gpu) $(elapsed)"
-  local headers=${ORT_INCLUDE_DIR:-$ROOT/build/ort-headers}
+  local headers=${ORT_INCLUDE_DIR:-$ROOT/build/ort-headers} header_arg=()
+  # Without them CMake finds a system install or fetches the headers (needs network).
+  [ -d "$headers" ] && header_arg=(-DORT_INCLUDE_DIR="$headers")
   if ! { cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DDSMOE_WITH_CUDA=ON \
-           -DDSMOE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" -DORT_INCLUDE_DIR="$headers" \
+           -DDSMOE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" "${header_arg[@]}" \
          && cmake --build build/gpu -j"$(nproc)"; } >"$OUT_DIR/build.log" 2>&1; then
     tail -30 "$OUT_DIR/build.log"; echo "build failed (log: $OUT_DIR/build.log)"; exit 1
   fi
@@ -54,6 +56,9 @@ build() {
 harness() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
   build
+  if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "no CUDA device visible to torch ($PYTHON): nothing to check"; return 1
+  fi
   echo "== smoke: one call of each path $(elapsed)"
   if ! timeout $(tmo 120) "$PYTHON" scripts/gpu_smoke.py 2>&1 | tee "$OUT_DIR/smoke.log"; then
     echo "smoke failed: each case in its own process $(elapsed)"
@@ -89,7 +94,11 @@ stash() {
   ls -la "$STASH"
 }
 
-ort_install() {  # 0 when onnxruntime-gpu is importable from $STASH/site
+ort_install() {  # 0 when onnxruntime-gpu is importable (installed, or from $STASH/site)
+  if "$PYTHON" -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+       2>/dev/null; then
+    return 0
+  fi
   if [ ! -d "$STASH/site/onnxruntime" ]; then
     [ -f "$STASH/manifest" ] || { echo "no manifest in $STASH"; return 1; }
     (cd "$STASH" && grep part manifest | sha256sum -c --quiet) || { echo "parts missing or corrupt"; return 1; }
