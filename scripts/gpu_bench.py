@@ -2,13 +2,16 @@
 
 1. correctness: the kernels through libdsmoe_cuda_harness on torch CUDA buffers against the
    float64 reference (tests/reference.py) on fresh random inputs: float32 (1e-4), float16
-   (1e-2), bfloat16 (3e-2); decode and GEMM paths, k = 0 and k = n tokens, odd sizes;
-2. timing, float16, d=4096 / D=11008 / n=8 (LLaMA-7B FFN): sparse at exactly k active blocks
-   per token (random subsets) against the dense FFN in torch (cuBLAS), tokens 1..8 and 4096;
+   (1e-2), bfloat16 (3e-2); decode and GEMM paths, both down_weight layouts, k = 0 and k = n
+   tokens, odd sizes;
+2. timing, float16, d=4096 / D=11008 / n=8 (LLaMA-7B FFN): sparse (both layouts) at exactly k
+   active blocks per token (random subsets) against the dense FFN in torch (cuBLAS), tokens
+   1..8 and 4096 (--tokens);
    each call replayed from a CUDA graph after an L2 flush (the flush's own time subtracted);
 3. (--part ort) the op under ONNX Runtime's CUDA EP against the dense FFN and com.microsoft.MoE
    (scripts/gpu_ort.py), when onnxruntime-gpu is there.
-Prints tables last and writes them (with the card and the date) to --out (markdown + JSON).
+Prints tables last and writes them (with the card and the date) to --out: markdown, and JSON
+lines written row by row (they survive a timeout).
 """
 from __future__ import annotations
 

@@ -80,19 +80,8 @@ __device__ __forceinline__ void LoadVec(const T* p, float (&out)[kVec<T>]) {
 }
 
 // Weights are read once per call: stream them past L1 (ld.global.nc.L1::no_allocate).
-template <typename T>
-__device__ __forceinline__ void LoadVecStreaming(const T* p, float (&out)[kVec<T>]) {
-  uint4 raw;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-               : "l"(p));
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < kVec<T>; ++i) out[i] = ToFloat(e[i]);
-}
-
-// The same load, raw: callers that batch many loads keep 4 registers per load in flight
-// (not 8 floats) and convert at use with ToFloats.
+// Raw, so that callers batching many loads keep 4 registers per load in flight (not 8
+// floats); ToFloats converts at use.
 __device__ __forceinline__ uint4 LoadRawStreaming(const void* p) {
   uint4 raw;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
