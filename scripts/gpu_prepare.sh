@@ -9,14 +9,17 @@
 #   build/ort-gpu/      onnxruntime-gpu (pinned) repacked as tar.xz parts of at most
 #                       PART_MIB MiB (default 62), one part per device call, with a manifest
 #                       (sha256 of each part and of the whole)
-# Usage: bash scripts/gpu_prepare.sh [headers] [models] [ort]   (default: all three)
+#   build/gpu/          the op library and the test harness for sm_90 (nvcc here: the device
+#                       call then skips its build)
+# and prints the device calls that use them.
+# Usage: bash scripts/gpu_prepare.sh [headers] [models] [ort] [lib]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_GPU_VERSION=${ORT_GPU_VERSION:-1.31.1}
 PART_MIB=${PART_MIB:-62}
 PYTHON=${PYTHON:-.venv/bin/python}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(headers models ort)
+[ ${#stages[@]} -eq 0 ] && stages=(headers models ort lib)
 
 for stage in "${stages[@]}"; do
   case $stage in
@@ -57,6 +60,32 @@ EOF
     cat build/ort-gpu/manifest
     ls -la build/ort-gpu
     ;;
-  *) echo "unknown stage $stage (headers, models, ort)"; exit 2 ;;
+  lib)
+    [ -d build/ort-headers ] || { echo "lib needs build/ort-headers (the headers stage)"; exit 2; }
+    cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DDSMOE_WITH_CUDA=ON -DDSMOE_CUDA_ARCHITECTURES=90 \
+      -DORT_INCLUDE_DIR="$PWD/build/ort-headers" > /dev/null
+    cmake --build build/gpu -j"$(nproc)" > /dev/null
+    ls -la build/gpu/*.so
+    ;;
+  *) echo "unknown stage $stage (headers, models, ort, lib)"; exit 2 ;;
   esac
 done
+
+# The calls: the smallest part travels with the first, the others one per call, the last with
+# the ort stage.
+mapfile -t parts < <(ls -S build/ort-gpu/part* 2>/dev/null)  # largest first
+echo "Device calls (docs/cuda.md, \"GPU check\"), each within 30 s of the last:"
+first='"build/ort-headers", "build/gpu/libdsmoe_ops.so", "build/gpu/libdsmoe_cuda_harness.so", "build/gpu-models"'
+if [ ${#parts[@]} -eq 0 ]; then
+  echo "  1. command \"bash scripts/gpu_check.sh harness\"  carry [$first]  (no onnxruntime-gpu parts: no ort stage)"
+  exit 0
+fi
+n=${#parts[@]}
+echo "  1. command \"bash scripts/gpu_check.sh stash; bash scripts/gpu_check.sh harness\""
+echo "     carry [$first, \"${parts[n-1]}\", \"build/ort-gpu/manifest\"]"
+for ((c = 0; c < n - 2; c++)); do
+  echo "  $((c + 2)). command \"bash scripts/gpu_check.sh stash\"  carry [\"${parts[c]}\"]"
+done
+[ "$n" -ge 2 ] && echo "  $n. command \"bash scripts/gpu_check.sh ort\"  carry [\"${parts[n-2]}\"]"
+[ "$n" -eq 1 ] && echo "  (the one part went with call 1: then run \"bash scripts/gpu_check.sh ort\" with no carry)"
+true

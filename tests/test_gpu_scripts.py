@@ -75,8 +75,9 @@ def test_e2e_script_on_small_exports(op_library, tmp_path):
 def test_gpu_check_script_parses():
     for script in ("gpu_check.sh", "gpu_prepare.sh"):
         subprocess.run(["bash", "-n", str(SCRIPTS / script)], check=True)
-    out = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "nonsense"], capture_output=True, text=True)
-    assert out.returncode == 2 and "unknown stage" in out.stdout
+    for script in ("gpu_check.sh", "gpu_prepare.sh"):
+        out = subprocess.run(["bash", str(SCRIPTS / script), "nonsense"], capture_output=True, text=True)
+        assert out.returncode == 2 and "unknown stage" in out.stdout
 
 
 def test_ort_available_names_the_missing_provider():
