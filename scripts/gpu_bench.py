@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-from cuda_harness import Harness, find_library  # noqa: E402
+from cuda_harness import Harness, find_library, rounded  # noqa: E402
 from op_graph import make_case  # noqa: E402
 
 from dsmoe_export.onnx_op import tile_down  # noqa: E402
@@ -52,10 +52,7 @@ def correctness(h: Harness, seed: int) -> list[str]:
                          weighting=str(rng.choice(["score", "binary"])), rescale=bool(rng.integers(2)))
             down_tile = int(rng.choice([0, 64]))
             case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)), down_tile=down_tile, **attrs)
-            for name in ("x", "router_weight", "gate", "up", "down", "router_bias"):  # what the kernel sees
-                a = getattr(case, name)
-                if a is not None:
-                    setattr(case, name, torch.from_numpy(a).to(getattr(torch, dtype)).float().numpy())
+            rounded(case, dtype)  # the reference sees what the kernel sees
             act = torch.empty(tokens, n, dtype=torch.bool, device="cuda")
             down = case.feeds()["down_weight"]  # in the layout down_tile names
             try:

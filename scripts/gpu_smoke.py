@@ -13,7 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-from cuda_harness import Harness, find_library  # noqa: E402
+from cuda_harness import Harness, find_library, rounded  # noqa: E402
 from op_graph import make_case  # noqa: E402
 
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
@@ -32,9 +32,7 @@ CASES = {
 def run(h: Harness, name: str, rng) -> tuple[bool, str]:
     dtype, tokens, d, n, B, tile = CASES[name]
     td = getattr(torch, dtype)
-    case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=True, down_tile=tile)
-    for a in ("x", "router_weight", "gate", "up", "down", "router_bias"):
-        setattr(case, a, torch.from_numpy(getattr(case, a)).to(td).float().numpy())
+    case = rounded(make_case(rng, (tokens,), d=d, n=n, B=B, bias=True, down_tile=tile), dtype)
     dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", td)  # noqa: E731
     active = torch.empty(tokens, n, dtype=torch.bool, device="cuda")
     y = h.forward(dev(case.x), dev(case.router_weight), dev(case.gate), dev(case.up), dev(case.feeds()["down_weight"]),

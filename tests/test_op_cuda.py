@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from cuda_harness import Harness, find_library
+from cuda_harness import Harness, find_library, rounded
 from op_graph import make_case, make_model
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
@@ -75,17 +75,6 @@ def run_harness(h, case, dtype):
                   active=active, **case.attrs)
     torch.cuda.synchronize()
     return y.float().cpu().numpy().reshape(case.x.shape), active.cpu().numpy().reshape(*case.x.shape[:-1], -1)
-
-
-def rounded(case, dtype):
-    """The case with its inputs rounded to dtype (the reference then sees what the kernel sees)."""
-    import torch
-
-    for name in ("x", "router_weight", "gate", "up", "down", "router_bias"):
-        a = getattr(case, name)
-        if a is not None:
-            setattr(case, name, torch.from_numpy(a).to(getattr(torch, dtype)).float().numpy())
-    return case
 
 
 def check(case, y, active, dtype):
