@@ -73,7 +73,8 @@ def test_odd_sizes(op_library, rng, d, n, B, tokens, down_tile):
 
 
 def test_many_tokens_several_chunks(op_library, rng):
-    # > 2048 active pairs with max(d, B) = 2048: the prefill path cuts the pairs into chunks of whole blocks.
+    # > 2048 active pairs with max(d, B) = 2048 (1024 per chunk): the prefill path cuts the pairs into
+    # chunks of whole blocks.
     case = make_case(rng, (3, 250), d=16, n=8, B=2048, bias=True)
     outputs = run(case, op_library, threads=2)
     assert outputs[1].sum() > 2048
@@ -81,7 +82,7 @@ def test_many_tokens_several_chunks(op_library, rng):
 
 
 def test_one_block_over_the_chunk_bound(op_library, rng):
-    # n = 1: one block with more active pairs than a chunk holds (2048 with max(d, B) = 2048) is
+    # n = 1: one block with more active pairs than a chunk holds (1024 with max(d, B) = 2048) is
     # cut into parts; the tokens forced to k = 0 still get exact zeros.
     case = make_case(rng, (7000,), d=16, n=1, B=2048, bias=True)
     outputs = run(case, op_library, threads=2)

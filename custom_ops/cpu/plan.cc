@@ -10,10 +10,13 @@ namespace {
 
 constexpr int64_t kRoutingTokensPerTask = 16;
 // Prefill chunks hold at most max(kPrefillMinPairs, kPrefillMaxFloats / max(d, B))
-// active pairs: the packed X and h of a chunk are pairs * d and pairs * B floats.
-// Small models get more pairs per chunk (d = 576, n = 16: 7281).
-constexpr int64_t kPrefillMinPairs = 2048;
-constexpr int64_t kPrefillMaxFloats = int64_t{4} << 20;
+// active pairs: the packed X and h of a chunk are pairs * d and pairs * B floats,
+// and every down task reads the chunk's h again. 8 MB: at d = 4096 the earlier 32 MB
+// chunks (2048 pairs, 4 blocks at 512 tokens) made the 512-token call 6-27 % slower
+// than 512-pair chunks, with no change measured at d = 2048 or 576 (cpu-kernel-notes
+// #19). Small models get more pairs per chunk (d = 576, n = 16: 3640).
+constexpr int64_t kPrefillMinPairs = 256;
+constexpr int64_t kPrefillMaxFloats = int64_t{2} << 20;
 
 }  // namespace
 

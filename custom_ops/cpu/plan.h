@@ -83,8 +83,8 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
                        const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
 
 // Prefill chunks: ranges [p0, p1) of the pairs of all tokens sorted by block,
-// each at most max(2048, 4M / max(d, B)) pairs (a chunk's packed X and h are
-// pairs * d and pairs * B floats: 16 MB at d = 2048). Chunks hold whole blocks
+// each at most max(256, 2M / max(d, B)) pairs (a chunk's packed X and h are
+// pairs * d and pairs * B floats: at most 8 MB each). Chunks hold whole blocks
 // where they fit, so that every block's weights are read once per call and its
 // tokens fill full panels; only a block with more pairs than the bound is cut,
 // into about equal parts. At least one chunk (empty when no pair is active).
