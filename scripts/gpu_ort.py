@@ -96,7 +96,6 @@ def ort_op_timing(library: str, tokens_list=(1, 8, 512, 4096), ks=(1, 2, 4, 8), 
     notes: list[str] = []
     rng = np.random.default_rng(0)
     e = graphs.Experts.random(rng, d, D, n)
-    attrs = dict(graphs.OP_ATTRS)
     built = {}
 
     def make(kind, k=None, cuda_graph=False):
@@ -107,7 +106,7 @@ def ort_op_timing(library: str, tokens_list=(1, 8, 512, 4096), ks=(1, 2, 4, 8), 
         elif kind == "dense":
             m, w = graphs.dense_graph(e)
         else:
-            m, w = graphs.moe_graph(e, k=k, **{a: attrs[a] for a in ("threshold", "rescale", "weighting")})
+            m, w = graphs.moe_graph(e, k=k)  # the op's attributes are moe_graph's defaults (OP_ATTRS)
         m, w = to_float16(m, w)
         return CudaRunner(m, w, library if kind.startswith("sparse") else None, cuda_graph=cuda_graph, device=device)
 
