@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-weights", choices=("same", "float32", "float16", "int8", "int4"), default="same",
                    help="storage of the other MatMuls' weights (attention, lm_head): MatMulNBits for int8/int4, "
                         "float16 + Cast (smaller file only); 'same' follows --ffn-weights (default: %(default)s)")
+    p.add_argument("--int4-accuracy-level", type=int, choices=range(5), default=None, metavar="{0,1,2,3,4}",
+                   help="accuracy_level of the MatMulNBits nodes (int4/int8 MatMuls): 4 = int8 activations, 0/1 = "
+                        "float32 (default: 4 for float32 graphs, the CPU EP, as onnxruntime-genai's model builder)")
     p.add_argument("--group-size", type=int, default=32,
                    help="quantization group along each weight's input dimension, a power of two >= 32 "
                         "(default: %(default)s)")
@@ -91,7 +94,8 @@ def _run(args) -> int:
                         active_outputs=args.active_outputs, copy_tokenizer=args.copy_tokenizer,
                         hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
-                        group_size=args.group_size, down_layout=args.down_layout)
+                        group_size=args.group_size, down_layout=args.down_layout,
+                        accuracy_level=args.int4_accuracy_level)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

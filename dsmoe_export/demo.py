@@ -196,8 +196,7 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
 
 def _feeds(ids: np.ndarray, past_len: int, layers: int, kv_heads: int, head_dim: int, past=None) -> dict:
     b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64),
-             "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)}
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64)}
     for i in range(layers):
         for j, kv in enumerate(("key", "value")):
             feeds[f"past_key_values.{i}.{kv}"] = (

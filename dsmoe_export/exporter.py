@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import torch
 
-from . import __version__, graph_fixups, onnx_io, onnx_op, quantize_model
+from . import onnx_op, weight_formats
+from .graph import GraphOptions, build_model, check_config
+from .graph.schemas import register_ort_schemas
 from .errors import ExportError
 from .loader import load_model
 from .validate import ValidationReport, validate_export
@@ -56,59 +55,26 @@ class _Steps:
             print(f" {dt:.1f}s", flush=True, file=sys.stderr)
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The dynamo exporter logs and warns a lot about internals users cannot act on."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 # --dtype: the element type of weights, activations, KV cache and logits in the graph.
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Validation tolerance floor of a float16 export (float16 ORT vs float16 PyTorch on the CPU:
 # both round every op to 11 bits, in different orders).
 FLOAT16_TOLERANCE = 3e-2
+# MatMulNBits' accuracy_level by default, per target (as onnxruntime-genai's model builder):
+# int8 activations on the CPU EP (float32 graphs), none on the CUDA EP (float16 graphs).
+DEFAULT_ACCURACY_LEVEL = {"float32": 4, "float16": 0}
 
 
-def trace(model, *, sparse: bool, active_outputs: bool = False, down_layout: str = "tiled") -> onnx.ModelProto:
-    """Trace the reference model with torch.export and return the finished ONNX model.
-
-    `active_outputs` (sparse only) adds the graph outputs `active.{i}` ([batch, seq, n] bool):
-    which blocks each token used in layer i, for activation statistics (dsmoe_runtime).
-    `down_layout` (sparse only): the op's down_weight layout, "tiled" or "rows" (op-spec.md)."""
-    cfg = model.cfg
-    model.pack_for_export(onnx_op.DOWN_LAYOUTS[down_layout])
-    wrapper = onnx_io.FlatKVWrapper(model).eval()
-    n = cfg.num_hidden_layers
-    dtype = next(model.parameters()).dtype  # float32, or float16 for --dtype float16
-    with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
-            wrapper, onnx_io.example_inputs(model, dtype=dtype), dynamo=True, opset_version=graph_fixups.OPSET,
-            input_names=onnx_io.input_names(n), output_names=onnx_io.output_names(n),
-            dynamic_shapes=onnx_io.dynamic_shapes(n), optimize=True, verbose=False,
-        )
-    proto = program.model_proto
-    metadata = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if sparse else "0",
-                "dsmoe_export.dtype": str(dtype).removeprefix("torch.")}
-    if sparse:
-        metadata["dsmoe_export.dsmoe"] = cfg.dsmoe.to_json()
-    if sparse and active_outputs:
-        metadata["dsmoe_export.active_outputs"] = "1"
-    graph_fixups.finalize(proto, num_layers=n, metadata=metadata)
-    if sparse:
-        if active_outputs:
-            graph_fixups.expose_active_outputs(proto, num_layers=n, num_experts=cfg.dsmoe.num_experts)
-        onnx_op.add_function_to_model(proto)
-    return proto
+def _set_accuracy_level(model: onnx.ModelProto, level: int) -> bool:
+    """Set every MatMulNBits node's accuracy_level to `level`; whether any had another one."""
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for attr in node.attribute:
+            if attr.name == "accuracy_level" and attr.i != level:
+                attr.i, changed = level, True
+    return changed
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
@@ -147,6 +113,7 @@ def save_model(model: onnx.ModelProto, path: Path, *, external_data: bool | None
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
+    register_ort_schemas()
     onnx.checker.check_model(str(path), full_check=False)
     return external_data
 
@@ -165,8 +132,9 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
-           matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "tiled") -> ExportResult:
-    """Export the folder's causal LM with a KV cache to `out`; see docs/exporting.md.
+           matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "tiled",
+           accuracy_level: int | None = None) -> ExportResult:
+    """Export the folder's causal LM with a KV cache to `out` (docs/exporting.md).
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
     generation_config.json found in the model folder (`copy_tokenizer`), config.json
@@ -180,9 +148,11 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
 
     `ffn_weights` (float32, float16, int8, int4) stores the FFN weights weight-only quantized
     (sparse: the GatedBlockSparseFFN{F16,Int8,Int4} ops; dense: MatMulNBits / float16 + Cast),
-    `matmul_weights` (default: as `ffn_weights`) the other MatMuls (attention, lm_head), both
-    block-wise with `group_size` (docs/op-spec.md "Quantized variants"). Validation then runs
-    against the PyTorch model with quantize-dequantized weights (dsmoe_export/quantize_model.py).
+    `matmul_weights` (default: as `ffn_weights`) the other MatMuls (attention, lm_head) and the
+    embedding table, all block-wise with `group_size` (docs/op-spec.md "Quantized variants").
+    Each weight is quantized once; validation runs against the PyTorch model holding the values
+    the graph holds. `accuracy_level` is MatMulNBits' (default: 4 for float32 graphs, the CPU EP;
+    0 for float16 graphs, the CUDA EP).
 
     `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
     "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill)
@@ -192,12 +162,15 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
     if down_layout not in onnx_op.DOWN_LAYOUTS:
         raise ExportError(f"down_layout must be one of {', '.join(onnx_op.DOWN_LAYOUTS)}, got {down_layout!r}", file=out)
+    if accuracy_level is None:
+        accuracy_level = DEFAULT_ACCURACY_LEVEL[dtype]
+    if isinstance(accuracy_level, bool) or accuracy_level not in range(5):
+        raise ExportError(f"--int4-accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level!r}", file=out)
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
     matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
-    quantized = ffn_weights != "float32" or matmul_weights != "float32"
     # Always: a bad --group-size is an error even when nothing is quantized.
-    quantize_model.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
+    weight_formats.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
@@ -209,25 +182,32 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
         from tqdm.auto import tqdm
         bar = lambda names: tqdm(names, desc="[dsmoe-export] loading tensors", unit="tensor", leave=False, disable=None)  # noqa: E731
     model, cfg = load_model(model_dir, sparse=not dense, progress=bar, dtype=EXPORT_DTYPES[dtype])
-    if quantized:
-        with steps(f"quantizing weights (FFN {ffn_weights}, other MatMuls {matmul_weights}, group {group_size})"):
-            quantize_model.fake_quantize_model(model, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
-                                               group_size=group_size)
-            formats = quantize_model.linear_formats(model, ffn_weights=ffn_weights, matmul_weights=matmul_weights)
-    with steps("tracing with torch.export and converting to ONNX"):
-        proto = trace(model, sparse=not dense, active_outputs=active_outputs, down_layout=down_layout)
-    if quantized:
-        with steps("storing the quantized weights"):
-            quantize_model.quantize_graph(proto, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
-                                          group_size=group_size, formats=formats)
+    check_config(cfg, Path(model_dir) / "config.json")
+    weight_formats.check_shapes(cfg, ffn_weights=ffn_weights, sparse=not dense, file=model_dir)
+    options = GraphOptions(sparse=not dense, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
+                           group_size=group_size, accuracy_level=accuracy_level,
+                           down_tile=onnx_op.DOWN_LAYOUTS[down_layout], active_outputs=active_outputs)
+    what = "" if ffn_weights == matmul_weights == "float32" else \
+        f" (FFN weights {ffn_weights}, other weights {matmul_weights}, group {group_size})"
+    with steps(f"building the ONNX graph{what}"):
+        proto = build_model(model, options)
     report = None
     with staged_output(out) as staged:
         with steps(f"writing {out}"):
             used_external = save_model(proto, staged, external_data=external_data)
+        exact = None
+        if validate and _set_accuracy_level(proto, 0):
+            # MatMulNBits with int8 activations (accuracy_level > 0) differs from any float reference
+            # by their rounding: the graph and its weights are checked exactly on a copy at level 0,
+            # and the file as written is measured (reported, not a failure).
+            exact = staged.parent / f"exact.{staged.name}"
+            save_model(proto, exact, external_data=used_external)
         del proto
         if validate:
             with steps("validating in ONNX Runtime against the PyTorch reference"):
-                report = validate_export(model, staged)
+                report = validate_export(model, exact or staged)
+                if exact is not None:
+                    report.as_written = validate_export(model, staged)
             if progress:
                 print(f"[dsmoe-export] {report.summary()}", file=sys.stderr)
             if not report.max_rel_error <= tolerance:
@@ -238,7 +218,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     if genai:
         from dsmoe_runtime.genai import write_genai_config
 
-        extras.append(write_genai_config(out, model_dir=model_dir).name)
+        extras += write_genai_config(out, model_dir=model_dir)
     return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
                         external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
                         steps=steps.done, extra_files=extras)

@@ -2,8 +2,8 @@
 
 `DSMoEMLP` is the op's PyTorch reference (docs/op-spec.md). The decoder takes
 and returns the KV cache as explicit tensors, in the layout of the ONNX
-export (optimum's names), so that the same module is both the reference and
-what the exporter traces.
+export, so that the export (dsmoe_export/graph/) can be validated against it
+call for call.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onnx_op
 from .config import HF_ACTIVATIONS, DSMoEConfig, ModelConfig
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -133,39 +132,11 @@ class DSMoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.moe is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        if torch.onnx.is_in_onnx_export():
-            return self._export_op(x)
         g, _ = self.gates(x)
         n = self.moe.num_experts
         h = self.act(self.gate_proj(x)) * self.up_proj(x)
         h = (h.unflatten(-1, (n, -1)) * g.unsqueeze(-1)).flatten(-2)
         return self.down_proj(h)
-
-    def _export_op(self, x: torch.Tensor) -> torch.Tensor:
-        moe = self.moe
-        packed = getattr(self, "packed", None)
-        if packed is None:
-            raise RuntimeError("call DSMoEMLP.pack_for_export() before exporting")
-        inputs = [x, self.router.weight, *packed]
-        if moe.router_bias:
-            inputs.append(self.router.bias)
-        return torch.onnx.ops.symbolic(
-            f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}", inputs,
-            dict(num_experts=moe.num_experts, threshold=float(moe.threshold), rescale=int(moe.rescale),
-                 weighting=moe.weighting, activation=moe.activation,
-                 **({"down_tile": self.down_tile} if self.down_tile else {})),
-            dtype=x.dtype, shape=x.shape, version=onnx_op.OP_VERSION,
-        )
-
-    @torch.no_grad()
-    def pack_for_export(self, down_tile: int = 0) -> None:
-        """Store the experts in the op's block layout, as the initializers the export needs;
-        ``down_tile`` is down_weight's layout (op-spec.md, attribute down_tile)."""
-        gate, up, down = onnx_op.pack_block_weights(
-            self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.moe.num_experts,
-            down_tile=down_tile)
-        self.down_tile = down_tile
-        self.packed = nn.ParameterList([nn.Parameter(t.contiguous(), requires_grad=False) for t in (gate, up, down)])
 
 
 class DecoderLayer(nn.Module):
@@ -256,8 +227,3 @@ class DSMoEForCausalLM(nn.Module):
         if not gates:
             raise RuntimeError("run a forward pass of a sparse model first")
         return torch.stack([g.mean() for g in gates]).mean()
-
-    def pack_for_export(self, down_tile: int = 0) -> None:
-        if self.sparse:
-            for m in self.mlps:
-                m.pack_for_export(down_tile)

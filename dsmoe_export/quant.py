@@ -124,21 +124,43 @@ def quantize_block_weights(gate: np.ndarray, up: np.ndarray, down: np.ndarray, f
     return out
 
 
-def matmul_nbits_weights(w_kn: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A MatMul weight ``[K, N]`` as MatMulNBits' (B [N, ceil(K/G), G * bits / 8] uint8,
-    scales [N * ceil(K/G)] float32) with the default zero point 2^(bits-1); padding is zp."""
-    w = np.asarray(w_kn, np.float32).T                                   # [N, K]: groups along K
-    q, s = quantize_rows(w, bits, group_size)
+def pack_matmul_nbits(q: np.ndarray, bits: int, group_size: int) -> np.ndarray:
+    """Quantized values q [N, K] (from :func:`quantize_rows` of a weight [N, K]) in MatMulNBits' B
+    layout [N, ceil(K/G), G * bits / 8] uint8: K padded to whole groups with the zero point, int4
+    packed two consecutive values per byte (low nibble first)."""
     N, K = q.shape
-    blocks = s.shape[1]
+    blocks = -(-K // group_size)
     padded = np.full((N, blocks * group_size), zero_point(bits), np.uint8)
     padded[:, :K] = q
     if bits == 4:
         p = padded.reshape(N, -1, 2)
-        packed = (p[..., 0] | (p[..., 1] << 4)).astype(np.uint8)
-    else:
-        packed = padded
-    return packed.reshape(N, blocks, group_size * bits // 8), s.reshape(-1)
+        padded = (p[..., 0] | (p[..., 1] << 4)).astype(np.uint8)
+    return padded.reshape(N, blocks, group_size * bits // 8)
+
+
+def dequantize_block_weights(weights: dict[str, np.ndarray], fmt: str,
+                             group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inverse of :func:`quantize_block_weights`: the float32 blocks gate, up, down [n, B, d]
+    that the ``fmt`` op computes with."""
+    if fmt == "float16":
+        return tuple(np.asarray(weights[k], np.float32) for k in ("gate_weight", "up_weight", "down_weight"))
+    bits = BITS[fmt]
+
+    def values(q):
+        return unpack_int4(q) if bits == 4 else q
+
+    gate, up = (dequantize_rows(values(weights[f"{k}_weight"]), weights[f"{k}_scales"], bits, group_size)
+                for k in ("gate", "up"))
+    down = dequantize_rows(values(weights["down_weight"]).transpose(0, 2, 1),
+                           weights["down_scales"].transpose(0, 2, 1), bits, group_size)
+    return gate, up, np.ascontiguousarray(down.transpose(0, 2, 1))
+
+
+def matmul_nbits_weights(w_kn: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul weight ``[K, N]`` as MatMulNBits' (B [N, ceil(K/G), G * bits / 8] uint8,
+    scales [N * ceil(K/G)] float32) with the default zero point 2^(bits-1); padding is zp."""
+    q, s = quantize_rows(np.asarray(w_kn, np.float32).T, bits, group_size)   # [N, K]: groups along K
+    return pack_matmul_nbits(q, bits, group_size), s.reshape(-1)
 
 
 # --------------------------------------------------------------------------- nodes

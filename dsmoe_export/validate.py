@@ -2,7 +2,8 @@
 
 Runs a left-padded prefill of a batch of 2 and one cached decode step, and
 compares logits and every present key/value. Relative error here means
-max |ort - ref| / max |ref| over an output (valid positions only).
+max |ort - ref| / max |ref| over an output (valid positions only). The reference
+runs with the graph's positions, the cache slots (graph/decoder.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import onnx_io
+from .graph import interface
 
 
 # Router scores within this distance of the threshold count as ties (float32 logits of ORT and
@@ -28,10 +29,16 @@ class ValidationReport:
     max_rel_error: float
     worst_output: str
     outputs_checked: int
+    # The file as written when the check ran on a copy with exact MatMulNBits (accuracy_level 0).
+    as_written: "ValidationReport | None" = None
 
     def summary(self) -> str:
-        return (f"max |ORT - PyTorch| = {self.max_abs_error:.3g} (relative {self.max_rel_error:.3g}, "
+        text = (f"max |ORT - PyTorch| = {self.max_abs_error:.3g} (relative {self.max_rel_error:.3g}, "
                 f"worst: {self.worst_output}) over {self.outputs_checked} outputs, prefill + 1 cached step")
+        if self.as_written is not None:
+            text += (f", checked with MatMulNBits at accuracy_level 0; the file as written (its accuracy_level): "
+                     f"relative {self.as_written.max_rel_error:.3g} ({self.as_written.worst_output})")
+        return text
 
 
 def make_session(path: str | Path, *, threads: int | None = None, custom_ops: bool = True):
@@ -49,18 +56,22 @@ def make_session(path: str | Path, *, threads: int | None = None, custom_ops: bo
 
 
 def prompt_inputs(vocab_size: int, *, batch: int = 2, seq: int = 8, pad: int = 2, seed: int = 0):
-    """Random ids with row 0 left-padded by `pad` tokens; positions count real tokens."""
+    """Random ids with row 0 left-padded by `pad` tokens; positions are the slots 0..seq-1."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.int64)
     mask[0, :pad] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
+    return ids, mask, slot_positions(batch, 0, seq)
 
 
-def _feeds(ids, mask, pos, past) -> dict[str, np.ndarray]:
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-    names = onnx_io.past_names(len(past))
+def slot_positions(batch: int, past: int, seq: int) -> torch.Tensor:
+    """The positions the graph gives a call's tokens: their cache slots past .. past + seq - 1."""
+    return torch.arange(past, past + seq).expand(batch, seq).contiguous()
+
+
+def _feeds(ids, mask, past) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    names = interface.past_names(len(past))
     for (k, v), kn, vn in zip(past, names[0::2], names[1::2]):
         feeds[kn], feeds[vn] = k.numpy(), v.numpy()
     return feeds
@@ -103,7 +114,7 @@ def _watch_routing_ties(model, margin: float):
 
 def _validate_prompt(model, session, seed: int) -> ValidationReport:
     n = model.cfg.num_hidden_layers
-    out_names = onnx_io.output_names(n)
+    out_names = interface.output_names(n)
     ids, mask, pos = prompt_inputs(model.cfg.vocab_size, seed=seed)
     past = model.empty_past(ids.shape[0], dtype=next(model.parameters()).dtype)
     worst = (0.0, 0.0, "")
@@ -111,7 +122,7 @@ def _validate_prompt(model, session, seed: int) -> ValidationReport:
     for step in ("prefill", "decode"):
         with torch.no_grad():
             logits, presents = model(ids, mask, pos, past)
-        got = session.run(out_names, _feeds(ids, mask, pos, past))
+        got = session.run(out_names, _feeds(ids, mask, past))
         want = [logits] + [t for kv in presents for t in kv]
         valid = mask[:, -ids.shape[1]:].bool().numpy()
         for name, g, w in zip(out_names, got, want):
@@ -130,7 +141,7 @@ def _validate_prompt(model, session, seed: int) -> ValidationReport:
             checked += 1
         # Next step: one greedy token per row, the cache from ONNX Runtime's own presents.
         ids = torch.from_numpy(got[0][:, -1].argmax(-1)).unsqueeze(1)
-        pos = pos[:, -1:] + 1
+        pos = slot_positions(ids.shape[0], mask.shape[1], 1)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         past = [(torch.from_numpy(got[1 + 2 * i]), torch.from_numpy(got[2 + 2 * i])) for i in range(n)]
     return ValidationReport(max_abs_error=worst[0], max_rel_error=worst[1], worst_output=worst[2],

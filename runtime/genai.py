@@ -1,8 +1,11 @@
 """genai_config.json for onnxruntime-genai: the export's interface plus the op library.
 
 onnxruntime-genai (`og.Model(folder)`) reads the model's shape and I/O names from
-genai_config.json; `model.decoder.session_options.custom_ops_library` names the op library,
-as an absolute path of *this* machine. On another machine rewrite it with
+genai_config.json; `model.decoder.session_options.custom_ops_library` names the op library.
+onnxruntime-genai 0.18 loads a custom-op library only from an "allowed directory": an absolute
+path works only while the process's working directory contains it, a path relative to the model
+folder always works. So the library is copied beside the model and named by its file name. After
+installing another version of dsmoe-export (or on another machine) refresh the copy with
 
     python -m dsmoe_runtime.genai FOLDER [--library PATH]
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,8 +27,10 @@ def _first(value):
 
 
 def genai_config(onnx_name: str, config: dict, *, library_path: str, generation: dict | None = None,
-                 provider: str | None = None) -> dict:
-    """The genai_config.json content for an export `onnx_name` of a model with HF `config`."""
+                 provider: str | None = None, position_ids: bool = False, share_buffer: bool = True) -> dict:
+    """The genai_config.json content for an export `onnx_name` of a model with HF `config`.
+    `position_ids`: the graph takes them (exports without GroupQueryAttention); `share_buffer`:
+    past and present may share one buffer (GroupQueryAttention graphs)."""
     generation = generation or {}
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -52,23 +58,27 @@ def genai_config(onnx_name: str, config: dict, *, library_path: str, generation:
                 "num_key_value_heads": config.get("num_key_value_heads", heads),
                 "num_hidden_layers": config["num_hidden_layers"],
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           **({"position_ids": "position_ids"} if position_ids else {}),
+                           "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
             },
         },
         "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
 
 
 def write_genai_config(onnx_path: str | Path, *, model_dir: str | Path | None = None,
-                       library_path: str | None = None, provider: str | None = None) -> Path:
-    """Write genai_config.json beside `onnx_path`. The model's config.json (and
+                       library_path: str | None = None, provider: str | None = None) -> list[str]:
+    """Write genai_config.json beside `onnx_path` and copy the op library there (the installed one,
+    or `library_path`); returns the names written. The model's config.json (and
     generation_config.json) come from `model_dir`, else from the export's own folder."""
+    import onnx
+
     onnx_path = Path(onnx_path)
     src = Path(model_dir) if model_dir is not None else onnx_path.parent
     cfg_file = src / "config.json"
@@ -77,26 +87,44 @@ def write_genai_config(onnx_path: str | Path, *, model_dir: str | Path | None = 
     config = json.loads(cfg_file.read_text())
     gen_file = src / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-    content = genai_config(onnx_path.name, config, library_path=library_path or get_library_path(),
-                           generation=generation, provider=provider)
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    position_ids = any(i.name == "position_ids" for i in header.graph.input)
+    meta = {p.key: p.value for p in header.metadata_props}
+    lib = _copy_library(onnx_path.parent, library_path)
+    content = genai_config(onnx_path.name, config, library_path=lib.name, generation=generation, provider=provider,
+                           position_ids=position_ids, share_buffer="dsmoe_export.graph" in meta and not position_ids)
     out = onnx_path.parent / GENAI_CONFIG
     out.write_text(json.dumps(content, indent=2) + "\n")
-    return out
+    return [out.name, lib.name]
+
+
+def _copy_library(folder: Path, library_path: str | None) -> Path:
+    src = Path(library_path).resolve() if library_path else Path(get_library_path())
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such file (expected the op library)")
+    dst = folder / src.name
+    if src != dst.resolve():
+        tmp = folder / f".{src.name}.tmp"
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    return dst
 
 
 def set_library(folder: str | Path, library_path: str | None = None) -> Path:
-    """Point an existing genai_config.json at this machine's op library (or `library_path`)."""
+    """Copy this machine's op library (or `library_path`) into the model folder and point its
+    genai_config.json at the copy."""
     path = Path(folder) / GENAI_CONFIG
     content = json.loads(path.read_text())
-    lib = str(Path(library_path).resolve()) if library_path else get_library_path()
-    content["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = lib
+    lib = _copy_library(Path(folder), library_path)
+    content["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = lib.name
     path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsmoe_runtime.genai",
-                                description="Point a model folder's genai_config.json at the op library.")
+                                description="Copy the op library into a model folder and point its "
+                                            "genai_config.json at it.")
     p.add_argument("folder")
     p.add_argument("--library", help="library path (default: the installed one, or $DSMOE_OPS_LIBRARY)")
     args = p.parse_args(argv)

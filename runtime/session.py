@@ -1,8 +1,11 @@
 """`DSMoESession`: an ONNX Runtime session over a DSMoE export, with generation.
 
 The export's interface (docs/runtime.md): inputs `input_ids`, `attention_mask`,
-`position_ids`, `past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim]; outputs
-`logits`, `present.{i}.key|value`, and with `--active-outputs` `active.{i}` [batch, seq, n].
+`past_key_values.{i}.key|value` [batch, kv_heads, past, head_dim]; outputs `logits`,
+`present.{i}.key|value`, and with `--active-outputs` `active.{i}` [batch, seq, n]. Graphs
+written by dsmoe_export (GroupQueryAttention, metadata "dsmoe_export.graph") let past and present
+share one preallocated buffer per tensor, written in place; graphs with a `position_ids` input
+(earlier exports, other exporters) get positions and a cache that grows by concatenation.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from .stats import ActivationStats
 
 OP_DOMAIN, OP_TYPE = "org.dsmoe", "GatedBlockSparseFFN"
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+SHARED_CACHE_GRAPHS = ("gqa-v1",)  # metadata "dsmoe_export.graph" values whose cache can be shared
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ACTIVE = re.compile(r"^active\.(\d+)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -138,7 +142,7 @@ class DSMoESession:
     def _read_interface(self, *, allow_dense: bool, allow_fallback: bool) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
-        missing = [n for n in ("input_ids", "attention_mask", "position_ids") if n not in inputs]
+        missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
         layers = sorted({int(m.group(1)) for n in inputs if (m := _PAST.match(n))})
         if missing or not layers or "logits" not in outputs:
             raise ModelError(f"{self.path}: not a causal LM export with a KV cache (dsmoe_export's interface): "
@@ -165,6 +169,9 @@ class DSMoESession:
         self.has_active_outputs = len(active) == self.num_layers
         self.num_experts = [_dim(outputs[n].shape, 2) for n in self.active_names] if self.has_active_outputs else []
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.has_position_ids = "position_ids" in inputs
+        self.shared_cache = meta.get("dsmoe_export.graph") in SHARED_CACHE_GRAPHS and not self.has_position_ids
+        self.max_position = int(meta["dsmoe_export.max_position"]) if "dsmoe_export.max_position" in meta else None
         if "dsmoe_export.sparse" in meta:
             self.sparse = meta["dsmoe_export.sparse"] == "1"
         else:  # not written by dsmoe_export: look at the graph itself
@@ -228,29 +235,34 @@ class DSMoESession:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list):
-        """One call with I/O binding: returns (logits [B, S, V] numpy, presents (OrtValues, on the
-        session's device: feed them back as `past`), active (numpy [B, S, n] per layer, or []))."""
+    def new_cache(self, batch: int, capacity: int | None = None) -> "KVCache":
+        """An empty KV cache for `batch` rows. With `capacity` (tokens, prompt included) and a
+        graph that allows it, one preallocated buffer per tensor that every call updates in place;
+        else the cache grows by one present per call."""
+        if capacity is not None and self.max_position is not None and capacity > self.max_position:
+            raise InputError(f"prompt + max_new_tokens = {capacity} exceeds the model's {self.max_position} "
+                             "positions (max_position_embeddings)")
+        return KVCache(self, batch, capacity if self.shared_cache else None)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: "KVCache",
+                position_ids: np.ndarray | None = None):
+        """One call with I/O binding: returns (logits [B, S, V] numpy, active (numpy [B, S, n] per
+        layer, or [])); `cache` is read and updated. `position_ids` only for graphs that take them."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        for name, value in zip(self.past_names, past):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:  # the KV cache stays on the device between steps
-            binding.bind_output(name, self.device, self.device_id if self.device != "cpu" else 0)
+        if self.has_position_ids:
+            if position_ids is None:
+                raise InputError("position_ids: this model takes them (an export without GroupQueryAttention)")
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        binding.bind_output("logits", "cpu")  # outputs come back in binding order
+        cache.bind(binding)
         for name in self.active_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         out = binding.get_outputs()
-        logits = out[0].numpy()
-        presents = list(out[1:1 + len(self.present_names)])
-        active = [v.numpy() for v in out[1 + len(self.present_names):]]
-        return logits, presents, active
+        cache.update(out[1:1 + len(self.present_names)])
+        return out[0].numpy(), [v.numpy() for v in out[1 + len(self.present_names):]]
 
     # ------------------------------------------------------------------ generation
     def _check_prompt(self, input_ids, attention_mask):
@@ -302,11 +314,11 @@ class DSMoESession:
         stats = self._stats if collect_stats else None
         batch = ids.shape[0]
         finished = np.zeros(batch, bool)
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        past: list = self.empty_past(batch)
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None) if self.has_position_ids else None
+        cache = self.new_cache(batch, ids.shape[1] + max(max_new_tokens - 1, 0))
         step_ids, valid = ids, mask.astype(bool)
         for step in range(max_new_tokens):
-            logits, past, active = self.forward(step_ids, mask, pos, past)
+            logits, active = self.forward(step_ids, mask, cache, pos)
             if stats is not None and active:
                 stats.add(active, valid)
             tokens = choose(logits[:, -1, :])
@@ -319,7 +331,7 @@ class DSMoESession:
             step_ids = tokens[:, None]
             valid = ~finished[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            pos = pos[:, -1:] + 1
+            pos = pos[:, -1:] + 1 if pos is not None else None
 
     def generate(self, input_ids, max_new_tokens: int = 32, *, attention_mask=None, do_sample: bool | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -374,3 +386,38 @@ class DSMoESession:
             return greedy_tokens
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         return lambda logits: sample_tokens(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+class KVCache:
+    """The KV cache of one generation: preallocated [batch, kv_heads, capacity, head_dim] buffers
+    bound as both past and present (GroupQueryAttention writes each call's keys and values in
+    place, at their slots), or, without a capacity, the last call's presents fed back as pasts."""
+
+    def __init__(self, session: DSMoESession, batch: int, capacity: int | None):
+        import onnxruntime as ort
+
+        self.s, self.shared = session, capacity is not None
+        if self.shared:
+            shape = (batch, session.num_kv_heads, capacity, session.head_dim)
+            device_id = session.device_id if session.device != "cpu" else 0
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, session.kv_dtype, session.device, device_id)
+                           for _ in session.past_names]
+        else:
+            self.values = session.empty_past(batch)
+
+    def bind(self, binding) -> None:
+        s = self.s
+        for name, value in zip(s.past_names, self.values):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name, value in zip(s.present_names, self.values):
+            if self.shared:
+                binding.bind_ortvalue_output(name, value)
+            else:  # the cache stays on the session's device between calls
+                binding.bind_output(name, s.device, s.device_id if s.device != "cpu" else 0)
+
+    def update(self, presents: list) -> None:
+        if not self.shared:
+            self.values = list(presents)

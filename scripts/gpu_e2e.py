@@ -34,8 +34,8 @@ def op_providers(path: Path) -> set[str]:
     s = DSMoESession(path, providers=[EP, "CPUExecutionProvider"], session_options=opts,
                      provider_options=[CUDA_OPTIONS if EP != "CPUExecutionProvider" else {}, {}],
                      allow_dense=True)
-    ids, mask, pos = prompt(s, 4)
-    s.forward(ids, mask, pos, s.empty_past(ids.shape[0]))
+    ids, mask = prompt(s, 4)
+    s.forward(ids, mask, s.new_cache(ids.shape[0], ids.shape[1]), positions(s, mask))
     events = json.loads(Path(s.session.end_profiling()).read_text())
     return {e["args"].get("provider", "?") for e in events
             if e.get("cat") == "Node" and e["args"].get("op_name") == "GatedBlockSparseFFN"}
@@ -46,8 +46,15 @@ def prompt(s: DSMoESession, seq: int, seed: int = 0):
     ids = rng.integers(3, s.vocab_size, (2, seq))
     mask = np.ones_like(ids)
     mask[0, :2] = 0  # row 0 left-padded
+    return ids, mask
+
+
+def positions(s: DSMoESession, mask: np.ndarray, seq: int | None = None):
+    """position_ids for graphs that take them (counted from each row's first token), else None."""
+    if not s.has_position_ids:
+        return None
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
-    return ids, mask, pos
+    return pos[:, -(seq or mask.shape[1]):]
 
 
 def check(path: Path, reference: Path) -> tuple[bool, str]:
@@ -61,18 +68,17 @@ def check(path: Path, reference: Path) -> tuple[bool, str]:
     if gpu.providers[0] != EP:
         return False, f"{path.name}: {EP} was not chosen ({gpu.providers})"
     eps = op_providers(path) if not dense else {"-"}
-    ids, mask, pos = prompt(cpu, 9)
-    lg, present, _ = gpu.forward(ids, mask, pos, gpu.empty_past(2))
-    lc, _, _ = cpu.forward(ids, mask, pos, cpu.empty_past(2))
+    ids, mask = prompt(cpu, 9)
+    gpu_cache, cpu_cache = gpu.new_cache(2, 10), cpu.new_cache(2, 10)
+    lg, _ = gpu.forward(ids, mask, gpu_cache, positions(gpu, mask))
+    lc, _ = cpu.forward(ids, mask, cpu_cache, positions(cpu, mask))
     keep = mask.astype(bool)
     err = float(np.abs(lg.astype(np.float32) - lc)[keep].max() / max(1.0, np.abs(lc[keep]).max()))
     # One cached step on the device-resident KV cache.
     nxt = lc[:, -1].argmax(-1)[:, None]
     m2 = np.concatenate([mask, np.ones_like(nxt)], 1)
-    p2 = pos[:, -1:] + 1
-    lg2, _, _ = gpu.forward(nxt, m2, p2, present)
-    _, cpu_present, _ = cpu.forward(ids, mask, pos, cpu.empty_past(2))
-    lc2, _, _ = cpu.forward(nxt, m2, p2, cpu_present)
+    lg2, _ = gpu.forward(nxt, m2, gpu_cache, positions(gpu, m2, 1))
+    lc2, _ = cpu.forward(nxt, m2, cpu_cache, positions(cpu, m2, 1))
     err2 = float(np.abs(lg2.astype(np.float32) - lc2).max() / max(1.0, np.abs(lc2).max()))
     tg = gpu.generate(ids, 12, attention_mask=mask)
     tc = cpu.generate(ids, 12, attention_mask=mask)

@@ -3,7 +3,9 @@
 Sparse exports (custom op, library registered) are compared with
 transformers' LlamaForCausalLM in float64 whose MLPs are the numpy op
 reference; dense exports with the unmodified transformers model. Both for a
-whole left-padded batch and for one KV-cache step.
+whole left-padded batch and for one KV-cache step. The export's positions are
+cache slots (graph/decoder.py): the reference runs with those for the cache, and
+its logits with transformers' own left-padding positions must agree as well.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import pytest
 import torch
 from model_refs import hf_reference, min_threshold_margin
 
-from dsmoe_export import onnx_io, onnx_op
+from dsmoe_export import onnx_op
+from dsmoe_export.graph import interface
 from dsmoe_export.cli import main
 from dsmoe_export.synthetic import TinySpec, make_model_folder
 from dsmoe_export.validate import make_session
@@ -36,7 +39,7 @@ CASES = {
                       dsmoe=dict(num_experts=16, threshold=0.7)),
         router_scale=4.0),
     "n1_odd_sizes": dict(
-        spec=TinySpec(vocab_size=97, hidden_size=36, intermediate_size=45, num_attention_heads=3,
+        spec=TinySpec(vocab_size=97, hidden_size=48, intermediate_size=45, num_attention_heads=3,
                       num_key_value_heads=3, num_hidden_layers=3, dsmoe=dict(num_experts=1, threshold=0.5)),
         router_scale=2.0),
 }
@@ -51,14 +54,17 @@ def _prompt(vocab: int, rng: np.random.Generator, batch: int = 3, seq: int = 9):
     mask = torch.ones(batch, seq, dtype=torch.int64)
     mask[0, :3] = 0  # left padding
     mask[1, :1] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
+    return ids, mask, slots(batch, 0, seq)
 
 
-def _ort_feeds(ids, mask, pos, past: list[np.ndarray], kv_shape) -> dict:
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+def slots(batch: int, past: int, seq: int) -> torch.Tensor:
+    return torch.arange(past, past + seq).expand(batch, seq)
+
+
+def _ort_feeds(ids, mask, past: list[np.ndarray], kv_shape) -> dict:
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     n_layers = len(past) // 2 if past else kv_shape[0]
-    for j, name in enumerate(onnx_io.past_names(n_layers)):
+    for j, name in enumerate(interface.past_names(n_layers)):
         feeds[name] = past[j] if past else np.zeros(kv_shape[1:], np.float32)
     return feeds
 
@@ -68,7 +74,7 @@ def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: fl
     ref = hf_reference(model_dir, sparse=sparse)
     cfg = ref.config
     session = make_session(onnx_path, custom_ops=sparse)
-    out_names = onnx_io.output_names(cfg.num_hidden_layers)
+    out_names = interface.output_names(cfg.num_hidden_layers)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for _attempt in range(5):
         ids, mask, pos = _prompt(cfg.vocab_size, rng)
@@ -78,9 +84,13 @@ def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: fl
         # fp32 and fp64 may pick different blocks for a score within rounding of tau: redraw.
         if not sparse or min_threshold_margin(ref, threshold) > 1e-5:
             break
-    got = session.run(out_names, _ort_feeds(ids, mask, pos, [], kv_shape))
+    got = session.run(out_names, _ort_feeds(ids, mask, [], kv_shape))
     valid = mask.bool().numpy()
     assert _rel_err(got[0][valid], r.logits.numpy()[valid]) < REL_TOL
+    # Positions counted from each row's first token (transformers' convention): the same logits.
+    with torch.no_grad():
+        r_hf = ref(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert _rel_err(got[0][valid], r_hf.logits.numpy()[valid]) < REL_TOL
     for i, layer in enumerate(r.past_key_values.layers):
         assert got[1 + 2 * i].shape == tuple(layer.keys.shape)
         for g, w in ((got[1 + 2 * i], layer.keys), (got[2 + 2 * i], layer.values)):
@@ -89,11 +99,10 @@ def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: fl
     # One KV-cache step with the presents as pasts.
     nxt = torch.from_numpy(r.logits[:, -1].argmax(-1).numpy()).unsqueeze(1)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
-    pos2 = pos[:, -1:] + 1
     with torch.no_grad():
-        r2 = ref(input_ids=nxt, attention_mask=mask2, position_ids=pos2, past_key_values=r.past_key_values,
-                 use_cache=True)
-    got2 = session.run(out_names, _ort_feeds(nxt, mask2, pos2, got[1:], kv_shape))
+        r2 = ref(input_ids=nxt, attention_mask=mask2, position_ids=slots(ids.shape[0], ids.shape[1], 1),
+                 past_key_values=r.past_key_values, use_cache=True)
+    got2 = session.run(out_names, _ort_feeds(nxt, mask2, got[1:], kv_shape))
     assert got2[0].shape == (ids.shape[0], 1, cfg.vocab_size)
     assert got2[1].shape[2] == ids.shape[1] + 1
     assert _rel_err(got2[0], r2.logits.numpy()) < REL_TOL
@@ -154,7 +163,7 @@ def test_exported_interface_follows_optimum(tmp_path, seed):
     onnx.checker.check_model(model, full_check=True)
     dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
             for vi in list(model.graph.input) + list(model.graph.output)}
-    assert list(dims) == onnx_io.input_names(2) + onnx_io.output_names(2)
+    assert list(dims) == interface.input_names(2) + interface.output_names(2)
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
     assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
@@ -195,9 +204,38 @@ def test_validation_skips_prompts_with_routing_ties(tmp_path):
     model = loader.load_model(folder)[0]
     ties, hooks = validate._watch_routing_ties(model, validate.ROUTING_MARGIN_FP32)
     ids, mask, pos = validate.prompt_inputs(model.cfg.vocab_size, seed=0)
+    assert not mask[0, 0]
     with torch.no_grad():
         model(ids, mask, pos, model.empty_past(ids.shape[0], dtype=torch.float32))
     for hook in hooks:
         hook.remove()
     assert any(ties)  # the case this test is about
     assert main([str(folder), str(tmp_path / "m.onnx"), "-q"]) == 0
+
+
+# The per-layer op sequence of the lean graph (docs/exporting.md), as ONNX Runtime's model builder
+# lays out a LLaMA layer; layer 0 starts with a plain SimplifiedLayerNormalization.
+LAYER_OPS = ["SkipSimplifiedLayerNormalization", "MatMul", "GroupQueryAttention", "MatMul",
+             "SkipSimplifiedLayerNormalization"]
+DENSE_FFN_OPS = ["MatMul", "Sigmoid", "Mul", "MatMul", "Mul", "MatMul"]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_graph_is_the_fused_layout(tmp_path, seed, dense):
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=3), seed=seed)
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), str(out), "-q", "--no-validate"] + (["--dense"] if dense else [])) == 0
+    model = onnx.load(str(out))
+    by_layer: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        parts = node.name.split("/")
+        if len(parts) > 3 and parts[1:3] == ["model", "layers"]:
+            by_layer.setdefault(int(parts[3]), []).append(node.op_type)
+    ffn = DENSE_FFN_OPS if dense else [onnx_op.OP_TYPE]
+    assert by_layer[0] == ["SimplifiedLayerNormalization"] + LAYER_OPS[1:] + ffn
+    assert by_layer[1] == by_layer[2] == LAYER_OPS + ffn
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["dsmoe_export.graph"] == interface.GRAPH_KIND and meta["dsmoe_export.sparse"] == str(int(not dense))

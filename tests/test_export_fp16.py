@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from dsmoe_export import onnx_io, onnx_op
+from dsmoe_export import onnx_op
+from dsmoe_export.graph import interface
 from dsmoe_export.cli import main
 from dsmoe_export.synthetic import make_model_folder
 from dsmoe_export.validate import make_session, prompt_inputs
@@ -40,8 +41,8 @@ def test_float16_export(tmp_path, dense):
     ids, mask, pos = prompt_inputs(256, seq=5)
     n = sum(1 for v in model.graph.input if v.name.startswith("past_key_values.")) // 2
     kv = [v for v in model.graph.input if v.name.startswith("past_key_values.")][0].type.tensor_type.shape.dim
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-    for name in onnx_io.past_names(n):
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for name in interface.past_names(n):
         feeds[name] = np.zeros((2, kv[1].dim_value, 0, kv[3].dim_value), np.float16)
     logits = session.run(["logits"], feeds)[0]
     assert logits.dtype == np.float16 and np.isfinite(logits).all()

@@ -12,7 +12,8 @@ import pytest
 from dsmoe_export.exporter import export
 from dsmoe_export.synthetic import TinySpec, make_model_folder
 from dsmoe_export.validate import make_session, prompt_inputs
-from dsmoe_export import cli, onnx_io
+from dsmoe_export import cli
+from dsmoe_export.graph import interface
 
 
 def _ops(path):
@@ -23,8 +24,8 @@ def _ops(path):
 def _logits(path, vocab, sparse=True):
     s = make_session(path, custom_ops=sparse)
     ids, mask, pos = prompt_inputs(vocab, batch=2, seq=12, seed=3)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-    for name in onnx_io.past_names(2):
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for name in interface.past_names(2):
         feeds[name] = np.zeros((2, 2, 0, 16), np.float32)
     return s.run(["logits"], feeds)[0]
 
@@ -35,10 +36,19 @@ def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
     ref = export(folder, tmp_path / "fp32.onnx", progress=False, copy_tokenizer=False)
     q4 = export(folder, tmp_path / "int4.onnx", ffn_weights="int4", group_size=32, progress=False,
                 copy_tokenizer=False)
-    assert q4.validation.max_rel_error <= 1e-3  # against the fake-quantized PyTorch model
+    # Checked exactly against the PyTorch model holding the stored values, on a copy whose
+    # MatMulNBits compute with float32 activations; the file as written (int8 activations,
+    # accuracy_level 4) is measured too.
+    assert q4.validation.max_rel_error <= 1e-3
+    assert q4.validation.as_written is not None and q4.validation.as_written.max_rel_error > 1e-5
     ops = _ops(tmp_path / "int4.onnx")
     assert ops[("org.dsmoe", "GatedBlockSparseFFNInt4")] == 2 and ops[("org.dsmoe", "GatedBlockSparseFFN")] == 0
-    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 4 + 1  # q, k, v, o per layer + the (untied) lm_head
+    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 2 + 1  # packed qkv and o per layer + the lm_head
+    # The tied embedding table is the lm_head's int4 weight, looked up in place.
+    assert ops[("com.microsoft", "GatherBlockQuantized")] == 1 and ops[("", "Gather")] == 1  # + the mask's
+    levels = {onnx.helper.get_attribute_value(a) for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
     assert q4.size_bytes < 0.6 * ref.size_bytes
     a, b = _logits(tmp_path / "fp32.onnx", spec.vocab_size), _logits(tmp_path / "int4.onnx", spec.vocab_size)
     rel = np.abs(a - b).max() / np.abs(a).max()
@@ -48,11 +58,18 @@ def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
                 copy_tokenizer=False)
     assert d8.validation.max_rel_error <= 1e-3
     ops = _ops(tmp_path / "dense8.onnx")
-    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 7 + 1 and ops[("", "MatMul")] == 2 * 2  # attention scores
+    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 5 + 1 and ops[("", "MatMul")] == 0
+    # --int4-accuracy-level 0: float32 activations, the file itself matches exactly.
+    assert cli.main([str(folder), str(tmp_path / "int4_l0.onnx"), "--ffn-weights", "int4", "-q",
+                     "--int4-accuracy-level", "0"]) == 0
+    levels = {onnx.helper.get_attribute_value(a) for n in onnx.load(str(tmp_path / "int4_l0.onnx")).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}
 
 
 def test_quantized_export_errors(tmp_path, capsys):
-    folder = make_model_folder(tmp_path / "m", TinySpec(hidden_size=48, intermediate_size=96, num_attention_heads=4))
+    folder = make_model_folder(tmp_path / "m", TinySpec(hidden_size=48, intermediate_size=96, num_attention_heads=3,
+                                                        num_key_value_heads=3))
     assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--ffn-weights", "int4", "-q"]) == 1
     assert "multiple of 32" in capsys.readouterr().err
     assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--ffn-weights", "int8", "--group-size", "48", "-q"]) == 1
@@ -60,4 +77,12 @@ def test_quantized_export_errors(tmp_path, capsys):
     # also when nothing is quantized: a bad flag is never silently ignored
     assert cli.main([str(folder), str(tmp_path / "x.onnx"), "--group-size", "48", "-q"]) == 1
     assert "power of two" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_head_dim_must_suit_group_query_attention(tmp_path, capsys):
+    folder = make_model_folder(tmp_path / "m", TinySpec(hidden_size=48, num_attention_heads=4, num_key_value_heads=2))
+    assert cli.main([str(folder), str(tmp_path / "x.onnx"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "config.json: head_dim: " in err and "multiple of 16, got 12" in err
     assert not (tmp_path / "x.onnx").exists()

@@ -97,13 +97,11 @@ def test_one_model_session_from_8_threads_equals_serial(tiny_export, rng):
     s = DSMoESession(path, threads=1)
     prompts = [rng.integers(3, 256, (b, t)) for b, t in [(1, 1), (1, 5), (2, 9), (1, 16), (3, 4)]]
     serial_gen = [s.generate(p, 6, collect_stats=False) for p in prompts]
-    serial_logits = [s.forward(p, np.ones_like(p), np.broadcast_to(np.arange(p.shape[1]), p.shape).copy(),
-                               s.empty_past(p.shape[0]))[0] for p in prompts]
+    serial_logits = [s.forward(p, np.ones_like(p), s.new_cache(*p.shape))[0] for p in prompts]
 
     def job(i):
         p = prompts[i]
-        logits = s.forward(p, np.ones_like(p), np.broadcast_to(np.arange(p.shape[1]), p.shape).copy(),
-                           s.empty_past(p.shape[0]))[0]
+        logits = s.forward(p, np.ones_like(p), s.new_cache(*p.shape))[0]
         return logits, s.generate(p, 6, collect_stats=False)
 
     for i, (logits, tokens) in _hammer(job, list(range(len(prompts))), rounds=1):
@@ -267,8 +265,8 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
-# Runs the CLI in a child process whose export blocks in PHASE (after tracing: the real trace is
-# replaced by the fixture's finished model, to keep the test short), after creating READY.
+# Runs the CLI in a child process whose export blocks in PHASE (the graph construction is
+# replaced by loading the fixture's finished model, to keep the test short), after creating READY.
 _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
@@ -280,7 +278,7 @@ _CHILD = textwrap.dedent("""
         ready.write_text("x")
         time.sleep(120)
 
-    exporter.trace = lambda model, **kw: onnx.load(traced)
+    exporter.build_model = lambda model, options: onnx.load(traced)
     if phase == "save":  # interrupted after part of the files are written
         real_save = exporter.save_model
         def save(model, path, **kw):
@@ -351,7 +349,7 @@ def test_signal_mid_export_leaves_nothing(tiny_export, tmp_path, phase, sig):
 
 @pytest.mark.slow
 def test_sigint_at_random_times_in_a_real_export(tiny_export, tmp_path, rng):
-    """The unpatched CLI, interrupted at random moments (tracing, writing, validating, or after
+    """The unpatched CLI, interrupted at random moments (building, writing, validating, or after
     it finished): either a complete export (exit 0) or nothing (exit 130), never leftovers."""
     folder, _ = tiny_export
     for attempt in range(4):
@@ -385,18 +383,18 @@ def test_sigint_at_random_times_in_a_real_export(tiny_export, tmp_path, rng):
 
 
 def test_interrupt_swallowed_by_a_library_is_still_an_interrupt(tiny_export, tmp_path, monkeypatch, capsys):
-    """Regression: Ctrl-C during tracing came out as exit 1 'error: TorchExportError ... module
+    """Regression: Ctrl-C during the export's torch tracing came out as exit 1 'error: TorchExportError ... module
     torch._dynamo has no attribute exc' (torch.export caught the KeyboardInterrupt in a half-done
     import and failed with that). Any failure after a signal is now reported as the interrupt."""
     folder, _ = tiny_export
 
-    def trace(model, **kw):
+    def build(model, options):
         try:
             signal.raise_signal(signal.SIGINT)
         except KeyboardInterrupt:
             raise RuntimeError("module 'torch._dynamo' has no attribute 'exc'") from None
 
-    monkeypatch.setattr(exporter, "trace", trace)
+    monkeypatch.setattr(exporter, "build_model", build)
     out = tmp_path / "m.onnx"
     out.write_bytes(OLD)
     # Whatever the process started with (Python's default handler, or SIG_IGN when
@@ -413,7 +411,7 @@ def test_injected_failure_leaves_nothing(tiny_export, tmp_path, monkeypatch, cap
     """A failure (disk full while writing the model or its external data, a checker error, a
     KeyboardInterrupt) after part of the output exists: nothing is left, OUT is untouched."""
     folder, traced = tiny_export
-    monkeypatch.setattr(exporter, "trace", lambda model, **kw: onnx.load(str(traced)))
+    monkeypatch.setattr(exporter, "build_model", lambda model, options: onnx.load(str(traced)))
     real_save = onnx.save_model
 
     def save(model, path, **kw):

@@ -433,19 +433,21 @@ def test_error_mismatched_generate_inputs(session, kwargs, match):
 
 def test_error_mismatched_run_feeds(session):
     ids = np.array([[1, 2]], np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.array([[0, 1]])}
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     past = session.empty_past(1)
     feeds.update(zip(session.past_names, past))
     session.run(["logits"], feeds)  # well-formed: runs
-    with pytest.raises(InputError, match="missing \\['position_ids'\\]"):
-        session.run(["logits"], {k: v for k, v in feeds.items() if k != "position_ids"})
+    with pytest.raises(InputError, match="missing \\['attention_mask'\\]"):
+        session.run(["logits"], {k: v for k, v in feeds.items() if k != "attention_mask"})
+    with pytest.raises(InputError, match="unknown \\['position_ids'\\]"):  # positions are the cache slots
+        session.run(["logits"], dict(feeds, position_ids=np.array([[0, 1]])))
     bad = dict(feeds, **{"past_key_values.1.value": np.zeros((1, 3, 0, 16), np.float32)})
     with pytest.raises(InputError, match="past_key_values.1.value: axis 1 must be 2"):
         session.run(["logits"], bad)
     with pytest.raises(InputError, match="attention_mask: expected dtype int64, got int32"):
         session.run(["logits"], dict(feeds, attention_mask=np.ones((1, 2), np.int32)))
     with pytest.raises(InputError, match="batch 2 differs"):
-        session.run(["logits"], dict(feeds, position_ids=np.zeros((2, 2), np.int64)))
+        session.run(["logits"], dict(feeds, attention_mask=np.ones((2, 2), np.int64)))
 
 
 def test_provider_choice_on_this_machine(session):

@@ -82,9 +82,9 @@ def _until_eos(rows, start: int) -> list[list[int]]:
     return out
 
 
-def _run(python, script, *args):
+def _run(python, script, *args, cwd=None):
     proc = subprocess.run([python, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=cwd)
     return proc
 
 
@@ -106,23 +106,33 @@ def test_optimum_ort_model_for_causal_lm_generates_the_same_tokens(optimum_pytho
 def test_onnxruntime_genai_generates_the_same_tokens(genai_python, eco_export, rng, tmp_path):
     path, session = eco_export
     config = json.loads((path.parent / "genai_config.json").read_text())
-    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == dsmoe_runtime.get_library_path()
+    lib = Path(dsmoe_runtime.get_library_path())
+    # The library travels with the model, named relatively: genai 0.18 loads it from any working
+    # directory that way (an absolute path only while the working directory contains it).
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == lib.name
+    assert (path.parent / lib.name).read_bytes() == lib.read_bytes()
+    assert "position_ids" not in config["model"]["decoder"]["inputs"]
+    assert config["search"]["past_present_share_buffer"] is True
+    elsewhere = tmp_path / "cwd"  # outside the repository and the model folder
+    elsewhere.mkdir()
     ids = rng.integers(3, 256, (2, 6))
-    proc = _run(genai_python, "genai_generate.py", path.parent, json.dumps(ids.tolist()), 9)
+    proc = _run(genai_python, "genai_generate.py", path.parent, json.dumps(ids.tolist()), 9, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert _until_eos(got["new"], 0) == _until_eos(session.generate(ids, 9)[:, 6:].tolist(), 0)
-    # genai really loads the library the config names: a wrong path fails.
+    # genai really loads the library the config names: a wrong one fails.
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / path.name).symlink_to(path)
-    config["model"]["decoder"]["session_options"]["custom_ops_library"] = str(tmp_path / "missing.so")
+    (bad / path.name).write_bytes(path.read_bytes())
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = "missing.so"
     (bad / "genai_config.json").write_text(json.dumps(config))
-    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2)
+    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2, cwd=elsewhere)
     assert proc.returncode != 0 and "missing.so" in proc.stderr
-    # set_library re-points it (what an app does on another machine).
+    # set_library copies this machine's library in and points the config at it (what an app
+    # does on another machine, or after upgrading dsmoe-export).
     from dsmoe_runtime.genai import set_library
 
     set_library(bad)
-    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2)
+    assert (bad / lib.name).is_file()
+    proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]

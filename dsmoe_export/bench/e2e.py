@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .. import onnx_io
+from ..graph import interface
 from ..checkpoint import load_state_dict, write_folder
 from ..config import CONFIG_NAME, load_config
 from ..exporter import export
@@ -111,10 +111,9 @@ def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSess
 
 def _feeds(ids: np.ndarray, past_len: int, past: list[np.ndarray], shape: ModelShape) -> dict:
     b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64),
-             "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)}
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64)}
     head_dim = shape.head_dim or shape.ffn.d // shape.heads
-    for i, name in enumerate(onnx_io.past_names(shape.layers)):
+    for i, name in enumerate(interface.past_names(shape.layers)):
         feeds[name] = past[i] if past else np.zeros((b, shape.kv_heads, 0, head_dim), np.float32)
     return feeds
 

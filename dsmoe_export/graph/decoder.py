@@ -1,0 +1,223 @@
+"""The whole causal LM as one lean ONNX graph of ONNX Runtime's fused contrib ops.
+
+Per decoder layer (docs/exporting.md has the picture and the reasons):
+
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm (layer 0: SimplifiedLayerNormalization)
+    MatMul (or MatMulNBits)            packed Q, K, V projection
+    GroupQueryAttention                rotary inside, KV cache in and out, causal + padding mask
+    MatMul (or MatMulNBits)            o_proj
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm
+    GatedBlockSparseFFN                the sparse FFN (--dense: MatMul, Sigmoid, Mul, MatMul, Mul, MatMul)
+
+Positions are cache slots: token j of a call with past length P sits at position P + j in every
+row, padding included. Rotary embeddings depend only on position differences, so a left-padded
+row gives the same logits as with positions counted from its first real token; its cached keys
+are rotated by the slot position (the PyTorch reference is validated the same way).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from .. import __version__, onnx_op, quant
+from ..errors import ExportError
+from ..modeling import rope_inv_freq
+from . import interface
+from .builder import MS_DOMAIN, GraphBuilder
+from .ffn import array, dense_ffn, set_values, sparse_ffn
+from .weights import gather, matmul, store_matrix, store_table
+
+# Added to the attention scores of padding slots. Finite, so that a row of padding only (a
+# left-padded query) stays finite; large enough that exp() of it is 0 next to a real key.
+PADDING_BIAS = -10000.0
+ELEM_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    sparse: bool = True
+    ffn_weights: str = "float32"     # quant.FORMATS; "float32" = the graph's element type
+    matmul_weights: str = "float32"  # attention, lm_head and the embedding table
+    group_size: int = quant.DEFAULT_GROUP_SIZE
+    accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
+    down_tile: int = onnx_op.DOWN_TILE
+    active_outputs: bool = False
+
+
+def check_config(cfg, config_file) -> None:
+    """What the graph's contrib ops need of the model, checked before anything is built."""
+    if cfg.head_dim % 16:
+        raise ExportError(f"ONNX Runtime's GroupQueryAttention (rotary inside) needs a multiple of 16, got {cfg.head_dim} "
+                          f"(hidden_size / num_attention_heads)", file=config_file, field="head_dim")
+
+
+def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
+    """The ONNX model of `model` (a DSMoEForCausalLM). Quantized formats change `model`'s weights in
+    place to the values the graph holds, so that it stays the export's reference."""
+    cfg = model.cfg
+    dtype = next(model.parameters()).dtype
+    elem = ELEM_TYPES[dtype]
+    g = GraphBuilder()
+    n = cfg.num_hidden_layers
+    ids = g.input("input_ids", TensorProto.INT64, [interface.BATCH, interface.SEQ])
+    mask = g.input("attention_mask", TensorProto.INT64, [interface.BATCH, interface.TOTAL])
+    kv_shape = [interface.BATCH, cfg.num_key_value_heads, interface.PAST, cfg.head_dim]
+    pasts = [g.input(name, elem, kv_shape) for name in interface.past_names(n)]
+
+    lm_head = _store_lm_head(g, model, opts)
+    x = gather(g, ids, _embedding_table(g, model, opts, lm_head), "/model/embed_tokens")
+    attn_inputs = _attention_inputs(g, model, ids, mask, elem)
+    residual, ffn_out = x, None
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        h, residual = _norm(g, ffn_out, residual, layer.input_layernorm, f"/{prefix.replace('.', '/')}/input_layernorm",
+                            cfg.rms_norm_eps)
+        a = _attention(g, h, layer.self_attn, f"{prefix}.self_attn", attn_inputs, pasts[2 * i], pasts[2 * i + 1],
+                       interface.present_names(n)[2 * i:2 * i + 2], opts)
+        h, residual = _norm(g, a, residual, layer.post_attention_layernorm,
+                            f"/{prefix.replace('.', '/')}/post_attention_layernorm", cfg.rms_norm_eps)
+        if opts.sparse:
+            ffn_out = sparse_ffn(g, h, layer.mlp, f"{prefix}.mlp", fmt=opts.ffn_weights, group_size=opts.group_size,
+                                 down_tile=opts.down_tile,
+                                 active=interface.active_names(n)[i] if opts.active_outputs else "")
+        else:
+            ffn_out = dense_ffn(g, h, layer.mlp, f"{prefix}.mlp", activation=_activation(cfg), fmt=opts.ffn_weights,
+                                group_size=opts.group_size, accuracy_level=opts.accuracy_level)
+    h, _ = _norm(g, ffn_out, residual, model.model.norm, "/model/norm", cfg.rms_norm_eps)
+    matmul(g, h, lm_head, "/lm_head", accuracy_level=opts.accuracy_level, output="logits")
+    _declare_outputs(g, cfg, elem, opts)
+    proto = g.model("dsmoe", producer="dsmoe-export", metadata=_metadata(model, opts, dtype))
+    if opts.sparse:
+        quant.add_functions_to_model(proto)
+    return proto
+
+
+def _activation(cfg) -> str:
+    from ..config import HF_ACTIVATIONS
+    return cfg.dsmoe.activation if cfg.dsmoe else HF_ACTIVATIONS[cfg.hidden_act]
+
+
+def _weight_array(t: torch.Tensor, fmt: str) -> np.ndarray:
+    return array(t) if fmt == "float32" else array(t, np.float32)
+
+
+def _store_lm_head(g, model, opts):
+    tied = model.lm_head is None
+    weight = model.model.embed_tokens.weight if tied else model.lm_head.weight
+    m = store_matrix(g, _weight_array(weight, opts.matmul_weights), opts.matmul_weights,
+                     "model.embed_tokens" if tied else "lm_head", group_size=opts.group_size)
+    set_values(weight, m.values)
+    return m
+
+
+def _embedding_table(g, model, opts, lm_head):
+    """A tied table is the lm_head's stored weight; an untied one is stored in the same format."""
+    if model.lm_head is None:
+        return lm_head
+    weight = model.model.embed_tokens.weight
+    fmt = opts.matmul_weights
+    table = store_table(g, _weight_array(weight, fmt), fmt, "model.embed_tokens", group_size=opts.group_size)
+    set_values(weight, table.values)
+    return table
+
+
+def _norm(g, x, residual, norm, name, eps):
+    """RMSNorm of x + residual; returns (normalized, the sum as the next residual). With x None
+    (before the first layer) there is nothing to add."""
+    weight = g.initializer(name.strip("/").replace("/", ".") + ".weight", array(norm.weight))
+    if x is None:
+        return g.op("SimplifiedLayerNormalization", [residual, weight], name=f"{name}/SimplifiedLayerNorm",
+                    axis=-1, epsilon=eps, stash_type=1), residual
+    base = g.fresh(f"{name}/SkipLayerNorm")
+    outs = [f"{base}/out0", "", "", f"{base}/out3"]
+    g.op("SkipSimplifiedLayerNormalization", [x, residual, weight], name=base, outputs=outs, domain=MS_DOMAIN,
+         epsilon=eps)
+    return outs[0], outs[3]
+
+
+def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
+    """What every GroupQueryAttention node shares: seqlens_k, total_sequence_length, the padding
+    bias and the rotary caches.
+
+    Left padding: every row's sequence runs to the last slot, so seqlens_k is total - 1 for
+    all rows, and padding slots are masked by an additive bias [batch, 1, seq, total] built
+    from attention_mask (GroupQueryAttention adds it to the scores; the causal part it applies
+    itself)."""
+    cfg = model.cfg
+    total = g.op("Gather", [g.op("Shape", [mask], name="/model/mask/Shape"), g.const(1)], name="/model/mask/Total",
+                 axis=0)
+    total32 = g.op("Cast", [total], name="/model/mask/Total/Cast", to=TensorProto.INT32)
+    batch = g.op("Shape", [mask], name="/model/mask/Batch", start=0, end=1)
+    seqlens = g.op("Expand", [g.op("Sub", [total32, g.const(1, np.int32)], name="/model/mask/LastSlot"), batch],
+                   name="/model/mask/SeqlensK")
+    keep = g.op("Cast", [mask], name="/model/mask/Cast", to=elem)
+    np_elem = np.float32 if elem == TensorProto.FLOAT else np.float16
+    bias = g.op("Mul", [g.op("Sub", [keep, g.const(1, np_elem)], name="/model/mask/Sub"),
+                        g.const(-PADDING_BIAS, np_elem)], name="/model/mask/Mul")
+    seq = g.op("Shape", [ids], name="/model/mask/Seq", start=1, end=2)
+    rows = g.op("Concat", [g.const([1, 1]), seq, g.const([1])], name="/model/mask/BiasShape", axis=0)
+    bias = g.op("Expand", [g.op("Unsqueeze", [bias, g.const([1, 2])], name="/model/mask/Unsqueeze"), rows],
+                name="/model/mask/Bias")
+    positions = np.arange(cfg.max_position_embeddings, dtype=np.float64)
+    freqs = np.outer(positions, rope_inv_freq(cfg).numpy())
+    return {"seqlens_k": seqlens, "total": total32, "bias": bias,
+            "cos": g.initializer("model.rotary.cos_cache", np.cos(freqs).astype(np_elem)),
+            "sin": g.initializer("model.rotary.sin_cache", np.sin(freqs).astype(np_elem))}
+
+
+def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts) -> str:
+    cfg_heads, kv_heads = attn.heads, attn.kv_heads
+    fmt = opts.matmul_weights
+    w = np.concatenate([_weight_array(p.weight, fmt) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    qkv = store_matrix(g, w, fmt, f"{prefix}.qkv_proj", group_size=opts.group_size)
+    rows = np.cumsum([0] + [p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+    for j, p in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        set_values(p.weight, qkv.values[rows[j]:rows[j + 1]])
+    base = "/" + prefix.replace(".", "/")
+    bias = ""
+    if attn.q_proj.bias is not None:
+        bias = g.initializer(f"{prefix}.qkv_proj.bias", np.concatenate(
+            [array(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]))
+    packed = matmul(g, x, qkv, f"{base}/qkv_proj", accuracy_level=opts.accuracy_level, bias=bias)
+    out = g.op("GroupQueryAttention",
+               [packed, "", "", past_k, past_v, shared["seqlens_k"], shared["total"], shared["cos"], shared["sin"],
+                "", shared["bias"]],
+               name=f"{base}/GroupQueryAttention", outputs=[f"{base}/GroupQueryAttention/out0", *presents],
+               domain=MS_DOMAIN, num_heads=cfg_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+    o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.o_proj", group_size=opts.group_size)
+    set_values(attn.o_proj.weight, o.values)
+    o_bias = g.initializer(f"{prefix}.o_proj.bias", array(attn.o_proj.bias)) if attn.o_proj.bias is not None else ""
+    return matmul(g, out, o, f"{base}/o_proj", accuracy_level=opts.accuracy_level, bias=o_bias)
+
+
+def _declare_outputs(g, cfg, elem, opts) -> None:
+    n = cfg.num_hidden_layers
+    g.output("logits", elem, [interface.BATCH, interface.SEQ, cfg.vocab_size])
+    kv_shape = [interface.BATCH, cfg.num_key_value_heads, interface.TOTAL, cfg.head_dim]
+    for name in interface.present_names(n):
+        g.output(name, elem, kv_shape)
+    if opts.sparse and opts.active_outputs:
+        for name in interface.active_names(n):
+            g.output(name, TensorProto.BOOL, [interface.BATCH, interface.SEQ, cfg.dsmoe.num_experts])
+
+
+def _metadata(model, opts, dtype) -> dict[str, str]:
+    meta = {"dsmoe_export.version": __version__, "dsmoe_export.sparse": "1" if opts.sparse else "0",
+            "dsmoe_export.dtype": str(dtype).removeprefix("torch."),
+            "dsmoe_export.graph": interface.GRAPH_KIND,
+            "dsmoe_export.max_position": str(model.cfg.max_position_embeddings),
+            "dsmoe_export.ffn_weights": opts.ffn_weights, "dsmoe_export.matmul_weights": opts.matmul_weights}
+    if opts.ffn_weights in quant.BITS or opts.matmul_weights in quant.BITS:
+        meta["dsmoe_export.group_size"] = str(opts.group_size)
+    if opts.matmul_weights in quant.BITS or (not opts.sparse and opts.ffn_weights in quant.BITS):
+        meta["dsmoe_export.accuracy_level"] = str(opts.accuracy_level)
+    if opts.sparse:
+        meta["dsmoe_export.dsmoe"] = json.dumps(model.cfg.dsmoe.to_json())
+        if opts.active_outputs:
+            meta["dsmoe_export.active_outputs"] = "1"
+    return meta

@@ -1,0 +1,78 @@
+"""The FFN of one decoder layer: the gated block-sparse op, or the dense SwiGLU baseline.
+
+Both write the values their weights hold back into the PyTorch module (the reference the
+export is validated against).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import onnx_op, quant
+from .builder import GraphBuilder
+from .weights import matmul, store_matrix
+
+
+def array(t: torch.Tensor, dtype=None) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    return a if dtype is None else a.astype(dtype)
+
+
+@torch.no_grad()
+def set_values(param: torch.Tensor, values: np.ndarray) -> None:
+    param.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(param.dtype))
+
+
+def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
+               active: str = "") -> str:
+    """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
+    optional active-blocks output, or "" for none."""
+    moe = mlp.moe
+    n = moe.num_experts
+    inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
+    bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
+    attrs = dict(num_experts=n, threshold=float(moe.threshold), rescale=bool(moe.rescale),
+                 weighting=moe.weighting, activation=moe.activation)
+    gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
+                                                array(mlp.down_proj.weight), n)
+    outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
+    name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
+    if fmt == "float32":  # the graph's element type
+        names = [g.initializer(f"{prefix}.{k}", w) for k, w in
+                 (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", onnx_op.tile_down(down) if down_tile else down))]
+        node = onnx_op.make_node(inputs + names + [bias], outputs, down_tile=down_tile, name=g.fresh(name), **attrs)
+    else:
+        stored = quant.quantize_block_weights(gate, up, down, fmt, group_size)
+        gate, up, down = quant.dequantize_block_weights(stored, fmt, group_size)
+        order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
+        names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
+        node = quant.make_node(fmt, inputs + names + [bias], outputs, name=g.fresh(f"{name}{fmt.title()}"),
+                               group_size=group_size if fmt in quant.BITS else None, **attrs)
+    g.nodes.append(node)
+    g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
+    D, d = mlp.gate_proj.weight.shape
+    set_values(mlp.gate_proj.weight, gate.reshape(D, d))
+    set_values(mlp.up_proj.weight, up.reshape(D, d))
+    set_values(mlp.down_proj.weight, down.reshape(D, d).T)
+    return outputs[0]
+
+
+def dense_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, activation: str, fmt: str, group_size: int,
+              accuracy_level: int) -> str:
+    """down(act(gate(x)) * up(x)) as three MatMuls (or MatMulNBits), as the model builder lays it out."""
+    out = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, proj)
+        m = store_matrix(g, array(lin.weight) if fmt == "float32" else array(lin.weight, np.float32), fmt,
+                         f"{prefix}.{proj}", group_size=group_size)
+        set_values(lin.weight, m.values)
+        out[proj] = m
+    base = "/" + prefix.replace(".", "/")
+    z = matmul(g, x, out["gate_proj"], f"{base}/gate_proj", accuracy_level=accuracy_level)
+    if activation == "silu":
+        act = g.op("Mul", [z, g.op("Sigmoid", [z], name=f"{base}/act/Sigmoid")], name=f"{base}/act/Mul")
+    else:
+        act = g.op("Gelu", [z], name=f"{base}/act/Gelu", approximate="tanh" if activation == "gelu_tanh" else "none")
+    h = g.op("Mul", [act, matmul(g, x, out["up_proj"], f"{base}/up_proj", accuracy_level=accuracy_level)],
+             name=f"{base}/Mul")
+    return matmul(g, h, out["down_proj"], f"{base}/down_proj", accuracy_level=accuracy_level)
