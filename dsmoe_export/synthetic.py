@@ -78,3 +78,21 @@ def make_model_folder(path: str | Path, spec: TinySpec | None = None, *, seed: i
         tensors = split_experts(tensors, spec.num_hidden_layers, spec.dsmoe["num_experts"])
     write_folder(path, spec.config_json(), tensors, max_shard_bytes=max_shard_bytes)
     return Path(path)
+
+
+def write_byte_tokenizer(folder: str | Path) -> None:
+    """A byte-level tokenizer (one token per byte, ids 0..255) and generation_config.json, for
+    random model folders: what tools that insist on a tokenizer (onnxruntime-genai's model builder,
+    dsmoe_runtime's text I/O) need, without a hub."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))

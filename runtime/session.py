@@ -248,17 +248,13 @@ class DSMoESession:
                 position_ids: np.ndarray | None = None):
         """One call with I/O binding: returns (logits [B, S, V] numpy, active (numpy [B, S, n] per
         layer, or [])); `cache` is read and updated. `position_ids` only for graphs that take them."""
-        binding = self.session.io_binding()
+        binding = cache.binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
         if self.has_position_ids:
             if position_ids is None:
                 raise InputError("position_ids: this model takes them (an export without GroupQueryAttention)")
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        binding.bind_output("logits", "cpu")  # outputs come back in binding order
-        cache.bind(binding)
-        for name in self.active_names:
-            binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         out = binding.get_outputs()
         cache.update(out[1:1 + len(self.present_names)])
@@ -397,6 +393,7 @@ class KVCache:
         import onnxruntime as ort
 
         self.s, self.shared = session, capacity is not None
+        self._binding = None
         if self.shared:
             shape = (batch, session.num_kv_heads, capacity, session.head_dim)
             device_id = session.device_id if session.device != "cpu" else 0
@@ -405,18 +402,33 @@ class KVCache:
         else:
             self.values = session.empty_past(batch)
 
-    def bind(self, binding) -> None:
+    def binding(self):
+        """The I/O binding of the next call: made once for a shared cache (its buffers stay bound
+        as past and present; each call rebinds only its inputs), per call for a growing one."""
         s = self.s
+        if self.shared and self._binding is not None:
+            binding = self._binding  # outputs ORT allocated last call would be taken as preallocated
+            binding.bind_output("logits", "cpu")
+            for name in s.active_names:
+                binding.bind_output(name, "cpu")
+            return binding
+        binding = s.session.io_binding()
         for name, value in zip(s.past_names, self.values):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # outputs come back in binding order
         for name, value in zip(s.present_names, self.values):
             if self.shared:
                 binding.bind_ortvalue_output(name, value)
             else:  # the cache stays on the session's device between calls
                 binding.bind_output(name, s.device, s.device_id if s.device != "cpu" else 0)
+        for name in s.active_names:
+            binding.bind_output(name, "cpu")
+        if self.shared:
+            self._binding = binding
+        return binding
 
     def update(self, presents: list) -> None:
         if not self.shared:

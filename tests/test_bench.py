@@ -202,9 +202,7 @@ def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
 
 
 def _tiny_folder(path):
-    from byte_tokenizer import write_byte_tokenizer
-
-    from dsmoe_export.synthetic import TinySpec, make_model_folder
+    from dsmoe_export.synthetic import TinySpec, make_model_folder, write_byte_tokenizer
 
     # split experts and tied embeddings: the layouts the attention-only copy must read
     folder = make_model_folder(path, TinySpec(tie_word_embeddings=True), seed=3, split=True)
@@ -249,7 +247,8 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     text = tmp_path / "prompt.txt"
     text.write_text("To be, or not to be: " * 2)  # 42 byte tokens; the run needs 16 + 4 (decode)
     assert cli.main(["e2e", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "1,7",
-                     "--model", str(folder), "--text", str(text), "--out", str(out)]) == 0
+                     "--model", str(folder), "--text", str(text), "--out", str(out), "--no-builder",
+                     "--gen-tokens", "0"]) == 0
     results = _check_outputs(out, "e2e")
     assert results["e2e_info"]["model"].startswith("my-model: 2 layers, d=64 D=192 n=8")
     assert results["e2e_info"]["prompt"] == "the text of prompt.txt, 42 tokens"
@@ -259,6 +258,36 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     assert "my-model: " in (out / "results.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == before   # the user's folder is left as it was
     assert not (out / "e2e").exists()                          # exports removed without --keep-exports
+
+
+def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
+    """With onnxruntime-genai's builder available (scripts/setup-ecosystem.sh genai), its models of the
+    same weights join the run, at both precisions: prefill, decode, generation in genai's generator
+    and in DSMoESession, node counts."""
+    from dsmoe_export.bench import builder, cli
+
+    python, why = builder.find_python()
+    if python is None:
+        pytest.skip(why)
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    assert cli.main(["e2e", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "1,7",
+                     "--e2e-precisions", "fp32,int4", "--gen-tokens", "4", "--out", str(out)]) == 0
+    results = _check_outputs(out, "e2e")
+    info = results["e2e_info"]
+    assert info["builder"] == ["builder", "builder-int4"]
+    timed = {(r["phase"], r["variant"]) for r in results["e2e"] if r["phase"] != "generate"}
+    variants = {"attn", "sparse", "dense", "builder", "sparse-int4", "dense-int4", "builder-int4"}
+    assert timed == {(p, v) for p in ("prefill", "decode") for v in variants}
+    assert all(0 < r["vs_builder_min"] < 100 for r in results["e2e"] if r["kind"] in ("sparse", "dense"))
+    gen = {(r["variant"], r["runner"]) for r in results["e2e"] if r["phase"] == "generate"}
+    assert gen == {(v, "dsmoe_runtime") for v in ("sparse", "dense", "sparse-int4", "dense-int4")} | \
+        {(v, "genai") for v in ("sparse", "sparse-int4", "builder", "builder-int4")}
+    nodes = info["nodes"]
+    assert nodes["sparse"]["per_layer"] == 6 and nodes["dense"]["per_layer"] == nodes["builder"]["per_layer"] == 10
+    table = (out / "results.md").read_text()
+    assert "against onnxruntime-genai's model builder" in table and "| int4 | decode (past 16) |" in table
 
 
 def test_model_option_errors(tmp_path, op_library, monkeypatch):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from byte_tokenizer import write_byte_tokenizer
+from dsmoe_export.synthetic import write_byte_tokenizer
 from model_refs import hf_reference, min_threshold_margin
 from onnx import TensorProto, helper
 

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from ..errors import DSMoEError
-from . import e2e, graphs, metrics, op, probes, report, timing
+from . import builder, e2e, graphs, metrics, op, probes, report, timing
 
 DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
 DEFAULT_TOKENS = "1,16,128,256,512"
 QUICK = dict(shapes="256x704x8", tokens="1,16", ks="1,4,8", rounds=2, budget=5.0, e2e_shape="128x352x8", e2e_layers=1,
-             e2e_heads=4, e2e_kv_heads=2, e2e_vocab=256, decode_past=16, decode_steps=4)
+             e2e_heads=4, e2e_kv_heads=2, e2e_vocab=256, decode_past=16, decode_steps=4, gen_tokens=8, gen_rounds=1, e2e_precisions="fp32")
 
 
 def _ints(text: str) -> list[int]:
@@ -80,6 +80,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-vocab", type=int, default=None, help="vocabulary (default: 2048)")
     p.add_argument("--decode-past", type=int, default=None, help="prompt length before decoding (default: 128)")
     p.add_argument("--decode-steps", type=int, default=None, help="decode steps per timed sequence (default: 8)")
+    p.add_argument("--e2e-precisions", type=lambda t: [x for x in t.split(",") if x], default=None,
+                   help="end-to-end weight precisions: fp32 and int4 (int4 FFN, attention, lm_head and embedding; "
+                        "MatMulNBits at accuracy_level 4, as the model builder's -p int4) (default: fp32,int4)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="end to end: also time greedy generation of this many tokens after the decode prompt, in "
+                        "DSMoESession and onnxruntime-genai's generator; 0: skip (default: 64)")
+    p.add_argument("--gen-rounds", type=int, default=None, help="rounds of the generation timing (default: 3)")
+    p.add_argument("--genai-python", default=None, metavar="PYTHON",
+                   help="interpreter with onnxruntime-genai and its model builder, whose models of the same "
+                        f"weights join the end-to-end comparison (default: ${builder.ENV_VAR}, else "
+                        f"{builder.DEFAULT_VENV}/bin/python when it imports them)")
+    p.add_argument("--no-builder", action="store_true", help="end to end: leave out the model builder's models")
     p.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
     p.add_argument("--max-wait", type=float, default=30.0,
                    help="before each round, wait up to this many seconds for other processes to leave the CPUs "
@@ -97,13 +109,16 @@ def parser() -> argparse.ArgumentParser:
 def _defaults(args) -> None:
     quick = QUICK if args.quick else {}
     full = dict(shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS, ks=None, rounds=5, budget=30.0, e2e_shape="2048x5632x8",
-                e2e_layers=2, e2e_heads=32, e2e_kv_heads=4, e2e_vocab=2048, decode_past=128, decode_steps=8)
+                e2e_layers=2, e2e_heads=32, e2e_kv_heads=4, e2e_vocab=2048, decode_past=128, decode_steps=8,
+                e2e_precisions="fp32,int4", gen_tokens=64, gen_rounds=3)
     for key, value in {**full, **quick}.items():
         if getattr(args, key) is None:
             if key == "shapes":
                 value = _shapes(value)
             elif key in ("tokens", "ks") and value is not None:
                 value = _ints(value)
+            elif key == "e2e_precisions":
+                value = value.split(",")
             setattr(args, key, value)
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -199,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                                      heads=args.e2e_heads, kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
     elif args.model is not None:
         raise SystemExit("--model applies to the end-to-end benchmark (e2e or all), not to op")
+    bad = [p for p in args.e2e_precisions if p not in e2e.PRECISION_OPTIONS]
+    if bad:
+        raise SystemExit(f"--e2e-precisions: {', '.join(bad)} (expected {', '.join(e2e.PRECISION_OPTIONS)})")
+    if "fp32" not in args.e2e_precisions:
+        args.e2e_precisions.insert(0, "fp32")  # the attention-only and sparse/dense baseline
+    builder_python, builder_note = None, None
+    if do_e2e and not args.no_builder:
+        builder_python, builder_note = builder.find_python(args.genai_python)
     token_ids = None
     if args.text is not None:
         if not do_e2e or args.model is None:
@@ -226,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.precisions:
             steps += op.planned_quant_calls(args.shapes, args.tokens, ks_for, args.rounds, args.precisions)
     if do_e2e:
-        steps += 3 + args.rounds * 3 * (len(prefill) + (1 if args.decode_steps else 0))
+        variants = 1 + len(args.e2e_precisions) * (3 if builder_python else 2)
+        steps += variants + args.rounds * variants * (len(prefill) + (1 if args.decode_steps else 0))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, desc="probes", unit="call", disable=args.no_progress or None, dynamic_ncols=True)
@@ -255,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             rows, info = e2e.run(args.out / "e2e", shape, prefill_tokens=prefill, decode_past=args.decode_past,
                                  decode_steps=args.decode_steps, threads=args.threads, library=library,
                                  rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
-                                 bar=bar, token_ids=token_ids)
+                                 bar=bar, token_ids=token_ids, precisions=tuple(args.e2e_precisions),
+                                 builder_python=builder_python, gen_tokens=args.gen_tokens,
+                                 gen_rounds=args.gen_rounds)
             if args.text is not None:
                 info["prompt"] = f"the text of {args.text.name}, {len(token_ids)} tokens"
             results["e2e"], results["e2e_info"] = rows, info
@@ -274,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.annotate(results["e2e"], results["ceilings"])
     results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
     results["meta"]["quiet_gate"] = gate.summary()
+    if builder_note:
+        results.setdefault("notes", []).append(builder_note)
     paths = report.write_all(args.out, results)
     (args.out / "results.partial.json").unlink(missing_ok=True)
     print(report.markdown(results))

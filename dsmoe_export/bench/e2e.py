@@ -1,9 +1,14 @@
-"""End to end: the sparse export against the ``--dense`` export of the same model, in ONNX
-Runtime: prefill of T tokens and token-by-token decode with the KV cache.
+"""End to end: the sparse export against the ``--dense`` export of the same model and against the
+dense model onnxruntime-genai's model builder makes from the same weights (builder.py), in ONNX
+Runtime: prefill of T tokens and token-by-token decode with the KV cache, per weight precision
+(float32, and with ``--e2e-precisions`` int4: weight-only int4 everywhere, as the builder's ``-p int4``).
 
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
 block), exported dense. Its time is the attention, embedding, norms and LM head of the other
 two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio.
+
+Decode runs as an app runs it: one preallocated cache buffer per tensor, bound as both past and
+present (I/O binding), the prompt's keys and values written once before the timed steps.
 
 The model is either random (:mod:`dsmoe_export.synthetic`: LLaMA + DSMoE routers, the router's
 natural mix of k per token) or a DSMoE model folder (``--model``; its attention-only twin keeps
@@ -23,16 +28,24 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..graph import interface
 from ..checkpoint import load_state_dict, write_folder
 from ..config import CONFIG_NAME, load_config
 from ..exporter import export
+from ..graph import interface
 from ..loader import load_model
-from ..synthetic import TinySpec, make_model_folder
-from . import graphs, metrics, timing
+from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
+from . import builder, generation, graph_stats, graphs, metrics, timing
 from .op import Shape, target_ratio
 
 KINDS = ("sparse", "dense", "attn")
+# Export options per precision: "int4" = int4 FFN blocks / MatMulNBits and int4 attention, lm_head and
+# embedding, MatMulNBits at accuracy_level 4 (the builder's -p int4 -e cpu).
+PRECISION_OPTIONS = {"fp32": {}, "int4": {"ffn_weights": "int4", "matmul_weights": "int4"}}
+
+
+def variant_name(kind: str, precision: str) -> str:
+    """"sparse", "dense", "builder" for float32; "sparse-int4", ... for the others."""
+    return kind if precision == "fp32" else f"{kind}-{precision}"
 
 
 @dataclass
@@ -60,6 +73,10 @@ class ModelShape:
                         dsmoe={"num_experts": self.ffn.n, "threshold": 0.5})
 
     @property
+    def head_size(self) -> int:
+        return self.head_dim or self.ffn.d // self.heads
+
+    @property
     def label(self) -> str:
         name = f"{self.folder.resolve().name}: " if self.folder is not None else ""
         return (f"{name}{self.layers} layers, {self.ffn.label}, {self.heads} heads / {self.kv_heads} KV heads, "
@@ -83,8 +100,10 @@ def attention_only_folder(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def build(out: Path, shape: ModelShape, *, seed: int, bar=None) -> dict:
-    """Model folders and the three validated exports: {kind: ExportResult}."""
+def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...] = ("fp32",),
+          builder_python: str | None = None, threads: int | None = None, bar=None) -> dict:
+    """Model folders, the validated exports ({variant: ExportResult}) and the builder's models
+    ({variant: path}; with `builder_python`)."""
     out.mkdir(parents=True, exist_ok=True)
     if shape.folder is not None:
         if bar is not None:
@@ -94,28 +113,71 @@ def build(out: Path, shape: ModelShape, *, seed: int, bar=None) -> dict:
         folders = {"model": make_model_folder(out / "model", shape.spec(), seed=seed, router_scale=1.0),
                    "attn": make_model_folder(out / "model-attn", shape.spec(ffn=False), seed=seed,
                                              router_scale=1.0)}
+        write_byte_tokenizer(folders["model"])  # the builder copies a tokenizer
+    plan = [("attn", "attn", True, "fp32")]
+    for p in precisions:
+        plan += [(variant_name("sparse", p), "model", False, p), (variant_name("dense", p), "model", True, p)]
     results = {}
-    for kind, folder, dense in (("sparse", "model", False), ("dense", "model", True), ("attn", "attn", True)):
+    for name, folder, dense, precision in plan:
         if bar is not None:
-            bar.set_description(f"e2e export {kind}")
-        results[kind] = export(folders[folder], out / f"{kind}.onnx", dense=dense, validate=True, progress=False,
-                               copy_tokenizer=False)
+            bar.set_description(f"e2e export {name}")
+        (out / name).mkdir(exist_ok=True)
+        results[name] = export(folders[folder], out / name / "model.onnx", dense=dense, validate=True,
+                               progress=False, copy_tokenizer=True, genai=builder_python is not None,
+                               **PRECISION_OPTIONS[precision])
+        if builder_python is not None and threads:
+            builder.set_threads(out / name, threads)
         if bar is not None:
             bar.update(1)
-    return {"folders": folders, "exports": results}
+    built = {}
+    if builder_python is not None:
+        for p in precisions:
+            if bar is not None:
+                bar.set_description(f"e2e model builder {p}")
+            built[variant_name("builder", p)] = builder.build(builder_python, folders["model"],
+                                                              out / variant_name("builder", p), p, threads=threads)
+    return {"folders": folders, "exports": results, "builder": built}
 
 
 def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), graphs.session_options(threads, library), providers=["CPUExecutionProvider"])
 
 
-def _feeds(ids: np.ndarray, past_len: int, past: list[np.ndarray], shape: ModelShape) -> dict:
+def _prefill_feeds(ids: np.ndarray, shape: ModelShape) -> dict:
     b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64)}
-    head_dim = shape.head_dim or shape.ffn.d // shape.heads
-    for i, name in enumerate(interface.past_names(shape.layers)):
-        feeds[name] = past[i] if past else np.zeros((b, shape.kv_heads, 0, head_dim), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64)}
+    for name in interface.past_names(shape.layers):
+        feeds[name] = np.zeros((b, shape.kv_heads, 0, shape.head_size), np.float32)
     return feeds
+
+
+class Decoder:
+    """Token-by-token decode of one session with a shared, preallocated KV cache (what
+    dsmoe_runtime and onnxruntime-genai do): `prime` writes the prompt's keys and values once,
+    `__call__` runs `len(steps)` single-token calls at slots past, past + 1, ..."""
+
+    def __init__(self, session: ort.InferenceSession, shape: ModelShape, capacity: int):
+        self.s, self.L = session, shape.layers
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, shape.kv_heads, capacity, shape.head_size),
+                                                                np.float32)) for _ in range(2 * shape.layers)]
+
+    def _call(self, ids: np.ndarray, total: int) -> None:
+        binding = self.s.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        for value, past, present in zip(self.cache, interface.past_names(self.L), interface.present_names(self.L)):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        binding.bind_output("logits", "cpu")
+        self.s.run_with_iobinding(binding)
+
+    def prime(self, prompt: np.ndarray) -> None:
+        self._call(prompt, prompt.shape[1])
+        self.past = prompt.shape[1]
+
+    def __call__(self, steps: np.ndarray) -> None:
+        for i, tok in enumerate(steps):
+            self._call(np.array([[tok]], np.int64), self.past + i + 1)
 
 
 def reference_activity(model, prompt: np.ndarray, steps: np.ndarray) -> dict:
@@ -148,15 +210,24 @@ def _activity_stats(per_layer: list[np.ndarray]) -> dict:
 def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past: int, decode_steps: int,
         threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
         gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None,
-        token_ids: np.ndarray | None = None) -> tuple[list[dict], dict]:
+        token_ids: np.ndarray | None = None, precisions: tuple[str, ...] = ("fp32",),
+        builder_python: str | None = None, gen_tokens: int = 0, gen_rounds: int = 3) -> tuple[list[dict], dict]:
     """Rows and run info. ``token_ids`` (1-D, at least tokens_needed() long): real text for the
-    prompts and decode steps instead of random ids."""
-    built = build(out, shape, seed=seed, bar=bar)
+    prompts and decode steps instead of random ids. ``builder_python``: the interpreter of
+    onnxruntime-genai's model builder (builder.find_python), whose models join the comparison.
+    ``gen_tokens`` > 0 adds generation throughput (generation.py)."""
+    built = build(out, shape, seed=seed, precisions=precisions, builder_python=builder_python, threads=threads,
+                  bar=bar)
     exports = built["exports"]
+    paths = {k: r.path for k, r in exports.items()} | built["builder"]
     info = {"model": shape.label, "decode_past": decode_past, "decode_steps": decode_steps,
+            "precisions": list(precisions),
             "validation": {k: r.validation.summary() for k, r in exports.items()},
-            "export_seconds": {k: round(r.seconds, 1) for k, r in exports.items()}}
-    sessions = {k: _session(r.path, threads, library if k == "sparse" else None) for k, r in exports.items()}
+            "export_seconds": {k: round(r.seconds, 1) for k, r in exports.items()},
+            "builder": sorted(built["builder"]) or None,
+            "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
+            "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
+    sessions = {k: _session(p, threads, library if k.startswith("sparse") else None) for k, p in paths.items()}
     rng = np.random.default_rng(seed)
     longest = max(prefill_tokens + [decode_past])
     if token_ids is not None:
@@ -169,15 +240,16 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
         info["prompt"] = "random token ids"
     reference = load_model(built["folders"]["model"])[0]
     rows = []
+    on_call = (lambda: bar.update(1)) if bar is not None else None
 
     # Prefill: one call of T tokens on an empty cache.
     for T in prefill_tokens:
         if bar is not None:
             bar.set_description(f"e2e prefill T={T}")
-        feeds = _feeds(prompt[:, :T], 0, [], shape)
-        calls = {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}
+        feeds = _prefill_feeds(prompt[:, :T], shape)
+        calls = {k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}
         res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
-                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+                                 on_call=on_call)
         _skip_unused(bar, res, rounds)
         acts = reference_activity(reference, prompt[:, :T], steps[:0])
         rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
@@ -187,25 +259,38 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     if decode_steps:
         if bar is not None:
             bar.set_description(f"e2e decode (past {decode_past})")
-        start = {k: s.run(None, _feeds(prompt[:, :decode_past], 0, [], shape))[1:] for k, s in sessions.items()}
-
-        def sequence(kind: str) -> None:
-            past = start[kind]
-            for i, tok in enumerate(steps):
-                past = sessions[kind].run(None, _feeds(np.array([[tok]]), decode_past + i, past, shape))[1:]
-
-        calls = {k: (lambda k=k: sequence(k)) for k in sessions}
+        decoders = {k: Decoder(s, shape, decode_past + decode_steps) for k, s in sessions.items()}
+        for d in decoders.values():
+            d.prime(prompt[:, :decode_past])
+        calls = {k: (lambda d=d: d(steps)) for k, d in decoders.items()}
         res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1, budget_s=budget_s,
-                                 on_call=(lambda: bar.update(1)) if bar is not None else None)
+                                 on_call=on_call)
         _skip_unused(bar, res, rounds)
         res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
         acts = reference_activity(reference, prompt[:, :decode_past], steps)
         mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
         stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
         rows += _rows("decode", 1, decode_past, res, stats, shape)
+        del decoders
     del sessions, reference
     gc.collect()
+    if gen_tokens:
+        if bar is not None:
+            bar.set_description(f"e2e generation ({gen_tokens} tokens)")
+        rows += generation.run(paths, prompt[0, :decode_past].tolist(), gen_tokens, threads=threads,
+                               library=library, rounds=gen_rounds, builder_python=builder_python, seed=seed)
     return rows, info
+
+
+def ffn_byte_share(shape: ModelShape, precision: str) -> float:
+    """s: the FFN's share of the weight bytes one decode step reads (FFN, attention, lm_head; the
+    embedding lookup reads one row)."""
+    d, D, L = shape.ffn.d, shape.ffn.D, shape.layers
+    hd = shape.head_size
+    attn = L * d * hd * (2 * shape.heads + 2 * shape.kv_heads)
+    per_weight = 4.0 if precision == "fp32" else 0.5 + 4.0 / 32  # int4 with float32 scales per 32
+    ffn = 3 * L * d * D
+    return ffn * per_weight / ((ffn + attn + shape.vocab * d) * per_weight)
 
 
 def tokens_needed(prefill_tokens: list[int], decode_past: int, decode_steps: int) -> int:
@@ -220,14 +305,21 @@ def _skip_unused(bar, res: dict, rounds: int) -> None:
 
 
 def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape) -> list[dict]:
-    dn, at = res["dense"], res["attn"]
+    at = res["attn"]
     L, d, n, B = shape.layers, shape.ffn.d, shape.ffn.n, shape.ffn.block
     rows = []
-    for kind, samples in res.items():
-        row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "model": shape.label,
-               **samples.summary(), "rounds": len(samples.ms),
+    for name, samples in res.items():
+        kind, _, precision = name.partition("-")
+        precision = precision or "fp32"
+        dn = res[variant_name("dense", precision)] if kind != "attn" else res["dense"]
+        row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "precision": precision,
+               "variant": name, "model": shape.label, **samples.summary(), "rounds": len(samples.ms),
                "ratio_min": samples.min / dn.min, "ratio_median": samples.median / dn.median}
-        if kind in ("sparse", "dense"):
+        ref = res.get(variant_name("builder", precision))
+        if ref is not None:
+            row["vs_builder_min"] = samples.min / ref.min
+            row["vs_builder_median"] = samples.median / ref.median
+        if kind in ("sparse", "dense") and precision == "fp32":
             ffn_ms = samples.min - at.min
             if kind == "sparse":
                 row.update(act)
@@ -239,5 +331,7 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
                 union, pairs = n, n * T
             bytes_, flops = metrics.call_cost(kind, d=d, n=n, B=B, tokens=T, union=union, pairs=pairs)
             row.update(ffn_ms=ffn_ms, ffn_bytes=L * bytes_, ffn_flops=L * flops)
+        elif kind == "sparse":
+            row.update(act)
         rows.append(row)
     return rows

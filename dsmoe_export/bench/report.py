@@ -113,9 +113,10 @@ def quant_tables(rows: list[dict], checks: list[dict]) -> list[str]:
 
 
 def e2e_table(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["phase"] != "generate" and r.get("precision", "fp32") == "fp32"]
     if not rows:
         return []
-    lines = ["### End to end", ""]
+    lines = ["### End to end, sparse vs dense export (float32)", ""]
     keyed = {}
     for r in rows:
         keyed.setdefault((r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
@@ -132,6 +133,59 @@ def e2e_table(rows: list[dict]) -> list[str]:
                      "model sparse/dense", "FFN sparse/dense (min)", "FFN (median)", "target",
                      "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense"], table)
     return lines + [""]
+
+
+def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
+    """Our exports against onnxruntime-genai's model builder's model of the same weights, per precision."""
+    info = info or {}
+    if not info.get("builder"):
+        return []
+    lines = ["### End to end, against onnxruntime-genai's model builder (same weights)", ""]
+    timed = [r for r in rows if r["phase"] != "generate" and r["kind"] in ("builder", "dense", "sparse")]
+    keyed: dict = {}
+    for r in timed:
+        keyed.setdefault((r["precision"], r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
+    share = info.get("ffn_byte_share", {})
+    table = []
+    for (precision, phase, T, past), kinds in keyed.items():
+        b, d, s = kinds.get("builder"), kinds.get("dense"), kinds.get("sparse")
+        if b is None:
+            continue
+        bound = None
+        if s is not None and phase == "decode" and precision in share:
+            bound = 1 - share[precision] * (1 - s["r"]) + 0.05
+        label = f"prefill {T}" if phase == "prefill" else f"decode (past {past})"
+        table.append([precision, label, f"{_f(b['ms_min'])} / {_f(b['ms_median'])}",
+                      f"{_f(d['ms_min'])} / {_f(d['ms_median'])}" if d else "-",
+                      f"**{_f(d['vs_builder_min'], 3)}**" if d else "-",
+                      f"{_f(s['ms_min'])} / {_f(s['ms_median'])}" if s else "-",
+                      f"**{_f(s['vs_builder_min'], 3)}**" if s else "-", _f(s["vs_builder_median"], 3) if s else "-",
+                      _f(s.get("r"), 3) if s else "-", _f(bound, 3)])
+    lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder",
+                     "our sparse ms", "sparse/builder (min)", "(median)", "r", "decode bound 1 - s(1 - r) + 0.05"],
+                    table)
+    lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
+              + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ".", ""]
+    gen = [r for r in rows if r["phase"] == "generate"]
+    if gen:
+        base = {(r["precision"]): r for r in gen if r["kind"] == "builder" and r["runner"] == "genai"}
+        table = []
+        for r in gen:
+            ref = base.get(r["precision"])
+            table.append([r["variant"], r["runner"], f"**{_f(r['tokens_s'], 1)}**", _f(r["tokens_s_median"], 1),
+                          _f(r["tokens_s"] / ref["tokens_s"], 3) if ref else "-", _f(r["prefill_ms_min"], 1),
+                          _f(r.get("decode_tokens_s"), 1), str(r["rounds"])])
+        lines += [f"Greedy generation of {gen[0]['tokens']} tokens after a prompt of {gen[0]['past']} "
+                  "(whole call: the prompt's prefill included), batch 1:", ""]
+        lines += _table(["variant", "runner", "tokens/s (best)", "tokens/s (median)", "vs builder in genai",
+                         "prefill ms", "decode tokens/s", "rounds"], table)
+        lines.append("")
+    nodes = info.get("nodes") or {}
+    if nodes:
+        lines += ["Nodes as ONNX Runtime runs them (after its graph optimizations): "
+                  + "; ".join(f"{k}: {v['total']} ({_f(v['per_layer'], 0)} per decoder layer)"
+                              for k, v in nodes.items()) + ".", ""]
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -159,6 +213,7 @@ def markdown(results: dict) -> str:
     lines += op_tables(results.get("op", []))
     lines += quant_tables(results.get("quant", []), results.get("quant_checks", []))
     lines += e2e_table(results.get("e2e", []))
+    lines += builder_tables(results.get("e2e", []), results.get("e2e_info"))
     checks = results.get("checks") or []
     if checks:
         lines += ["### Agreement checks (max abs difference / max(1, max |ref|))", ""]
@@ -251,7 +306,8 @@ def _plot_e2e(row_axes, rows: list[dict], model: str) -> None:
 
     keyed: dict = {}
     for r in rows:
-        keyed.setdefault((r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
+        if r["phase"] != "generate" and r.get("precision", "fp32") == "fp32" and r["kind"] in ("sparse", "dense", "attn"):
+            keyed.setdefault((r["phase"], r["tokens"], r["past"]), {})[r["kind"]] = r
     labels = [f"prefill {T}" if phase == "prefill" else f"decode\n(past {past})" for phase, T, past in keyed]
     x = np.arange(len(keyed))
     ax_ms, ax_ratio = row_axes[:2]

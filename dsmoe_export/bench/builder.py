@@ -1,0 +1,108 @@
+"""onnxruntime-genai's model builder: the dense model users run today, built from the same weights.
+
+The builder and onnxruntime-genai's generator live in a side environment (they pull the CPU
+`onnxruntime` package, which clashes with onnxruntime-gpu, and the builder needs `onnx_ir`):
+`bash scripts/setup-ecosystem.sh genai` makes `.venv-genai`. The builder's models are plain ONNX
+that this process's onnxruntime runs side by side with ours; only the building and the genai
+generator run in the side interpreter (the generator as a worker process, genai_worker.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENV_VAR = "DSMOE_GENAI_PYTHON"
+DEFAULT_VENV = Path(".venv-genai")
+PRECISIONS = {"fp32": "fp32", "int4": "int4"}
+_PROBE = "import onnxruntime_genai, onnx_ir, onnxruntime_genai.models.builder"
+
+
+def find_python(explicit: str | None = None) -> tuple[str | None, str]:
+    """(interpreter, "") where the builder and the generator import, else (None, why not)."""
+    candidates = [explicit] if explicit else [os.environ.get(ENV_VAR),
+                                              str(DEFAULT_VENV / ("Scripts/python.exe" if os.name == "nt"
+                                                                  else "bin/python"))]
+    tried = []
+    for python in filter(None, candidates):
+        if not Path(python).is_file():
+            tried.append(f"{python}: no such file")
+            continue
+        probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+        if probe.returncode == 0:
+            return str(Path(python).absolute()), ""
+        tried.append(f"{python}: {(probe.stderr.strip().splitlines() or ['import failed'])[-1]}")
+    return None, ("onnxruntime-genai's model builder is not available (run `bash scripts/setup-ecosystem.sh genai` "
+                  f"or set {ENV_VAR}): " + "; ".join(tried or ["no interpreter given"]))
+
+
+def build(python: str, model_dir: Path, out: Path, precision: str, *, threads: int | None = None) -> Path:
+    """The builder's model of `model_dir` at `precision` (fp32 or int4, CPU EP, its defaults: int4 is
+    asymmetric, block 32, accuracy_level 4) in folder `out`; returns its model.onnx. The model folder
+    needs a tokenizer (the builder copies it). `threads` goes into its genai_config.json."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+           "-p", PRECISIONS[precision], "-e", "cpu", "-c", str(out / "cache")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+    model = out / "model.onnx"
+    if proc.returncode != 0 or not model.is_file():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"the model builder failed on {model_dir} ({precision}): {tail}")
+    if threads:
+        set_threads(out, threads)
+    return model
+
+
+def set_threads(folder: Path, threads: int) -> None:
+    """genai_config.json's session options: `threads` intra-op threads (spinning as ORT's default)."""
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = int(threads)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+class GenaiWorker:
+    """onnxruntime-genai's generator in the side interpreter, driven over a pipe: one process for
+    the whole run (models load once), timing measured inside it."""
+
+    def __init__(self, python: str):
+        script = Path(__file__).with_name("genai_worker.py")
+        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+
+    def generate(self, folder: Path, prompt: list[int], new_tokens: int) -> dict:
+        """{"prefill_ms", "decode_ms", "new"}: greedy generation of `new_tokens` after `prompt`."""
+        self.proc.stdin.write(json.dumps({"folder": str(folder), "prompt": prompt, "new": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the genai worker died: {self.proc.stderr.read()[-2000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"onnxruntime-genai on {folder}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+if __name__ == "__main__":  # python -m dsmoe_export.bench.builder: is the builder available here?
+    found, why = find_python(sys.argv[1] if len(sys.argv) > 1 else None)
+    print(found or why)
+    sys.exit(0 if found else 1)

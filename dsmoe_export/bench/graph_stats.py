@@ -1,0 +1,37 @@
+"""Node counts of a model as ONNX Runtime runs it: after its graph optimizations (ORT_ENABLE_ALL,
+the CPU EP), written out and counted per decoder layer (node names carry `layers.{i}/` or
+`layers/{i}/`, as both this exporter and onnxruntime-genai's model builder name them)."""
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+_LAYER = re.compile(r"layers[./](\d+)/")
+
+
+def node_counts(path: Path, num_layers: int, library: str | None = None) -> dict:
+    """{"total": nodes after optimization, "per_layer": median over the decoder layers,
+    "op_types_per_layer": the op types of layer 1 (the first with a residual from a previous layer)}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if library:
+            opts.register_custom_ops_library(library)
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    layers: dict[int, list[str]] = {}
+    for node in graph.node:
+        m = _LAYER.search(node.name)
+        if m and int(m.group(1)) < num_layers:
+            layers.setdefault(int(m.group(1)), []).append(node.op_type)
+    counts = [len(layers.get(i, [])) for i in range(num_layers)]
+    return {"total": len(graph.node), "per_layer": statistics.median(counts) if counts else 0,
+            "op_types_per_layer": layers.get(min(1, num_layers - 1), [])}
