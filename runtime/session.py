@@ -128,6 +128,7 @@ class DSMoESession:
         self.device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
         self._read_interface(allow_dense=allow_dense, allow_fallback=allow_fallback)
         self._stats = ActivationStats(self.num_experts) if self.has_active_outputs else None
+        self._host_buffers = _BufferPool()
 
     # ------------------------------------------------------------------ set-up
     def _load_error(self, e: Exception) -> Exception:
@@ -249,8 +250,8 @@ class DSMoESession:
                 position_ids: np.ndarray | None = None):
         """One call with I/O binding: returns (logits [B, S, V] numpy, active (numpy [B, S, n] per
         layer, or [])); `cache` is read and updated. `position_ids` only for graphs that take them.
-        With a shared cache the one-token logits and active arrays are buffers the cache reuses
-        for its next call (copy them to keep them)."""
+        With a shared cache, logits and active are buffers that the cache's next call reuses
+        (copy them to keep them past that)."""
         ids = np.ascontiguousarray(input_ids, np.int64)
         binding = cache.binding()
         binding.bind_cpu_input("input_ids", ids)
@@ -403,6 +404,7 @@ class KVCache:
         self._binding = None
         self._step_outputs: list[np.ndarray] | None = None
         self._step_bound = False
+        self._lent: list[np.ndarray] | None = None
         if self.shared:
             shape = (batch, session.num_kv_heads, capacity, session.head_dim)
             device_id = session.device_id if session.device != "cpu" else 0
@@ -447,15 +449,51 @@ class KVCache:
         step = seq == 1 and self._step_outputs is not None and self._step_outputs[0].shape[0] == batch
         if step and self._step_bound:
             return self._step_outputs
-        arrays = self._step_outputs if step else [np.empty((batch, seq, s.vocab_size), s.logits_dtype)] + \
-            [np.empty((batch, seq, n), np.bool_) for n in s.num_experts]
+        if self._lent is not None:  # the previous multi-token call's buffers go back to the session
+            s._host_buffers.give(self._lent)  # (its results were valid until this call; a dropped cache keeps them)
+            self._lent = None
+        if step:
+            arrays = self._step_outputs
+        else:  # reused across calls of this shape: a fresh [B, S, V] array would be page-faulted in each time
+            arrays = s._host_buffers.take([((batch, seq, s.vocab_size), s.logits_dtype)] +
+                                          [((batch, seq, n), np.bool_) for n in s.num_experts])
         for name, array in zip(["logits", *s.active_names], arrays):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         if seq == 1:
             self._step_outputs = arrays
+        else:
+            self._lent = arrays
         self._step_bound = seq == 1
         return arrays
 
     def update(self, presents: list) -> None:
         if not self.shared:
             self.values = list(presents)
+
+
+class _BufferPool:
+    """Host output buffers for multi-token calls, kept for the next call of the same shapes
+    (a few per shape set; thread-safe: each buffer is lent to one cache at a time)."""
+
+    def __init__(self, keep: int = 2):
+        import threading
+
+        self._free: dict[tuple, list[list[np.ndarray]]] = {}
+        self._keep, self._lock = keep, threading.Lock()
+
+    def take(self, specs: list[tuple[tuple, type]]) -> list[np.ndarray]:
+        key = tuple((shape, np.dtype(dtype).str) for shape, dtype in specs)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+            if len(self._free) > 4 * self._keep:  # other shapes: keep the pool small
+                self._free.clear()
+        return [np.empty(shape, dtype) for shape, dtype in specs]
+
+    def give(self, arrays: list[np.ndarray]) -> None:
+        key = tuple((a.shape, a.dtype.str) for a in arrays)
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < self._keep:
+                free.append(arrays)

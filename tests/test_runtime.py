@@ -462,3 +462,31 @@ def test_provider_choice_on_this_machine(session):
     else:
         assert default_providers()[0] == ("CUDAExecutionProvider" if "CUDAExecutionProvider"
                                           in ort.get_available_providers() else "CPUExecutionProvider")
+
+
+# ---------------------------------------------------------------------------- genai_config.json
+
+def test_genai_config_names_the_library_beside_the_model(exported, tmp_path):
+    """--genai: the config has the export's interface (no position_ids, a shared cache buffer) and
+    names a copy of the op library beside the model by file name (genai 0.18 accepts that from
+    any working directory); set_library refreshes the copy."""
+    from dsmoe_runtime.genai import set_library, write_genai_config
+
+    folder, path = exported
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / path.name).write_bytes(path.read_bytes())
+    written = write_genai_config(out / path.name, model_dir=folder)
+    lib = dsmoe_runtime.get_library_path()
+    name = os.path.basename(lib)
+    assert written == ["genai_config.json", name]
+    config = json.loads((out / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["session_options"]["custom_ops_library"] == name
+    assert (out / name).read_bytes() == open(lib, "rb").read()
+    assert list(decoder["inputs"]) == ["input_ids", "attention_mask", "past_key_names", "past_value_names"]
+    assert config["search"]["past_present_share_buffer"] is True
+    assert decoder["num_hidden_layers"] == 2 and decoder["head_size"] == 16
+    (out / name).write_bytes(b"stale")
+    set_library(out)
+    assert (out / name).read_bytes() == open(lib, "rb").read()

@@ -22,11 +22,13 @@ _PROBE = "import onnxruntime_genai, onnx_ir, onnxruntime_genai.models.builder"
 
 def find_python(explicit: str | None = None) -> tuple[str | None, str]:
     """(interpreter, "") where the builder and the generator import, else (None, why not)."""
-    candidates = [explicit] if explicit else [os.environ.get(ENV_VAR),
-                                              str(DEFAULT_VENV / ("Scripts/python.exe" if os.name == "nt"
-                                                                  else "bin/python"))]
+    exe = "Scripts/python.exe" if os.name == "nt" else "bin/python"
+    # The side venv in the working directory, or beside this interpreter's venv (the repository
+    # root when both venvs live there, as scripts/setup-ecosystem.sh makes them).
+    candidates = [explicit] if explicit else list(dict.fromkeys(filter(None, [
+        os.environ.get(ENV_VAR), str(DEFAULT_VENV / exe), str(Path(sys.prefix).parent / DEFAULT_VENV / exe)])))
     tried = []
-    for python in filter(None, candidates):
+    for python in candidates:
         if not Path(python).is_file():
             tried.append(f"{python}: no such file")
             continue

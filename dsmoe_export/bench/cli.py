@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--genai-python", default=None, metavar="PYTHON",
                    help="interpreter with onnxruntime-genai and its model builder, whose models of the same "
                         f"weights join the end-to-end comparison (default: ${builder.ENV_VAR}, else "
-                        f"{builder.DEFAULT_VENV}/bin/python when it imports them)")
+                        f"{builder.DEFAULT_VENV}/bin/python here or beside this interpreter's venv, when it imports them)")
     p.add_argument("--no-builder", action="store_true", help="end to end: leave out the model builder's models")
     p.add_argument("--no-flush", action="store_true", help="do not evict the caches before each timed call")
     p.add_argument("--max-wait", type=float, default=30.0,

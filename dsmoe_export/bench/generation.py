@@ -4,8 +4,8 @@ Our exports run in dsmoe_runtime's DSMoESession (in this process); the builder's
 sparse export also run in onnxruntime-genai's generator (a worker in the genai environment,
 builder.GenaiWorker). Every variant generates once per round, in a fresh random order each round;
 the sessions keep ONNX Runtime's default thread spinning (one session doing one thing, as
-deployed): the generations are long enough (N tokens) that a pool's spin after its last call
-costs the next variant nothing measurable.
+deployed), so each generation waits SETTLE_S first: a pool that spins after its last call (in
+this process or in the genai worker) would otherwise take the cores from the next variant.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import numpy as np
 
 from . import builder as builder_mod
 from .timing import Samples
+
+SETTLE_S = 0.05
 
 
 def _session_generate(session, prompt: list[int], new: int) -> tuple[float, float]:
@@ -59,6 +61,7 @@ def run(paths: dict[str, Path], prompt: list[int], new: int, *, threads: int, li
         keys = list(runners)
         for _ in range(rounds):
             for i in rng.permutation(len(keys)):
+                time.sleep(SETTLE_S)
                 samples[keys[i]].append(runners[keys[i]]())
     finally:
         if worker is not None:
