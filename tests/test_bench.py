@@ -280,7 +280,8 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     timed = {(r["phase"], r["variant"]) for r in results["e2e"] if r["phase"] != "generate"}
     variants = {"attn", "sparse", "dense", "builder", "sparse-int4", "dense-int4", "builder-int4"}
     assert timed == {(p, v) for p in ("prefill", "decode") for v in variants}
-    assert all(0 < r["vs_builder_min"] < 100 for r in results["e2e"] if r["kind"] in ("sparse", "dense"))
+    assert all(0 < r["vs_builder_min"] < 100 for r in results["e2e"]
+               if r["kind"] in ("sparse", "dense") and r["phase"] != "generate")
     gen = {(r["variant"], r["runner"]) for r in results["e2e"] if r["phase"] == "generate"}
     assert gen == {(v, "dsmoe_runtime") for v in ("sparse", "dense", "sparse-int4", "dense-int4")} | \
         {(v, "genai") for v in ("sparse", "sparse-int4", "builder", "builder-int4")}
