@@ -9,6 +9,8 @@ namespace dsmoe::cpu {
 namespace {
 
 constexpr int64_t kRoutingTokensPerTask = 16;
+// Decode partial sums up to this many floats run on the calling thread.
+constexpr int64_t kInlineSumFloats = int64_t{1} << 16;
 // Prefill chunks hold at most max(kPrefillMinPairs, kPrefillMaxFloats / max(d, B))
 // active pairs: the packed X and h of a chunk are pairs * d and pairs * B floats,
 // and every down task reads the chunk's h again. 8 MB: at d = 4096 the earlier 32 MB
@@ -93,7 +95,7 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
     }
   }
   const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
-  ParallelFor(ctx, static_cast<size_t>(N * col_tasks), [&](size_t task) {
+  auto sum_task = [&](size_t task) {
     const int64_t t = static_cast<int64_t>(task) / col_tasks;
     const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
     float* yt = y + t * d;
@@ -105,7 +107,15 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
         for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
       }
     }
-  });
+  };
+  // A small sum (one token at d = 576: 21 partials of 576 floats, ~3 us) costs less than
+  // waking the pool's threads for it.
+  const size_t tasks = static_cast<size_t>(N * col_tasks);
+  if (sorted.pairs * groups * d <= kInlineSumFloats) {
+    for (size_t task = 0; task < tasks; ++task) sum_task(task);
+  } else {
+    ParallelFor(ctx, tasks, sum_task);
+  }
 }
 
 std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorted, const FfnDims& dims) {

@@ -17,7 +17,9 @@ def generate(folder: str, prompt: list, new: int) -> dict:
         models[folder] = og.Model(folder)
     model = models[folder]
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False, batch_size=1)
+    # min_length: no early stop at an EOS, so that every runner generates the same number of tokens
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False,
+                              batch_size=1)
     generator = og.Generator(model, params)
     t0 = time.perf_counter()
     generator.append_tokens(np.array([prompt], dtype=np.int32))  # the prompt: its logits give token 1

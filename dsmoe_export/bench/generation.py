@@ -52,6 +52,9 @@ def run(paths: dict[str, Path], prompt: list[int], new: int, *, threads: int, li
                 if name.partition("-")[0] in ("builder", "sparse"):
                     def call(folder=path.parent):
                         reply = worker.generate(folder, prompt, new)
+                        if len(reply["new"]) != new:
+                            raise RuntimeError(f"onnxruntime-genai generated {len(reply['new'])} tokens on {folder}, "
+                                               f"not {new}")
                         return reply["prefill_ms"], reply["decode_ms"]
                     runners[(name, "genai")] = call
         samples = {key: [] for key in runners}
