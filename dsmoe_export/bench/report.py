@@ -341,3 +341,19 @@ def write_all(out: Path, results: dict) -> dict[str, Path]:
     write_json(paths["json"], results)
     paths["markdown"].write_text(markdown(results))
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dsmoe_export.bench.report RESULTS.json: render a recorded run's tables again."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.report",
+                                description="Print the markdown tables of a results.json (e.g. docs/results/*.json).")
+    p.add_argument("results", type=Path)
+    args = p.parse_args(argv)
+    print(markdown(json.loads(args.results.read_text())), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
