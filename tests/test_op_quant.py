@@ -156,20 +156,38 @@ def test_function_body_matches_reference(rng, fmt):
 
 
 def test_quantization_round_trip(rng):
-    """quantize_rows: scales are max|w| / m per group, values within half a step."""
+    """quantize_rows: all 2^bits levels (scale = v / -zp, v the group's value of largest magnitude),
+    values within half a step; the same bytes and scales as ONNX Runtime's own MLAS quantizer
+    (quantize_matmul_4bits / _8bits, symmetric), which onnxruntime-genai's model builder uses."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
     w = rng.standard_normal((5, 100)).astype(np.float32)
     for bits in (4, 8):
         q, s = quant.quantize_rows(w, bits, 32)
-        m = 2 ** (bits - 1) - 1
+        zp = 2 ** (bits - 1)
         assert s.shape == (5, 4) and q.dtype == np.uint8
         groups = np.zeros((5, 128), np.float32)
         groups[:, :100] = w
-        np.testing.assert_allclose(s, np.abs(groups.reshape(5, 4, 32)).max(-1) / m, rtol=1e-6)
+        np.testing.assert_allclose(np.abs(s), np.abs(groups.reshape(5, 4, 32)).max(-1) / zp, rtol=1e-6)
+        assert q.min() == 0 and q.max() <= 2 * zp - 1  # the extreme value sits on level 0
         back = quant.dequantize_rows(q, s, bits, 32)
-        step = np.repeat(s, 32, axis=-1)[:, :100]
-        assert (np.abs(back - w) <= 0.5 * step * (1 + 1e-5)).all()
+        step = np.abs(np.repeat(s, 32, axis=-1)[:, :100])
+        # Half a step, but a value of the other sign than v beyond (zp - 1/2) steps is clipped to the
+        # top level (one step at most; there is no level +zp).
+        clipped = (q == 2 * zp - 1) & (np.abs(w) > (zp - 0.5) * step)
+        assert (np.abs(back - w) <= np.where(clipped, 1.0, 0.5) * step * (1 + 1e-5)).all()
     q4 = q[:, :96] % 16
     assert (quant.unpack_int4(quant.pack_int4(q4)) == q4).all()
+    K, N, G = 96, 7, 32  # MatMul weight [K, N] in MatMulNBits' layout, against MLAS
+    w_kn = rng.standard_normal((K, N)).astype(np.float32)
+    for bits, fn in ((4, ort_c.quantize_matmul_4bits), (8, ort_c.quantize_matmul_8bits)):
+        kb = K // G
+        packed = np.zeros((N, kb, G * bits // 8), np.uint8)
+        scales = np.zeros(N * kb, np.float32)
+        zeros = np.zeros(N * kb, np.uint8)
+        fn(packed, w_kn, scales, zeros, G, N, K, True)
+        ours_b, ours_s = quant.matmul_nbits_weights(w_kn, bits, G)
+        assert (ours_b == packed).all() and np.array_equal(ours_s, scales), bits
 
 
 def _error(op_library, case, feeds, fmt, group, node_attrs=None):

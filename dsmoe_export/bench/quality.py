@@ -23,12 +23,17 @@ def _session(path: Path, threads: int | None):
     return make_session(path, threads=threads, custom_ops=True)
 
 
-def _feeds(session, ids: np.ndarray) -> dict[str, np.ndarray]:
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-             "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+def _feeds(session, ids: np.ndarray, kv_dims: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Prefill feeds; `kv_dims` (kv_heads, head_dim) where the graph leaves them symbolic
+    (onnxruntime-genai's builder names its head dimension)."""
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for inp in session.get_inputs():
+        if inp.name == "position_ids":  # exports of other tools (ours: positions are cache slots)
+            feeds[inp.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
         if inp.name.startswith("past_key_values"):
             _, kv, _, hd = inp.shape
+            if not (isinstance(kv, int) and isinstance(hd, int)):
+                kv, hd = kv_dims
             feeds[inp.name] = np.zeros((1, kv, 0, hd), np.float32)
     return feeds
 
@@ -47,6 +52,23 @@ def token_ids(ref: Path, text: Path | None, count: int, seed: int = 0) -> np.nda
     if len(ids) < count:
         raise SystemExit(f"{text}: only {len(ids)} tokens, wanted {count}")
     return np.asarray(ids, np.int64)[None]
+
+
+def run(session, ids: np.ndarray, kv_dims=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(logits, active blocks per layer [seq, n] bool: empty without active.* outputs)."""
+    names = ["logits"] + sorted((o.name for o in session.get_outputs() if o.name.startswith("active.")),
+                                key=lambda n: int(n.split(".")[1]))
+    out = session.run(names, _feeds(session, ids, kv_dims))
+    return out[0], [a[0] for a in out[1:]]
+
+
+def routing_agreement(ref: list[np.ndarray], cand: list[np.ndarray]) -> dict:
+    """Share of (token, block) routing decisions equal in both, per layer and over all; active
+    fractions of both."""
+    per_layer = [float((a == b).mean()) for a, b in zip(ref, cand)]
+    return {"routing_agreement": float(np.mean(per_layer)), "routing_agreement_per_layer": per_layer,
+            "worst_layer": int(np.argmin(per_layer)), "active_fraction": float(np.mean([b.mean() for b in cand])),
+            "reference_active_fraction": float(np.mean([a.mean() for a in ref]))}
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -76,26 +98,34 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ids = token_ids(args.reference, args.text, args.tokens)
     ref_s = _session(args.reference, args.threads)
-    ref = ref_s.run(["logits"], _feeds(ref_s, ids))[0]
+    ref_feeds = _feeds(ref_s, ids)
+    kv_dims = next((v.shape[1], v.shape[3]) for k, v in ref_feeds.items() if k.startswith("past_key_values"))
+    ref, ref_active = run(ref_s, ids, kv_dims)
     results = {"reference": str(args.reference), "tokens": int(ids.shape[1]),
                "text": str(args.text) if args.text else "random ids",
                "reference_perplexity": perplexity(ref, ids) if args.text else None, "candidates": []}
     for path in args.candidates:
         s = _session(path, args.threads)
-        logits = s.run(["logits"], _feeds(s, ids))[0]
+        logits, active = run(s, ids, kv_dims)
         row = {"model": str(path), "size_bytes": path.stat().st_size, **compare(ref, logits)}
+        if ref_active and len(active) == len(ref_active):
+            row.update(routing_agreement(ref_active, active))
         if args.text:
             row["perplexity"] = perplexity(logits, ids)
         results["candidates"].append(row)
         del s
     print(f"reference {args.reference} ({results['tokens']} tokens of {results['text']}"
           + (f", perplexity {results['reference_perplexity']:.2f})" if args.text else ")"))
-    print("| model | MiB | max rel. error | mean rel. error per position | top-1 agreement | perplexity |")
-    print("|---|---|---|---|---|---|")
+    print("| model | MiB | max rel. error | mean rel. error per position | top-1 agreement | perplexity | "
+          "routing agreement (worst layer) | active fraction |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["candidates"]:
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
-        print(f"| {Path(r['model']).name} | {r['size_bytes'] / 2**20:.0f} | {r['max_rel_error']:.3g} | "
-              f"{r['mean_rel_error_per_position']:.3g} | {100 * r['top1_agreement']:.1f}% | {ppl} |")
+        routing = (f"{100 * r['routing_agreement']:.2f}% ({r['worst_layer']}: "
+                   f"{100 * min(r['routing_agreement_per_layer']):.1f}%)" if "routing_agreement" in r else "-")
+        active = f"{r['active_fraction']:.3f}" if "active_fraction" in r else "-"
+        print(f"| {r['model']} | {r['size_bytes'] / 2**20:.0f} | {r['max_rel_error']:.3g} | "
+              f"{r['mean_rel_error_per_position']:.3g} | {100 * r['top1_agreement']:.1f}% | {ppl} | {routing} | {active} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -42,11 +42,17 @@ ELEM_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT
 class GraphOptions:
     sparse: bool = True
     ffn_weights: str = "float32"     # quant.FORMATS; "float32" = the graph's element type
-    matmul_weights: str = "float32"  # attention, lm_head and the embedding table
+    matmul_weights: str = "float32"  # attention's MatMuls
+    lm_head_weights: str | None = None  # lm_head and the embedding table (None: as matmul_weights)
     group_size: int = quant.DEFAULT_GROUP_SIZE
     accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
     down_tile: int = onnx_op.DOWN_TILE
     active_outputs: bool = False
+
+    @property
+    def vocab_weights(self) -> str:
+        """The format of lm_head and the embedding table."""
+        return self.lm_head_weights or self.matmul_weights
 
 
 def check_config(cfg, config_file) -> None:
@@ -109,7 +115,8 @@ def _weight_array(t: torch.Tensor, fmt: str) -> np.ndarray:
 def _store_lm_head(g, model, opts):
     tied = model.lm_head is None
     weight = model.model.embed_tokens.weight if tied else model.lm_head.weight
-    m = store_matrix(g, _weight_array(weight, opts.matmul_weights), opts.matmul_weights,
+    fmt = opts.vocab_weights
+    m = store_matrix(g, _weight_array(weight, fmt), fmt,
                      "model.embed_tokens" if tied else "lm_head", group_size=opts.group_size)
     set_values(weight, m.values)
     return m
@@ -120,7 +127,7 @@ def _embedding_table(g, model, opts, lm_head):
     if model.lm_head is None:
         return lm_head
     weight = model.model.embed_tokens.weight
-    fmt = opts.matmul_weights
+    fmt = opts.vocab_weights
     table = store_table(g, _weight_array(weight, fmt), fmt, "model.embed_tokens", group_size=opts.group_size)
     set_values(weight, table.values)
     return table
@@ -211,10 +218,12 @@ def _metadata(model, opts, dtype) -> dict[str, str]:
             "dsmoe_export.dtype": str(dtype).removeprefix("torch."),
             "dsmoe_export.graph": interface.GRAPH_KIND,
             "dsmoe_export.max_position": str(model.cfg.max_position_embeddings),
-            "dsmoe_export.ffn_weights": opts.ffn_weights, "dsmoe_export.matmul_weights": opts.matmul_weights}
-    if opts.ffn_weights in quant.BITS or opts.matmul_weights in quant.BITS:
+            "dsmoe_export.ffn_weights": opts.ffn_weights, "dsmoe_export.matmul_weights": opts.matmul_weights,
+            "dsmoe_export.lm_head_weights": opts.vocab_weights}
+    formats = (opts.ffn_weights, opts.matmul_weights, opts.vocab_weights)
+    if any(f in quant.BITS for f in formats):
         meta["dsmoe_export.group_size"] = str(opts.group_size)
-    if opts.matmul_weights in quant.BITS or (not opts.sparse and opts.ffn_weights in quant.BITS):
+    if any(f in quant.BITS for f in formats[1:]) or (not opts.sparse and opts.ffn_weights in quant.BITS):
         meta["dsmoe_export.accuracy_level"] = str(opts.accuracy_level)
     if opts.sparse:
         meta["dsmoe_export.dsmoe"] = json.dumps(model.cfg.dsmoe.to_json())
