@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-accuracy-level", type=int, choices=range(5), default=None, metavar="{0,1,2,3,4}",
                    help="accuracy_level of the MatMulNBits nodes (int4/int8 MatMuls): 4 = int8 activations, 0/1 = "
                         "float32 (default: 4 for float32 graphs, the CPU EP, as onnxruntime-genai's model builder)")
+    p.add_argument("--calibration-text", metavar="FILE", default=None,
+                   help="quantize the int8/int4 weights with GPTQ on this text (tokenized with the model folder's "
+                        "tokenizer): rounding that minimizes each weight's output error on it, instead of rounding "
+                        "to the nearest level (same file format, same speed)")
+    p.add_argument("--calibration-tokens", type=int, default=2048,
+                   help="tokens of --calibration-text used (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=32,
                    help="quantization group along each weight's input dimension, a power of two >= 32 "
                         "(default: %(default)s)")
@@ -98,7 +104,8 @@ def _run(args) -> int:
                         hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
                         group_size=args.group_size, down_layout=args.down_layout,
-                        accuracy_level=args.int4_accuracy_level, lm_head_weights=args.lm_head_weights)
+                        accuracy_level=args.int4_accuracy_level, lm_head_weights=args.lm_head_weights,
+                        calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

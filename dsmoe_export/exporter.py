@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from . import onnx_op, weight_formats
+from . import gptq, onnx_op, weight_formats
 from .graph import GraphOptions, build_model, check_config
 from .graph.schemas import register_ort_schemas
 from .errors import ExportError
@@ -133,7 +134,8 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
            matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "tiled",
-           accuracy_level: int | None = None, lm_head_weights: str | None = None) -> ExportResult:
+           accuracy_level: int | None = None, lm_head_weights: str | None = None,
+           calibration_text: str | Path | None = None, calibration_tokens: int = 2048) -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out` (docs/exporting.md).
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
@@ -151,8 +153,10 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     `matmul_weights` (default: as `ffn_weights`) attention's MatMuls, `lm_head_weights` (default:
     as `matmul_weights`) the lm_head and the embedding table, all block-wise with `group_size`
     (docs/op-spec.md "Quantized variants").
-    Each weight is quantized once; validation runs against the PyTorch model holding the values
-    the graph holds. `accuracy_level` is MatMulNBits' (default: 4 for float32 graphs, the CPU EP;
+    Each weight is quantized once, to the nearest level, or with `calibration_text` (a text file,
+    tokenized with the model folder's tokenizer; its first `calibration_tokens` tokens) by GPTQ
+    (gptq.py: rounding that minimizes each weight's output error on that text). Validation runs
+    against the PyTorch model holding the values the graph holds. `accuracy_level` is MatMulNBits' (default: 4 for float32 graphs, the CPU EP;
     0 for float16 graphs, the CUDA EP).
 
     `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
@@ -190,6 +194,11 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
                            lm_head_weights=lm_head_weights,
                            group_size=group_size, accuracy_level=accuracy_level,
                            down_tile=onnx_op.DOWN_LAYOUTS[down_layout], active_outputs=active_outputs)
+    if calibration_text is not None and any(f in ("int8", "int4") for f in (ffn_weights, matmul_weights,
+                                                                            lm_head_weights)):
+        with steps(f"collecting calibration inputs ({calibration_tokens} tokens of {Path(calibration_text).name})"):
+            hessians = gptq.collect(model, calibration_ids(model_dir, calibration_text, calibration_tokens))
+        options = dataclasses.replace(options, hessians=hessians)
     what = "" if ffn_weights == matmul_weights == lm_head_weights == "float32" else \
         f" (weights: FFN {ffn_weights}, attention {matmul_weights}, lm_head {lm_head_weights}, group {group_size})"
     with steps(f"building the ONNX graph{what}"):
@@ -225,6 +234,27 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
                         external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
                         steps=steps.done, extra_files=extras)
+
+
+def calibration_ids(model_dir: str | Path, text: str | Path, count: int):
+    """The first `count` token ids of a text file under the model folder's tokenizer."""
+    import numpy as np
+
+    from dsmoe_runtime import load_tokenizer
+
+    path = Path(text)
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"cannot read it as UTF-8 text ({e})", file=path) from None
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise ExportError("no tokenizer files (tokenizer.json or tokenizer.model), needed by --calibration-text",
+                          file=model_dir)
+    ids = tokenizer.encode(content[: 16 * count])
+    if len(ids) < min(count, 64):
+        raise ExportError(f"{len(ids)} tokens: too short for calibration (expected at least 64)", file=path)
+    return np.asarray(ids[:count], np.int64)
 
 
 # Files an app needs next to the model to turn text into ids and back (whichever the folder has).

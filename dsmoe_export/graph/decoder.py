@@ -24,7 +24,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from .. import __version__, onnx_op, quant
+from .. import __version__, gptq, onnx_op, quant
 from ..errors import ExportError
 from ..modeling import rope_inv_freq
 from . import interface
@@ -48,6 +48,10 @@ class GraphOptions:
     accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
     down_tile: int = onnx_op.DOWN_TILE
     active_outputs: bool = False
+    hessians: gptq.Hessians | None = None  # calibration inputs: GPTQ for the int8/int4 weights
+
+    def hessian(self, key: str):
+        return self.hessians.get(key) if self.hessians is not None else None
 
     @property
     def vocab_weights(self) -> str:
@@ -84,16 +88,18 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
         h, residual = _norm(g, ffn_out, residual, layer.input_layernorm, f"/{prefix.replace('.', '/')}/input_layernorm",
                             cfg.rms_norm_eps)
         a = _attention(g, h, layer.self_attn, f"{prefix}.self_attn", attn_inputs, pasts[2 * i], pasts[2 * i + 1],
-                       interface.present_names(n)[2 * i:2 * i + 2], opts)
+                       interface.present_names(n)[2 * i:2 * i + 2], opts, i)
         h, residual = _norm(g, a, residual, layer.post_attention_layernorm,
                             f"/{prefix.replace('.', '/')}/post_attention_layernorm", cfg.rms_norm_eps)
         if opts.sparse:
             ffn_out = sparse_ffn(g, h, layer.mlp, f"{prefix}.mlp", fmt=opts.ffn_weights, group_size=opts.group_size,
                                  down_tile=opts.down_tile,
-                                 active=interface.active_names(n)[i] if opts.active_outputs else "")
+                                 active=interface.active_names(n)[i] if opts.active_outputs else "",
+                                 hessians=opts.hessians, layer=i)
         else:
             ffn_out = dense_ffn(g, h, layer.mlp, f"{prefix}.mlp", activation=_activation(cfg), fmt=opts.ffn_weights,
-                                group_size=opts.group_size, accuracy_level=opts.accuracy_level)
+                                group_size=opts.group_size, accuracy_level=opts.accuracy_level,
+                                hessians=opts.hessians, layer=i)
     h, _ = _norm(g, ffn_out, residual, model.model.norm, "/model/norm", cfg.rms_norm_eps)
     matmul(g, h, lm_head, "/lm_head", accuracy_level=opts.accuracy_level, output="logits")
     _declare_outputs(g, cfg, elem, opts)
@@ -117,7 +123,8 @@ def _store_lm_head(g, model, opts):
     weight = model.model.embed_tokens.weight if tied else model.lm_head.weight
     fmt = opts.vocab_weights
     m = store_matrix(g, _weight_array(weight, fmt), fmt,
-                     "model.embed_tokens" if tied else "lm_head", group_size=opts.group_size)
+                     "model.embed_tokens" if tied else "lm_head", group_size=opts.group_size,
+                     hessian=opts.hessian("lm_head"))
     set_values(weight, m.values)
     return m
 
@@ -177,11 +184,12 @@ def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
             "sin": g.initializer("model.rotary.sin_cache", np.sin(freqs).astype(np_elem))}
 
 
-def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts) -> str:
+def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts, layer: int) -> str:
     cfg_heads, kv_heads = attn.heads, attn.kv_heads
     fmt = opts.matmul_weights
     w = np.concatenate([_weight_array(p.weight, fmt) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-    qkv = store_matrix(g, w, fmt, f"{prefix}.qkv_proj", group_size=opts.group_size)
+    qkv = store_matrix(g, w, fmt, f"{prefix}.qkv_proj", group_size=opts.group_size,
+                       hessian=opts.hessian(f"layers.{layer}.attn"))
     rows = np.cumsum([0] + [p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
     for j, p in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
         set_values(p.weight, qkv.values[rows[j]:rows[j + 1]])
@@ -196,7 +204,8 @@ def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts) -> st
                 "", shared["bias"]],
                name=f"{base}/GroupQueryAttention", outputs=[f"{base}/GroupQueryAttention/out0", *presents],
                domain=MS_DOMAIN, num_heads=cfg_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
-    o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.o_proj", group_size=opts.group_size)
+    o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.o_proj", group_size=opts.group_size,
+                     hessian=opts.hessian(f"layers.{layer}.o_proj"))
     set_values(attn.o_proj.weight, o.values)
     o_bias = g.initializer(f"{prefix}.o_proj.bias", array(attn.o_proj.bias)) if attn.o_proj.bias is not None else ""
     return matmul(g, out, o, f"{base}/o_proj", accuracy_level=opts.accuracy_level, bias=o_bias)

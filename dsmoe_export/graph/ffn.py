@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import onnx_op, quant
+from .. import gptq, onnx_op, quant
 from .builder import GraphBuilder
 from .weights import matmul, store_matrix
 
@@ -24,9 +24,9 @@ def set_values(param: torch.Tensor, values: np.ndarray) -> None:
 
 
 def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
-               active: str = "") -> str:
+               active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
     """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
-    optional active-blocks output, or "" for none."""
+    optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
     moe = mlp.moe
     n = moe.num_experts
     inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
@@ -42,7 +42,10 @@ def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_siz
                  (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", onnx_op.tile_down(down) if down_tile else down))]
         node = onnx_op.make_node(inputs + names + [bias], outputs, down_tile=down_tile, name=g.fresh(name), **attrs)
     else:
-        stored = quant.quantize_block_weights(gate, up, down, fmt, group_size)
+        if hessians is not None and fmt in quant.BITS:
+            stored = gptq.quantize_block_weights(gate, up, down, fmt, group_size, hessians, layer)
+        else:
+            stored = quant.quantize_block_weights(gate, up, down, fmt, group_size)
         gate, up, down = quant.dequantize_block_weights(stored, fmt, group_size)
         order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
         names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
@@ -58,13 +61,15 @@ def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_siz
 
 
 def dense_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, activation: str, fmt: str, group_size: int,
-              accuracy_level: int) -> str:
+              accuracy_level: int, hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
     """down(act(gate(x)) * up(x)) as three MatMuls (or MatMulNBits), as the model builder lays it out."""
     out = {}
+    inputs = {"gate_proj": f"layers.{layer}.ffn", "up_proj": f"layers.{layer}.ffn", "down_proj": f"layers.{layer}.down"}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(mlp, proj)
         m = store_matrix(g, array(lin.weight) if fmt == "float32" else array(lin.weight, np.float32), fmt,
-                         f"{prefix}.{proj}", group_size=group_size)
+                         f"{prefix}.{proj}", group_size=group_size,
+                         hessian=hessians.get(inputs[proj]) if hessians is not None else None)
         set_values(lin.weight, m.values)
         out[proj] = m
     base = "/" + prefix.replace(".", "/")

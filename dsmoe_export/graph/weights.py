@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import quant
+from .. import gptq, quant
 from .builder import MS_DOMAIN, GraphBuilder
 
 FLOAT_FORMATS = ("float32", "float16")
@@ -44,8 +44,10 @@ class StoredMatrix:
         return quant.BITS[self.fmt]
 
 
-def store_matrix(g: GraphBuilder, w_nk: np.ndarray, fmt: str, name: str, *, group_size: int) -> StoredMatrix:
-    """Add the initializers of weight `w_nk` ([out, in]) in format `fmt`."""
+def store_matrix(g: GraphBuilder, w_nk: np.ndarray, fmt: str, name: str, *, group_size: int,
+                 hessian: np.ndarray | None = None) -> StoredMatrix:
+    """Add the initializers of weight `w_nk` ([out, in]) in format `fmt`; int8/int4 with GPTQ
+    when the weight's input `hessian` (X^T X on calibration text) is given (gptq.py)."""
     N, K = w_nk.shape
     if fmt == "float32":  # the graph's element type, whatever the array's is
         return StoredMatrix(fmt, N, K, w_nk, g.initializer(f"{name}.weight", np.ascontiguousarray(w_nk.T)))
@@ -53,7 +55,7 @@ def store_matrix(g: GraphBuilder, w_nk: np.ndarray, fmt: str, name: str, *, grou
         w16 = np.ascontiguousarray(w_nk.T.astype(np.float16))
         return StoredMatrix(fmt, N, K, w16.T.astype(np.float32), g.initializer(f"{name}.weight.float16", w16))
     bits = quant.BITS[fmt]
-    q, scales = quant.quantize_rows(w_nk, bits, group_size)
+    q, scales = gptq.quantize(w_nk, hessian, bits, group_size)
     values = quant.dequantize_rows(q, scales, bits, group_size)
     packed = quant.pack_matmul_nbits(q, bits, group_size)
     return StoredMatrix(fmt, N, K, values, g.initializer(f"{name}.weight.q{bits}", packed),
