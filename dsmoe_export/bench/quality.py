@@ -1,11 +1,18 @@
-"""Logits of a quantized export against a reference export of the same model:
-``python -m dsmoe_export.bench.quality REF.onnx CANDIDATE.onnx [MORE.onnx ...] --text FILE``.
+"""Quality of quantized exports against the float32 one, on held-out text.
 
-Runs every model on the same token sequence (one prefill of ``--tokens`` tokens of the text,
-tokenized with the tokenizer.json beside REF.onnx; random ids without ``--text``) and reports,
-per candidate: the max relative error of the logits (max |cand - ref| / max |ref| over all
-positions), the mean per-position relative error, the top-1 agreement (argmax equal) and each
-model's perplexity on the text (next-token cross-entropy).
+    python -m dsmoe_export.bench.quality --model MODEL_DIR --text HELDOUT [--calibration-text TRAIN]
+    python -m dsmoe_export.bench.quality REF.onnx CANDIDATE.onnx [MORE.onnx ...] --text FILE
+
+With ``--model``: exports the folder's sparse model at float32 (the reference), int8 and int4
+(round to nearest, and with ``--calibration-text`` GPTQ), and the dense model at float32 and int4,
+plus onnxruntime-genai's model builder's int4 model when its environment is there (builder.py),
+under ``--out``; then, as with explicit files: every model on the same token sequence (one
+prefill of ``--tokens`` tokens of the text, tokenized with the tokenizer.json beside the
+reference; random ids without ``--text``), per candidate: the max relative error of the logits
+(max |cand - ref| / max |ref|), the mean per-position relative error, the top-1 agreement
+(argmax equal), the perplexity on the text (next-token cross-entropy), and for exports with
+``active.*`` outputs the routing agreement (share of (token, block) decisions equal to the
+reference's, per layer and over all) and the active fraction; the file size.
 """
 from __future__ import annotations
 
@@ -87,15 +94,66 @@ def compare(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
+# --model's exports: name -> export options (the sparse float32 one is the reference).
+MODEL_EXPORTS = {
+    "sparse-fp32": {},
+    "sparse-int8": {"ffn_weights": "int8"},
+    "sparse-int4": {"ffn_weights": "int4"},
+    "sparse-int4-gptq": {"ffn_weights": "int4", "calibrate": True},
+    "dense-fp32": {"dense": True},
+    "dense-int4": {"dense": True, "ffn_weights": "int4"},
+    "dense-int4-gptq": {"dense": True, "ffn_weights": "int4", "calibrate": True},
+}
+
+
+def export_all(model_dir: Path, out: Path, calibration_text: Path | None, genai_python: str | None) -> list[Path]:
+    """The --model exports (reference first), each validated; the builder's int4 model when available."""
+    from ..exporter import export
+    from . import builder
+
+    paths = []
+    for name, options in MODEL_EXPORTS.items():
+        options = dict(options)
+        if options.pop("calibrate", False):
+            if calibration_text is None:
+                continue
+            options["calibration_text"] = calibration_text
+        dense = options.get("dense", False)
+        (out / name).mkdir(parents=True, exist_ok=True)
+        print(f"exporting {name} ...", file=sys.stderr, flush=True)
+        export(model_dir, out / name / "model.onnx", progress=False, active_outputs=not dense, **options)
+        paths.append(out / name / "model.onnx")
+    python, why = builder.find_python(genai_python)
+    if python is None:
+        print(f"note: {why}", file=sys.stderr)
+    else:
+        print("building the model builder's int4 model ...", file=sys.stderr, flush=True)
+        paths.append(builder.build(python, model_dir, out / "builder-int4", "int4"))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("reference", type=Path)
-    p.add_argument("candidates", type=Path, nargs="+")
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.quality", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("reference", type=Path, nargs="?", help="reference export (without --model)")
+    p.add_argument("candidates", type=Path, nargs="*")
+    p.add_argument("--model", type=Path, default=None, help="a DSMoE model folder: make the exports here")
+    p.add_argument("--calibration-text", type=Path, default=None,
+                   help="with --model: also the GPTQ int4 exports, calibrated on this text")
+    p.add_argument("--out", type=Path, default=Path("quality-out"), help="with --model: export folder")
+    p.add_argument("--genai-python", default=None, help="with --model: the builder's interpreter (builder.py)")
     p.add_argument("--text", type=Path, default=None, help="text file (default: random token ids)")
     p.add_argument("--tokens", type=int, default=300)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if args.model is not None:
+        if args.reference is not None:
+            p.error("give either --model or exports, not both")
+        args.reference, *args.candidates = export_all(args.model, args.out, args.calibration_text, args.genai_python)
+    elif args.reference is None or not args.candidates:
+        p.error("give a reference export and candidates, or --model")
     ids = token_ids(args.reference, args.text, args.tokens)
     ref_s = _session(args.reference, args.threads)
     ref_feeds = _feeds(ref_s, ids)
@@ -107,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.candidates:
         s = _session(path, args.threads)
         logits, active = run(s, ids, kv_dims)
-        row = {"model": str(path), "size_bytes": path.stat().st_size, **compare(ref, logits)}
+        size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))  # + external data
+        row = {"model": str(path), "size_bytes": size, **compare(ref, logits)}
         if ref_active and len(active) == len(ref_active):
             row.update(routing_agreement(ref_active, active))
         if args.text:
