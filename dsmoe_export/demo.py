@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -104,16 +103,27 @@ def write_shakespeare(plays: Path, out: Path) -> tuple[Path, Path, dict]:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the cached artifacts depend on (with the source file, the package version and DEMO_VERSION)."""
-    experts: int = 8
-    target_active: float = 0.7     # FFN active fraction; global allocation over layers
+    """What the cached artifacts depend on (with the source file, the package version and DEMO_VERSION).
+    A short version of docs/conversion.md's recipe: routers fitted at 0.8 active, then routers and FFN
+    weights trained for a few dozen steps while the target falls to `target_active`."""
+    experts: int = 16
+    target_active: float = 0.55    # FFN active fraction; global allocation over layers
+    target_start: float = 0.8      # routers fitted here, the target annealed down over half the steps
     allocation: str = "global"
     calib_tokens: int = 2048       # fitting and regrouping
-    steps: int = 8                 # router calibration (KL to the dense logits), a brief one
+    steps: int = 40                # training steps (routers and experts; KL to the dense logits)
+    time_budget_min: float = 2.0   # the training loop's wall-clock cap
+    expert_lr: float = 2e-4
     batch: int = 2
     seq_len: int = 128
     eval_tokens: int = 2048        # held-out perplexity
+    quant_calib_tokens: int = 512  # GPTQ calibration of the int4 export
     seed: int = 0
+
+
+# The demo's exports: name -> export options (int4 calibrated with GPTQ on the training plays).
+EXPORTS = {"sparse": {}, "dense": {"dense": True}, "sparse-int8": {"ffn_weights": "int8"},
+           "sparse-int4": {"ffn_weights": "int4", "calibrate": True}}
 
 
 def cache_root(cache: Path | None = None) -> Path:
@@ -136,15 +146,18 @@ def cache_key(src: Path, settings: DemoSettings) -> str:
 @dataclass
 class Artifacts:
     folder: Path          # the cached DSMoE model folder + exports
-    sparse: Path
-    dense: Path
+    exports: dict         # name -> .onnx path (EXPORTS)
     info: dict            # conversion report excerpt, validation, timings
     cached: bool
+
+    @property
+    def sparse(self) -> Path:
+        return self.exports["sparse"]
 
 
 def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSettings, root: Path, *,
             refresh: bool = False, progress: bool = True) -> Artifacts:
-    """Convert + calibrate `src`, export sparse and dense; reuse ROOT/KEY when it is complete.
+    """Convert + calibrate `src`, export it (EXPORTS); reuse ROOT/KEY when it is complete.
 
     Everything is built in a temporary sibling folder and renamed into place at the end, so an
     interrupted run leaves no half-written cache entry."""
@@ -154,25 +167,31 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
     key = cache_key(src, settings)
     final = root / key
     info_path = final / "demo.json"
+    paths = {name: final / f"{name}.onnx" for name in EXPORTS}
     if info_path.is_file() and not refresh:
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        return Artifacts(final, final / "sparse.onnx", final / "dense.onnx", info, cached=True)
+        return Artifacts(final, paths, info, cached=True)
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".{key}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
         t0 = time.perf_counter()
         s = settings
-        tc = TrainConfig(steps=s.steps, batch=s.batch, target_active=s.target_active, control=True, seed=s.seed)
+        tc = TrainConfig(steps=s.steps, batch=s.batch, target_active=s.target_active, target_start=s.target_start,
+                         anneal=0.5, control=True, train_experts="all", expert_lr=s.expert_lr,
+                         time_budget=60 * s.time_budget_min, seed=s.seed)
         opts = ConvertOptions(experts=s.experts, target_active=s.target_active, allocation=s.allocation,
                               calib_tokens=s.calib_tokens, calibrate=train_text, eval_text=heldout_text,
                               eval_tokens=s.eval_tokens, seq_len=s.seq_len, seed=s.seed, train=tc, progress=progress)
         report = convert(src, work / "model", opts)
         t_convert = time.perf_counter() - t0
         results = {}
-        for kind in ("sparse", "dense"):
+        for name, options in EXPORTS.items():
+            options = dict(options)
+            if options.pop("calibrate", False):
+                options.update(calibration_text=train_text, calibration_tokens=s.quant_calib_tokens)
             t1 = time.perf_counter()
-            results[kind] = (export(work / "model", work / f"{kind}.onnx", dense=kind == "dense", progress=progress),
+            results[name] = (export(work / "model", work / f"{name}.onnx", progress=progress, **options),
                              time.perf_counter() - t1)
         info = {
             "key": key, "source": str(src), "settings": asdict(settings), "dsmoe_export": __version__,
@@ -180,6 +199,7 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
             "calibrated": {k: report["calibrated"][k] for k in ("ppl", "mean_active")},
             "eval_tokens": report["eval_tokens"],
             "validation": {k: r.validation.summary() for k, (r, _) in results.items()},
+            "sizes": {k: r.size_bytes for k, (r, _) in results.items()},
             "seconds": {"convert": t_convert, **{f"export_{k}": t for k, (_, t) in results.items()}},
         }
         (work / "demo.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -189,7 +209,7 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return Artifacts(final, final / "sparse.onnx", final / "dense.onnx", info, cached=False)
+    return Artifacts(final, paths, info, cached=False)
 
 
 # ------------------------------------------------------------------------ run and time in ORT
@@ -204,33 +224,20 @@ def _feeds(ids: np.ndarray, past_len: int, layers: int, kv_heads: int, head_dim:
     return feeds
 
 
-def time_interleaved(runs: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median milliseconds per variant; variants alternate so that noise hits all alike."""
-    samples = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def latency(paths: dict[str, Path], prompt: np.ndarray, *, threads: int | None, repeats: int) -> dict:
-    """Prefill of `prompt` [1, T] and one cached decode step, sparse vs dense, interleaved, in
-    sessions whose idle threads sleep (the benchmark tool's options: a pool that spins after
-    its call would take the cores from the other session's timed call)."""
+    """Prefill of `prompt` [1, T] and one cached decode step of every export, interleaved (the
+    benchmark tool's timing loop), in sessions whose idle threads sleep (a pool that spins after
+    its call would take the cores from the next session's timed call): {phase: {name: median ms}}."""
     import onnxruntime as ort
 
     import dsmoe_runtime
 
-    from .bench import graphs
+    from .bench import graphs, timing
 
     sessions = {}
     for k, p in paths.items():
         opts = graphs.session_options(threads)
-        if k == "sparse":
+        if k.startswith("sparse"):
             dsmoe_runtime.register(opts)
         sessions[k] = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     past_inputs = [i for i in sessions["dense"].get_inputs() if i.name.startswith("past_key_values.")]
@@ -240,8 +247,35 @@ def latency(paths: dict[str, Path], prompt: np.ndarray, *, threads: int | None, 
     prefill = _feeds(prompt, 0, layers, kv_heads, head_dim)
     outs = sessions["dense"].run(None, prefill)
     step = _feeds(prompt[:, -1:], t, layers, kv_heads, head_dim, past=outs[1:])
-    return {phase: time_interleaved({k: (lambda s=s, f=feeds: s.run(None, f)) for k, s in sessions.items()}, repeats)
-            for phase, feeds in (("prefill", prefill), ("decode", step))}
+    out = {}
+    for phase, feeds in (("prefill", prefill), ("decode", step)):
+        calls = {k: (lambda s=s, f=feeds: s.run(["logits"], f)) for k, s in sessions.items()}
+        out[phase] = {k: v.median for k, v in timing.interleaved(calls, repeats).items()}
+    return out
+
+
+def heldout_perplexity(paths: dict[str, Path], ids: np.ndarray, window: int, threads: int | None) -> dict:
+    """Perplexity of every export in ONNX Runtime on `ids` [T] in windows of `window` tokens
+    (each window one prefill from an empty cache), as the converter measures the PyTorch model."""
+    from .bench.quality import perplexity
+    from .validate import make_session
+
+    out = {}
+    for name, path in paths.items():
+        s = make_session(path, threads=threads, custom_ops=name.startswith("sparse"))
+        past = [i for i in s.get_inputs() if i.name.startswith("past_key_values.")]
+        nll, count = 0.0, 0
+        for t0 in range(0, len(ids) - 1, window):
+            part = ids[t0:t0 + window][None]
+            if part.shape[1] < 2:
+                break
+            feeds = {"input_ids": part, "attention_mask": np.ones_like(part)}
+            feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past})
+            logits = s.run(["logits"], feeds)[0]
+            nll += np.log(perplexity(logits, part)) * (part.shape[1] - 1)
+            count += part.shape[1] - 1
+        out[name] = float(np.exp(nll / count))
+    return out
 
 
 def prompt_active_fraction(folder: Path, prompt: np.ndarray) -> float:
@@ -255,15 +289,20 @@ def prompt_active_fraction(folder: Path, prompt: np.ndarray) -> float:
 
 def print_latency(timings: dict, prompt_tokens: int, active: float, repeats: int) -> None:
     print(f"latency, median of {repeats} interleaved runs (whole model, attention and LM head included; "
-          f"FFN active fraction on the prompt r = {active:.2f}):")
-    print(f"  {'phase':28s} {'sparse ms':>10s} {'dense ms':>10s} {'sparse/dense':>13s}")
+          f"FFN active fraction on the prompt r = {active:.2f}); ratio to the dense float32 export:")
+    names = list(timings["prefill"])
+    print("  " + f"{'phase':28s}" + "".join(f"{n:>16s}" for n in names))
     for phase, t in timings.items():
         label = f"prefill {prompt_tokens} tokens" if phase == "prefill" else f"decode 1 token (past {prompt_tokens})"
-        print(f"  {label:28s} {t['sparse']:10.2f} {t['dense']:10.2f} {t['sparse'] / t['dense']:13.2f}")
+        cells = [f"{t[n]:.1f} ms ({t[n] / t['dense']:.2f})" for n in names]
+        print("  " + f"{label:28s}" + "".join(f"{c:>16s}" for c in cells))
 
 
-def generate_both(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
-    """Greedy continuations of each prompt by the sparse and the dense export, with tokens/s."""
+GENERATED_BY = ("sparse", "sparse-int4", "dense")
+
+
+def generate_all(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
+    """Greedy continuations of each prompt by the GENERATED_BY exports, with tokens/s."""
     from dsmoe_runtime import DSMoESession
     from dsmoe_runtime import load_tokenizer
 
@@ -272,8 +311,8 @@ def generate_both(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, thr
     gen_cfg = art.sparse.parent / "generation_config.json"
     if gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
-    sessions = {"sparse": DSMoESession(art.sparse, ["CPUExecutionProvider"], threads=threads),
-                "dense": DSMoESession(art.dense, ["CPUExecutionProvider"], threads=threads, allow_dense=True)}
+    sessions = {k: DSMoESession(art.exports[k], ["CPUExecutionProvider"], threads=threads, allow_dense=k == "dense")
+                for k in GENERATED_BY}
     out = []
     for text in prompts:
         ids = np.array([tok.encode(text) if tok is not None else list(text.encode("utf-8"))], np.int64)
@@ -304,43 +343,46 @@ def real_demo(args, src: Path, plays: Path) -> int:
               "--refresh rebuilds them)")
     else:
         sec = info["seconds"]
-        print(f"converted and calibrated in {sec['convert']:.0f}s, exported sparse in {sec['export_sparse']:.0f}s "
-              f"and dense in {sec['export_dense']:.0f}s; cached in {art.folder}")
+        print(f"converted and trained in {sec['convert']:.0f}s; exported "
+              + ", ".join(f"{k} in {sec[f'export_{k}']:.0f}s" for k in EXPORTS) + f"; cached in {art.folder}")
     print()
-    print(f"DSMoE conversion: {settings.experts} blocks per FFN, routers fitted to each block's contribution "
-          f"and calibrated {settings.steps} steps, target FFN active fraction {settings.target_active} "
-          f"({settings.allocation} allocation over layers)")
-    print(f"held-out perplexity ({info['eval_tokens']} tokens of the held-out plays):")
-    d = info["dense_ppl"]
-    c, k = info["converted"], info["calibrated"]
-    print(f"  dense {d:.2f};  DSMoE {k['ppl']:.2f} ({k['ppl'] / d:.2f}x) at FFN active fraction "
-          f"{k['mean_active']:.2f} (before the {settings.steps} calibration steps: {c['ppl']:.2f}, "
-          f"{c['ppl'] / d:.2f}x at {c['mean_active']:.2f})")
-    print("  (docs/conversion.md: what longer calibration with expert training gives)")
-    print()
-    print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
-    for kind, summary in info["validation"].items():
-        print(f"  {kind:6s} {summary}")
-    print()
-    gens = generate_both(art, PROMPTS, args.new_tokens, args.threads)
-    print(f"greedy generation, {args.new_tokens} new tokens (ONNX Runtime, CPU EP):")
-    for g in gens:
-        print(f"  prompt: {g['prompt']!r}")
-        for kind in ("sparse", "dense"):
-            r = g[kind]
-            print(f"  {kind:6s} ({r['tokens'] / r['seconds']:.1f} tokens/s): {r['text']!r}")
-    print()
+    print(f"DSMoE conversion: {settings.experts} blocks per FFN, routers fitted to each block's contribution at "
+          f"{settings.target_start} active, then routers and FFN weights trained {settings.steps} steps (distilled "
+          f"from the dense model) while the target fell to {settings.target_active} ({settings.allocation} "
+          "allocation over layers)")
     from dsmoe_runtime import load_tokenizer
 
     tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer, copied beside the exports
+    held = np.asarray(tok.encode(heldout_text.read_text(encoding="utf-8")[:16 * info["eval_tokens"]])
+                      [:info["eval_tokens"]], np.int64)
+    ppl = heldout_perplexity(art.exports, held, settings.seq_len, args.threads)
+    d = ppl["dense"]
+    print(f"held-out perplexity in ONNX Runtime ({len(held)} tokens of the held-out plays, windows of "
+          f"{settings.seq_len}); FFN active fraction {info['calibrated']['mean_active']:.2f}:")
+    for name in EXPORTS:
+        size = info["sizes"][name] / 2**20
+        print(f"  {name:12s} {ppl[name]:7.2f} ({ppl[name] / d:.2f}x dense)  {size:5.0f} MiB")
+    print("  (int4: GPTQ on the training plays; docs/conversion.md: what a longer training gives)")
+    print()
+    print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
+    for kind, summary in info["validation"].items():
+        print(f"  {kind:12s} {summary}")
+    print()
+    gens = generate_all(art, PROMPTS, args.new_tokens, args.threads)
+    print(f"greedy generation, {args.new_tokens} new tokens (ONNX Runtime, CPU EP):")
+    for g in gens:
+        print(f"  prompt: {g['prompt']!r}")
+        for kind in GENERATED_BY:
+            r = g[kind]
+            print(f"  {kind:12s} ({r['tokens'] / r['seconds']:.1f} tokens/s): {r['text']!r}")
+    print()
     ids = tok.encode(heldout_text.read_text(encoding="utf-8")[:20000])[:args.prompt_tokens]
     prompt = np.array([ids], np.int64)
     active = prompt_active_fraction(art.folder / "model", prompt)
-    timings = latency({"sparse": art.sparse, "dense": art.dense}, prompt, threads=args.threads,
-                      repeats=args.repeats)
+    timings = latency(art.exports, prompt, threads=args.threads, repeats=args.repeats)
     print_latency(timings, prompt.shape[1], active, args.repeats)
     print()
-    print(f"exports: {art.sparse}, {art.dense}")
+    print(f"exports: {', '.join(str(p) for p in art.exports.values())}")
     print(f"total {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -351,7 +393,10 @@ def synthetic_demo(args) -> int:
     folder = make_model_folder(args.out / "model", spec, seed=0, router_scale=2.0)
     print(f"model folder: {folder} (random DSMoE LLaMA: {spec.num_hidden_layers} layers, d={spec.hidden_size}, "
           f"D={spec.intermediate_size}, n={spec.dsmoe['num_experts']}, tau={spec.dsmoe['threshold']})")
-    results = {kind: export(folder, args.out / f"{kind}.onnx", dense=kind == "dense") for kind in ("sparse", "dense")}
+    results = {}
+    for name, options in EXPORTS.items():  # int4 without calibration text: rounded to the nearest level
+        options = {k: v for k, v in options.items() if k != "calibrate"}
+        results[name] = export(folder, args.out / f"{name}.onnx", **options)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, spec.vocab_size, (1, args.prompt_tokens))
     active = prompt_active_fraction(folder, prompt)
@@ -359,7 +404,7 @@ def synthetic_demo(args) -> int:
     print()
     print("agreement with the PyTorch reference (ONNX Runtime, CPU EP):")
     for kind, r in results.items():
-        print(f"  {kind:6s} {r.validation.summary()}")
+        print(f"  {kind:12s} {r.validation.summary()}")
     print()
     print_latency(timings, args.prompt_tokens, active, args.repeats)
     print()
@@ -389,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder of the smollm2 demo (default: $DSMOE_CACHE/demo or ~/.cache/dsmoe-export/demo)")
     p.add_argument("--refresh", action="store_true", help="rebuild the cached conversion and exports")
-    p.add_argument("--steps", type=int, default=DemoSettings.steps, help="calibration steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=DemoSettings.steps,
+                   help="training steps of the conversion (default: %(default)s)")
     p.add_argument("--target-active", type=float, default=DemoSettings.target_active,
                    help="FFN active fraction (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: %(default)s)")

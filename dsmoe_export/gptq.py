@@ -23,7 +23,7 @@ import torch
 from . import quant
 
 DAMP = 0.01       # added to H's diagonal, times its mean: keeps the inverse well conditioned
-BLOCK = 128       # columns per lazy update (a multiple of the group sizes: 32, 64, 128)
+BLOCK = 32        # columns per lazy update, a whole group: the rest of the row is updated by one matmul
 MIN_TOKENS = 16   # a block routed fewer calibration tokens than this uses the FFN's whole input
 
 
@@ -95,38 +95,53 @@ def quantize(w: np.ndarray, hessian: np.ndarray | None, bits: int, group_size: i
     quant.quantize_rows' format; round to nearest when `hessian` is None."""
     if hessian is None:
         return quant.quantize_rows(w, bits, group_size)
+    q, s = quantize_batch(np.asarray(w)[None], np.asarray(hessian)[None], bits, group_size)
+    return q[0], s[0]
+
+
+def quantize_batch(w: np.ndarray, hessian: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ of a batch of weights w [b, N, K], each with its own hessian [b, K, K] (one column loop
+    for all: the sparse FFN's blocks). Returns q [b, N, K] uint8 and scales [b, N, ceil(K / G)]."""
     G = quant.check_group_size(group_size)
     zp = quant.zero_point(bits)
-    W = np.array(w, np.float64)
-    N, K = W.shape
+    W = np.array(w, np.float32)  # float32 updates, float64 inverse: as GPTQ's reference implementation
+    nb, N, K = W.shape
     H = np.array(hessian, np.float64)
-    dead = np.diag(H) == 0                      # inputs that were always 0: their weights do not matter
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H[np.diag_indices(K)] += DAMP * np.mean(np.diag(H))
-    hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular: H^-1 = hinv^T hinv
-    q = np.zeros((N, K), np.uint8)
-    scales = np.zeros((N, -(-K // G)), np.float32)
+    diag = np.diagonal(H, axis1=1, axis2=2)
+    dead = diag == 0                           # inputs that were always 0: their weights do not matter
+    W[np.broadcast_to(dead[:, None, :], W.shape)] = 0.0
+    idx = np.arange(K)
+    H[:, idx, idx] = np.where(dead, 1.0, diag) + DAMP * diag.mean(axis=1, keepdims=True)
+    hinv = np.transpose(np.linalg.cholesky(np.linalg.inv(H)), (0, 2, 1)).astype(np.float32)  # H^-1 = hinv^T hinv
+    q = np.zeros((nb, N, K), np.uint8)
+    scales = np.zeros((nb, N, -(-K // G)), np.float32)
     step = max(G, BLOCK // G * G)
     for b0 in range(0, K, step):
         b1 = min(K, b0 + step)
-        w1, err = W[:, b0:b1].copy(), np.zeros((N, b1 - b0))
-        h1 = hinv[b0:b1, b0:b1]
+        w1, err = W[:, :, b0:b1].copy(), np.zeros((nb, N, b1 - b0), np.float32)
+        h1 = hinv[:, b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
             if col % G == 0:  # the group's scale, from its columns as they stand now
-                grp = w1[:, j:j + G]
-                extreme = np.take_along_axis(grp, np.abs(grp).argmax(axis=1)[:, None], axis=1)[:, 0]
-                scales[:, col // G] = (extreme / -zp).astype(np.float32)
-            s = scales[:, col // G].astype(np.float64)
-            safe = np.where(s == 0, 1.0, s)
-            qc = np.clip(np.rint(w1[:, j] / safe) + zp, 0, 2 * zp - 1)
-            q[:, col] = qc
-            e = (w1[:, j] - (qc - zp) * s) / h1[j, j]
-            w1[:, j:] -= np.outer(e, h1[j, j:])
-            err[:, j] = e
-        W[:, b1:] -= err @ hinv[b0:b1, b1:]
+                grp = w1[:, :, j:j + G]
+                extreme = np.take_along_axis(grp, np.abs(grp).argmax(axis=2)[..., None], axis=2)[..., 0]
+                scales[:, :, col // G] = (extreme / -zp).astype(np.float32)
+            s = scales[:, :, col // G]
+            qc = np.clip(np.rint(w1[:, :, j] / np.where(s == 0, np.float32(1), s)) + zp, 0, 2 * zp - 1)
+            q[:, :, col] = qc
+            e = (w1[:, :, j] - (qc - zp).astype(np.float32) * s) / h1[:, j, j][:, None]
+            w1[:, :, j:] -= e[:, :, None] * h1[:, None, j, j:]
+            err[:, :, j] = e
+        W[:, :, b1:] -= err @ hinv[:, b0:b1, b1:]
     return q, scales
+
+
+def _block_hessians(hessians: Hessians, layer: int, n: int, kind: str, fallback: str | None, dim: int):
+    out = []
+    for j in range(n):
+        h = hessians.get(f"layers.{layer}.{kind}.block{j}", fallback)
+        out.append(h if h is not None else np.eye(dim))  # a block never routed: plain rounding's target
+    return np.stack(out)
 
 
 def quantize_block_weights(gate: np.ndarray, up: np.ndarray, down: np.ndarray, fmt: str, group_size: int,
@@ -134,16 +149,16 @@ def quantize_block_weights(gate: np.ndarray, up: np.ndarray, down: np.ndarray, f
     """quant.quantize_block_weights with GPTQ per block: gate/up on the tokens routed to the block,
     down (grouped along the block's rows B) on its gated activations."""
     bits = quant.BITS[fmt]
-    out: dict[str, list] = {k: [] for k in ("gate_weight", "gate_scales", "up_weight", "up_scales",
-                                               "down_weight", "down_scales")}
-    for j in range(gate.shape[0]):
-        h_in = hessians.get(f"layers.{layer}.ffn.block{j}", f"layers.{layer}.ffn")
-        for name, w in (("gate", gate[j]), ("up", up[j])):
-            q, s = quantize(w, h_in, bits, group_size)
-            out[f"{name}_weight"].append(quant.pack_int4(q) if bits == 4 else q)
-            out[f"{name}_scales"].append(s)
-        q, s = quantize(down[j].T, hessians.get(f"layers.{layer}.down.block{j}"), bits, group_size)  # [d, B]
-        q = np.ascontiguousarray(q.T)
-        out["down_weight"].append(quant.pack_int4(q) if bits == 4 else q)
-        out["down_scales"].append(np.ascontiguousarray(s.T))
-    return {k: np.stack(v) for k, v in out.items()}
+    n, B, d = gate.shape
+    h_in = _block_hessians(hessians, layer, n, "ffn", f"layers.{layer}.ffn", d)
+    q, s = quantize_batch(np.concatenate([gate, up], axis=1), h_in, bits, group_size)  # [n, 2B, d]
+    out = {}
+    for name, rows in (("gate", slice(0, B)), ("up", slice(B, 2 * B))):
+        out[f"{name}_weight"] = quant.pack_int4(q[:, rows]) if bits == 4 else np.ascontiguousarray(q[:, rows])
+        out[f"{name}_scales"] = np.ascontiguousarray(s[:, rows])
+    h_down = _block_hessians(hessians, layer, n, "down", None, B)
+    q, s = quantize_batch(down.transpose(0, 2, 1), h_down, bits, group_size)  # [n, d, B]: groups along B
+    q = np.ascontiguousarray(q.transpose(0, 2, 1))
+    out["down_weight"] = quant.pack_int4(q) if bits == 4 else q
+    out["down_scales"] = np.ascontiguousarray(s.transpose(0, 2, 1))
+    return out

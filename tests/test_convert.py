@@ -241,17 +241,22 @@ def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, cap
     from dsmoe_export import convert as convert_mod
     from dsmoe_export import demo
 
+    from dsmoe_export.synthetic import write_byte_tokenizer
+
     monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
     src, _ = _dense_folder(tmp_path / "dense")
+    write_byte_tokenizer(src)  # the int4 export's GPTQ reads the calibration text with it
     (tmp_path / "train.txt").write_text(TEXT)
     (tmp_path / "held.txt").write_text(TEXT[::-1])
-    s = demo.DemoSettings(experts=4, target_active=0.5, calib_tokens=256, steps=2, batch=2, seq_len=32, eval_tokens=256)
+    s = demo.DemoSettings(experts=4, target_active=0.5, target_start=0.5, calib_tokens=256, steps=2, batch=2, seq_len=32,
+                          eval_tokens=256,
+                          quant_calib_tokens=128)
     root = tmp_path / "cache"
     art = demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", s, root, progress=False)
-    assert not art.cached and art.sparse.is_file() and art.dense.is_file()
+    assert not art.cached and all(p.is_file() for p in art.exports.values())
     assert art.folder == root / demo.cache_key(src, s)
     assert abs(art.info["calibrated"]["mean_active"] - 0.5) < 0.15
-    assert set(art.info["validation"]) == {"sparse", "dense"}
+    assert set(art.info["validation"]) == set(demo.EXPORTS) == {"sparse", "dense", "sparse-int8", "sparse-int4"}
     assert [p.name for p in root.iterdir()] == [art.folder.name]  # no partial folders left
 
     def boom(*a, **k):
@@ -265,11 +270,27 @@ def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, cap
         demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", other, root, progress=False)
     assert [p.name for p in root.iterdir()] == [art.folder.name]
 
-    gens = demo.generate_both(art, ("To be, or not",), 5, 1)
-    assert gens[0]["sparse"]["tokens"] == 5 and gens[0]["dense"]["tokens"] == 5
+    gens = demo.generate_all(art, ("To be, or not",), 5, 1)
+    assert all(gens[0][k]["tokens"] == 5 for k in demo.GENERATED_BY)
     prompt = np.frombuffer(TEXT[:40].encode(), np.uint8).astype(np.int64)[None]
-    timings = demo.latency({"sparse": art.sparse, "dense": art.dense}, prompt, threads=1, repeats=2)
+    timings = demo.latency(art.exports, prompt, threads=1, repeats=2)
     assert set(timings) == {"prefill", "decode"} and all(v > 0 for t in timings.values() for v in t.values())
+    assert set(timings["decode"]) == set(demo.EXPORTS)
+    held = prompt[0]
+    ppl = demo.heldout_perplexity(art.exports, held, 16, 1)
+    # The float32 exports' perplexity in ONNX Runtime equals the PyTorch reference's, window by window.
+    from dsmoe_export.bench.quality import perplexity
+    from dsmoe_export.loader import load_model
+
+    model, _ = load_model(art.folder / "model")
+    nll, count = [], 0
+    with torch.no_grad():
+        for t0 in range(0, held.size - 1, 16):
+            part = torch.as_tensor(held[t0:t0 + 16])[None]
+            logits, _ = model(part, torch.ones_like(part), torch.arange(part.shape[1])[None], model.empty_past(1))
+            nll.append(np.log(perplexity(logits.numpy(), part.numpy())) * (part.shape[1] - 1))
+            count += part.shape[1] - 1
+    assert ppl["sparse"] == pytest.approx(float(np.exp(np.sum(nll) / count)), rel=1e-4)
 
 
 def test_demo_without_the_data_packages(monkeypatch, capsys):
