@@ -38,6 +38,10 @@ std::vector<Ort::CustomOpDomain>& Domains() {
 // refuses it too (below) for applications that register the library themselves.
 extern "C" DSMOE_EXPORT int DsmoeOpsOrtApiVersion(void) { return ORT_API_VERSION; }
 
+// The library's own API level (dsmoe_runtime/_library.py): what the runtime may rely on (op
+// versions, optional outputs, registration behaviour). Raise it when that changes.
+extern "C" DSMOE_EXPORT int DsmoeOpsApiVersion(void) { return 1; }
+
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

@@ -117,7 +117,7 @@ class DemoSettings:
     batch: int = 2
     seq_len: int = 128
     eval_tokens: int = 2048        # held-out perplexity
-    quant_calib_tokens: int = 512  # GPTQ calibration of the int4 export
+    quant_calib_tokens: int = 2048  # GPTQ calibration of the int4 export
     seed: int = 0
 
 

@@ -404,10 +404,16 @@ def test_error_library_older_than_the_runtime_supports(exported, tmp_path, monke
     monkeypatch.setenv(dsmoe_runtime.ENV_VAR, str(old))
     with pytest.raises(LibraryError, match="API level 0"):
         DSMoESession(path)
-    # The real library: a level this runtime supports.
+    # The real library states its level through the symbol (not the unversioned fallback), one
+    # this runtime supports.
     monkeypatch.undo()
+    from dsmoe_runtime._library import LIBRARY_API_SYMBOL, _int_symbol
+
     real = dsmoe_runtime.get_library_path()
-    assert dsmoe_runtime.MIN_LIBRARY_API <= dsmoe_runtime.library_api_version(real)
+    stated = _int_symbol(real, LIBRARY_API_SYMBOL)
+    assert stated is not None, f"{real} does not export {LIBRARY_API_SYMBOL}"
+    assert dsmoe_runtime.MIN_LIBRARY_API <= stated == dsmoe_runtime.library_api_version(real) <= \
+        dsmoe_runtime.MAX_LIBRARY_API
 
 
 @pytest.mark.parametrize("kwargs,match", [
