@@ -44,10 +44,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import onnx_op, quant
+from ..graph.builder import IR_VERSION, OPSET
 
 # onnx writes its newest IR version; onnxruntime 1.31 reads up to 13 (10 is enough here).
-IR_VERSION = min(onnx.IR_VERSION, 10)
-OPSET = 21
 MS_DOMAIN = "com.microsoft"
 F32 = TensorProto.FLOAT
 
