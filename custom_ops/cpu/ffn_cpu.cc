@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "common/ffn_op.h"
 #include "cpu/hugepages.h"
@@ -85,10 +86,17 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
   const int64_t slabs_per_group = CeilDiv(slabs, groups);
   const bool tiled = dims.down_tile != 0;
   auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
-  ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
+  // Only the active blocks' tasks go to the pool (k of n: its chunks of work stay even).
+  std::vector<int64_t> tasks;
+  tasks.reserve(static_cast<size_t>(n * groups));
+  for (int64_t i = 0; i < n; ++i) {
+    if (block_start[i] == block_start[i + 1]) continue;
+    for (int64_t grp = 0; grp < groups; ++grp) tasks.push_back(i * groups + grp);
+  }
+  ParallelFor(ctx, tasks.size(), [&](size_t t) {
+    const int64_t task = tasks[t];
+    const int64_t i = task / groups, grp = task % groups;
     const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
-    if (first_pair == last_pair) return;
     for (int64_t p = first_pair; p < last_pair; ++p) {
       float* out = partial.get() + (p * groups + grp) * d;
       std::fill(out, out + d, 0.0f);
