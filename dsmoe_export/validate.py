@@ -48,6 +48,7 @@ def make_session(path: str | Path, *, threads: int | None = None, custom_ops: bo
     import dsmoe_runtime
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the optional logits_to_keep input draws a warning at every load
     if custom_ops:
         dsmoe_runtime.register(opts)
     if threads:

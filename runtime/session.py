@@ -81,7 +81,8 @@ class DSMoESession:
         and a usable GPU are there, else the CPU EP; a list is passed to onnxruntime as is.
         `self.providers` says what onnxruntime actually chose.
     threads / inter_op_threads: onnxruntime's intra- and inter-op thread pools (None: its default).
-    session_options: an onnxruntime.SessionOptions to start from (it is modified: library, threads).
+    session_options: an onnxruntime.SessionOptions to start from (it is modified: library, threads);
+        None: ONNX Runtime's defaults, logging errors only.
     library: True registers the installed library (or $DSMOE_OPS_LIBRARY), a path registers that
         file, False registers none.
     allow_fallback: without the library a sparse model is refused, since onnxruntime would run
@@ -98,7 +99,12 @@ class DSMoESession:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file (expected an ONNX model written by dsmoe_export)")
-        opts = session_options if session_options is not None else ort.SessionOptions()
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            # Errors only: ORT warns about every overridable initializer (the export's optional
+            # logits_to_keep input) when it loads a model, which is not a problem to report.
+            session_options.log_severity_level = 3
+        opts = session_options
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
         if inter_op_threads is not None:
@@ -129,6 +135,7 @@ class DSMoESession:
         self._read_interface(allow_dense=allow_dense, allow_fallback=allow_fallback)
         self._stats = ActivationStats(self.num_experts) if self.has_active_outputs else None
         self._host_buffers = _BufferPool()
+        self._keep_values: dict[int, object] = {}
 
     # ------------------------------------------------------------------ set-up
     def _load_error(self, e: Exception) -> Exception:
@@ -172,6 +179,7 @@ class DSMoESession:
         self.num_experts = [_dim(outputs[n].shape, 2) for n in self.active_names] if self.has_active_outputs else []
         meta = self.session.get_modelmeta().custom_metadata_map
         self.has_position_ids = "position_ids" in inputs
+        self.has_logits_to_keep = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         self.shared_cache = meta.get("dsmoe_export.graph") in SHARED_CACHE_GRAPHS and not self.has_position_ids
         self.max_position = int(meta["dsmoe_export.max_position"]) if "dsmoe_export.max_position" in meta else None
         if "dsmoe_export.sparse" in meta:
@@ -247,9 +255,11 @@ class DSMoESession:
         return KVCache(self, batch, capacity if self.shared_cache else None)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: "KVCache",
-                position_ids: np.ndarray | None = None):
+                position_ids: np.ndarray | None = None, *, logits_to_keep: int = 0):
         """One call with I/O binding: returns (logits [B, S, V] numpy, active (numpy [B, S, n] per
         layer, or [])); `cache` is read and updated. `position_ids` only for graphs that take them.
+        `logits_to_keep` > 0: only the last positions' logits, where the graph can (exports of this
+        project: the lm_head then runs on those positions only).
         With a shared cache, logits and active are buffers that the cache's next call reuses
         (copy them to keep them past that)."""
         ids = np.ascontiguousarray(input_ids, np.int64)
@@ -260,13 +270,23 @@ class DSMoESession:
             if position_ids is None:
                 raise InputError("position_ids: this model takes them (an export without GroupQueryAttention)")
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        host = cache.bind_host_outputs(binding, *ids.shape)
+        keep = min(int(logits_to_keep), ids.shape[1]) if logits_to_keep and self.has_logits_to_keep else 0
+        if self.has_logits_to_keep:  # an overridable initializer: bind_cpu_input refuses those names
+            binding.bind_ortvalue_input("logits_to_keep", self._keep_value(keep))
+        host = cache.bind_host_outputs(binding, ids.shape[0], ids.shape[1], keep or ids.shape[1])
         self.session.run_with_iobinding(binding)
         if host is not None:  # written in place: no output objects to wrap (they cost ~0.2 ms a call)
             return host[0], host[1:]
         out = binding.get_outputs()
         cache.update(out[1:1 + len(self.present_names)])
         return out[0].numpy(), [v.numpy() for v in out[1 + len(self.present_names):]]
+
+    def _keep_value(self, keep: int):
+        import onnxruntime as ort
+
+        if keep not in self._keep_values:
+            self._keep_values[keep] = ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64))
+        return self._keep_values[keep]
 
     # ------------------------------------------------------------------ generation
     def _check_prompt(self, input_ids, attention_mask):
@@ -322,7 +342,7 @@ class DSMoESession:
         cache = self.new_cache(batch, ids.shape[1] + max(max_new_tokens - 1, 0))
         step_ids, valid = ids, mask.astype(bool)
         for step in range(max_new_tokens):
-            logits, active = self.forward(step_ids, mask, cache, pos)
+            logits, active = self.forward(step_ids, mask, cache, pos, logits_to_keep=1)
             if stats is not None and active:
                 stats.add(active, valid)
             tokens = choose(logits[:, -1, :])
@@ -403,7 +423,7 @@ class KVCache:
         self.s, self.shared = session, capacity is not None
         self._binding = None
         self._step_outputs: list[np.ndarray] | None = None
-        self._step_bound = False
+        self._step_shape = self._bound = None
         self._lent: list[np.ndarray] | None = None
         if self.shared:
             shape = (batch, session.num_kv_heads, capacity, session.head_dim)
@@ -438,32 +458,33 @@ class KVCache:
             self._binding = binding
         return binding
 
-    def bind_host_outputs(self, binding, batch: int, seq: int) -> list[np.ndarray] | None:
-        """Shared cache: bind numpy buffers for logits and active.* (one-token calls reuse theirs)
-        and return them; ORT writes into them. None for a growing cache."""
+    def bind_host_outputs(self, binding, batch: int, seq: int, logits_seq: int) -> list[np.ndarray] | None:
+        """Shared cache: bind numpy buffers for logits ([batch, logits_seq, V]) and active.*
+        ([batch, seq, n]) and return them; ORT writes into them. One-token calls reuse theirs,
+        larger ones borrow from the session's pool. None for a growing cache."""
         if not self.shared:
             return None
         import onnxruntime as ort
 
         s = self.s
-        step = seq == 1 and self._step_outputs is not None and self._step_outputs[0].shape[0] == batch
-        if step and self._step_bound:
+        shape = (batch, seq, logits_seq)
+        if self._bound == shape and shape == self._step_shape:
             return self._step_outputs
         if self._lent is not None:  # the previous multi-token call's buffers go back to the session
             s._host_buffers.give(self._lent)  # (its results were valid until this call; a dropped cache keeps them)
             self._lent = None
-        if step:
+        if shape == self._step_shape:
             arrays = self._step_outputs
         else:  # reused across calls of this shape: a fresh [B, S, V] array would be page-faulted in each time
-            arrays = s._host_buffers.take([((batch, seq, s.vocab_size), s.logits_dtype)] +
+            arrays = s._host_buffers.take([((batch, logits_seq, s.vocab_size), s.logits_dtype)] +
                                           [((batch, seq, n), np.bool_) for n in s.num_experts])
         for name, array in zip(["logits", *s.active_names], arrays):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         if seq == 1:
-            self._step_outputs = arrays
+            self._step_outputs, self._step_shape = arrays, shape
         else:
             self._lent = arrays
-        self._step_bound = seq == 1
+        self._bound = shape
         return arrays
 
     def update(self, presents: list) -> None:

@@ -163,12 +163,14 @@ def test_exported_interface_follows_optimum(tmp_path, seed):
     onnx.checker.check_model(model, full_check=True)
     dims = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
             for vi in list(model.graph.input) + list(model.graph.output)}
-    assert list(dims) == interface.input_names(2) + interface.output_names(2)
+    # logits_to_keep: an optional input (an overridable initializer, default 0 = every position).
+    assert list(dims) == interface.input_names(2) + [interface.LOGITS_TO_KEEP] + interface.output_names(2)
+    assert dims[interface.LOGITS_TO_KEEP] == []
     assert dims["input_ids"] == ["batch_size", "sequence_length"]
     assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
     assert dims["present.1.value"] == ["batch_size", 2, "total_sequence_length", 16]
-    assert dims["logits"] == ["batch_size", "sequence_length", 256]
+    assert dims["logits"] == ["batch_size", "logits_sequence_length", 256]
     assert model.ir_version <= 10
     names = {i.name for i in model.graph.initializer}
     assert "model.layers.0.mlp.gate_blocks" in names and "model.embed_tokens.weight" in names
@@ -239,3 +241,20 @@ def test_graph_is_the_fused_layout(tmp_path, seed, dense):
     assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["dsmoe_export.graph"] == interface.GRAPH_KIND and meta["dsmoe_export.sparse"] == str(int(not dense))
+
+
+def test_logits_to_keep_limits_the_lm_head_to_the_last_positions(tmp_path, seed, rng):
+    """The optional input: 0 (default) every position, k the last k (at most the call's), bit-equal."""
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=1), seed=seed)
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), str(out), "-q", "--no-validate"]) == 0
+    session = make_session(out)
+    assert [i.name for i in session.get_overridable_initializers()] == [interface.LOGITS_TO_KEEP]
+    assert interface.LOGITS_TO_KEEP not in [i.name for i in session.get_inputs()]  # others need not know it
+    ids, mask, _ = _prompt(256, rng, batch=2, seq=6)
+    feeds = _ort_feeds(ids, mask, [], (1, 2, 2, 0, 16))
+    full = session.run(["logits"], feeds)[0]
+    assert full.shape == (2, 6, 256)
+    for keep, want in ((0, 6), (1, 1), (4, 4), (6, 6), (9, 6)):
+        part = session.run(["logits"], dict(feeds, logits_to_keep=np.array(keep, np.int64)))[0]
+        assert part.shape == (2, want, 256) and np.array_equal(part, full[:, 6 - want:]), keep

@@ -201,7 +201,7 @@ def test_streaming_yields_tokens_as_they_come(session, rng, monkeypatch):
     prompts = rng.integers(3, 256, (2, 5))
     calls = []
     forward = session.forward
-    monkeypatch.setattr(session, "forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(session, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     it = session.stream(prompts, 6)
     first = next(it)
     assert len(calls) == 1 and first.shape == (2,) and first.dtype == np.int64
@@ -496,3 +496,16 @@ def test_genai_config_names_the_library_beside_the_model(exported, tmp_path):
     (out / name).write_bytes(b"stale")
     set_library(out)
     assert (out / name).read_bytes() == open(lib, "rb").read()
+
+
+def test_forward_keeps_the_last_logits_on_request(session, rng):
+    """generate asks the graph for the last position's logits only (the lm_head then runs on one
+    position per row); forward returns the same values as the full logits' last position."""
+    assert session.has_logits_to_keep
+    ids = rng.integers(3, 256, (2, 9))
+    mask = np.ones_like(ids)
+    full, _ = session.forward(ids, mask, session.new_cache(2, 9))
+    full = full.copy()
+    last, _ = session.forward(ids, mask, session.new_cache(2, 9), logits_to_keep=1)
+    assert full.shape == (2, 9, 256) and last.shape == (2, 1, 256)
+    assert np.array_equal(last, full[:, -1:])

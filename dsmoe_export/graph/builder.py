@@ -50,7 +50,8 @@ class GraphBuilder:
 
     def initializer(self, name: str, value: np.ndarray) -> str:
         name = self.fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        # np.require, not np.ascontiguousarray: that one turns a scalar into shape [1]
+        self.initializers.append(numpy_helper.from_array(np.require(value, requirements="C"), name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -65,6 +66,15 @@ class GraphBuilder:
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self._names.add(name)
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def optional_input(self, name: str, default: np.ndarray) -> str:
+        """A graph input with a default: an initializer of the same name, which a caller may feed
+        (ONNX Runtime's overridable initializers); callers that do not know it see no new input."""
+        self._names.add(name)
+        arr = np.asarray(default)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        self.inputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[arr.dtype], list(arr.shape)))
         return name
 
     def output(self, name: str, elem_type: int, shape: list) -> None:

@@ -101,7 +101,7 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
                                 group_size=opts.group_size, accuracy_level=opts.accuracy_level,
                                 hessians=opts.hessians, layer=i)
     h, _ = _norm(g, ffn_out, residual, model.model.norm, "/model/norm", cfg.rms_norm_eps)
-    matmul(g, h, lm_head, "/lm_head", accuracy_level=opts.accuracy_level, output="logits")
+    matmul(g, _last_positions(g, h), lm_head, "/lm_head", accuracy_level=opts.accuracy_level, output="logits")
     _declare_outputs(g, cfg, elem, opts)
     proto = g.model("dsmoe", producer="dsmoe-export", metadata=_metadata(model, opts, dtype))
     if opts.sparse:
@@ -138,6 +138,17 @@ def _embedding_table(g, model, opts, lm_head):
     table = store_table(g, _weight_array(weight, fmt), fmt, "model.embed_tokens", group_size=opts.group_size)
     set_values(weight, table.values)
     return table
+
+
+def _last_positions(g, h: str) -> str:
+    """h[:, -logits_to_keep:] when the optional input `logits_to_keep` (default 0: all positions)
+    is above 0: generation needs the last position's logits only, and the lm_head over a whole
+    prompt is a fifth of a 128-token prefill of SmolLM2."""
+    keep = g.optional_input(interface.LOGITS_TO_KEEP, np.array(0, np.int64))
+    start = g.op("Where", [g.op("Greater", [keep, g.const(0)], name="/model/logits/Keep"),
+                           g.op("Neg", [keep], name="/model/logits/Neg"), g.const(0)], name="/model/logits/Start")
+    start = g.op("Unsqueeze", [start, g.const([0])], name="/model/logits/Starts")
+    return g.op("Slice", [h, start, g.const([2**62]), g.const([1])], name="/model/logits/Slice")
 
 
 def _norm(g, x, residual, norm, name, eps):
@@ -213,7 +224,7 @@ def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts, layer
 
 def _declare_outputs(g, cfg, elem, opts) -> None:
     n = cfg.num_hidden_layers
-    g.output("logits", elem, [interface.BATCH, interface.SEQ, cfg.vocab_size])
+    g.output("logits", elem, [interface.BATCH, interface.LOGITS_SEQ, cfg.vocab_size])
     kv_shape = [interface.BATCH, cfg.num_key_value_heads, interface.TOTAL, cfg.head_dim]
     for name in interface.present_names(n):
         g.output(name, elem, kv_shape)
