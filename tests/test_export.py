@@ -118,7 +118,8 @@ def test_sparse_export_matches_float64_reference(tmp_path, case, rng, seed):
     ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
     assert len(ffn_nodes) == c["spec"].num_hidden_layers
     assert {f.name for f in model.functions} == {onnx_op.OP_TYPE}
-    _check_down_layout(model, ffn_nodes, c["spec"], tiled=True)
+    # The default ("auto") at these small hidden sizes: the rows layout.
+    _check_down_layout(model, ffn_nodes, c["spec"], tiled=False)
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
 
 
@@ -133,16 +134,29 @@ def _check_down_layout(model, ffn_nodes, spec, *, tiled: bool) -> None:
         assert list(inits[node.input[4]].dims) == want
 
 
-def test_rows_down_layout(tmp_path, rng, seed):
-    """--down-layout rows writes down_weight as [n, B, d] without the attribute (the files of
-    earlier versions), with the same results."""
+@pytest.mark.parametrize("layout", ["tiled", "rows"])
+def test_explicit_down_layout(tmp_path, rng, seed, layout):
+    """--down-layout tiled writes down_weight in column tiles (down_tile = 64, the last tile
+    padded at odd d), rows as [n, B, d] without the attribute; the same results."""
     c = CASES["n1_odd_sizes"]
     folder = make_model_folder(tmp_path / "model", c["spec"], seed=seed, router_scale=c["router_scale"])
     out = tmp_path / "model.onnx"
-    assert main([str(folder), str(out), "-q", "--down-layout", "rows"]) == 0
+    assert main([str(folder), str(out), "-q", "--down-layout", layout]) == 0
     model = onnx.load(str(out))
-    _check_down_layout(model, [n for n in model.graph.node if n.domain == onnx_op.DOMAIN], c["spec"], tiled=False)
+    _check_down_layout(model, [n for n in model.graph.node if n.domain == onnx_op.DOMAIN], c["spec"],
+                       tiled=layout == "tiled")
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
+
+
+def test_auto_down_layout_follows_hidden_size():
+    from dsmoe_export.exporter import AUTO_TILED_MIN_HIDDEN, choose_down_layout
+
+    assert choose_down_layout("auto", 576) == "rows"
+    assert choose_down_layout("auto", AUTO_TILED_MIN_HIDDEN - 1) == "rows"
+    assert choose_down_layout("auto", AUTO_TILED_MIN_HIDDEN) == "tiled"
+    assert choose_down_layout("auto", 4096) == "tiled"
+    assert choose_down_layout("tiled", 576) == "tiled"
+    assert choose_down_layout("rows", 4096) == "rows"
 
 
 @pytest.mark.parametrize("tied", [False, True])
