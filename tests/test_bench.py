@@ -156,8 +156,9 @@ def test_quick_op_run_writes_json_and_markdown(op_library, tmp_path, monkeypatch
 
 
 def test_compare_layouts(op_library, tmp_path, monkeypatch):
-    """--compare-layouts times the op with its down weights in rows too, in the same rounds: one
-    sparse_rows row per sparse row, its numbers in two more columns, and equal outputs."""
+    """--compare-layouts times the op with its down weights in the other layout too, in the same
+    rounds (d = 64: the default is rows, the other tiled): one sparse_tiled row per sparse row, its
+    numbers in two more columns, and equal outputs."""
     from dsmoe_export.bench import cli
 
     monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
@@ -165,24 +166,27 @@ def test_compare_layouts(op_library, tmp_path, monkeypatch):
     assert cli.main([*QUICK_OP, "--compare-layouts", "--out", str(tmp_path)]) == 0
     results = _check_outputs(tmp_path, "op")
     keys = lambda kind: {(r["mode"], r["k"], r["tokens"]) for r in results["op"] if r["kind"] == kind}  # noqa: E731
-    assert keys("sparse_rows") == keys("sparse") and len(keys("sparse")) == 6
-    assert results["checks"][0]["rows_layout_vs_sparse"] == 0.0  # same sums, same order
+    assert keys("sparse_tiled") == keys("sparse") and len(keys("sparse")) == 6
+    assert {r["layout"] for r in results["op"] if r["kind"] == "sparse"} == {"rows"}
+    assert results["checks"][0]["tiled_layout_vs_sparse"] == 0.0  # same sums, same order
     table = (tmp_path / "results.md").read_text()
-    assert "| rows-layout ms | rows/tiled |" in table
+    assert "| tiled-layout ms | tiled/rows |" in table
     # Without the flag: no such rows, no such columns.
     assert cli.main([*QUICK_OP, "--out", str(tmp_path / "plain")]) == 0
-    assert "rows/tiled" not in (tmp_path / "plain" / "results.md").read_text()
+    assert "tiled/rows" not in (tmp_path / "plain" / "results.md").read_text()
 
 
 def test_sparse_graph_down_layouts(op_library, rng):
-    """The bench's sparse graph stores down in the exporter's default layout (column tiles),
-    or in rows with down_tile=0; both compute the reference."""
+    """The bench's sparse graph stores down in the exporter's default layout for its d (rows below
+    2048, column tiles from it on), or as down_tile says; every layout computes the reference."""
     e, rt, x = _case(rng, "natural", 30)
     y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down)
+    assert graphs.default_layout(e.d) == "rows" and graphs.default_layout(2048) == "tiled"
     model, shared = graphs.sparse_graph(e)
-    assert shared["down_weight"].shape == (e.n, -(-e.d // 64), e.block, 64)
+    assert shared["down_weight"].shape == (e.n, e.block, e.d)
+    assert graphs.sparse_graph(e, down_tile=64)[1]["down_weight"].shape == (e.n, -(-e.d // 64), e.block, 64)
     assert graphs.sparse_graph(e, down_tile=0)[1]["down_weight"].shape == (e.n, e.block, e.d)
-    for kind in ("sparse", "sparse_rows"):
+    for kind in ("sparse", "sparse_rows", "sparse_tiled"):
         y = graphs.runner(kind, e, threads=2, library=op_library)(x, rt.router_weight)[0]
         assert _rel_err(y, y_ref) <= RTOL
 

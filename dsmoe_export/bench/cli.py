@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import DSMoEError
 from . import builder, e2e, graphs, metrics, op, probes, report, timing
 
-DEFAULT_SHAPES = "2048x5632x8,4096x11008x8"
+# The converted SmolLM2 (d = 576, blocks of 192 or 96 rows), a d = 1024 model, and the large shapes.
+DEFAULT_SHAPES = "576x1536x8,576x1536x16,1024x2816x8,2048x5632x8,4096x11008x8"
 DEFAULT_TOKENS = "1,16,128,256,512"
 QUICK = dict(shapes="256x704x8", tokens="1,16", ks="1,4,8", rounds=2, budget=5.0, e2e_shape="128x352x8", e2e_layers=1,
              e2e_heads=4, e2e_kv_heads=2, e2e_vocab=256, decode_past=16, decode_steps=4, gen_tokens=8, gen_rounds=1, e2e_precisions="fp32")
@@ -64,8 +65,9 @@ def parser() -> argparse.ArgumentParser:
                         "precision, and against the float32 sparse op (default: none)")
     p.add_argument("--group-size", type=int, default=32, help="quantization group of --precisions (default: 32)")
     p.add_argument("--compare-layouts", action="store_true",
-                   help="op level: also time the sparse op with its down weights in the rows layout (--down-layout "
-                        "rows of the exporter) in the same rounds; the table gains 'rows-layout ms' and 'rows/tiled'")
+                   help="op level: also time the sparse op with its down weights in the other layout than the "
+                        "exporter's default at that d (--down-layout auto: rows below 2048, tiled from it on) in the "
+                        "same rounds; the table gains e.g. 'rows-layout ms' and 'rows/tiled'")
     p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
                    help="end to end: time this DSMoE model folder (its sparse and --dense exports, and an "
                         "attention-only copy for the FFN share) instead of a random model; the --e2e-* shape "

@@ -141,10 +141,17 @@ def _xy(d):
     return [_value_info("X", ["T", d]), _value_info("router_weight", [None, d])], [_value_info("Y", ["T", d])]
 
 
+def default_layout(d: int) -> str:
+    """The down_weight layout the exporter writes by default at hidden size d."""
+    from ..exporter import choose_down_layout
+
+    return choose_down_layout("auto", d)
+
+
 def sparse_graph(e: Experts, *, active_output: bool = False, **attrs):
     """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given; down_weight
-    in the exporter's default layout, column tiles, unless down_tile=0 is given)."""
-    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_TILE, **attrs}
+    in the layout the exporter writes for this hidden size unless down_tile is given)."""
+    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_LAYOUTS[default_layout(e.d)], **attrs}
     down = e.down_tiled if attrs["down_tile"] else e.down
     weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": down}
     inputs, outputs = _xy(e.d)
@@ -348,15 +355,20 @@ class Runner:
                                        "router_weight": np.asarray(router_weight, np.float32)})
 
 
+# The sparse op with its down weights in a given layout (bench op --compare-layouts).
+LAYOUT_KINDS = {layout: f"sparse_{layout}" for layout in onnx_op.DOWN_LAYOUTS}
+
+
 def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k: int | None = None,
            cache: dict | None = None, **attrs) -> Runner:
     """A Runner for ``kind`` in sparse / dense / moe. ``cache`` (a dict) keeps the re-laid-out
     weights of ``e`` so that several MoE sessions (one per k) share one copy."""
     cache = {} if cache is None else cache
-    if kind in ("sparse", "sparse_rows"):  # sparse_rows: down_weight in the rows layout (down_tile = 0)
+    if kind in ("sparse", *LAYOUT_KINDS.values()):  # sparse_rows / sparse_tiled: that down_weight layout
         if library is None:
             raise ValueError("the sparse graph needs the op library (DSMOE_OPS_LIBRARY or pip install .)")
-        model, shared = sparse_graph(e, **({"down_tile": 0} if kind == "sparse_rows" else {}), **attrs)
+        layout = {v: k for k, v in LAYOUT_KINDS.items()}.get(kind)
+        model, shared = sparse_graph(e, **({"down_tile": onnx_op.DOWN_LAYOUTS[layout]} if layout else {}), **attrs)
     elif kind == "dense":
         model, shared = dense_graph(e)
     elif kind == "moe":
@@ -388,4 +400,4 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
             raise ValueError(f"unknown graph kind {kind!r}")
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
-    return Runner(model, shared, threads=threads, library=library if kind in ("sparse", "sparse_rows") else None)
+    return Runner(model, shared, threads=threads, library=library if kind in ("sparse", *LAYOUT_KINDS.values()) else None)

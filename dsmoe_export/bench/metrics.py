@@ -33,7 +33,7 @@ def call_cost(kind: str, *, d: int, n: int, B: int, tokens: int, union: int, pai
     if kind == "dense":
         return n * block_bytes(d, B), 6 * B * d * n * tokens
     weights = union * block_bytes(d, B)
-    if kind in ("sparse", "sparse_rows"):
+    if kind.startswith("sparse"):
         weights += n * d * FLOAT_BYTES  # the router
     return weights, 6 * B * d * pairs
 

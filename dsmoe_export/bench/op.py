@@ -77,8 +77,9 @@ def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) 
         return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
 
     out = {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
-    if "sparse_rows" in runners:  # the same sums in the same order (op-spec "down_weight's two layouts")
-        out["rows_layout_vs_sparse"] = rel(runners["sparse_rows"](nat.x, nat.router_weight)[0], y_sparse)
+    for layout, kind in graphs.LAYOUT_KINDS.items():  # the same sums in the same order (op-spec, "two layouts")
+        if kind in runners:
+            out[f"{layout}_layout_vs_sparse"] = rel(runners[kind](nat.x, nat.router_weight)[0], y_sparse)
     return out
 
 
@@ -93,23 +94,25 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
               flush: timing.Flusher, seed: int, gate: timing.QuietGate | None = None,
               budget_s: float | None = None, bar=None, layouts: bool = False) -> tuple[list[dict], dict]:
     """Rows of one shape, and its agreement check. ``layouts``: the sparse op with its down
-    weights in the rows layout too (kind ``sparse_rows``; ``sparse`` is the exporter's default,
-    column tiles), in the same interleaved rounds."""
+    weights in the other layout too (kind ``sparse_rows`` or ``sparse_tiled``; ``sparse`` has the
+    layout the exporter writes at this d, graphs.default_layout), in the same interleaved rounds."""
     rng = np.random.default_rng(seed)
     e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
     cache: dict = {}
     runners = {"sparse": graphs.runner("sparse", e, threads=threads, library=library),
                "moe": graphs.runner("moe", e, threads=threads, cache=cache),
                "dense": graphs.runner("dense", e, threads=threads)}
+    layout = graphs.default_layout(shape.d)
+    other = graphs.LAYOUT_KINDS["tiled" if layout == "rows" else "rows"]
     if layouts:
-        runners["sparse_rows"] = graphs.runner("sparse_rows", e, threads=threads, library=library)
+        runners[other] = graphs.runner(other, e, threads=threads, library=library)
     check = {"shape": shape.label, **check_agreement(runners, e, rng)}
     rows = []
     for T in tokens:
         routings = _routings_for(bar, f"op {shape.label} T={T}", rng, T, shape, ks)
         calls = {("dense", None): runners["dense"].bind(routings[-1].x, routings[-1].router_weight)}
         for i, rt in enumerate(routings):
-            for kind in ("sparse", "moe", "sparse_rows"):
+            for kind in ("sparse", "moe", other):
                 if kind in runners:
                     calls[(kind, i)] = runners[kind].bind(rt.x, rt.router_weight)
         # The dense call's time (after a warm-up call) decides the number of rounds.
@@ -126,6 +129,8 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
             kind, idx = key.split(":")
             rt = None if idx == "None" else routings[int(idx)]
             rows.append(_row(shape, T, kind, rt, samples, dense, n_rounds))
+            if kind == "sparse":
+                rows[-1]["layout"] = layout
     del runners, cache, e
     gc.collect()
     return rows, check

@@ -53,7 +53,12 @@ def op_tables(rows: list[dict]) -> list[str]:
                               f"({_pct(r.get('gb_s_pct'))} of bw), {_f(r.get('gflop_s'), 0)} GFLOP/s "
                               f"({_pct(r.get('gflop_s_pct'))} of GEMM)" for t, r in dense.items()), ""]
         moe = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] == "moe"}
-        rows_layout = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] == "sparse_rows"}
+        # --compare-layouts: the same op with down_weight in the other layout (older runs: tiled was the
+        # only default and rows the other).
+        other_kinds = {"sparse_rows": "rows", "sparse_tiled": "tiled"}
+        rows_layout = {(r["tokens"], r["mode"], r["k"]): r for r in mine if r["kind"] in other_kinds}
+        other = next((other_kinds[r["kind"]] for r in mine if r["kind"] in other_kinds), None)
+        default = next((r.get("layout", "tiled") for r in mine if r["kind"] == "sparse"), "tiled")
         table = []
         for r in (r for r in mine if r["kind"] == "sparse"):
             m = moe.get((r["tokens"], r["mode"], r["k"]))
@@ -67,12 +72,12 @@ def op_tables(rows: list[dict]) -> list[str]:
                 f"{_f(r.get('gb_s'), 1)} ({_pct(r.get('gb_s_pct'))})",
                 f"{_f(r.get('gflop_s'), 0)} ({_pct(r.get('gflop_s_pct'))})", _pct(100 * r["of_roofline"])
                 if r.get("of_roofline") is not None else "-"])
-            if rows_layout:  # --compare-layouts: the same op, down weights in rows
+            if rows_layout:
                 table[-1] += [_f(lay["ms_min"]), _f(lay["ms_min"] / r["ms_min"], 3)] if lay else ["-", "-"]
         header = ["T", "routing", "r", "union", "sparse ms (min / med)", "MoE ms", "dense ms", "sparse/dense",
                   "target", "MoE/dense", "MoE/sparse", "sparse GB/s (% bw)", "sparse GFLOP/s (% GEMM)",
                   "sparse % of roofline"]
-        lines += _table(header + (["rows-layout ms", "rows/tiled"] if rows_layout else []), table)
+        lines += _table(header + ([f"{other}-layout ms", f"{other}/{default}"] if rows_layout else []), table)
         lines.append("")
     return lines
 
