@@ -45,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32,
                    help="quantization group along each weight's input dimension, a power of two >= 32 "
                         "(default: %(default)s)")
-    p.add_argument("--down-layout", choices=("rows", "tiled"), default="rows",
-                   help="layout of the sparse op's down weights (docs/op-spec.md, attribute down_tile): 'rows' "
-                        "[n, B, d], the faster one for decode; 'tiled' [B, 64] column tiles that the CPU kernel's "
-                        "prefill reads in place (3-10 %% faster prefill at d >= 1024, 6-20 %% slower one-token "
-                        "decode) (default: %(default)s)")
+    p.add_argument("--down-layout", choices=("auto", "tiled", "rows"), default="auto",
+                   help="layout of the sparse op's down weights (docs/op-spec.md, attribute down_tile): 'tiled' "
+                        "stores [B, 64] column tiles the CPU kernel's prefill reads in place, 'rows' the plain "
+                        "[n, B, d]; 'auto' picks tiled from hidden size 2048 on, rows below it, where rows decodes "
+                        "6-20 %% faster at equal prefill speed (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,

@@ -129,13 +129,27 @@ def _check_output_path(out: Path) -> None:
         raise ExportError("cannot write there (permission denied)", file=out)
 
 
+DOWN_LAYOUT_CHOICES = ("auto", *onnx_op.DOWN_LAYOUTS)
+# "auto" stores the column tiles from this hidden size on. Below it the rows layout decodes
+# faster and prefills as fast (converted SmolLM2, d = 576, end to end: decode 0.94-0.97 of the
+# tiles' time, prefill 1.00-1.03). From d = 2048 the tiles' prefill gain (5-11 %) stays and
+# their decode cost does not show end to end (random d = 2048 model: decode 1.00-1.04, though
+# the op alone, caches flushed per call, decodes 12-17 % faster in rows on AMD). op-spec.md.
+AUTO_TILED_MIN_HIDDEN = 2048
+
+
+def choose_down_layout(layout: str, hidden_size: int) -> str:
+    """The layout `layout` names: itself, or for "auto" the one that suits `hidden_size`."""
+    if layout != "auto":
+        return layout
+    return "tiled" if hidden_size >= AUTO_TILED_MIN_HIDDEN else "rows"
 
 
 def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
-           matmul_weights: str | None = None, group_size: int = 32, down_layout: str = onnx_op.DEFAULT_DOWN_LAYOUT,
+           matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "auto",
            accuracy_level: int | None = None, lm_head_weights: str | None = None,
            calibration_text: str | Path | None = None, calibration_tokens: int = 2048) -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out` (docs/exporting.md).
@@ -163,12 +177,12 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
 
     `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
     "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill),
-    or "rows" ([n, B, d], the default: onnx_op.DEFAULT_DOWN_LAYOUT says why). The quantized FFN ops
-    always store rows."""
+    "rows" ([n, B, d]) or "auto" (:func:`choose_down_layout`). The quantized FFN ops always
+    store rows."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
-    if down_layout not in onnx_op.DOWN_LAYOUTS:
-        raise ExportError(f"down_layout must be one of {', '.join(onnx_op.DOWN_LAYOUTS)}, got {down_layout!r}", file=out)
+    if down_layout not in DOWN_LAYOUT_CHOICES:
+        raise ExportError(f"down_layout must be one of {', '.join(DOWN_LAYOUT_CHOICES)}, got {down_layout!r}", file=out)
     if accuracy_level is None:
         accuracy_level = DEFAULT_ACCURACY_LEVEL[dtype]
     if isinstance(accuracy_level, bool) or accuracy_level not in range(5):
@@ -195,7 +209,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     options = GraphOptions(sparse=not dense, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
                            lm_head_weights=lm_head_weights,
                            group_size=group_size, accuracy_level=accuracy_level,
-                           down_tile=onnx_op.DOWN_LAYOUTS[down_layout],
+                           down_tile=onnx_op.DOWN_LAYOUTS[choose_down_layout(down_layout, cfg.hidden_size)],
                            active_outputs=active_outputs)
     if calibration_text is not None and any(f in ("int8", "int4") for f in (ffn_weights, matmul_weights,
                                                                             lm_head_weights)):

@@ -33,11 +33,6 @@ MIN_FUNCTION_OPSET = 19
 # down_weight's layouts: 0 = [n, B, d] rows; DOWN_TILE = [n, ceil(d / 64), B, 64] column tiles.
 DOWN_TILE = 64
 DOWN_LAYOUTS = {"rows": 0, "tiled": DOWN_TILE}
-# The rows layout by default: one-token decode reads it faster at every d measured (AMD EPYC:
-# 0.78-0.94 of the tiled layout's time at d = 576 and 1024, 0.83-0.88 at 2048 and 4096; Intel
-# Xeon: 0.92-0.99 at 2048 and 4096), and decode is most of a generation's time; the tiles'
-# prefill gain (3-10 % at d >= 1024) is for prefill-heavy deployments (--down-layout tiled).
-DEFAULT_DOWN_LAYOUT = "rows"
 
 _DEFAULTS = {"threshold": 0.5, "rescale": 1, "weighting": "score", "activation": "silu", "down_tile": 0}
 

@@ -157,7 +157,7 @@ def test_quick_op_run_writes_json_and_markdown(op_library, tmp_path, monkeypatch
 
 def test_compare_layouts(op_library, tmp_path, monkeypatch):
     """--compare-layouts times the op with its down weights in the other layout too, in the same
-    rounds (the default is rows, the other tiled): one sparse_tiled row per sparse row, its
+    rounds (d = 64: the default is rows, the other tiled): one sparse_tiled row per sparse row, its
     numbers in two more columns, and equal outputs."""
     from dsmoe_export.bench import cli
 
@@ -177,10 +177,11 @@ def test_compare_layouts(op_library, tmp_path, monkeypatch):
 
 
 def test_sparse_graph_down_layouts(op_library, rng):
-    """The bench's sparse graph stores down in the exporter's default layout (rows), or as
-    down_tile says; every layout computes the reference."""
+    """The bench's sparse graph stores down in the exporter's default layout for its d (rows below
+    2048, column tiles from it on), or as down_tile says; every layout computes the reference."""
     e, rt, x = _case(rng, "natural", 30)
     y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down)
+    assert graphs.default_layout(e.d) == "rows" and graphs.default_layout(2048) == "tiled"
     model, shared = graphs.sparse_graph(e)
     assert shared["down_weight"].shape == (e.n, e.block, e.d)
     assert graphs.sparse_graph(e, down_tile=64)[1]["down_weight"].shape == (e.n, -(-e.d // 64), e.block, 64)

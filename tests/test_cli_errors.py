@@ -138,6 +138,6 @@ def test_bad_down_layout_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(out), "--down-layout", "columns"])
     assert "--down-layout" in capsys.readouterr().err
-    with pytest.raises(ExportError, match=r"model\.onnx.*down_layout must be one of rows, tiled, got 'columns'"):
+    with pytest.raises(ExportError, match=r"model\.onnx.*down_layout must be one of auto, rows, tiled, got 'columns'"):
         export(tmp_path / "no-such-folder", out, down_layout="columns")
     assert list(tmp_path.iterdir()) == []

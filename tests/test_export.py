@@ -118,7 +118,7 @@ def test_sparse_export_matches_float64_reference(tmp_path, case, rng, seed):
     ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
     assert len(ffn_nodes) == c["spec"].num_hidden_layers
     assert {f.name for f in model.functions} == {onnx_op.OP_TYPE}
-    # The default: the rows layout.
+    # The default ("auto") at these small hidden sizes: the rows layout.
     _check_down_layout(model, ffn_nodes, c["spec"], tiled=False)
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
 
@@ -146,6 +146,17 @@ def test_explicit_down_layout(tmp_path, rng, seed, layout):
     _check_down_layout(model, [n for n in model.graph.node if n.domain == onnx_op.DOMAIN], c["spec"],
                        tiled=layout == "tiled")
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
+
+
+def test_auto_down_layout_follows_hidden_size():
+    from dsmoe_export.exporter import AUTO_TILED_MIN_HIDDEN, choose_down_layout
+
+    assert choose_down_layout("auto", 576) == "rows"
+    assert choose_down_layout("auto", AUTO_TILED_MIN_HIDDEN - 1) == "rows"
+    assert choose_down_layout("auto", AUTO_TILED_MIN_HIDDEN) == "tiled"
+    assert choose_down_layout("auto", 4096) == "tiled"
+    assert choose_down_layout("tiled", 576) == "tiled"
+    assert choose_down_layout("rows", 4096) == "rows"
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32, help="quantization group of --precisions (default: 32)")
     p.add_argument("--compare-layouts", action="store_true",
                    help="op level: also time the sparse op with its down weights in the other layout than the "
-                        "exporter's default (rows: the other is tiled) in the "
+                        "exporter's default at that d (--down-layout auto: rows below 2048, tiled from it on) in the "
                         "same rounds; the table gains e.g. 'rows-layout ms' and 'rows/tiled'")
     p.add_argument("--model", type=Path, default=None, metavar="MODEL_DIR",
                    help="end to end: time this DSMoE model folder (its sparse and --dense exports, and an "

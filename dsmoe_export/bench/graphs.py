@@ -141,10 +141,17 @@ def _xy(d):
     return [_value_info("X", ["T", d]), _value_info("router_weight", [None, d])], [_value_info("Y", ["T", d])]
 
 
+def default_layout(d: int) -> str:
+    """The down_weight layout the exporter writes by default at hidden size d."""
+    from ..exporter import choose_down_layout
+
+    return choose_down_layout("auto", d)
+
+
 def sparse_graph(e: Experts, *, active_output: bool = False, **attrs):
     """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given; down_weight
-    in the exporter's default layout unless down_tile is given)."""
-    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_LAYOUTS[onnx_op.DEFAULT_DOWN_LAYOUT], **attrs}
+    in the layout the exporter writes for this hidden size unless down_tile is given)."""
+    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_LAYOUTS[default_layout(e.d)], **attrs}
     down = e.down_tiled if attrs["down_tile"] else e.down
     weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": down}
     inputs, outputs = _xy(e.d)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import onnx_op
 from . import graphs, metrics, routing, timing
 
 # Calls faster than this get SHORT_CALL_FACTOR x the rounds: they are cheap and noisier.
@@ -96,14 +95,14 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
               budget_s: float | None = None, bar=None, layouts: bool = False) -> tuple[list[dict], dict]:
     """Rows of one shape, and its agreement check. ``layouts``: the sparse op with its down
     weights in the other layout too (kind ``sparse_rows`` or ``sparse_tiled``; ``sparse`` has the
-    exporter's default layout, onnx_op.DEFAULT_DOWN_LAYOUT), in the same interleaved rounds."""
+    layout the exporter writes at this d, graphs.default_layout), in the same interleaved rounds."""
     rng = np.random.default_rng(seed)
     e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
     cache: dict = {}
     runners = {"sparse": graphs.runner("sparse", e, threads=threads, library=library),
                "moe": graphs.runner("moe", e, threads=threads, cache=cache),
                "dense": graphs.runner("dense", e, threads=threads)}
-    layout = onnx_op.DEFAULT_DOWN_LAYOUT
+    layout = graphs.default_layout(shape.d)
     other = graphs.LAYOUT_KINDS["tiled" if layout == "rows" else "rows"]
     if layouts:
         runners[other] = graphs.runner(other, e, threads=threads, library=library)
