@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-from cuda_harness import Harness, find_library, rounded  # noqa: E402
-from op_graph import make_case  # noqa: E402
+sys.path[:0] = [str(ROOT)]
+from dsmoe_export.testing.cuda_harness import Harness, find_library, rounded  # noqa: E402
+from dsmoe_export.testing.cases import make_case  # noqa: E402
 
 from dsmoe_export.onnx_op import tile_down  # noqa: E402
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
-from cuda_harness import Harness, find_library  # noqa: E402
+sys.path[:0] = [str(ROOT)]
+from dsmoe_export.testing.cuda_harness import Harness, find_library  # noqa: E402
 
 from dsmoe_export.onnx_op import tile_down  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from reference import ffn_reference
+from dsmoe_export.testing.reference import ffn_reference
 from transformers import LlamaForCausalLM
 
 transformers.logging.set_verbosity_error()

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 from dsmoe_export.bench import graphs, metrics, routing
-from reference import ffn_reference, router_scores
+from dsmoe_export.testing.reference import ffn_reference, router_scores
+from dsmoe_export.testing.cases import rel_err
 
 RTOL = 1e-4
 
-
-def _rel_err(y, y_ref) -> float:
-    return float(np.abs(y - y_ref).max(initial=0.0) / max(1.0, float(np.abs(y_ref).max(initial=0.0))))
 
 
 @pytest.mark.parametrize("n,k", [(8, 1), (8, 3), (8, 8), (4, 2), (16, 5), (8, 0)])
@@ -60,7 +58,7 @@ def test_moe_graph_computes_the_reference(rng, weighting, rescale, mode, T):
     moe = graphs.Runner(*graphs.moe_graph(e, k=k, weighting=weighting, rescale=rescale), threads=1)
     y = moe(x, rt.router_weight)[0]
     y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down, weighting=weighting, rescale=rescale)
-    assert _rel_err(y, y_ref) <= RTOL
+    assert rel_err(y, y_ref) <= RTOL
 
 
 def test_moe_graph_no_swiglu_clamp_and_idle_tokens(rng):
@@ -73,7 +71,7 @@ def test_moe_graph_no_swiglu_clamp_and_idle_tokens(rng):
     y_ref, active = ffn_reference(x, router, e.gate, e.up, e.down)
     assert np.abs(y_ref).max() > 100
     y = graphs.Runner(*graphs.moe_graph(e), threads=1)(x, router)[0]
-    assert _rel_err(y, y_ref) <= RTOL
+    assert rel_err(y, y_ref) <= RTOL
     idle = ~active.any(axis=1)
     assert (y[idle] == 0).all()
 
@@ -87,7 +85,7 @@ def test_dense_graph_computes_the_full_ffn(rng, T):
     y_ref, active = ffn_reference(x, all_on, e.gate, e.up, e.down, np.full(e.n, 10.0, np.float32),
                                   weighting="binary", rescale=False)
     assert active.all()
-    assert _rel_err(y, y_ref) <= RTOL
+    assert rel_err(y, y_ref) <= RTOL
 
 
 @pytest.mark.parametrize("mode,T", [("exact", 1), ("natural", 40)])
@@ -96,7 +94,7 @@ def test_sparse_op_and_moe_agree(op_library, rng, mode, T):
     y_sparse = graphs.runner("sparse", e, threads=2, library=op_library)(x, rt.router_weight)[0]
     y_moe = graphs.runner("moe", e, threads=2)(x, rt.router_weight)[0]
     y_ref, _ = ffn_reference(x, rt.router_weight, e.gate, e.up, e.down)
-    assert _rel_err(y_sparse, y_ref) <= RTOL and _rel_err(y_moe, y_ref) <= RTOL
+    assert rel_err(y_sparse, y_ref) <= RTOL and rel_err(y_moe, y_ref) <= RTOL
 
 
 def test_layouts(rng):
@@ -188,7 +186,7 @@ def test_sparse_graph_down_layouts(op_library, rng):
     assert graphs.sparse_graph(e, down_tile=0)[1]["down_weight"].shape == (e.n, e.block, e.d)
     for kind in ("sparse", "sparse_rows", "sparse_tiled"):
         y = graphs.runner(kind, e, threads=2, library=op_library)(x, rt.router_weight)[0]
-        assert _rel_err(y, y_ref) <= RTOL
+        assert rel_err(y, y_ref) <= RTOL
 
 
 @pytest.mark.slow

@@ -8,10 +8,8 @@ import numpy as np
 
 from dsmoe_export.bench import graphs, op, routing
 from dsmoe_export.bench.report import markdown
+from dsmoe_export.testing.cases import rel_err
 
-
-def _rel(a, b):
-    return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
 
 
 def test_quantized_graphs_agree(op_library, rng):
@@ -23,14 +21,14 @@ def test_quantized_graphs_agree(op_library, rng):
         nat = routing.natural(rng, 4, e.d, e.n)
         ys = r["sparse"](nat.x, nat.router_weight)[0]
         if fmt == "int4":  # QMoE int8 quantizes activations to int8 on the CPU EP
-            assert _rel(r["qmoe"](nat.x, nat.router_weight)[0], ys) < 1e-4
+            assert rel_err(r["qmoe"](nat.x, nat.router_weight)[0], ys) < 1e-4
         full = routing.exact_k(rng, 3, e.d, e.n, e.n)
         s = 1.0 / (1.0 + math.exp(-routing.ALPHA))
         ya, yd = r["sparse"](full.x, full.router_weight)[0], r["dense"](full.x, full.router_weight)[0]
-        assert _rel(s * yd, ya) < 1e-4
+        assert rel_err(s * yd, ya) < 1e-4
     y16 = graphs.runner("sparse-float16", e, threads=1, library=op_library)(nat.x, nat.router_weight)[0]
     y32 = graphs.runner("sparse", e, threads=1, library=op_library)(nat.x, nat.router_weight)[0]
-    assert 0 < _rel(y16, y32) < 1e-2
+    assert 0 < rel_err(y16, y32) < 1e-2
 
 
 def test_quant_rows_and_report(op_library):

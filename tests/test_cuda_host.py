@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from op_graph import make_case
-from reference import _activation
+from dsmoe_export.testing.cases import make_case
+from dsmoe_export.testing.reference import _activation
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("decode", "tensor_cores", "vec_loads", "elem_size", "tile_m", "gate_up_tile_n", "down_tile_n",

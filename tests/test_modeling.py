@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import ffn_reference
+from dsmoe_export.testing.reference import ffn_reference
 
 from dsmoe_export.config import DSMoEConfig, parse_config
 from dsmoe_export.modeling import DSMoEMLP

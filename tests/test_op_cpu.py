@@ -15,7 +15,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from op_graph import assert_matches_reference, make_case, make_model, run, session
+from dsmoe_export.testing.cases import make_case
+from op_graph import assert_matches_reference, make_model, run, session
 
 DECODE_TOKENS = (1, 2, 5, 6)
 PREFILL_TOKENS = (7, 8, 37)

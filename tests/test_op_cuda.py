@@ -19,8 +19,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from cuda_harness import Harness, find_library, rounded
-from op_graph import make_case, make_model
+from dsmoe_export.testing.cuda_harness import Harness, find_library, rounded
+from dsmoe_export.testing.cases import make_case
+from op_graph import make_model
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 DECODE_TOKENS = (1, 2, 5, 8)

@@ -12,7 +12,9 @@ import torch
 from onnx import helper
 
 from dsmoe_export import onnx_op
-from op_graph import OPSET, assert_matches_reference, make_case, make_model, run
+from dsmoe_export.graph.builder import OPSET
+from dsmoe_export.testing.cases import make_case
+from op_graph import assert_matches_reference, make_model, run
 
 NO_LIBRARY = None
 

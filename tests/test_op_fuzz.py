@@ -22,7 +22,8 @@ import os
 import numpy as np
 import pytest
 
-from op_graph import RTOL, make_case, make_model, session
+from dsmoe_export.testing.cases import RTOL, make_case
+from op_graph import make_model, session
 from test_op_cpu import _cpu_isas
 
 DEFAULT_CASES = 150

@@ -9,9 +9,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from dsmoe_export import onnx_op, quant
-from op_graph import IR_VERSION, OPSET, RTOL, assert_matches_reference, make_case
+from dsmoe_export.graph.builder import IR_VERSION, OPSET
+from dsmoe_export.testing.cases import RTOL, make_case
+from op_graph import assert_matches_reference
 from quant_reference import dequantize
-from reference import ffn_reference
+from dsmoe_export.testing.reference import ffn_reference
 
 ISAS = ("avx512", "avx2", "baseline")
 

@@ -34,7 +34,8 @@ from dsmoe_export import exporter
 from dsmoe_export.cli import main
 from dsmoe_export.synthetic import TinySpec, make_model_folder
 from dsmoe_runtime import DSMoESession, LibraryError
-from op_graph import make_case, make_model, session
+from dsmoe_export.testing.cases import make_case
+from op_graph import make_model, session
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 8

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..testing.cases import rel_err
 from . import graphs, metrics, routing, timing
 
 # Calls faster than this get SHORT_CALL_FACTOR x the rounds: they are cheap and noisier.
@@ -73,13 +74,10 @@ def check_agreement(runners: dict, e: graphs.Experts, rng: np.random.Generator) 
     y_dense = runners["dense"](full.x, full.router_weight)[0]
     s = 1.0 / (1.0 + math.exp(-routing.ALPHA))
 
-    def rel(a, b):
-        return float(np.abs(a - b).max() / max(1.0, float(np.abs(b).max())))
-
-    out = {"moe_vs_sparse": rel(y_moe, y_sparse), "dense_vs_sparse_all_active": rel(s * y_dense, y_all)}
+    out = {"moe_vs_sparse": rel_err(y_moe, y_sparse), "dense_vs_sparse_all_active": rel_err(s * y_dense, y_all)}
     for layout, kind in graphs.LAYOUT_KINDS.items():  # the same sums in the same order (op-spec, "two layouts")
         if kind in runners:
-            out[f"{layout}_layout_vs_sparse"] = rel(runners[kind](nat.x, nat.router_weight)[0], y_sparse)
+            out[f"{layout}_layout_vs_sparse"] = rel_err(runners[kind](nat.x, nat.router_weight)[0], y_sparse)
     return out
 
 

@@ -1,6 +1,6 @@
 """ctypes wrapper of libdsmoe_cuda_harness (custom_ops/cuda/harness.cc): the CUDA
 kernels of org.dsmoe::GatedBlockSparseFFN called on torch CUDA tensors, without
-onnxruntime-gpu. Used by tests/test_op_cuda.py and scripts/gpu_bench.py.
+onnxruntime-gpu. Used by tests/test_op_cuda.py and the GPU scripts (scripts/gpu_*.py).
 
 The library is found through DSMOE_CUDA_HARNESS, else the newest
 build/*/libdsmoe_cuda_harness.so of this checkout (cmake builds it next to
@@ -11,7 +11,7 @@ import ctypes
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (build/ beside dsmoe_export/)
 ENV_VAR = "DSMOE_CUDA_HARNESS"
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -73,7 +73,7 @@ class Harness:
 
 
 def rounded(case, dtype: str):
-    """The op_graph case with its inputs rounded to dtype (float32, float16, bfloat16), so that
+    """The case (testing.cases) with its inputs rounded to dtype (float32, float16, bfloat16), so that
     the float64 reference sees what the kernel sees."""
     import torch
 

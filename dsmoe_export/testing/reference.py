@@ -1,5 +1,5 @@
 """Float64 numpy reference of org.dsmoe::GatedBlockSparseFFN, written from
-docs/op-spec.md alone (independent of dsmoe_export on purpose): the kernels
+docs/op-spec.md alone (it imports nothing else of dsmoe_export, on purpose): the kernels
 and the ONNX function body are all checked against it.
 """
 from __future__ import annotations
