@@ -181,21 +181,15 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const Ort::ConstValue &x = in.x, &router = in.router_weight, &gate = in.gate_weight, &up = in.up_weight,
                         &down = in.down_weight, &bias = in.router_bias;
 
-  float* y = ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>();
-  bool* active_out = nullptr;
-  if (ctx.GetOutputCount() > kActive) {
-    Ort::UnownedValue active = ctx.GetOutput(kActive, dims.active_shape);
-    if (active) active_out = active.GetTensorMutableData<bool>();
-  }
+  const Outputs out = GetOutputs(ctx, dims);
+  float* y = out.y;
   if (dims.num_tokens == 0) return;
 
   const Weights w{x.GetTensorData<float>(),  router.GetTensorData<float>(),
                   bias ? bias.GetTensorData<float>() : nullptr,
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
   const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
-  if (active_out) {
-    std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
-  }
+  WriteActive(routing, dims, out.active);
   if (dims.num_tokens <= kDecodeMaxTokens) {
     ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
   } else {

@@ -203,12 +203,8 @@ class QuantCpuKernel {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
     const QuantDims& qd = in.dims;
     const FfnDims& dims = qd.base;
-    float* y = ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>();
-    bool* active_out = nullptr;
-    if (ctx.GetOutputCount() > kActive) {
-      Ort::UnownedValue active = ctx.GetOutput(kActive, dims.active_shape);
-      if (active) active_out = active.GetTensorMutableData<bool>();
-    }
+    const Outputs out = GetOutputs(ctx, dims);
+    float* y = out.y;
     if (dims.num_tokens == 0) return;
     auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
     auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
@@ -218,9 +214,7 @@ class QuantCpuKernel {
                      floats(in.up_scales),      floats(in.down_scales), qd.row_bytes,
                      qd.row_groups,             qd.block_groups};
     const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
-    if (active_out) {
-      std::memcpy(active_out, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
-    }
+    WriteActive(routing, dims, out.active);
     if (dims.num_tokens <= kDecodeMaxTokens) {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "cpu/parallel.h"
 
@@ -62,6 +63,21 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
     }
   });
   return r;
+}
+
+Outputs GetOutputs(Ort::KernelContext& ctx, const FfnDims& dims) {
+  Outputs out{ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>(), nullptr};
+  if (ctx.GetOutputCount() > kActive) {
+    Ort::UnownedValue active = ctx.GetOutput(kActive, dims.active_shape);
+    if (active) out.active = active.GetTensorMutableData<bool>();
+  }
+  return out;
+}
+
+void WriteActive(const Routing& routing, const FfnDims& dims, bool* active) {
+  if (active != nullptr) {
+    std::memcpy(active, routing.active.get(), static_cast<size_t>(dims.num_tokens * dims.num_blocks));
+  }
 }
 
 PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t num_tokens) {

@@ -66,6 +66,16 @@ struct Routing {
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const float* x, const float* router, const float* bias);
 
+// The op's outputs: Y, and `active` where the node has that optional output (else nullptr).
+struct Outputs {
+  float* y;
+  bool* active;
+};
+Outputs GetOutputs(Ort::KernelContext& ctx, const FfnDims& dims);
+
+// Copies the routing's active flags into `active` when it is given.
+void WriteActive(const Routing& routing, const FfnDims& dims, bool* active);
+
 // The active pairs of a call sorted by block (tokens ascending within a
 // block): pairs of block i are [block_start[i], block_start[i + 1]), pair_token[p]
 // is the token of pair p.
