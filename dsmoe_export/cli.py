@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout of the sparse op's down weights (docs/op-spec.md, attribute down_tile): 'tiled' "
                         "stores [B, 64] column tiles the CPU kernel's prefill reads in place, 'rows' the plain "
                         "[n, B, d]; 'auto' picks tiled from hidden size 2048 on, rows below it, where rows decodes "
-                        "6-20 %% faster at equal prefill speed (default: %(default)s)")
+                        "6-20 %% faster at equal prefill speed, and rows for --dtype float16 (the CUDA EP's "
+                        "CUTLASS GEMMs read rows) (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,

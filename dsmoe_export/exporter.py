@@ -138,10 +138,14 @@ DOWN_LAYOUT_CHOICES = ("auto", *onnx_op.DOWN_LAYOUTS)
 AUTO_TILED_MIN_HIDDEN = 2048
 
 
-def choose_down_layout(layout: str, hidden_size: int) -> str:
-    """The layout `layout` names: itself, or for "auto" the one that suits `hidden_size`."""
+def choose_down_layout(layout: str, hidden_size: int, dtype: str = "float32") -> str:
+    """The layout `layout` names: itself, or for "auto" the one that suits `hidden_size` and
+    `dtype`. float16 graphs are for the CUDA EP, whose CUTLASS grouped GEMMs (Hopper) read the
+    rows layout only (the tiles are a CPU cache layout): rows there at every size."""
     if layout != "auto":
         return layout
+    if dtype != "float32":
+        return "rows"
     return "tiled" if hidden_size >= AUTO_TILED_MIN_HIDDEN else "rows"
 
 
@@ -209,7 +213,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     options = GraphOptions(sparse=not dense, ffn_weights=ffn_weights, matmul_weights=matmul_weights,
                            lm_head_weights=lm_head_weights,
                            group_size=group_size, accuracy_level=accuracy_level,
-                           down_tile=onnx_op.DOWN_LAYOUTS[choose_down_layout(down_layout, cfg.hidden_size)],
+                           down_tile=onnx_op.DOWN_LAYOUTS[choose_down_layout(down_layout, cfg.hidden_size, dtype)],
                            active_outputs=active_outputs)
     if calibration_text is not None and any(f in ("int8", "int4") for f in (ffn_weights, matmul_weights,
                                                                             lm_head_weights)):

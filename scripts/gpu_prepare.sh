@@ -7,16 +7,19 @@
 #                       sparse.onnx (float32, tiled down layout), sparse_rows.onnx,
 #                       sparse_fp16.onnx, dense.onnx, dense_fp16.onnx
 #   build/ort-gpu/      onnxruntime-gpu (pinned) repacked as tar.xz parts of at most
-#                       PART_MIB MiB (default 62), one part per device call, with a manifest
+#                       PART_MIB MiB (default 44: the first call also carries the two
+#                       libraries, about 14 MiB with the CUTLASS GEMMs), one part per device
+#                       call, with a manifest
 #                       (sha256 of each part and of the whole)
-#   build/gpu/          the op library and the test harness for sm_90 (nvcc here: the device
-#                       call then skips its build)
+#   build/gpu/          the op library and the test harness for sm_90, with the CUTLASS
+#                       grouped GEMMs (their headers fetched from PyPI here: the device has
+#                       no network; nvcc here: the device call then skips its build)
 # and prints the device calls that use them.
 # Usage: bash scripts/gpu_prepare.sh [headers] [models] [ort] [lib]   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ORT_GPU_VERSION=${ORT_GPU_VERSION:-1.31.1}
-PART_MIB=${PART_MIB:-62}
+PART_MIB=${PART_MIB:-44}
 PYTHON=${PYTHON:-.venv/bin/python}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(headers models ort lib)
@@ -62,7 +65,7 @@ EOF
     ;;
   lib)
     [ -d build/ort-headers ] || { echo "lib needs build/ort-headers (the headers stage)"; exit 2; }
-    cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DDSMOE_WITH_CUDA=ON -DDSMOE_CUDA_ARCHITECTURES=90 \
+    cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DDSMOE_WITH_CUDA=ON -DDSMOE_CUDA_ARCHITECTURES=90 -DDSMOE_WITH_CUTLASS=ON \
       -DORT_INCLUDE_DIR="$PWD/build/ort-headers" > /dev/null
     cmake --build build/gpu -j"$(nproc)" > /dev/null
     ls -la build/gpu/*.so

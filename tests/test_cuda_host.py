@@ -1,9 +1,12 @@
 """Host-side logic of the CUDA kernel, tested without a GPU: the launch plan
 (path, tiles, grids, scratch layout) of custom_ops/cuda/plan.cc and the tile
-bookkeeping of custom_ops/cuda/tile_map.h (the same code the device runs), then a
-numpy emulation of the grouped-GEMM path's data flow driven by them (route,
-counting sort by block, M tiles, h rows at tile * tile_m + r, down GEMM with the
-coefficient in its epilogue) against the float64 reference.
+bookkeeping of custom_ops/cuda/tile_map.h and grouped_map.h (the same code the
+device runs), then numpy emulations of both grouped-GEMM paths' data flow driven by
+them against the float64 reference: the WMMA path (route, counting sort by block,
+M tiles, h rows at tile * tile_m + r, down GEMM with the coefficient in its
+epilogue) and the CUTLASS path (permuted rows, the 2n + n groups' problem sizes,
+offsets and leading dimensions as the argument kernel writes them, h in place,
+the down output over the permuted input, the combine in block order).
 
 The code is compiled here with the host C++ compiler into a small shared library
 (tests/cuda_host_shim.cc); nvcc is not needed.
@@ -26,9 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("decode", "tensor_cores", "vec_loads", "elem_size", "tile_m", "gate_up_tile_n", "down_tile_n",
           "max_m_tiles", "h_ld", "decode_down_rows", "decode_cols", "router_x", "sort_x", "gate_up_x",
           "gate_up_y", "down_x", "down_y", "decode_gate_up_x", "decode_down_x", "finalize_x",
-          "coef", "active", "acc", "h_decode", "pair_token", "block_count", "tile_start", "h", "bytes")
+          "coef", "active", "acc", "h_decode", "pair_token", "block_count", "tile_start", "h", "bytes",
+          "cutlass", "permute_x", "activate_x", "combine_x", "combine_y",
+          "pair_row", "xp", "gu", "gemm_args", "gemm_workspace")
 F32, F16, BF16 = 0, 1, 2
 DECODE_MAX_TOKENS = 8
+NO_CUTLASS = (0, 0, 0, 0)           # device: arch, SM count, CUTLASS built, GEMM workspace bytes
+H200 = (90, 132, 1, 70_000)         # sm_90 with the CUTLASS GEMMs built in
+GROUP_ARG_BYTES, GROUPED_ROWS_PER_CTA, COMBINE_COLS_PER_CTA = 128, 8, 256 * 8
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +55,34 @@ def shim(tmp_path_factory):
     return lib
 
 
-def plan(lib, tokens, d, n, B, dtype=F16, aligned=True) -> dict:
+def plan(lib, tokens, d, n, B, dtype=F16, aligned=True, *, down_tiled=False, device=NO_CUTLASS) -> dict:
     out = (ctypes.c_int64 * len(FIELDS))()
     err = ctypes.create_string_buffer(256)
     args = [ctypes.c_int64(v) for v in (tokens, d, n, B)]
-    if lib.shim_plan(*args, dtype, int(aligned), out, err, 256):
+    dev = (ctypes.c_int64 * 4)(*device)
+    if lib.shim_plan(*args, dtype, int(aligned), int(down_tiled), dev, out, err, 256):
         raise ValueError(err.value.decode())
     return dict(zip(FIELDS, out))
+
+
+GROUP_FIELDS = ("m", "n", "k", "a", "b", "d", "lda", "ldb", "ldd", "up")
+
+
+def group_gemm(lib, which, row_start, group, d, B) -> dict:
+    n = len(row_start) - 1
+    rs = (ctypes.c_int * (n + 1))(*row_start)
+    out = (ctypes.c_int64 * len(GROUP_FIELDS))()
+    lib.shim_group_gemm({"gate_up": 0, "down": 1}[which], rs, group, d, B, out)
+    return dict(zip(GROUP_FIELDS, out))
+
+
+def permuted_row(lib, row_start, pair_token, r):
+    n, N = pair_token.shape
+    rs = (ctypes.c_int * (n + 1))(*row_start)
+    pt = (ctypes.c_int * (n * N))(*[int(v) for v in pair_token.ravel()])
+    block, token = ctypes.c_int(), ctypes.c_int()
+    ok = lib.shim_permuted_row(rs, pt, n, N, r, ctypes.byref(block), ctypes.byref(token))
+    return (block.value, token.value) if ok else None
 
 
 def align_tiles(lib, counts, tile_m):
@@ -133,6 +162,56 @@ def test_scratch_layout(shim, shape, dtype):
     for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         assert a1 <= b0, f"{an} overlaps {bn}"
     assert spans[-1][1] == p["bytes"]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_cutlass_path_is_taken_on_hopper_only(shim, dtype):
+    on = dict(device=H200)
+    assert plan(shim, 9, 4096, 8, 1376, dtype, **on)["cutlass"] == 1
+    assert plan(shim, 4096, 4096, 8, 1376, dtype, **on)["cutlass"] == 1
+    assert plan(shim, 8, 4096, 8, 1376, dtype, **on)["decode"] == 1  # decode keeps its GEMVs
+    assert plan(shim, 8, 4096, 8, 1376, dtype, **on)["cutlass"] == 0
+    assert plan(shim, 512, 4096, 8, 1376, F32, **on)["cutlass"] == 0
+    for why_not in (dict(device=(89, 128, 1, 70_000)), dict(device=(100, 148, 1, 70_000)),  # sm_90a code only
+                    dict(device=(90, 132, 0, 0)), dict(device=(90, 132, 1, 0)),  # not built / no workspace
+                    dict(device=H200, down_tiled=True), dict(device=H200, aligned=False)):
+        p = plan(shim, 512, 4096, 8, 1376, dtype, **why_not)
+        assert p["cutlass"] == 0 and p["tensor_cores"] == why_not.get("aligned", True), why_not
+    assert plan(shim, 512, 4100, 8, 1376, dtype, **on)["cutlass"] == 0  # TMA: rows of 16 bytes
+    assert plan(shim, 512, 4096, 8, 1372, dtype, **on)["cutlass"] == 0
+
+
+CUTLASS_REGIONS = {
+    "coef": lambda N, d, n, B, e, ws: N * n * 4,
+    "active": lambda N, d, n, B, e, ws: N * n,
+    "pair_token": lambda N, d, n, B, e, ws: n * N * 4,
+    "block_count": lambda N, d, n, B, e, ws: n * 4,
+    "tile_start": lambda N, d, n, B, e, ws: (n + 1) * 4,
+    "pair_row": lambda N, d, n, B, e, ws: N * n * 4,
+    "xp": lambda N, d, n, B, e, ws: N * n * d * e,
+    "gu": lambda N, d, n, B, e, ws: N * n * 2 * B * e,
+    "gemm_args": lambda N, d, n, B, e, ws: 3 * n * GROUP_ARG_BYTES,
+    "gemm_workspace": lambda N, d, n, B, e, ws: 2 * -(-ws // 256) * 256,
+}
+
+
+@pytest.mark.parametrize("shape", [(9, 4096, 8, 1376), (4096, 4096, 8, 1376), (77, 64, 3, 8), (300, 576, 16, 96)])
+def test_cutlass_scratch_layout_and_grids(shim, shape):
+    N, d, n, B = shape
+    p = plan(shim, N, d, n, B, F16, device=H200)
+    assert p["cutlass"] == 1 and p["tile_m"] == 1 and p["finalize_x"] == 0
+    assert p["acc"] == -1 and p["h"] == -1 and p["h_decode"] == -1  # no float accumulator: combine writes Y
+    spans = []
+    for name, size in CUTLASS_REGIONS.items():
+        assert p[name] >= 0 and p[name] % 256 == 0, name
+        spans.append((p[name], p[name] + size(N, d, n, B, 2, H200[3]), name))
+    spans.sort()
+    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        assert a1 <= b0, f"{an} overlaps {bn}"
+    assert spans[-1][1] == p["bytes"]
+    assert p["sort_x"] == n and p["router_x"] == N
+    assert p["permute_x"] == p["activate_x"] == math.ceil(N * n / GROUPED_ROWS_PER_CTA)
+    assert (p["combine_x"], p["combine_y"]) == (N, math.ceil(d / COMBINE_COLS_PER_CTA))
 
 
 def test_zero_tokens_and_limits(shim):
@@ -229,3 +308,90 @@ def test_gemm_path_emulation(shim, rng, tokens, n, B, tile_m):
     np.testing.assert_array_equal(active, active_ref)
     np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
     assert (y[~active_ref.any(-1)] == 0).all()
+
+
+def _route(shim, case):
+    """Router and counting sort as the kernels do them (float64): active, coef, pair_token, counts."""
+    x = case.x.reshape(-1, case.x.shape[-1]).astype(np.float64)
+    n = case.gate.shape[0]
+    attrs = {"threshold": 0.5, "rescale": True, "weighting": "score", "activation": "silu", **case.attrs}
+    logits = x @ case.router_weight.astype(np.float64).T + (0 if case.router_bias is None else case.router_bias)
+    s = 1 / (1 + np.exp(-logits))
+    active = s > attrs["threshold"]
+    k = active.sum(-1)
+    c = np.where(attrs["rescale"] & (k > 0), n / np.maximum(k, 1), 1.0)
+    coef = np.where(active, s if attrs["weighting"] == "score" else 1.0, 0.0) * c[:, None]
+    pair_token = np.full((n, x.shape[0]), -1)
+    counts = active.sum(0)
+    for i in range(n):
+        pair_token[i, :counts[i]] = np.nonzero(active[:, i])[0]
+    return x, attrs, active, coef, pair_token, counts
+
+
+def _at(offset, rows, cols, ld_row, ld_col=1):
+    """Flat indices of a rows x cols matrix at `offset` with the given strides."""
+    return offset + np.arange(rows)[:, None] * ld_row + np.arange(cols)[None, :] * ld_col
+
+
+def emulate_cutlass_path(shim, case):
+    """The CUTLASS path on flat buffers, every address from the shim's group map."""
+    x, attrs, active, coef, pair_token, counts = _route(shim, case)
+    N, d = x.shape
+    n, B, _ = case.gate.shape
+    row_start = align_tiles(shim, [int(v) for v in counts], 1)  # the align kernel with tile_m = 1
+    assert row_start[-1] == active.sum()
+    xp = np.full(N * n * d, np.nan)          # scratch: never-written rows stay NaN
+    gu = np.full(N * n * 2 * B, np.nan)
+    pair_row = np.full((N, n), -7)
+    for r in range(N * n + GROUPED_ROWS_PER_CTA):  # the permute grid, sized for every pair
+        found = permuted_row(shim, row_start, pair_token, r)
+        if r >= row_start[-1]:
+            assert found is None
+            continue
+        i, t = found
+        xp[r * d:(r + 1) * d] = x[t]
+        pair_row[t, i] = r
+    gate, up, down = (w.astype(np.float64).ravel() for w in (case.gate, case.up, case.down))
+    for g in range(2 * n):  # gate/up: A row-major, B [n, k] K-major, D row-major
+        s = group_gemm(shim, "gate_up", row_start, g, d, B)
+        assert s["up"] == g % 2 and s["m"] == counts[g // 2] and (s["n"], s["k"]) == (B, d)
+        a = xp[_at(s["a"], s["m"], s["k"], s["lda"])]
+        w = (up if s["up"] else gate)[_at(s["b"], s["n"], s["k"], s["ldb"])]
+        gu[_at(s["d"], s["m"], s["n"], s["ldd"])] = a @ w.T
+    rows = _at(0, row_start[-1], B, 2 * B)  # activate: h into the gate half, in place
+    gu[rows] = _activation(attrs["activation"], gu[rows]) * gu[rows + B]
+    for i in range(n):  # down: A = gu's gate half, B [k, n] N-major, D over xp
+        s = group_gemm(shim, "down", row_start, i, d, B)
+        assert s["m"] == counts[i] and (s["n"], s["k"]) == (d, B)
+        a = gu[_at(s["a"], s["m"], s["k"], s["lda"])]
+        w = down[_at(s["b"], s["k"], s["n"], s["ldb"])]
+        xp[_at(s["d"], s["m"], s["n"], s["ldd"])] = a @ w
+    y = np.zeros((N, d))
+    for t in range(N):  # combine: the token's active blocks in ascending order
+        for i in range(n):
+            if active[t, i]:
+                y[t] += coef[t, i] * xp[pair_row[t, i] * d:(pair_row[t, i] + 1) * d]
+    return y.reshape(case.x.shape), active.reshape(*case.x.shape[:-1], n)
+
+
+@pytest.mark.parametrize("tokens,n,B,d", [(9, 8, 16, 24), (70, 5, 8, 40), (33, 16, 24, 16), (200, 3, 8, 8)])
+def test_cutlass_path_emulation(shim, rng, tokens, n, B, d):
+    case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=True, threshold=float(rng.uniform(0.3, 0.7)),
+                     activation=str(rng.choice(["silu", "gelu", "gelu_tanh"])))
+    y, active = emulate_cutlass_path(shim, case)
+    y_ref, active_ref = case.reference()
+    np.testing.assert_array_equal(active, active_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
+    assert (y[~active_ref.any(-1)] == 0).all()
+
+
+@pytest.mark.parametrize("fill", ["none", "all"])
+def test_cutlass_path_emulation_edges(shim, rng, fill):
+    """No block active anywhere (every group empty, Y = 0) and every block active (N * n rows)."""
+    case = make_case(rng, (17,), d=16, n=4, B=8, bias=True)
+    case.router_bias = np.full(4, -60.0 if fill == "none" else 60.0, np.float32)
+    y, active = emulate_cutlass_path(shim, case)
+    y_ref, active_ref = case.reference()
+    assert active_ref.all() if fill == "all" else not active_ref.any()
+    np.testing.assert_array_equal(active, active_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)

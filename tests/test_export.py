@@ -157,6 +157,8 @@ def test_auto_down_layout_follows_hidden_size():
     assert choose_down_layout("auto", 4096) == "tiled"
     assert choose_down_layout("tiled", 576) == "tiled"
     assert choose_down_layout("rows", 4096) == "rows"
+    assert choose_down_layout("auto", 4096, "float16") == "rows"  # the CUDA EP's CUTLASS GEMMs read rows
+    assert choose_down_layout("tiled", 4096, "float16") == "tiled"
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -57,6 +57,20 @@ def test_ort_timing_loop_and_table_on_the_cpu_ep(op_library):
     assert len(table) == 2 + len(rows) and table[0].startswith("| tokens | k |")
 
 
+def test_harness_targets_and_table():
+    import gpu_bench
+
+    assert gpu_bench.target(1, 0.25, 2, 8) == pytest.approx(0.35)
+    assert gpu_bench.target(8, 0.25, 6, 8) == pytest.approx(0.85)  # the union of the 8 tokens' blocks
+    assert gpu_bench.target(9, 0.25, 8, 8) == gpu_bench.target(64, 0.5, 8, 8) == 1.0
+    assert gpu_bench.target(512, 0.5, 8, 8) == pytest.approx(0.575)
+    row = dict(tokens=512, k=4, r=0.5, union=8, path="gemm-cutlass", rows_ms=1.0, rows_wmma_ms=2.0, tiled_ms=2.1,
+               dense_ms=2.5, ratio=0.4, rows_wmma_ratio=0.8, tiled_ratio=0.84, target=0.575, ok=True)
+    table = gpu_bench.harness_table([row, {**row, "ok": False}])
+    assert len(table) == 4 and table[2].count("|") == table[0].count("|")
+    assert "gemm-cutlass" in table[2] and table[2].endswith("| yes |") and table[3].endswith("| no |")
+
+
 def test_e2e_script_on_small_exports(op_library, tmp_path):
     from dsmoe_export.cli import main as export_main
     from dsmoe_export.synthetic import make_model_folder

@@ -64,7 +64,7 @@ def harness():
     return h
 
 
-def run_harness(h, case, dtype):
+def run_harness(h, case, dtype, **kw):
     import torch
 
     td = getattr(torch, dtype)
@@ -73,7 +73,7 @@ def run_harness(h, case, dtype):
     active = torch.empty(x.shape[0], case.num_experts, dtype=torch.bool, device="cuda")
     down = case.feeds()["down_weight"]  # in the layout case.attrs' down_tile names
     y = h.forward(x, dev(case.router_weight), dev(case.gate), dev(case.up), dev(down), dev(case.router_bias),
-                  active=active, **case.attrs)
+                  active=active, **case.attrs, **kw)
     torch.cuda.synchronize()
     return y.float().cpu().numpy().reshape(case.x.shape), active.cpu().numpy().reshape(*case.x.shape[:-1], -1)
 
@@ -130,6 +130,46 @@ def test_harness_llama_shape(harness, rng):
     for tokens in (1, 8, 512):
         case = rounded(make_case(rng, (tokens,), d=4096, n=8, B=1376), "float16")
         check(case, *run_harness(harness, case, "float16"), "float16")
+
+
+@pytest.fixture(scope="module")
+def hopper(harness):
+    import torch
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the CUTLASS path runs on sm_90 only, this is {torch.cuda.get_device_name()}")
+    if harness.path(512, 4096, 8, 1376, "float16") != "gemm-cutlass":
+        pytest.skip("library built without the CUTLASS GEMMs (DSMOE_WITH_CUTLASS)")
+    return harness
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("tokens", [9, 64, 513])
+def test_cutlass_path(hopper, rng, dtype, tokens):
+    """The CUTLASS grouped GEMMs against the reference and the WMMA path, run to run bit-identical
+    (no float atomics), on the LLaMA-7B shape and a small odd one."""
+    for d, n, B in ((4096, 8, 1376), (136, 5, 24)):
+        case = rounded(make_case(rng, (tokens,), d=d, n=n, B=B, bias=True, threshold=float(rng.uniform(0.3, 0.7)),
+                                 activation=str(rng.choice(["silu", "gelu", "gelu_tanh"]))), dtype)
+        assert hopper.path(tokens, d, n, B, dtype) == "gemm-cutlass"
+        y, active = run_harness(hopper, case, dtype)
+        check(case, y, active, dtype)
+        y2, _ = run_harness(hopper, case, dtype)
+        assert np.array_equal(y, y2), "the CUTLASS path must be deterministic"
+        y_wmma, _ = run_harness(hopper, case, dtype, cutlass=False)
+        scale = max(1.0, float(np.abs(y).max()))
+        assert float(np.abs(y - y_wmma).max()) / scale <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [-60.0, 60.0])
+def test_cutlass_path_no_block_and_all_blocks(hopper, rng, bias):
+    case = rounded(make_case(rng, (300,), d=256, n=8, B=64, bias=True), "float16")
+    case.router_bias = np.full(8, bias, np.float32)
+    y, active = run_harness(hopper, case, "float16")
+    check(case, y, active, "float16")
+    assert active.all() if bias > 0 else (not active.any() and not y.any())
 
 
 # --- GPU: the op in an ONNX Runtime CUDA EP session ------------------------------------------

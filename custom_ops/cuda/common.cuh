@@ -32,6 +32,14 @@ struct Params {
   int* block_count;
   int* tile_start;
   T* h;
+  // CUTLASS path (grouped_map.h; tile_start holds row_start there)
+  int* pair_row;          // [N, n]
+  T* xp;                  // [N * n, d]
+  T* gu;                  // [N * n, 2B]
+  void* gemm_args;        // 3n x kGroupGemmArgBytes
+  void* gemm_workspace;   // 2 x gemm_workspace_bytes
+  int64_t gemm_workspace_bytes;
+  int device, sm_count;
   int N, d, n, B;
   int h_ld;
   int tile_m;

@@ -3,6 +3,7 @@
 #include "cuda/ffn_cuda.h"
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "common/scratch.h"
@@ -19,6 +20,16 @@ constexpr DType ToDType(ONNXTensorElementDataType t) {
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// DSMOE_CUDA_CUTLASS=0 keeps prefill on the WMMA grouped GEMMs (A/B timing, a fallback
+// should the CUTLASS path misbehave on some driver); read once per process.
+bool CutlassAllowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("DSMOE_CUDA_CUTLASS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return allowed;
+}
 
 }  // namespace
 
@@ -54,8 +65,10 @@ void FfnCudaKernel<kType>::Compute(Ort::KernelContext& ctx) const {
                     : attrs_.activation == Activation::kGeluTanh ? Act::kGeluTanh
                                                                  : Act::kSilu;
   args.down_tiled = attrs_.down_tile != 0;
+  args.shape.down_tiled = args.down_tiled;
+  std::string error = DescribeDevice(args.shape.device, dims.num_blocks, CutlassAllowed());
+  if (!error.empty()) throw Ort::Exception(std::string(kOpName) + ": CUDA device query failed: " + error, ORT_EP_FAIL);
   FfnCudaPlan plan;
-  std::string error;
   if (!MakePlan(args.shape, plan, error)) ThrowInvalidArgument(error);
 
   const Ort::ConstMemoryInfo memory = in.x.GetTensorMemoryInfo();

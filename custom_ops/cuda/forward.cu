@@ -2,6 +2,8 @@
 //   router -> decode GEMVs                           (N <= kDecodeMaxTokens)
 //   router -> sort -> align -> gate/up GEMM -> down GEMM   (otherwise)
 //   -> finalize (float16 / bfloat16: the float accumulator cast into Y)
+//   router -> sort -> align -> permute -> CUTLASS gate/up -> activate -> CUTLASS down
+//   -> combine into Y                                (plan.cutlass: Hopper, docs/cuda.md)
 // No host synchronisation, no allocation: capturable in a CUDA graph.
 #include "cuda/kernels.cuh"
 
@@ -22,6 +24,22 @@ S* At(void* scratch, int64_t offset) {
 }
 
 template <typename T>
+cudaError_t LaunchCutlass(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
+#if defined(DSMOE_WITH_CUTLASS)
+  if constexpr (kIsHalfType<T>) {
+    cudaError_t err = LaunchSortAlign(p, plan, stream);
+    if (err == cudaSuccess) err = LaunchPermute(p, plan, stream);
+    if (err == cudaSuccess) err = LaunchCutlassGateUp(p, plan, stream);
+    if (err == cudaSuccess) err = LaunchActivate(p, plan, stream);
+    if (err == cudaSuccess) err = LaunchCutlassDown(p, plan, stream);
+    if (err == cudaSuccess) err = LaunchCombine(p, plan, stream);
+    return err;
+  }
+#endif
+  return cudaErrorNotSupported;  // the plan takes this path only where it is built
+}
+
+template <typename T>
 std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
   const FfnCudaShape& s = a.shape;
   if (s.tokens == 0) return "";
@@ -36,12 +54,22 @@ std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
   const ScratchLayout& l = plan.scratch;
   p.active = a.active != nullptr ? a.active : At<bool>(a.scratch, l.active);
   p.coef = At<float>(a.scratch, l.coef);
-  p.acc = l.acc >= 0 ? At<float>(a.scratch, l.acc) : reinterpret_cast<float*>(a.y);  // float32: Y itself
+  // float32 accumulates in Y itself; the CUTLASS path has no accumulator (combine writes Y).
+  p.acc = l.acc >= 0 ? At<float>(a.scratch, l.acc) : plan.cutlass ? nullptr : reinterpret_cast<float*>(a.y);
   p.h_decode = At<float>(a.scratch, l.h_decode);
   p.pair_token = At<int>(a.scratch, l.pair_token);
   p.block_count = At<int>(a.scratch, l.block_count);
   p.tile_start = At<int>(a.scratch, l.tile_start);
   p.h = At<T>(a.scratch, l.h);
+  p.pair_row = At<int>(a.scratch, l.pair_row);
+  p.xp = At<T>(a.scratch, l.xp);
+  p.gu = At<T>(a.scratch, l.gu);
+  p.gemm_args = At<char>(a.scratch, l.gemm_args);
+  p.gemm_workspace = At<char>(a.scratch, l.gemm_workspace);
+  // Each GEMM's workspace, 256-byte aligned (TMA descriptors need 64), as the plan reserved them.
+  p.gemm_workspace_bytes = (s.device.gemm_workspace + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+  p.device = s.device.ordinal;
+  p.sm_count = s.device.sm_count;
   p.N = static_cast<int>(s.tokens);
   p.d = static_cast<int>(s.hidden);
   p.n = static_cast<int>(s.blocks);
@@ -62,13 +90,15 @@ std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
   if (err == cudaSuccess) {
     if (plan.decode) {
       err = LaunchDecode(p, plan, stream);
+    } else if (plan.cutlass) {
+      err = LaunchCutlass(p, plan, stream);
     } else {
       err = LaunchSortAlign(p, plan, stream);
       if (err == cudaSuccess) err = LaunchGateUp(p, plan, stream);
       if (err == cudaSuccess) err = LaunchDown(p, plan, stream);
     }
   }
-  if (err == cudaSuccess) err = LaunchFinalize(p, plan, stream);
+  if (err == cudaSuccess && !plan.cutlass) err = LaunchFinalize(p, plan, stream);  // combine wrote Y
   if (err != cudaSuccess) return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
   return "";
 }
@@ -93,6 +123,29 @@ std::string CudaDeviceCount(int& count) {
     count = 0;
     return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
   }
+  return "";
+}
+
+std::string DescribeDevice(CudaDevice& device, int64_t blocks, bool allow_cutlass) {
+  device = CudaDevice{};
+  int major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device.ordinal);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.ordinal);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.ordinal);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&device.sm_count, cudaDevAttrMultiProcessorCount, device.ordinal);
+  }
+  if (err != cudaSuccess) return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  device.arch = 10 * major + minor;
+#if defined(DSMOE_WITH_CUTLASS)
+  if (allow_cutlass && device.arch == 90 && blocks >= 1 && blocks <= kMaxRouterBlocks) {
+    device.cutlass_sm90 = true;
+    device.gemm_workspace = CutlassGemmWorkspaceBytes(static_cast<int>(blocks), device.sm_count, device.ordinal);
+  }
+#else
+  (void)allow_cutlass;
+  (void)blocks;
+#endif
   return "";
 }
 

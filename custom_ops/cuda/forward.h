@@ -36,6 +36,10 @@ struct FfnCudaArgs {
 // no synchronisation, no allocation. Returns "" or the CUDA error of a launch.
 std::string FfnCudaForward(const FfnCudaArgs& args, const FfnCudaPlan& plan);
 
+// The current device as the plan of an op with `blocks` blocks needs it (arch, SM count,
+// whether the CUTLASS path is built and allowed here, its GEMM workspace). "" or the CUDA error.
+std::string DescribeDevice(CudaDevice& device, int64_t blocks, bool allow_cutlass = true);
+
 // cudaGetDeviceCount through this library's (static) CUDA runtime: "" and the count,
 // or the error (e.g. no driver: the library loads and reports it, it does not crash).
 std::string CudaDeviceCount(int& count);

@@ -24,22 +24,31 @@ int Fail(const std::string& message, char* error, int error_len) {
 
 bool Aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-}  // namespace
-
 // Number of CUDA devices; 1 with the CUDA error in `error` when there is no usable driver.
 DSMOE_HARNESS_API int dsmoe_cuda_device_count(int* count, char* error, int error_len) {
   const std::string e = dsmoe::cuda::CudaDeviceCount(*count);
   return e.empty() ? 0 : Fail(e, error, error_len);
 }
 
+// The shape of a call on the current device (16-byte aligned buffers); "" or the error.
+std::string Shape(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size, int dtype, int down_tile,
+                  int cutlass, dsmoe::cuda::FfnCudaShape& shape) {
+  shape = {tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype), true};
+  shape.down_tiled = down_tile != 0;
+  return dsmoe::cuda::DescribeDevice(shape.device, blocks, cutlass != 0);
+}
+
+}  // namespace
+
 // Scratch bytes of one call (the plan for 16-byte aligned buffers), or -1 with the error.
+// cutlass 0 keeps the WMMA grouped GEMMs where the CUTLASS path would be taken.
 DSMOE_HARNESS_API int64_t dsmoe_cuda_scratch_bytes(int64_t tokens, int64_t hidden, int64_t blocks,
-                                                  int64_t block_size, int dtype, char* error, int error_len) {
+                                                  int64_t block_size, int dtype, int down_tile, int cutlass,
+                                                  char* error, int error_len) {
+  dsmoe::cuda::FfnCudaShape shape;
   dsmoe::cuda::FfnCudaPlan plan;
-  std::string e;
-  const dsmoe::cuda::FfnCudaShape shape{tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype),
-                                        true};
-  if (!dsmoe::cuda::MakePlan(shape, plan, e)) return Fail(e, error, error_len), -1;
+  std::string e = Shape(tokens, hidden, blocks, block_size, dtype, down_tile, cutlass, shape);
+  if (!e.empty() || !dsmoe::cuda::MakePlan(shape, plan, e)) return Fail(e, error, error_len), -1;
   return plan.scratch.bytes;
 }
 
@@ -51,17 +60,17 @@ DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* r
                                          const void* gate, const void* up, const void* down, void* y, bool* active,
                                          int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size,
                                          float threshold, int rescale, int binary_weighting, int activation,
-                                         int down_tile, void* scratch, int64_t scratch_bytes, void* stream, char* error,
-                                         int error_len) {
+                                         int down_tile, int cutlass, void* scratch, int64_t scratch_bytes, void* stream,
+                                         char* error, int error_len) {
   if (dtype < 0 || dtype > 2 || activation < 0 || activation > 2) return Fail("bad dtype or activation", error, error_len);
   if (down_tile != 0 && down_tile != 64) return Fail("down_tile must be 0 or 64", error, error_len);
   dsmoe::cuda::FfnCudaArgs args;
-  args.shape = {tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype), true};
+  std::string e = Shape(tokens, hidden, blocks, block_size, dtype, down_tile, cutlass, args.shape);
+  if (!e.empty()) return Fail(e, error, error_len);
   for (const void* p : {x, router, bias, gate, up, down, static_cast<const void*>(y)}) {
     if (!Aligned16(p)) args.shape.aligned = false;
   }
   dsmoe::cuda::FfnCudaPlan plan;
-  std::string e;
   if (!dsmoe::cuda::MakePlan(args.shape, plan, e)) return Fail(e, error, error_len);
   if (scratch_bytes < plan.scratch.bytes) {
     return Fail("scratch too small: " + std::to_string(scratch_bytes) + " < " + std::to_string(plan.scratch.bytes),
@@ -86,13 +95,13 @@ DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* r
   return e.empty() ? 0 : Fail(e, error, error_len);
 }
 
-// Which path a call takes: 1 decode (gather-GEMV), 2 grouped GEMM on tensor cores,
-// 3 grouped GEMM on CUDA cores; -1 on error.
-DSMOE_HARNESS_API int dsmoe_cuda_path(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size, int dtype) {
+// Which path a call takes on the current device: 1 decode (gather-GEMV), 2 grouped GEMM on
+// tensor cores (WMMA), 3 grouped GEMM on CUDA cores, 4 CUTLASS grouped GEMMs; -1 on error.
+DSMOE_HARNESS_API int dsmoe_cuda_path(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size, int dtype,
+                                      int down_tile, int cutlass) {
+  dsmoe::cuda::FfnCudaShape shape;
   dsmoe::cuda::FfnCudaPlan plan;
-  std::string e;
-  if (!dsmoe::cuda::MakePlan({tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype), true}, plan, e)) {
-    return -1;
-  }
-  return plan.decode ? 1 : plan.tensor_cores ? 2 : 3;
+  std::string e = Shape(tokens, hidden, blocks, block_size, dtype, down_tile, cutlass, shape);
+  if (!e.empty() || !dsmoe::cuda::MakePlan(shape, plan, e)) return -1;
+  return plan.decode ? 1 : plan.cutlass ? 4 : plan.tensor_cores ? 2 : 3;
 }

@@ -32,6 +32,26 @@ cudaError_t LaunchDown(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t
 template <typename T>
 cudaError_t LaunchDecode(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
 
+// grouped_stages.cu (CUTLASS path): the active pairs' input rows gathered into block
+// order (and pair_row); h = act(gate) * up in place in gu; Y = sum over the token's active
+// blocks, in block order, of coef * the down GEMM's row (no atomics: deterministic).
+template <typename T>
+cudaError_t LaunchPermute(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+template <typename T>
+cudaError_t LaunchActivate(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+template <typename T>
+cudaError_t LaunchCombine(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+
+// grouped_gemm_sm90.cu (CUTLASS path, float16 / bfloat16): the per-group arguments of both
+// GEMMs written on the device from row_start, then gu = xp . [gate_i | up_i]^T (2n groups);
+// LaunchCutlassDown: xp = h . down_i (n groups). Built only with DSMOE_WITH_CUTLASS.
+template <typename T>
+cudaError_t LaunchCutlassGateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+template <typename T>
+cudaError_t LaunchCutlassDown(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+// Workspace bytes of the larger of the two GEMMs on a device with sm_count SMs.
+int64_t CutlassGemmWorkspaceBytes(int blocks, int sm_count, int device);
+
 // forward.cu: the float accumulator cast to T into Y (float16 / bfloat16 only).
 template <typename T>
 cudaError_t LaunchFinalize(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);

@@ -18,13 +18,48 @@ int64_t Take(ScratchLayout& s, int64_t bytes) {
 
 // Grid limits: x < 2^31, y and z <= 65535.
 bool CheckGrids(const FfnCudaPlan& p, std::string& error) {
-  for (const Dim3* g : {&p.router, &p.sort, &p.gate_up, &p.down, &p.decode_gate_up, &p.decode_down, &p.finalize}) {
+  for (const Dim3* g : {&p.router, &p.sort, &p.gate_up, &p.down, &p.decode_gate_up, &p.decode_down, &p.finalize,
+                        &p.permute, &p.activate, &p.combine}) {
     if (g->x > std::numeric_limits<int32_t>::max() || g->y > 65535 || g->z > 65535) {
       error = "sizes too large for the CUDA kernel's grids (B or d above 65535 tiles of 64, or too many tiles)";
       return false;
     }
   }
   return true;
+}
+
+// The CUTLASS path's stages (forward.cu): router, sort, align (tile_m = 1: row_start),
+// permute, gate/up GEMM, activation, down GEMM, combine into Y (no float accumulator).
+bool PlanCutlass(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error) {
+  const int64_t N = shape.tokens, d = shape.hidden, n = shape.blocks, B = shape.block_size;
+  const int64_t pairs = N * n;  // every token in every block: the bound on permuted rows
+  if (pairs > std::numeric_limits<int32_t>::max()) {
+    error = "too many (token, block) pairs for the grouped GEMMs' 32-bit row indices";
+    return false;
+  }
+  // d, B < 2^30 and pairs < 2^31: this product fits in int64_t; the scratch must too.
+  if (pairs * (d + 2 * B) > (int64_t{1} << 50)) {
+    error = "the grouped GEMMs' scratch would exceed 2^51 bytes";
+    return false;
+  }
+  plan.cutlass = true;
+  plan.tensor_cores = true;
+  plan.tile_m = 1;
+  ScratchLayout& s = plan.scratch;
+  s.pair_token = Take(s, n * N * 4);
+  s.block_count = Take(s, n * 4);
+  s.tile_start = Take(s, (n + 1) * 4);
+  s.pair_row = Take(s, N * n * 4);
+  s.xp = Take(s, pairs * d * plan.elem_size);
+  s.gu = Take(s, pairs * 2 * B * plan.elem_size);
+  s.gemm_args = Take(s, 3 * n * kGroupGemmArgBytes);
+  s.gemm_workspace = Take(s, 2 * RoundUp(shape.device.gemm_workspace, kScratchAlign));
+  plan.sort = {n, 1, 1};
+  plan.finalize = {0, 1, 1};
+  plan.permute = {CeilDiv(pairs, kGroupedRowsPerCta), 1, 1};
+  plan.activate = plan.permute;
+  plan.combine = {N, CeilDiv(d, kCombineThreads * 8), 1};
+  return CheckGrids(plan, error);
 }
 
 }  // namespace
@@ -35,6 +70,13 @@ int64_t MaxMTiles(int64_t tokens, int64_t blocks, int64_t tile_m) {
   // Every count is at most `tokens` (a token uses a block once), so the bound is
   // reached when every token uses every block.
   return blocks * CeilDiv(tokens, tile_m);
+}
+
+bool UsesCutlass(const FfnCudaShape& s) {
+  const CudaDevice& dev = s.device;
+  return dev.cutlass_sm90 && dev.arch == 90 && dev.sm_count > 0 && dev.gemm_workspace > 0 &&
+         s.dtype != DType::kFloat32 && s.aligned && s.hidden % 8 == 0 && s.block_size % 8 == 0 && !s.down_tiled &&
+         s.tokens > kDecodeMaxTokens;
 }
 
 bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error) {
@@ -61,8 +103,9 @@ bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error) 
   ScratchLayout& s = plan.scratch;
   s.coef = Take(s, N * n * 4);
   s.active = Take(s, N * n);
-  if (shape.dtype != DType::kFloat32) s.acc = Take(s, N * d * 4);
   plan.router = {N, 1, 1};
+  if (UsesCutlass(shape)) return PlanCutlass(shape, plan, error);
+  if (shape.dtype != DType::kFloat32) s.acc = Take(s, N * d * 4);
   plan.finalize = {shape.dtype == DType::kFloat32 ? 0 : std::min<int64_t>(CeilDiv(N * d, 256), 65536), 1, 1};
 
   plan.decode = N <= kDecodeMaxTokens;

@@ -35,6 +35,12 @@ inline constexpr int kRouterThreads = 256;
 inline constexpr int64_t kMaxRouterBlocks = 12288;  // the router's logits in 48 KiB of shared memory
 inline constexpr int kSortThreads = 256;
 inline constexpr int kScratchAlign = 256;
+// CUTLASS grouped-GEMM path (grouped_gemm_sm90.cu): bytes of per-group GEMM arguments
+// (problem size, 3 pointers, 3 strides; the .cu checks that they fit), permuted rows per
+// CTA of the permute / activation kernels (one warp each), columns per CTA of the combine.
+inline constexpr int64_t kGroupGemmArgBytes = 128;
+inline constexpr int kGroupedRowsPerCta = 8;
+inline constexpr int kCombineThreads = 256;
 
 struct Dim3 {
   int64_t x = 1, y = 1, z = 1;
@@ -50,18 +56,36 @@ struct ScratchLayout {
   int64_t block_count = -1; // int32 [n]
   int64_t tile_start = -1;  // int32 [n + 1]: first M tile of block i; tile_start[n] = tiles in use
   int64_t h = -1;           // T [max_m_tiles * tile_m, h_ld]: GEMM path, h of M tile x at rows x * tile_m + r
+  // CUTLASS path (grouped_map.h): pair_token, block_count and tile_start (= row_start) as above, and
+  int64_t pair_row = -1;    // int32 [N, n]: permuted row of an active (token, block) pair
+  int64_t xp = -1;          // T [N * n, d]: permuted input rows, then the down GEMM's output rows
+  int64_t gu = -1;          // T [N * n, 2B]: gate | up products, h in the gate half
+  int64_t gemm_args = -1;   // 3n groups x kGroupGemmArgBytes: the GEMMs' per-group arguments
+  int64_t gemm_workspace = -1;  // 2 x CudaDevice::gemm_workspace: CUTLASS's workspace of each GEMM
   int64_t bytes = 0;        // total
+};
+
+// What the plan needs to know of the device (forward.h DescribeDevice fills it).
+struct CudaDevice {
+  int ordinal = 0;
+  int arch = 0;                // compute capability x 10 (90 = sm_90); 0 = unknown
+  int sm_count = 0;
+  bool cutlass_sm90 = false;   // the library was built with the CUTLASS sm_90a GEMMs
+  int64_t gemm_workspace = 0;  // bytes of workspace one CUTLASS grouped GEMM needs on it
 };
 
 struct FfnCudaShape {
   int64_t tokens = 0, hidden = 0, blocks = 0, block_size = 0;
   DType dtype = DType::kFloat32;
   bool aligned = true;  // every input pointer 16-byte aligned (ORT's allocations are)
+  bool down_tiled = false;  // down_weight in [n, ceil(d / 64), B, 64] (op attribute down_tile)
+  CudaDevice device{};
 };
 
 struct FfnCudaPlan {
   bool decode = false;        // tokens <= kDecodeMaxTokens: gather-GEMV path
   bool tensor_cores = false;  // GEMM path with WMMA (float16 / bfloat16 with vec_loads)
+  bool cutlass = false;       // GEMM path with CUTLASS's sm_90a grouped GEMMs (UsesCutlass)
   bool vec_loads = false;     // 16-byte loads along d (aligned and d * elem_size % 16 == 0)
   int elem_size = 4;
   // GEMM path
@@ -72,12 +96,18 @@ struct FfnCudaPlan {
   int64_t decode_down_rows = 0;  // rows of a block per down GEMV CTA
   int64_t decode_cols = 0;       // columns of d per down GEMV CTA (32 lanes x 16 bytes)
   Dim3 router, sort, gate_up, down, decode_gate_up, decode_down, finalize;
+  Dim3 permute, activate, combine;  // CUTLASS path
   ScratchLayout scratch;
 };
 
 // The plan for one call, or an error message (sizes the kernels cannot index
 // with their 32-bit counters). tokens == 0 gives an empty plan (nothing to launch).
 bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error);
+
+// Whether a GEMM-path call takes the CUTLASS grouped GEMMs: Hopper (sm_90 exactly: the
+// kernels use sm_90a features) with them built in, float16 / bfloat16, 16-byte aligned
+// rows of d and B elements (TMA), down in the rows layout.
+bool UsesCutlass(const FfnCudaShape& shape);
 
 // Bound on the number of M tiles of the grouped GEMM: max over counts c_i in
 // [0, tokens] with sum c_i <= tokens * blocks of sum_i ceil(c_i / tile_m).

@@ -31,10 +31,10 @@ class Harness:
         c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
         lib.dsmoe_cuda_device_count.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
         lib.dsmoe_cuda_scratch_bytes.restype = c_i64
-        lib.dsmoe_cuda_scratch_bytes.argtypes = [c_i64] * 4 + [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.dsmoe_cuda_path.argtypes = [c_i64] * 4 + [ctypes.c_int]
+        lib.dsmoe_cuda_scratch_bytes.argtypes = [c_i64] * 4 + [ctypes.c_int] * 3 + [ctypes.c_char_p, ctypes.c_int]
+        lib.dsmoe_cuda_path.argtypes = [c_i64] * 4 + [ctypes.c_int] * 3
         lib.dsmoe_cuda_forward.argtypes = ([ctypes.c_int] + [c_ptr] * 8 + [c_i64] * 4 + [ctypes.c_float] +
-                                           [ctypes.c_int] * 4 + [c_ptr, c_i64, c_ptr, ctypes.c_char_p, ctypes.c_int])
+                                           [ctypes.c_int] * 5 + [c_ptr, c_i64, c_ptr, ctypes.c_char_p, ctypes.c_int])
         self._scratch = None
 
     def device_count(self) -> tuple[int, str]:
@@ -42,21 +42,22 @@ class Harness:
         self.lib.dsmoe_cuda_device_count(ctypes.byref(count), err, 512)
         return count.value, err.value.decode()
 
-    def path(self, tokens, d, n, B, dtype="float16") -> str:
-        return {1: "decode", 2: "gemm-tensor-cores", 3: "gemm-cuda-cores"}.get(
-            self.lib.dsmoe_cuda_path(tokens, d, n, B, DTYPES[dtype]), "error")
+    def path(self, tokens, d, n, B, dtype="float16", *, down_tile=0, cutlass=True) -> str:
+        return {1: "decode", 2: "gemm-tensor-cores", 3: "gemm-cuda-cores", 4: "gemm-cutlass"}.get(
+            self.lib.dsmoe_cuda_path(tokens, d, n, B, DTYPES[dtype], int(down_tile), int(cutlass)), "error")
 
     def forward(self, x, router, gate, up, down, bias=None, *, threshold=0.5, rescale=True, weighting="score",
-                activation="silu", down_tile=0, y=None, active=None):
+                activation="silu", down_tile=0, cutlass=True, y=None, active=None):
         """Y [N, d] (and active [N, n] when a bool tensor is given) on torch's current stream;
-        ``down`` is [n, B, d], or [n, ceil(d / 64), B, 64] with down_tile=64 (docs/op-spec.md)."""
+        ``down`` is [n, B, d], or [n, ceil(d / 64), B, 64] with down_tile=64 (docs/op-spec.md).
+        ``cutlass=False`` keeps the WMMA grouped GEMMs where the CUTLASS ones would run."""
         import torch
 
         N, d = x.shape
         n, B, _ = gate.shape
         dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
         err = ctypes.create_string_buffer(512)
-        need = self.lib.dsmoe_cuda_scratch_bytes(N, d, n, B, DTYPES[dtype], err, 512)
+        need = self.lib.dsmoe_cuda_scratch_bytes(N, d, n, B, DTYPES[dtype], int(down_tile), int(cutlass), err, 512)
         if need < 0:
             raise RuntimeError(err.value.decode())
         if self._scratch is None or self._scratch.numel() < need:  # kept between calls (timing loops)
@@ -66,7 +67,7 @@ class Harness:
         rc = self.lib.dsmoe_cuda_forward(
             DTYPES[dtype], ptr(x), ptr(router), ptr(bias), ptr(gate), ptr(up), ptr(down), ptr(y), ptr(active),
             N, d, n, B, threshold, int(rescale), int(weighting == "binary"), ACTIVATIONS[activation], int(down_tile),
-            ptr(self._scratch), self._scratch.numel(), torch.cuda.current_stream().cuda_stream, err, 512)
+            int(cutlass), ptr(self._scratch), self._scratch.numel(), torch.cuda.current_stream().cuda_stream, err, 512)
         if rc:
             raise RuntimeError(err.value.decode())
         return y
