@@ -183,20 +183,10 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill),
     "rows" ([n, B, d]) or "auto" (:func:`choose_down_layout`). The quantized FFN ops always
     store rows."""
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
-    if down_layout not in DOWN_LAYOUT_CHOICES:
-        raise ExportError(f"down_layout must be one of {', '.join(DOWN_LAYOUT_CHOICES)}, got {down_layout!r}", file=out)
-    if accuracy_level is None:
-        accuracy_level = DEFAULT_ACCURACY_LEVEL[dtype]
-    if isinstance(accuracy_level, bool) or accuracy_level not in range(5):
-        raise ExportError(f"--int4-accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level!r}", file=out)
+    accuracy_level, matmul_weights, lm_head_weights = _checked_options(
+        out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
-    matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
-    lm_head_weights = matmul_weights if lm_head_weights in (None, "same") else lm_head_weights
-    # Always: a bad --group-size is an error even when nothing is quantized.
-    weight_formats.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype, lm_head_weights=lm_head_weights)
     t0 = time.perf_counter()
     out = Path(out)
     _check_output_path(out)
@@ -223,7 +213,44 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     what = "" if ffn_weights == matmul_weights == lm_head_weights == "float32" else \
         f" (weights: FFN {ffn_weights}, attention {matmul_weights}, lm_head {lm_head_weights}, group {group_size})"
     with steps(f"building the ONNX graph{what}"):
-        proto = build_model(model, options)
+        graph = [build_model(model, options)]  # handed over: the graph's weights are freed once written
+    used_external, report = _write_validated(graph, model, out, steps, external_data=external_data,
+                                             validate=validate, tolerance=tolerance, progress=progress)
+    size = out.stat().st_size + ((out.parent / (out.name + ".data")).stat().st_size if used_external else 0)
+    extras = copy_side_files(model_dir, out, tokenizer=copy_tokenizer, hf_config=hf_config)
+    if genai:
+        from dsmoe_runtime.genai import write_genai_config
+
+        extras += write_genai_config(out, model_dir=model_dir)
+    return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
+                        external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
+                        steps=steps.done, extra_files=extras)
+
+
+def _checked_options(out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights,
+                     group_size):
+    """Option errors before anything is loaded; the accuracy level and the weight formats resolved."""
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
+    if down_layout not in DOWN_LAYOUT_CHOICES:
+        raise ExportError(f"down_layout must be one of {', '.join(DOWN_LAYOUT_CHOICES)}, got {down_layout!r}", file=out)
+    if accuracy_level is None:
+        accuracy_level = DEFAULT_ACCURACY_LEVEL[dtype]
+    if isinstance(accuracy_level, bool) or accuracy_level not in range(5):
+        raise ExportError(f"--int4-accuracy-level must be 0, 1, 2, 3 or 4, got {accuracy_level!r}", file=out)
+    matmul_weights = ffn_weights if matmul_weights in (None, "same") else matmul_weights
+    lm_head_weights = matmul_weights if lm_head_weights in (None, "same") else lm_head_weights
+    # Always: a bad --group-size is an error even when nothing is quantized.
+    weight_formats.check_formats(ffn_weights, matmul_weights, group_size, dtype=dtype, lm_head_weights=lm_head_weights)
+    return accuracy_level, matmul_weights, lm_head_weights
+
+
+def _write_validated(graph: list, model, out: Path, steps, *, external_data, validate: bool, tolerance: float,
+                     progress: bool):
+    """Writes the model proto in `graph` (a one-item list, emptied here so that its weights are
+    freed before validation) to `out` through a staging file that replaces `out` only once
+    validation passed (staged_output); returns (external data used, the validation report or None)."""
+    proto = graph.pop()
     report = None
     with staged_output(out) as staged:
         with steps(f"writing {out}"):
@@ -246,15 +273,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
             if not report.max_rel_error <= tolerance:
                 raise ExportError(f"validation failed: {report.summary()} exceeds tolerance {tolerance:g}; "
                                   "nothing written (--no-validate skips the check)", file=out)
-    size = out.stat().st_size + ((out.parent / (out.name + ".data")).stat().st_size if used_external else 0)
-    extras = copy_side_files(model_dir, out, tokenizer=copy_tokenizer, hf_config=hf_config)
-    if genai:
-        from dsmoe_runtime.genai import write_genai_config
-
-        extras += write_genai_config(out, model_dir=model_dir)
-    return ExportResult(path=out, sparse=not dense, num_layers=cfg.num_hidden_layers, size_bytes=size,
-                        external_data=used_external, seconds=time.perf_counter() - t0, validation=report,
-                        steps=steps.done, extra_files=extras)
+    return used_external, report
 
 
 def calibration_ids(model_dir: str | Path, text: str | Path, count: int):

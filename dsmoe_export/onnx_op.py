@@ -258,17 +258,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     xf = b.op("Cast", x2, to=f32)
     gate2 = b.op("Reshape", b.op("Cast", gate_weight, to=f32), rows)                   # [n*B, d]
     up2 = b.op("Reshape", b.op("Cast", up_weight, to=f32), rows)
-    # down_weight as [n, tiles, B, w]: w = d, tiles = 1 for the rows layout (a plain view), w = 64 for
-    # column tiles; to [n, B, tiles * w], then the columns past d (tile padding) cut off.
-    zero_i64 = b.const(0, TensorProto.INT64)
-    width = b.op("Where", b.op("Equal", down_tile, zero_i64), b.op("Squeeze", d), down_tile)
-    width1 = b.op("Unsqueeze", width, b.const(0, TensorProto.INT64, [1]))
-    tiles = b.op("Div", b.op("Sub", b.op("Add", d, width1), b.const(1, TensorProto.INT64, [1])), width1)
-    down4 = b.op("Reshape", b.op("Cast", down_weight, to=f32), b.op("Concat", n, tiles, block, width1, axis=0))
-    down3 = b.op("Reshape", b.op("Transpose", down4, perm=[0, 2, 1, 3]),
-                 b.op("Concat", n, block, b.op("Mul", tiles, width1), axis=0))
-    down3 = b.op("Slice", down3, b.const(0, TensorProto.INT64, [1]), d, b.const(2, TensorProto.INT64, [1]))
-    down2 = b.op("Reshape", down3, rows)
+    down2 = _down_rows(b, down_weight, down_tile, n, block, d, rows)                   # [n*B, d]
     z = b.op("Gemm", xf, gate2, transB=1)                                             # [N, n*B]
     h = b.op("Mul", b.select(activation, _activations(b, z), nan), b.op("Gemm", xf, up2, transB=1))
     h3 = b.op("Reshape", h, b.op("Concat", minus_one, n, block, axis=0))               # [N, n, B]
@@ -289,6 +279,22 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         attributes=["num_experts"],
         attribute_protos=[helper.make_attribute(k, v) for k, v in _DEFAULTS.items()],
         doc_string=f"{DOMAIN}::{OP_TYPE} v{OP_VERSION} (docs/op-spec.md), dense-then-mask fallback body.")
+
+
+def _down_rows(b: "_Body", down_weight, down_tile, n, block, d, rows):
+    """down_weight in either layout (attribute down_tile) as float32 [n*B, d]."""
+    # As [n, tiles, B, w]: w = d, tiles = 1 for the rows layout (a plain view), w = 64 for column
+    # tiles; to [n, B, tiles * w], then the columns past d (tile padding) cut off.
+    zero_i64 = b.const(0, TensorProto.INT64)
+    width = b.op("Where", b.op("Equal", down_tile, zero_i64), b.op("Squeeze", d), down_tile)
+    width1 = b.op("Unsqueeze", width, b.const(0, TensorProto.INT64, [1]))
+    tiles = b.op("Div", b.op("Sub", b.op("Add", d, width1), b.const(1, TensorProto.INT64, [1])), width1)
+    down4 = b.op("Reshape", b.op("Cast", down_weight, to=TensorProto.FLOAT),
+                 b.op("Concat", n, tiles, block, width1, axis=0))
+    down3 = b.op("Reshape", b.op("Transpose", down4, perm=[0, 2, 1, 3]),
+                 b.op("Concat", n, block, b.op("Mul", tiles, width1), axis=0))
+    down3 = b.op("Slice", down3, b.const(0, TensorProto.INT64, [1]), d, b.const(2, TensorProto.INT64, [1]))
+    return b.op("Reshape", down3, rows)
 
 
 def _ai_onnx_opset(model: onnx.ModelProto) -> int:

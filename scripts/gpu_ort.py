@@ -90,6 +90,32 @@ class CudaRunner:
         return self.keep[2].numpy().astype(np.float32)
 
 
+def _warm(calls: dict, notes: list[str], where: str) -> None:
+    """Three calls each (and the CUDA graph's capture); a call that fails is noted and dropped."""
+    for name, c in list(calls.items()):
+        try:
+            for _ in range(3):
+                c()
+        except Exception as ex:  # noqa: BLE001
+            notes.append(f"{name} {where}: {str(ex).splitlines()[0][:200]}")
+            del calls[name]
+
+
+def _interleaved_ms(calls: dict, reps: int, flush_buf, device: str) -> dict[str, list[float]]:
+    """Wall-clock ms of each call, `reps` rounds in a rotating order, the cache flushed before each."""
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            flush_buf.zero_()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def ort_op_timing(library: str, tokens_list=(1, 8, 512, 4096), ks=(1, 2, 4, 8), d=4096, D=11008, n=8,
                   reps=25, log=None, device="cuda") -> tuple[list[dict], list[str]]:
     """Rows of (tokens, k, kind ms...) and notes (numerical agreement, what failed)."""
@@ -137,28 +163,13 @@ def ort_op_timing(library: str, tokens_list=(1, 8, 512, 4096), ks=(1, 2, 4, 8), 
             calls = {name: r.bind(xs, router) for name, r in built.items()
                      if not name.startswith("moe") or name == f"moe{k}"}
             calls.update({name: r.bind(xs, router) for name, r in graph_runners.items()})
-            for name, c in list(calls.items()):
-                try:
-                    for _ in range(3):  # warm-up (and the CUDA graph's capture)
-                        c()
-                except Exception as ex:  # noqa: BLE001
-                    notes.append(f"{name} T={T} k={k}: {str(ex).splitlines()[0][:200]}")
-                    del calls[name]
+            _warm(calls, notes, f"T={T} k={k}")
             ref = calls["sparse"].y() if "sparse" in calls else None
             agree = {}
             for name, c in calls.items():
                 if ref is not None and name != "dense":
                     agree[name] = float(np.abs(c.y() - ref).max() / max(1.0, np.abs(ref).max()))
-            times = {name: [] for name in calls}
-            names = list(calls)
-            for rep in range(reps):
-                for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotating order
-                    flush_buf.zero_()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    calls[name]()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+            times = _interleaved_ms(calls, reps, flush_buf, device)
             row = dict(tokens=T, k=k, r=k / n, **{f"{name}_ms": float(np.median(v)) for name, v in times.items()},
                        agree=agree)
             if f"moe{k}_ms" in row:

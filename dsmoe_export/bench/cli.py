@@ -9,7 +9,9 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DSMoEError
 from . import builder, e2e, graphs, metrics, op, probes, report, timing
@@ -202,18 +204,69 @@ def main(argv: list[str] | None = None) -> int:
     library = find_library(args.library)
     # The exporter's validation registers the library through dsmoe_runtime, which honours this.
     os.environ.setdefault("DSMOE_OPS_LIBRARY", library)
-    do_op, do_e2e = args.what in ("op", "all"), args.what in ("e2e", "all")
-    ks_for = (lambda s: [k for k in args.ks if k <= s.n]) if args.ks else (lambda s: list(range(1, s.n + 1)))
-    prefill = [t for t in args.tokens if t > 1]
+    run = _resolve(args)
+    flush = timing.Flusher(enabled=not args.no_flush)
+    gate = timing.QuietGate(max_wait_s=args.max_wait, enabled=args.max_wait > 0)
+    results = {"meta": _meta(args, argv, library, flush), "op": [], "e2e": [], "checks": []}
+    from tqdm.auto import tqdm
 
-    if do_e2e and args.model is not None:
+    bar = tqdm(total=_planned_steps(args, run), desc="probes", unit="call", disable=args.no_progress or None,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        gate.wait()
+        before = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
+        if run.do_op:
+            _run_op(args, run, library, flush, gate, bar, results, before)
+        if run.do_e2e:
+            _run_e2e(args, run, library, flush, gate, bar, results, before)
+        bar.set_description("probes")
+        gate.wait()
+        after = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
+    finally:
+        bar.close()
+    results["ceilings"] = _best(before, after)
+    results["probes"] = {"before": before, "after": after}
+    for rows in (results["op"], results.get("quant", []), results["e2e"]):
+        metrics.annotate(rows, results["ceilings"])
+    results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    results["meta"]["quiet_gate"] = gate.summary()
+    if run.builder_note:
+        results.setdefault("notes", []).append(run.builder_note)
+    paths = report.write_all(args.out, results)
+    (args.out / "results.partial.json").unlink(missing_ok=True)
+    print(report.markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({results['meta']['seconds']:.0f} s)")
+    for note in results.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+@dataclass
+class _Run:
+    """What the arguments ask for, checked before anything is timed."""
+    do_op: bool
+    do_e2e: bool
+    ks_for: Callable
+    prefill: list[int]
+    model_shape: "e2e.ModelShape | None" = None
+    builder_python: str | None = None
+    builder_note: str | None = None
+    token_ids: list[int] | None = None
+
+
+def _resolve(args) -> _Run:
+    run = _Run(do_op=args.what in ("op", "all"), do_e2e=args.what in ("e2e", "all"),
+               ks_for=(lambda s: [k for k in args.ks if k <= s.n]) if args.ks else (lambda s: list(range(1, s.n + 1))),
+               prefill=[t for t in args.tokens if t > 1])
+    if run.do_e2e and args.model is not None:
         try:
-            model_shape = e2e.ModelShape.of_folder(args.model)
+            run.model_shape = e2e.ModelShape.of_folder(args.model)
         except DSMoEError as e:  # a clear message, not a traceback, before anything is timed
             raise SystemExit(f"--model: {e}") from None
-    elif do_e2e:
-        model_shape = e2e.ModelShape(ffn=op.Shape.parse(args.e2e_shape), layers=args.e2e_layers,
-                                     heads=args.e2e_heads, kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
+    elif run.do_e2e:
+        run.model_shape = e2e.ModelShape(ffn=op.Shape.parse(args.e2e_shape), layers=args.e2e_layers,
+                                         heads=args.e2e_heads, kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
     elif args.model is not None:
         raise SystemExit("--model applies to the end-to-end benchmark (e2e or all), not to op")
     bad = [p for p in args.e2e_precisions if p not in e2e.PRECISION_OPTIONS]
@@ -221,18 +274,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--e2e-precisions: {', '.join(bad)} (expected {', '.join(e2e.PRECISION_OPTIONS)})")
     if "fp32" not in args.e2e_precisions:
         args.e2e_precisions.insert(0, "fp32")  # the attention-only and sparse/dense baseline
-    builder_python, builder_note = None, None
-    if do_e2e and not args.no_builder:
-        builder_python, builder_note = builder.find_python(args.genai_python)
-    token_ids = None
+    if run.do_e2e and not args.no_builder:
+        run.builder_python, run.builder_note = builder.find_python(args.genai_python)
     if args.text is not None:
-        if not do_e2e or args.model is None:
+        if not run.do_e2e or args.model is None:
             raise SystemExit("--text needs --model and the end-to-end benchmark (e2e or all)")
-        token_ids = _text_ids(args.text, args.model, e2e.tokens_needed(prefill, args.decode_past, args.decode_steps))
+        run.token_ids = _text_ids(args.text, args.model,
+                                  e2e.tokens_needed(run.prefill, args.decode_past, args.decode_steps))
+    return run
 
-    flush = timing.Flusher(enabled=not args.no_flush)
-    gate = timing.QuietGate(max_wait_s=args.max_wait, enabled=args.max_wait > 0)
-    results = {"meta": {
+
+def _meta(args, argv: list[str], library: str, flush) -> dict:
+    return {
         "command": "python -m dsmoe_export.bench " + shlex.join(argv),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
@@ -243,74 +296,53 @@ def main(argv: list[str] | None = None) -> int:
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
                        f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; fewer (at least 2) "
                        f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
-        "quick": args.quick}, "op": [], "e2e": [], "checks": []}
+        "quick": args.quick}
 
+
+def _planned_steps(args, run: _Run) -> int:
+    """Calls the progress bar counts: probes, op-level calls, e2e variants and their rounds."""
     steps = 2 * probes.PROBE_STEPS[args.quick]
-    if do_op:
-        steps += op.planned_calls(args.shapes, args.tokens, ks_for, args.rounds, args.compare_layouts)
+    if run.do_op:
+        steps += op.planned_calls(args.shapes, args.tokens, run.ks_for, args.rounds, args.compare_layouts)
         if args.precisions:
-            steps += op.planned_quant_calls(args.shapes, args.tokens, ks_for, args.rounds, args.precisions)
-    if do_e2e:
-        variants = 1 + len(args.e2e_precisions) * (3 if builder_python else 2)
-        steps += variants + args.rounds * variants * (len(prefill) + (1 if args.decode_steps else 0))
-    from tqdm.auto import tqdm
+            steps += op.planned_quant_calls(args.shapes, args.tokens, run.ks_for, args.rounds, args.precisions)
+    if run.do_e2e:
+        variants = 1 + len(args.e2e_precisions) * (3 if run.builder_python else 2)
+        steps += variants + args.rounds * variants * (len(run.prefill) + (1 if args.decode_steps else 0))
+    return steps
 
-    bar = tqdm(total=steps, desc="probes", unit="call", disable=args.no_progress or None, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        gate.wait()
-        before = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
-        if do_op:
-            for i, shape in enumerate(args.shapes):
-                rows, check = op.run_shape(shape, args.tokens, ks_for(shape), threads=args.threads, library=library,
-                                           rounds=args.rounds, flush=flush, seed=args.seed + i, gate=gate,
-                                           budget_s=args.budget, bar=bar, layouts=args.compare_layouts)
-                results["op"] += rows
-                results["checks"].append(check)
-                _save_partial(args.out, results, before)
-                if args.precisions:
-                    rows, check = op.run_shape_quant(
-                        shape, args.tokens, ks_for(shape), args.precisions, group_size=args.group_size,
-                        threads=args.threads, library=library, rounds=args.rounds, flush=flush, seed=args.seed + i,
-                        gate=gate, budget_s=args.budget, bar=bar)
-                    results.setdefault("quant", []).extend(rows)
-                    results.setdefault("quant_checks", []).append(check)
-                    _save_partial(args.out, results, before)
-        if do_e2e:
-            shape = model_shape
-            rows, info = e2e.run(args.out / "e2e", shape, prefill_tokens=prefill, decode_past=args.decode_past,
-                                 decode_steps=args.decode_steps, threads=args.threads, library=library,
-                                 rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
-                                 bar=bar, token_ids=token_ids, precisions=tuple(args.e2e_precisions),
-                                 builder_python=builder_python, gen_tokens=args.gen_tokens,
-                                 gen_rounds=args.gen_rounds)
-            if args.text is not None:
-                info["prompt"] = f"the text of {args.text.name}, {len(token_ids)} tokens"
-            results["e2e"], results["e2e_info"] = rows, info
+
+def _run_op(args, run: _Run, library, flush, gate, bar, results: dict, before: dict) -> None:
+    for i, shape in enumerate(args.shapes):
+        rows, check = op.run_shape(shape, args.tokens, run.ks_for(shape), threads=args.threads, library=library,
+                                   rounds=args.rounds, flush=flush, seed=args.seed + i, gate=gate,
+                                   budget_s=args.budget, bar=bar, layouts=args.compare_layouts)
+        results["op"] += rows
+        results["checks"].append(check)
+        _save_partial(args.out, results, before)
+        if args.precisions:
+            rows, check = op.run_shape_quant(
+                shape, args.tokens, run.ks_for(shape), args.precisions, group_size=args.group_size,
+                threads=args.threads, library=library, rounds=args.rounds, flush=flush, seed=args.seed + i,
+                gate=gate, budget_s=args.budget, bar=bar)
+            results.setdefault("quant", []).extend(rows)
+            results.setdefault("quant_checks", []).append(check)
             _save_partial(args.out, results, before)
-            if not args.keep_exports:
-                shutil.rmtree(args.out / "e2e", ignore_errors=True)
-        bar.set_description("probes")
-        gate.wait()
-        after = probes.ceilings(args.threads, quick=args.quick, on_probe=lambda: bar.update(1))
-    finally:
-        bar.close()
-    results["ceilings"] = _best(before, after)
-    results["probes"] = {"before": before, "after": after}
-    metrics.annotate(results["op"], results["ceilings"])
-    metrics.annotate(results.get("quant", []), results["ceilings"])
-    metrics.annotate(results["e2e"], results["ceilings"])
-    results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
-    results["meta"]["quiet_gate"] = gate.summary()
-    if builder_note:
-        results.setdefault("notes", []).append(builder_note)
-    paths = report.write_all(args.out, results)
-    (args.out / "results.partial.json").unlink(missing_ok=True)
-    print(report.markdown(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({results['meta']['seconds']:.0f} s)")
-    for note in results.get("notes", []):
-        print(f"note: {note}", file=sys.stderr)
-    return 0
+
+
+def _run_e2e(args, run: _Run, library, flush, gate, bar, results: dict, before: dict) -> None:
+    rows, info = e2e.run(args.out / "e2e", run.model_shape, prefill_tokens=run.prefill, decode_past=args.decode_past,
+                         decode_steps=args.decode_steps, threads=args.threads, library=library,
+                         rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
+                         bar=bar, token_ids=run.token_ids, precisions=tuple(args.e2e_precisions),
+                         builder_python=run.builder_python, gen_tokens=args.gen_tokens,
+                         gen_rounds=args.gen_rounds)
+    if args.text is not None:
+        info["prompt"] = f"the text of {args.text.name}, {len(run.token_ids)} tokens"
+    results["e2e"], results["e2e_info"] = rows, info
+    _save_partial(args.out, results, before)
+    if not args.keep_exports:
+        shutil.rmtree(args.out / "e2e", ignore_errors=True)
 
 
 def _save_partial(out: Path, results: dict, ceilings: dict) -> None:
