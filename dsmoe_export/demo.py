@@ -162,7 +162,7 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
     Everything is built in a temporary sibling folder and renamed into place at the end, so an
     interrupted run leaves no half-written cache entry."""
     from .convert import ConvertOptions, convert
-    from .calibrate import TrainConfig
+    from .convert.training import TrainConfig
 
     key = cache_key(src, settings)
     final = root / key

@@ -9,8 +9,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from dsmoe_export import calibrate as C
 from dsmoe_export.convert import ConvertOptions, convert, main
+from dsmoe_export.convert.regroup import permute_ffn
+from dsmoe_export.convert.text import chunk, evaluate, forward, tokenize_text
+from dsmoe_export.convert.training import TrainConfig, train
 from dsmoe_export.loader import load_model
 
 transformers.logging.set_verbosity_error()
@@ -53,7 +55,7 @@ def _ids(rng, batch=2, seq=12):
 
 
 def _ours(model, ids):
-    return C.forward(model, ids).detach()
+    return forward(model, ids).detach()
 
 
 def _hf(model, ids):
@@ -102,8 +104,8 @@ def test_regrouping_and_fitting_keep_the_dense_model(tmp_path, rng):
     # fitted routers hit the target active fraction on the calibration text (per layer)
     sparse, cfg = load_model(out)
     assert cfg.dsmoe.router_bias and cfg.dsmoe.weighting == "binary" and not cfg.dsmoe.rescale
-    ids = C.chunk(C.tokenize_text(TEXT, None, 256), 32)
-    r = C.evaluate(sparse, ids)
+    ids = chunk(tokenize_text(TEXT, None, 256), 32)
+    r = evaluate(sparse, ids)
     for a in r.active:
         assert 0.35 < a < 0.65
 
@@ -113,7 +115,7 @@ def test_permuting_blocks_leaves_the_dense_ffn_unchanged(rng):
              (("gate_proj", (24, 8)), ("up_proj", (24, 8)), ("down_proj", (8, 24)))}
     t = dict(src_t)
     perm = torch.from_numpy(rng.permutation(24))
-    C.permute_ffn(t, 0, perm)
+    permute_ffn(t, 0, perm)
     x = torch.randn(5, 8, dtype=torch.float64)
 
     def ffn(w):
@@ -124,7 +126,7 @@ def test_permuting_blocks_leaves_the_dense_ffn_unchanged(rng):
 
 def _calibrate(tmp_path, src, name, seed):
     (tmp_path / "text.txt").write_text(TEXT)
-    tc = C.TrainConfig(steps=12, batch=2, lr=3e-2, sparsity_weight=1.0, target_active=None, seed=seed)
+    tc = TrainConfig(steps=12, batch=2, lr=3e-2, sparsity_weight=1.0, target_active=None, seed=seed)
     return convert(src, tmp_path / name, ConvertOptions(
         experts=8, router_init="random", regroup="none", calibrate=tmp_path / "text.txt", seq_len=32,
         seed=seed, train=tc, progress=False))
@@ -175,8 +177,8 @@ def test_annealed_target_and_bias_control_hold_the_schedule(tmp_path, seed):
     its allocated fraction while the target anneals, and the trained experts are written out."""
     src, _ = _dense_folder(tmp_path / "dense")
     (tmp_path / "text.txt").write_text(TEXT)
-    tc = C.TrainConfig(steps=16, batch=2, lr=1e-3, target_active=0.4, target_start=0.8, anneal=0.5, control=True,
-                       train_experts="gate_up", expert_lr=1e-3, seed=seed)
+    tc = TrainConfig(steps=16, batch=2, lr=1e-3, target_active=0.4, target_start=0.8, anneal=0.5, control=True,
+                     train_experts="gate_up", expert_lr=1e-3, seed=seed)
     assert [round(tc.target_at(s), 3) for s in (0, 4, 8, 15)] == [0.8, 0.6, 0.4, 0.4]
     report = convert(src, tmp_path / "moe", ConvertOptions(
         experts=8, calibrate=tmp_path / "text.txt", eval_text=tmp_path / "text.txt", seq_len=32,
@@ -210,7 +212,7 @@ def test_dense_baseline_fine_tunes_the_dense_model(tmp_path, capsys):
     r = json.loads((tmp_path / "b" / "baseline.json").read_text())
     assert r["finetuned_dense"]["ppl"] < r["dense"]["ppl"]
     # the reference perplexity, independently from transformers' model
-    ids = C.chunk(C.tokenize_text(TEXT, None, 256), 32)
+    ids = chunk(tokenize_text(TEXT, None, 256), 32)
     with torch.no_grad():
         logits = hf(ids).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
@@ -303,7 +305,7 @@ def test_demo_without_the_data_packages(monkeypatch, capsys):
 
 
 def test_time_budget_stops_training_and_drives_the_annealing(tmp_path):
-    tc = C.TrainConfig(steps=100, target_active=0.5, target_start=0.8, anneal=0.5, time_budget=100.0)
+    tc = TrainConfig(steps=100, target_active=0.5, target_start=0.8, anneal=0.5, time_budget=100.0)
     assert tc.target_at(0, 0.0) == pytest.approx(0.8)
     assert tc.target_at(10, 25.0) == pytest.approx(0.65)   # time is further along than the steps
     assert tc.target_at(25, 5.0) == pytest.approx(0.65)    # steps are further along than the time
@@ -314,8 +316,8 @@ def test_time_budget_stops_training_and_drives_the_annealing(tmp_path):
     dense = load_dense(src)
     cfg = dict(dense.config, dsmoe={"num_experts": 4, "threshold": 0.5, "router_bias": True})
     m = build_model(cfg, {**dense.tensors, **random_routers(dense.cfg, 4, 0, True)})
-    chunks = C.chunk(C.tokenize_text(TEXT, None, 256), 32)
-    log = C.train(m, chunks, C.TrainConfig(steps=50, batch=2, time_budget=0.0), progress=False)
+    chunks = chunk(tokenize_text(TEXT, None, 256), 32)
+    log = train(m, chunks, TrainConfig(steps=50, batch=2, time_budget=0.0), progress=False)
     assert log.stopped_early and log.steps == []
-    log = C.train(m, chunks, C.TrainConfig(steps=3, batch=2, time_budget=1e6), progress=False)
+    log = train(m, chunks, TrainConfig(steps=3, batch=2, time_budget=1e6), progress=False)
     assert not log.stopped_early and log.steps == [0, 1, 2]
