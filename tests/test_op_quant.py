@@ -213,6 +213,8 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
     base = dict(num_experts=4)
     assert "group_size" in _error(op_library, case, feeds, "int4", 32, node_attrs=base)
     assert "power of two" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(base, group_size=48))
+    msg = _error(op_library, case, feeds, "int4", 32, node_attrs=dict(base, group_size="32"))
+    assert "'group_size' must be of type int" in msg and msg.count("GatedBlockSparseFFNInt4:") == 1
     assert "num_experts" in _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=5, group_size=32))
     # The tiled down layout is the float32 op's only (op-spec "down_weight's two layouts").
     msg = _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=4, group_size=32, down_tile=64))
@@ -224,14 +226,16 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
              "gate_weight": q8["gate_weight"][..., :24].copy(), "gate_scales": q8["gate_scales"],
              "up_weight": q8["up_weight"][..., :24].copy(), "up_scales": q8["up_scales"],
              "down_weight": q8["down_weight"][..., :24].copy(), "down_scales": q8["down_scales"]}
-    assert "multiple of 32" in _error(op_library, odd, feeds, "int4", 32)
+    msg = _error(op_library, odd, feeds, "int4", 32)
+    assert "multiple of 32" in msg and "GatedBlockSparseFFNInt4:" in msg  # the variant used, named
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize_block_weights(odd.gate, odd.up, odd.down, "int4", 32)
     # float16 op: shapes as the float32 op's.
     case16 = make_case(rng, (3,), 64, 4, 32)
     feeds = quant_inputs(case16, "float16", 32)
     bad = dict(feeds, down_weight=feeds["down_weight"][:, :16].copy())
-    assert "down_weight" in _error(op_library, case16, bad, "float16", 32)
+    msg = _error(op_library, case16, bad, "float16", 32)
+    assert "down_weight" in msg and "GatedBlockSparseFFNF16:" in msg
     assert "down_tile" in _error(op_library, case16, feeds, "float16", 32, node_attrs=dict(num_experts=4, down_tile=64))
 
 

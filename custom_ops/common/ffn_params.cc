@@ -42,8 +42,14 @@ std::string Quote(const std::string& s) { return "'" + s + "'"; }
 
 }  // namespace
 
-[[noreturn]] void ThrowInvalidArgument(const std::string& message) {
-  throw Ort::Exception(std::string(kOpName) + ": " + message, ORT_INVALID_ARGUMENT);
+[[noreturn]] void ThrowInvalidArgument(const std::string& message) { throw InvalidArgument(message); }
+
+int64_t RequiredIntAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* expected) {
+  int64_t value = 0;
+  if (!GetOptionalAttribute(info, name, "int", value)) {
+    ThrowInvalidArgument(std::string("attribute '") + name + "' is required (" + expected + ")");
+  }
+  return value;
 }
 
 std::string ShapeToString(const Shape& shape) {
@@ -56,9 +62,7 @@ std::string ShapeToString(const Shape& shape) {
 
 FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info) {
   FfnAttributes a;
-  if (!GetOptionalAttribute(info, "num_experts", "int", a.num_experts)) {
-    ThrowInvalidArgument("attribute 'num_experts' is required (an int >= 1)");
-  }
+  a.num_experts = RequiredIntAttribute(info, "num_experts", "an int >= 1");
   if (a.num_experts < 1) {
     ThrowInvalidArgument("attribute 'num_experts' must be >= 1, got " + std::to_string(a.num_experts));
   }
@@ -117,8 +121,20 @@ void ExpectShape(FfnInput input, const Shape& actual, const Shape& expected, con
   }
 }
 
-// a * b, or an error when the product does not fit the int64 sizes used by
-// the kernels (tensors that exist fit, but products such as N * n need not).
+}  // namespace
+
+int64_t CheckedTokens(const Shape& x, int64_t d, const char* d_from) {
+  if (x.empty()) ThrowInvalidArgument("input 'X' must have rank >= 1 ([..., d]), got a scalar");
+  if (x.back() != d) {
+    ThrowInvalidArgument("input 'X' must have last dim d = " + std::to_string(d) + " (from " + d_from + "), got " +
+                         ShapeToString(x));
+  }
+  int64_t tokens = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) tokens = CheckedMul(tokens, x[i], "the number of tokens");
+  CheckedMul(tokens, d, "N * d");
+  return tokens;
+}
+
 int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
   if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
     ThrowInvalidArgument(std::string(what) + " overflows int64 (" + std::to_string(a) + " * " +
@@ -126,8 +142,6 @@ int64_t CheckedMul(int64_t a, int64_t b, const char* what) {
   }
   return a * b;
 }
-
-}  // namespace
 
 FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& router_weight,
                     const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
@@ -163,15 +177,7 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
     dims.has_bias = true;
   }
 
-  if (x.empty()) ThrowInvalidArgument("input 'X' must have rank >= 1 ([..., d]), got a scalar");
-  if (x.back() != d) {
-    ThrowInvalidArgument("input 'X' must have last dim d = " + std::to_string(d) + " (from gate_weight), got " +
-                         ShapeToString(x));
-  }
-  int64_t tokens = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) tokens = CheckedMul(tokens, x[i], "the number of tokens");
-  dims.num_tokens = tokens;
-  CheckedMul(tokens, d, "N * d");
+  const int64_t tokens = dims.num_tokens = CheckedTokens(x, d, "gate_weight");
   CheckedMul(tokens, n, "N * n");
   CheckedMul(CheckedMul(CheckedMul(n, dims.block_size, "n * B"), tiles, "n * B * ceil(d / 64)"), kDownTileWidth,
              "n * B * ceil(d / 64) * 64");

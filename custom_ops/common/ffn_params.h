@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "common/int_math.h"
 #include "onnxruntime_cxx_api.h"
 
 namespace dsmoe {
@@ -74,7 +76,24 @@ struct FfnInputs {
 };
 FfnInputs GetInputs(const Ort::KernelContext& ctx, const FfnAttributes& attrs);
 
+// A bad attribute, input shape or option, found by code every op variant shares: the op's
+// adapter (StatusFromCall, common/status.h) reports it as ORT_INVALID_ARGUMENT prefixed with
+// the name of the op that was actually used (GatedBlockSparseFFN, ...Int4, ...).
+struct InvalidArgument : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 [[noreturn]] void ThrowInvalidArgument(const std::string& message);
+
+// A required int attribute: "is required" when absent, "must be of type int" when it has
+// another type (ORT's schemas of custom ops declare no attributes).
+int64_t RequiredIntAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* expected);
 std::string ShapeToString(const Shape& shape);
+
+// a * b, or an InvalidArgument naming `what` when the product does not fit the int64 sizes
+// the kernels use (tensors that exist fit, but products such as N * n need not).
+int64_t CheckedMul(int64_t a, int64_t b, const char* what);
+
+// The number of tokens N of X [..., d] (d taken from input `d_from`), with N * d checked.
+int64_t CheckedTokens(const Shape& x, int64_t d, const char* d_from);
 
 }  // namespace dsmoe

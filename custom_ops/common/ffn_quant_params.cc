@@ -9,25 +9,13 @@ constexpr const char* kQuantInputNames[kNumQuantInputs] = {
     "X", "router_weight", "gate_weight", "gate_scales", "up_weight", "up_scales", "down_weight", "down_scales",
     "router_bias"};
 
-[[noreturn]] void Fail(QuantKind kind, const std::string& message) {
-  throw Ort::Exception(std::string(QuantOpName(kind)) + ": " + message, ORT_INVALID_ARGUMENT);
-}
-
-void Expect(QuantKind kind, QuantInput input, const Shape& actual, const Shape& expected, const char* symbolic) {
+void Expect(QuantInput input, const Shape& actual, const Shape& expected, const char* symbolic) {
   if (actual != expected) {
-    Fail(kind, std::string("input '") + kQuantInputNames[input] + "' must have shape " + symbolic + " = " +
+    ThrowInvalidArgument(std::string("input '") + kQuantInputNames[input] + "' must have shape " + symbolic + " = " +
                    ShapeToString(expected) + ", got " + ShapeToString(actual));
   }
 }
 
-int64_t CheckedMul(QuantKind kind, int64_t a, int64_t b, const char* what) {
-  if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
-    Fail(kind, std::string(what) + " overflows int64 (" + std::to_string(a) + " * " + std::to_string(b) + ")");
-  }
-  return a * b;
-}
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
@@ -44,18 +32,13 @@ QuantAttributes ParseQuantAttributes(QuantKind kind, const Ort::ConstKernelInfo&
   QuantAttributes a;
   a.base = ParseAttributes(info);
   if (a.base.down_tile != 0) {
-    Fail(kind, "attribute 'down_tile' must be 0: its down_weight is [n, B, row_bytes] (the tiled layout is "
+    ThrowInvalidArgument("attribute 'down_tile' must be 0: its down_weight is [n, B, row_bytes] (the tiled layout is "
                "the float32 op's), got " + std::to_string(a.base.down_tile));
   }
   if (kind == QuantKind::kF16) return a;
-  int64_t g = 0;
-  try {
-    g = info.GetAttribute<int64_t>("group_size");
-  } catch (const Ort::Exception&) {
-    Fail(kind, "attribute 'group_size' is required (an int: a power of two >= 32)");
-  }
+  const int64_t g = RequiredIntAttribute(info, "group_size", "an int: a power of two >= 32");
   if (g < 32 || (g & (g - 1)) != 0) {
-    Fail(kind, "attribute 'group_size' must be a power of two >= 32, got " + std::to_string(g));
+    ThrowInvalidArgument("attribute 'group_size' must be a power of two >= 32, got " + std::to_string(g));
   }
   a.group_size = g;
   return a;
@@ -72,17 +55,17 @@ QuantDims CheckQuantShapes(QuantKind kind, const QuantAttributes& attrs, const S
   }
   // n and B from gate_weight, d from router_weight (a packed int4 row has d / 2 bytes).
   if (gate.size() != 3 || gate[0] < 1 || gate[1] < 1 || gate[2] < 1) {
-    Fail(kind, "input 'gate_weight' must have shape [n, B, row_bytes] with n, B, row_bytes >= 1, got " +
+    ThrowInvalidArgument("input 'gate_weight' must have shape [n, B, row_bytes] with n, B, row_bytes >= 1, got " +
                    ShapeToString(gate));
   }
   const int64_t n = gate[0], B = gate[1];
   if (router_weight.size() != 2 || router_weight[0] != n || router_weight[1] < 1) {
-    Fail(kind, "input 'router_weight' must have shape [n, d] with n = " + std::to_string(n) +
+    ThrowInvalidArgument("input 'router_weight' must have shape [n, d] with n = " + std::to_string(n) +
                    " (from gate_weight) and d >= 1, got " + ShapeToString(router_weight));
   }
   const int64_t d = router_weight[1], G = attrs.group_size;
   if (kind == QuantKind::kInt4 && d % 32 != 0) {
-    Fail(kind, "int4 weights need d (router_weight's last dim) to be a multiple of 32 (packing of 32 weights per "
+    ThrowInvalidArgument("int4 weights need d (router_weight's last dim) to be a multiple of 32 (packing of 32 weights per "
                "16 bytes), got d = " + std::to_string(d));
   }
   q.row_bytes = kind == QuantKind::kInt4 ? d / 2 : d;
@@ -90,15 +73,15 @@ QuantDims CheckQuantShapes(QuantKind kind, const QuantAttributes& attrs, const S
   q.block_groups = CeilDiv(B, G);
   const Shape w = {n, B, q.row_bytes};
   const char* w_sym = kind == QuantKind::kInt4 ? "[n, B, d / 2]" : "[n, B, d]";
-  Expect(kind, kQGateWeight, gate, w, w_sym);
-  Expect(kind, kQUpWeight, up, w, w_sym);
-  Expect(kind, kQDownWeight, down, w, w_sym);
+  Expect(kQGateWeight, gate, w, w_sym);
+  Expect(kQUpWeight, up, w, w_sym);
+  Expect(kQDownWeight, down, w, w_sym);
   const Shape rs = {n, B, q.row_groups}, ds = {n, q.block_groups, d};
-  Expect(kind, kQGateScales, *gate_scales, rs, "[n, B, ceil(d / group_size)]");
-  Expect(kind, kQUpScales, *up_scales, rs, "[n, B, ceil(d / group_size)]");
-  Expect(kind, kQDownScales, *down_scales, ds, "[n, ceil(B / group_size), d]");
+  Expect(kQGateScales, *gate_scales, rs, "[n, B, ceil(d / group_size)]");
+  Expect(kQUpScales, *up_scales, rs, "[n, B, ceil(d / group_size)]");
+  Expect(kQDownScales, *down_scales, ds, "[n, ceil(B / group_size), d]");
   if (n != attrs.base.num_experts) {
-    Fail(kind, "attribute 'num_experts' = " + std::to_string(attrs.base.num_experts) + " does not match n = " +
+    ThrowInvalidArgument("attribute 'num_experts' = " + std::to_string(attrs.base.num_experts) + " does not match n = " +
                    std::to_string(n) + " of the weights (gate_weight " + ShapeToString(gate) + ")");
   }
   FfnDims& dims = q.base;
@@ -106,20 +89,12 @@ QuantDims CheckQuantShapes(QuantKind kind, const QuantAttributes& attrs, const S
   dims.block_size = B;
   dims.hidden = d;
   if (router_bias != nullptr) {
-    Expect(kind, kQRouterBias, *router_bias, {n}, "[n]");
+    Expect(kQRouterBias, *router_bias, {n}, "[n]");
     dims.has_bias = true;
   }
-  if (x.empty()) Fail(kind, "input 'X' must have rank >= 1 ([..., d]), got a scalar");
-  if (x.back() != d) {
-    Fail(kind, "input 'X' must have last dim d = " + std::to_string(d) + " (from router_weight), got " +
-                   ShapeToString(x));
-  }
-  int64_t tokens = 1;
-  for (size_t i = 0; i + 1 < x.size(); ++i) tokens = CheckedMul(kind, tokens, x[i], "the number of tokens");
-  dims.num_tokens = tokens;
-  CheckedMul(kind, tokens, d, "N * d");
-  CheckedMul(kind, CheckedMul(kind, tokens, n, "N * n"), B, "N * n * B");
-  CheckedMul(kind, CheckedMul(kind, n, B, "n * B"), d, "n * B * d");
+  const int64_t tokens = dims.num_tokens = CheckedTokens(x, d, "router_weight");
+  CheckedMul(CheckedMul(tokens, n, "N * n"), B, "N * n * B");
+  CheckedMul(CheckedMul(n, B, "n * B"), d, "n * B * d");
   dims.y_shape = x;
   dims.active_shape.assign(x.begin(), x.end() - 1);
   dims.active_shape.push_back(n);
@@ -130,9 +105,9 @@ namespace {
 
 Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
 
-Ort::ConstValue Required(QuantKind kind, const Ort::KernelContext& ctx, size_t index, const char* name) {
+Ort::ConstValue Required(const Ort::KernelContext& ctx, size_t index, const char* name) {
   Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) Fail(kind, std::string("input '") + name + "' is required");
+  if (!v) ThrowInvalidArgument(std::string("input '") + name + "' is required");
   return v;
 }
 
@@ -152,14 +127,14 @@ QuantInputs GetQuantInputs(QuantKind kind, const Ort::KernelContext& ctx, const 
     in.dims.row_bytes = 2 * f.dims.hidden;
     return in;
   }
-  in.x = Required(kind, ctx, kQX, "X");
-  in.router_weight = Required(kind, ctx, kQRouterWeight, "router_weight");
-  in.gate = Required(kind, ctx, kQGateWeight, "gate_weight");
-  in.gate_scales = Required(kind, ctx, kQGateScales, "gate_scales");
-  in.up = Required(kind, ctx, kQUpWeight, "up_weight");
-  in.up_scales = Required(kind, ctx, kQUpScales, "up_scales");
-  in.down = Required(kind, ctx, kQDownWeight, "down_weight");
-  in.down_scales = Required(kind, ctx, kQDownScales, "down_scales");
+  in.x = Required(ctx, kQX, "X");
+  in.router_weight = Required(ctx, kQRouterWeight, "router_weight");
+  in.gate = Required(ctx, kQGateWeight, "gate_weight");
+  in.gate_scales = Required(ctx, kQGateScales, "gate_scales");
+  in.up = Required(ctx, kQUpWeight, "up_weight");
+  in.up_scales = Required(ctx, kQUpScales, "up_scales");
+  in.down = Required(ctx, kQDownWeight, "down_weight");
+  in.down_scales = Required(ctx, kQDownScales, "down_scales");
   if (ctx.GetInputCount() > kQRouterBias) in.router_bias = ctx.GetInput(kQRouterBias);
   const Shape gs = ShapeOf(in.gate_scales), us = ShapeOf(in.up_scales), ds = ShapeOf(in.down_scales);
   const Shape bias = in.router_bias ? ShapeOf(in.router_bias) : Shape{};

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <stdexcept>
 #include <string>
 
 #include "common/ffn_params.h"
@@ -19,9 +20,9 @@ class Scratch {
     data_ = allocator_->Alloc(allocator_, bytes);
     if (data_ == nullptr) {
       Release();
-      throw Ort::Exception(std::string(kOpName) + ": could not allocate " + std::to_string(bytes) + " bytes of " +
-                               what + " scratch memory",
-                           ORT_FAIL);
+      // std::runtime_error: the op's adapter names the op (StatusFromCall), with ORT_FAIL.
+      throw std::runtime_error("could not allocate " + std::to_string(bytes) + " bytes of " + std::string(what) +
+                               " scratch memory");
     }
   }
   ~Scratch() { Release(); }

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/ffn_op.h"
+#include "cpu/decode.h"
 #include "cpu/hugepages.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
@@ -66,47 +67,22 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
 
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, N);
-  const int64_t* block_start = sorted.block_start.get();
-  const int64_t* pair_token = sorted.pair_token.get();
-
-  // Tasks (block, group of rows): a block's rows are cut into at most kDecodeGroups
-  // groups (work for every thread even when k = 1), each walked in slabs of
-  // kDecodeRows rows; a slab's gate and up rows are read once for up to
-  // kMaxDotTokens tokens, its down rows once per token (from L2). Each task owns
-  // one partial output per (pair, group): no write conflicts.
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  // Per task (cpu/decode.h), slabs of kDecodeRows rows: a slab's gate and up rows are read
+  // once for up to kMaxDotTokens tokens, its down rows once per token (from L2).
   // Down in column tiles: h of all the group's rows first, then the group's rows of
   // every tile at once (accumulate_tiles), once for up to kMaxDotTokens tokens. Against
   // the rows layout's per-slab reads: 1-4 % slower at T = 1 (d = 2048 and 4096), equal
   // at T = 4; tile after tile (one stream at a time) was 5-6 % slower, a second pass
   // over whole tiles after all of the block's gate/up 4-6 %.
-  const int64_t slabs = CeilDiv(B, kDecodeRows);
-  const int64_t groups = std::min(slabs, kDecodeGroups);
-  const int64_t slabs_per_group = CeilDiv(slabs, groups);
   const bool tiled = dims.down_tile != 0;
-  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
-  // Only the active blocks' tasks go to the pool (k of n: its chunks of work stay even).
-  std::vector<int64_t> tasks;
-  tasks.reserve(static_cast<size_t>(n * groups));
-  for (int64_t i = 0; i < n; ++i) {
-    if (block_start[i] == block_start[i + 1]) continue;
-    for (int64_t grp = 0; grp < groups; ++grp) tasks.push_back(i * groups + grp);
-  }
-  ParallelFor(ctx, tasks.size(), [&](size_t t) {
-    const int64_t task = tasks[t];
-    const int64_t i = task / groups, grp = task % groups;
-    const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
-    for (int64_t p = first_pair; p < last_pair; ++p) {
-      float* out = partial.get() + (p * groups + grp) * d;
-      std::fill(out, out + d, 0.0f);
-    }
-    const int64_t s_begin = grp * slabs_per_group, s_end = std::min(slabs, s_begin + slabs_per_group);
-    if (s_begin >= s_end) return;
-    const int64_t g0 = s_begin * kDecodeRows, g_rows = std::min(B, s_end * kDecodeRows) - g0;
+  DecodeSlabs(ctx, dims, routing, kDecodeRows, [&](const DecodeTask& t) {
+    const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
+    const int64_t* pair_token = t.pair_token;
+    const int64_t g0 = t.slab_begin * kDecodeRows, g_rows = std::min(B, t.slab_end * kDecodeRows) - g0;
     float* hg = tiled ? ThreadBuffer(ThreadSlot::kDownTile, (last_pair - first_pair) * g_rows) : nullptr;
     float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kDecodeRows];
-    for (int64_t s = s_begin; s < s_end; ++s) {
+    for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
       const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
       const int64_t offset = (i * B + r0) * d;
       for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
@@ -120,7 +96,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
           float* hp = tiled ? hg + (p - first_pair) * g_rows + (r0 - g0) : h;
           ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
                               routing.coef[pair_token[p] * n + i], rows, hp);
-          if (!tiled) ks.accumulate_rows(h, w.down + offset, rows, d, d, partial.get() + (p * groups + grp) * d);
+          if (!tiled) ks.accumulate_rows(h, w.down + offset, rows, d, d, t.out(p));
         }
       }
     }
@@ -131,13 +107,11 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
       float* outs[kMaxDotTokens];
       for (int c = 0; c < count; ++c) {
         hs[c] = hg + (p0 + c - first_pair) * g_rows;
-        outs[c] = partial.get() + ((p0 + c) * groups + grp) * d;
+        outs[c] = t.out(p0 + c);
       }
       ks.accumulate_tiles(hs, count, w.down + DownOffset(dims, i, g0, 0), g_rows, B * dims.down_tile, d, outs);
     }
-  });
-
-  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
+  }, y);
 }
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
@@ -198,7 +172,7 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
 }
 
 void RegisterOps(Ort::CustomOpDomain& domain) {
-  static const GatedBlockSparseFfnOp<FfnCpuKernel> op;
+  static const FfnOp<FfnCpuKernel> op;
   domain.Add(&op);
 }
 

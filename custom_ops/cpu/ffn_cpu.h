@@ -1,6 +1,7 @@
 // CPU kernel of org.dsmoe::GatedBlockSparseFFN (float32).
 #pragma once
 
+#include "common/ffn_op.h"
 #include "common/ffn_params.h"
 #include "cpu/kernels.h"
 
@@ -8,10 +9,13 @@ namespace dsmoe::cpu {
 
 class FfnCpuKernel {
  public:
-  static constexpr const char* kExecutionProvider = "CPUExecutionProvider";
-  static constexpr ONNXTensorElementDataType kElementType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  using Variant = NoVariant;
+  static OpSignature Signature(NoVariant) {
+    return FloatOpSignature("CPUExecutionProvider", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  }
 
-  explicit FfnCpuKernel(const FfnAttributes& attrs) : attrs_(attrs), kernels_(SelectKernels()) {}
+  FfnCpuKernel(NoVariant, const Ort::ConstKernelInfo& info)
+      : attrs_(ParseAttributes(info)), kernels_(SelectKernels()) {}
   // Constant gate/up/down weights (initializers) onto huge pages (cpu/hugepages.h).
   void Prepare(const Ort::ConstKernelInfo& info) const;
   void Compute(Ort::KernelContext& ctx) const;

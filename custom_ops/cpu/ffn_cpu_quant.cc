@@ -18,14 +18,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <memory>
 #include <vector>
 
+#include "common/ffn_op.h"
 #include "common/ffn_quant_params.h"
 #include "common/status.h"
+#include "cpu/decode.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_quant.h"
 #include "cpu/parallel.h"
@@ -33,55 +34,6 @@
 #include "cpu/prefill.h"
 
 namespace dsmoe::cpu {
-
-namespace baseline { const QuantKernelSet& QuantKernels(); }
-#if defined(DSMOE_HAVE_AVX2)
-namespace avx2 { const QuantKernelSet& QuantKernels(); }
-#endif
-#if defined(DSMOE_HAVE_AVX512)
-namespace avx512 { const QuantKernelSet& QuantKernels(); }
-#endif
-
-namespace {
-
-bool SupportsQuant(const std::string& isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  if (isa == "avx2") {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }
-#endif
-  return isa == "baseline";
-}
-
-const QuantKernelSet* CompiledQuant(const std::string& isa) {
-#if defined(DSMOE_HAVE_AVX512)
-  if (isa == "avx512") return &avx512::QuantKernels();
-#endif
-#if defined(DSMOE_HAVE_AVX2)
-  if (isa == "avx2") return &avx2::QuantKernels();
-#endif
-  if (isa == "baseline") return &baseline::QuantKernels();
-  return nullptr;
-}
-
-}  // namespace
-
-const QuantKernelSet& SelectQuantKernels() {
-  if (const char* forced = std::getenv("DSMOE_CPU_ISA"); forced != nullptr && *forced != '\0') {
-    const QuantKernelSet* set = CompiledQuant(forced);
-    if (set == nullptr || !SupportsQuant(forced)) {
-      ThrowInvalidArgument(std::string("DSMOE_CPU_ISA=") + forced +
-                           ": not built into this library or not supported by this CPU "
-                           "(expected baseline, avx2 or avx512)");
-    }
-    return *set;
-  }
-  for (const char* isa : {"avx512", "avx2"}) {
-    if (const QuantKernelSet* set = CompiledQuant(isa); set != nullptr && SupportsQuant(isa)) return *set;
-  }
-  return baseline::QuantKernels();
-}
 
 namespace {
 
@@ -107,16 +59,8 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
                    float* y) {
   const FfnDims& dims = qd.base;
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, N);
-  const int64_t* block_start = sorted.block_start.get();
-  const int64_t* pair_token = sorted.pair_token.get();
-
   // Slabs are whole scale groups of the down rows (the group size is a power of two).
   const int64_t slab_rows = w.format == WeightFormat::kF16 ? kDecodeRows : std::max(kDecodeRows, w.group);
-  const int64_t slabs = CeilDiv(B, slab_rows);
-  const int64_t groups = std::min(slabs, kDecodeGroups);
-  const int64_t slabs_per_group = CeilDiv(slabs, groups);
-  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);  // partial[(p * groups + g) * d + c]
   const int64_t rb = w.row_bytes;
   // Per-token sums of X over each scale group (the zero point of dot_rows).
   const int64_t xgroups = w.format == WeightFormat::kF16 ? 1 : w.row_groups;
@@ -124,20 +68,14 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
   if (w.format != WeightFormat::kF16) {
     for (int64_t t = 0; t < N; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum.get() + t * xgroups);
   }
-  ParallelFor(ctx, static_cast<size_t>(n * groups), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task) / groups, grp = static_cast<int64_t>(task) % groups;
-    const int64_t first_pair = block_start[i], last_pair = block_start[i + 1];
-    if (first_pair == last_pair) return;
-    for (int64_t p = first_pair; p < last_pair; ++p) {
-      float* out = partial.get() + (p * groups + grp) * d;
-      std::fill(out, out + d, 0.0f);
-    }
+  DecodeSlabs(ctx, dims, routing, slab_rows, [&](const DecodeTask& t) {
+    const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
+    const int64_t* pair_token = t.pair_token;
     float* g = ThreadBuffer(ThreadSlot::kGateTile, kMaxQuantDotTokens * slab_rows);
     float* u = ThreadBuffer(ThreadSlot::kUpTile, kMaxQuantDotTokens * slab_rows + slab_rows);
     float* h = u + kMaxQuantDotTokens * slab_rows;
     float* acc = ThreadBuffer(ThreadSlot::kDownTile, d);
-    const int64_t s_end = std::min(slabs, (grp + 1) * slabs_per_group);
-    for (int64_t s = grp * slabs_per_group; s < s_end; ++s) {
+    for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
       const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
       const int64_t row = i * B + r0;
       const float* gs = w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr;
@@ -158,14 +96,11 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
           const int64_t p = p0 + c;
           ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,
                               routing.coef[pair_token[p] * n + i], rows, h);
-          qk.accumulate_rows(w.format, w.down + row * rb, ds, h, rows, d, w.group, acc,
-                             partial.get() + (p * groups + grp) * d);
+          qk.accumulate_rows(w.format, w.down + row * rb, ds, h, rows, d, w.group, acc, t.out(p));
         }
       }
     }
-  });
-
-  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
+  }, y);
 }
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
@@ -196,8 +131,12 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
 
 class QuantCpuKernel {
  public:
-  QuantCpuKernel(QuantKind kind, const QuantAttributes& attrs)
-      : kind_(kind), attrs_(attrs), kernels_(SelectKernels()), quant_(SelectQuantKernels()) {}
+  using Variant = QuantKind;
+  static OpSignature Signature(QuantKind kind);
+
+  QuantCpuKernel(QuantKind kind, const Ort::ConstKernelInfo& info)
+      : kind_(kind), attrs_(ParseQuantAttributes(kind, info)), kernels_(SelectKernels()),
+        quant_(SelectQuantKernels()) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
@@ -229,65 +168,24 @@ class QuantCpuKernel {
   const QuantKernelSet& quant_;
 };
 
-struct QuantKernelAdapter {
-  QuantKernelAdapter(QuantKind kind, const QuantAttributes& attrs) : kernel(kind, attrs) {}
-  OrtStatus* ComputeV2(OrtKernelContext* context) {
-    return StatusFromCall([&] {
-      Ort::KernelContext ctx(context);
-      kernel.Compute(ctx);
-    });
+// Inputs per docs/op-spec.md "Quantized variants": the F16 op has the float32 op's inputs with
+// float16 weights; Int4/Int8 add a scale input after each weight (QuantInput).
+OpSignature QuantCpuKernel::Signature(QuantKind kind) {
+  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (kind == QuantKind::kF16) {
+    std::vector<ONNXTensorElementDataType> inputs(kNumFfnInputs, f32);
+    for (const size_t i : {kGateWeight, kUpWeight, kDownWeight}) inputs[i] = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    return {QuantOpName(kind), "CPUExecutionProvider", inputs, kRouterBias, f32};
   }
-  QuantCpuKernel kernel;
-};
-
-// The op's description for ORT: inputs per docs/op-spec.md "Quantized variants".
-struct QuantFfnOp : Ort::CustomOpBase<QuantFfnOp, QuantKernelAdapter, /*WithStatus=*/true> {
-  explicit QuantFfnOp(QuantKind k) : kind(k) {}
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** op_kernel) const {
-    *op_kernel = nullptr;
-    return StatusFromCall([&] {
-      *op_kernel = new QuantKernelAdapter(kind, ParseQuantAttributes(kind, Ort::ConstKernelInfo(info)));
-    });
-  }
-  const char* GetName() const { return QuantOpName(kind); }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-
-  size_t GetInputTypeCount() const {
-    return kind == QuantKind::kF16 ? static_cast<size_t>(kNumFfnInputs) : static_cast<size_t>(kNumQuantInputs);
-  }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    if (kind == QuantKind::kF16) {
-      return index == static_cast<size_t>(kGateWeight) || index == static_cast<size_t>(kUpWeight) ||
-                     index == static_cast<size_t>(kDownWeight)
-                 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
-                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    }
-    return index == static_cast<size_t>(kQGateWeight) || index == static_cast<size_t>(kQUpWeight) ||
-                   index == static_cast<size_t>(kQDownWeight)
-               ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
-               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    const size_t bias =
-        kind == QuantKind::kF16 ? static_cast<size_t>(kRouterBias) : static_cast<size_t>(kQRouterBias);
-    return index == bias ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return kNumFfnOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == kActive ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == kActive ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-
-  QuantKind kind;
-};
+  std::vector<ONNXTensorElementDataType> inputs(kNumQuantInputs, f32);
+  for (const size_t i : {kQGateWeight, kQUpWeight, kQDownWeight}) inputs[i] = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  return {QuantOpName(kind), "CPUExecutionProvider", inputs, kQRouterBias, f32};
+}
 
 }  // namespace
 
 void RegisterQuantOps(Ort::CustomOpDomain& domain) {
-  static const QuantFfnOp int4(QuantKind::kInt4), int8(QuantKind::kInt8), f16(QuantKind::kF16);
+  static const FfnOp<QuantCpuKernel> int4(QuantKind::kInt4), int8(QuantKind::kInt8), f16(QuantKind::kF16);
   domain.Add(&int4);
   domain.Add(&int8);
   domain.Add(&f16);

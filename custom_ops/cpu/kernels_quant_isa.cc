@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/int_math.h"
 #include "cpu/kernels_quant.h"
 #include "cpu/simd.h"
 
@@ -129,8 +130,6 @@ inline float LoadOne(const uint8_t* row, int64_t c) {
     return HalfToFloat(h);
   }
 }
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Group length along a row: float16 has no groups (one "group" of d, scale 1).
 template <WeightFormat F>

@@ -32,7 +32,6 @@ inline int64_t PrefillRowsPerTask(int64_t d) {
 }
 inline constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
 
-inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 std::unique_ptr<T[]> HeapArray(int64_t count) {  // uninitialised: every element is written before it is read

@@ -4,6 +4,7 @@
 // device. The kernels are in forward.cu and the stage files it calls.
 #pragma once
 
+#include "common/ffn_op.h"
 #include "common/ffn_params.h"
 
 namespace dsmoe::cuda {
@@ -11,10 +12,10 @@ namespace dsmoe::cuda {
 template <ONNXTensorElementDataType kType>
 class FfnCudaKernel {
  public:
-  static constexpr const char* kExecutionProvider = "CUDAExecutionProvider";
-  static constexpr ONNXTensorElementDataType kElementType = kType;
+  using Variant = NoVariant;
+  static OpSignature Signature(NoVariant) { return FloatOpSignature("CUDAExecutionProvider", kType); }
 
-  explicit FfnCudaKernel(const FfnAttributes& attrs) : attrs_(attrs) {}
+  FfnCudaKernel(NoVariant, const Ort::ConstKernelInfo& info) : attrs_(ParseAttributes(info)) {}
   void Compute(Ort::KernelContext& ctx) const;
 
  private:

@@ -3,11 +3,10 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/int_math.h"
+
 namespace dsmoe::cuda {
 namespace {
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t RoundUp(int64_t a, int64_t b) { return CeilDiv(a, b) * b; }
 
 // Appends `bytes` to the layout, aligned; returns the offset.
 int64_t Take(ScratchLayout& s, int64_t bytes) {

@@ -12,9 +12,9 @@ void RegisterOps(Ort::CustomOpDomain& domain) {
   // One op per element type, same domain and name: ONNX Runtime merges them into
   // one schema (type constraints = the union) and picks the kernel by EP and type.
   // Registering needs no GPU: nothing CUDA runs until a CUDA EP session computes.
-  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>> op_f32;
-  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>> op_f16;
-  static const GatedBlockSparseFfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>> op_bf16;
+  static const FfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>> op_f32;
+  static const FfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16>> op_f16;
+  static const FfnOp<FfnCudaKernel<ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16>> op_bf16;
   domain.Add(&op_f32);
   domain.Add(&op_f16);
   domain.Add(&op_bf16);

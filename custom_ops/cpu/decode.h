@@ -1,0 +1,59 @@
+// The decode path's scaffolding, shared by the float32 kernel (ffn_cpu.cc) and the
+// quantized one (ffn_cpu_quant.cc); they differ only in how a task reads its weights.
+//
+// The pairs are sorted by block. Each active block's rows are cut into at most
+// kDecodeGroups groups of slabs (work for every thread even when k = 1), and only
+// the active blocks' (block, group) tasks go to the pool. A task owns one partial
+// output per (pair, group), zeroed here before it runs, so there are no write
+// conflicts. A second pass sums the partials per token in a fixed order
+// (SumDecodePartials), so the result does not depend on the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/parallel.h"
+#include "cpu/plan.h"
+
+namespace dsmoe::cpu {
+
+struct DecodeTask {
+  int64_t block, group;            // block i, its row group
+  int64_t first_pair, last_pair;   // block i's pairs [first, last) in the sorted order
+  int64_t slab_begin, slab_end;    // the group's slabs of slab_rows rows
+  const int64_t* pair_token;       // token of each sorted pair
+  float* partial;                  // [pairs, groups, d]
+  int64_t groups, d;
+  float* out(int64_t pair) const { return partial + (pair * groups + group) * d; }
+};
+
+// task(const DecodeTask&) accumulates h . V over its slabs into out(p) of each of its pairs.
+template <typename Task>
+void DecodeSlabs(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing, int64_t slab_rows,
+                 const Task& task, float* y) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, dims.num_tokens);
+  const int64_t* block_start = sorted.block_start.get();
+  const int64_t slabs = CeilDiv(B, slab_rows);
+  const int64_t groups = std::min(slabs, kDecodeGroups);
+  const int64_t slabs_per_group = CeilDiv(slabs, groups);
+  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);
+  std::vector<int64_t> tasks;  // k of n blocks active: the pool's chunks of work stay even
+  tasks.reserve(static_cast<size_t>(n * groups));
+  for (int64_t i = 0; i < n; ++i) {
+    if (block_start[i] == block_start[i + 1]) continue;
+    for (int64_t grp = 0; grp < groups; ++grp) tasks.push_back(i * groups + grp);
+  }
+  ParallelFor(ctx, tasks.size(), [&](size_t index) {
+    const int64_t i = tasks[index] / groups, grp = tasks[index] % groups;
+    const int64_t s_begin = grp * slabs_per_group;
+    const DecodeTask t{i, grp, block_start[i], block_start[i + 1], s_begin, std::min(slabs, s_begin + slabs_per_group),
+                       sorted.pair_token.get(), partial.get(), groups, d};
+    for (int64_t p = t.first_pair; p < t.last_pair; ++p) std::fill(t.out(p), t.out(p) + d, 0.0f);
+    if (t.slab_begin < t.slab_end) task(t);
+  });
+  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
+}
+
+}  // namespace dsmoe::cpu
