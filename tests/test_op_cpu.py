@@ -366,7 +366,9 @@ def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, enabled
     if enabled:
         assert grown >= 3 * 3 * 2048, f"AnonHugePages grew by {grown} kB"
     else:
-        assert grown < 2048, f"AnonHugePages grew by {grown} kB with DSMOE_HUGEPAGES=0"
+        # One stray 2 MB page may come from elsewhere in the process (khugepaged collapsing a
+        # region advised earlier, e.g. by the enabled case); the weights would be 9 or more.
+        assert grown <= 2048, f"AnonHugePages grew by {grown} kB with DSMOE_HUGEPAGES=0"
     y = sess.run(None, {"X": case.x.astype(np.float32)})[0]
     y_ref = case.reference()[0]
     assert np.abs(y - y_ref).max() <= 1e-4 * max(1.0, np.abs(y_ref).max())
