@@ -1,7 +1,7 @@
 """GPU check of the CUDA kernel (run by scripts/gpu_check.sh on a GPU machine; docs/cuda.md).
 
 1. correctness: the kernels through libdsmoe_cuda_harness on torch CUDA buffers against the
-   float64 reference (tests/reference.py) on fresh random inputs: float32 (1e-4), float16
+   float64 reference (dsmoe_export/testing/reference.py) on fresh random inputs: float32 (1e-4), float16
    (1e-2), bfloat16 (3e-2); decode and GEMM paths, both down_weight layouts, k = 0 and k = n
    tokens, odd sizes;
 2. timing, float16, d=4096 / D=11008 / n=8 (LLaMA-7B FFN): sparse at exactly k active blocks

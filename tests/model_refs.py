@@ -2,7 +2,7 @@
 
 The dense reference is transformers' LlamaForCausalLM. The DSMoE reference
 is the same model with every MLP swapped for the numpy op reference
-(tests/reference.py) on weights cut straight from the folder's tensors: it
+(dsmoe_export/testing/reference.py) on weights cut straight from the folder's tensors: it
 shares no code with dsmoe_export's model, packing or exporter.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The CPU kernel of org.dsmoe::GatedBlockSparseFFN against the float64 reference
-(tests/reference.py) on fresh random inputs; error handling per docs/op-spec.md.
+(dsmoe_export/testing/reference.py) on fresh random inputs; error handling per docs/op-spec.md.
 
 Tolerance: fp32 kernel vs float64 reference, max |Y - Y_ref| <= 1e-4 * max(1, max |Y_ref|);
 `active` and the k = 0 zeros are compared exactly.

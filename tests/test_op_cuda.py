@@ -4,7 +4,7 @@ Everywhere (no GPU needed): the op library links no CUDA library at load time, a
 when nvcc is installed its CUDA kernels are compiled in.
 With a CUDA GPU and torch built with CUDA: the kernels through the test harness
 (libdsmoe_cuda_harness, DSMOE_CUDA_HARNESS) on torch buffers against the float64
-reference (tests/reference.py), float32 within 1e-4, float16 within 1e-2 and
+reference (dsmoe_export/testing/reference.py), float32 within 1e-4, float16 within 1e-2 and
 bfloat16 within 3e-2 of max(1, max |Y_ref|); `active` exactly; k = 0 rows exactly 0.
 With onnxruntime-gpu (CUDAExecutionProvider) too: the op in a CUDA EP session.
 Without them these tests skip, saying which piece is missing.

@@ -1,5 +1,5 @@
 """Randomized cases of the CPU kernel of org.dsmoe::GatedBlockSparseFFN against the float64 numpy
-reference (tests/reference.py): shapes, n, B, d, thresholds, attributes, forced k = 0 and k = n
+reference (dsmoe_export/testing/reference.py): shapes, n, B, d, thresholds, attributes, forced k = 0 and k = n
 tokens, whole batches with every or no block active, empty batches, NaN and inf in the inputs,
 every instruction-set variant this CPU runs (DSMOE_CPU_ISA), both kernel regimes (decode path
 <= 6 tokens, GEMM path above) and 1 or 2 intra-op threads.
