@@ -12,7 +12,7 @@
 #                       call, with a manifest
 #                       (sha256 of each part and of the whole)
 #   build/gpu/          the op library and the test harness for sm_90, with the CUTLASS
-#                       grouped GEMMs (their headers fetched from PyPI here: the device has
+#                       grouped GEMMs (sm_90a and sm_80; their headers fetched from PyPI here: the device has
 #                       no network; nvcc here: the device call then skips its build)
 # and prints the device calls that use them.
 # Usage: bash scripts/gpu_prepare.sh [headers] [models] [ort] [lib]   (default: all four)

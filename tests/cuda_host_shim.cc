@@ -14,7 +14,7 @@ using namespace dsmoe::cuda;
 extern "C" {
 
 // Plan fields, in this order (tests/test_cuda_host.py names them). device: arch, sm_count,
-// cutlass_sm90, gemm_workspace (what DescribeDevice reports on a GPU).
+// cutlass, gemm_workspace, force_sm80 (what DescribeDevice reports on a GPU).
 int shim_plan(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size, int dtype, int aligned,
               int down_tiled, const int64_t* device, int64_t* out, char* error, int error_len) {
   FfnCudaPlan p;
@@ -23,8 +23,9 @@ int shim_plan(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size
   shape.down_tiled = down_tiled != 0;
   shape.device.arch = static_cast<int>(device[0]);
   shape.device.sm_count = static_cast<int>(device[1]);
-  shape.device.cutlass_sm90 = device[2] != 0;
+  shape.device.cutlass = device[2] != 0;
   shape.device.gemm_workspace = device[3];
+  shape.device.force_sm80 = device[4] != 0;
   if (!MakePlan(shape, p, e)) {
     std::strncpy(error, e.c_str(), error_len - 1);
     error[error_len - 1] = '\0';
@@ -36,7 +37,7 @@ int shim_plan(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size
                        p.router.x, p.sort.x, p.gate_up.x, p.gate_up.y, p.down.x, p.down.y,
                        p.decode_gate_up.x, p.decode_down.x, p.finalize.x,
                        s.coef, s.active, s.acc, s.h_decode, s.pair_token, s.block_count, s.tile_start, s.h, s.bytes,
-                       p.cutlass, p.permute.x, p.activate.x, p.combine.x, p.combine.y,
+                       p.cutlass_arch, p.permute.x, p.activate.x, p.combine.x, p.combine.y,
                        s.pair_row, s.xp, s.gu, s.gemm_args, s.gemm_workspace};
   std::memcpy(out, v, sizeof(v));
   return 0;

@@ -34,8 +34,10 @@ FIELDS = ("decode", "tensor_cores", "vec_loads", "elem_size", "tile_m", "gate_up
           "pair_row", "xp", "gu", "gemm_args", "gemm_workspace")
 F32, F16, BF16 = 0, 1, 2
 DECODE_MAX_TOKENS = 8
-NO_CUTLASS = (0, 0, 0, 0)           # device: arch, SM count, CUTLASS built, GEMM workspace bytes
-H200 = (90, 132, 1, 70_000)         # sm_90 with the CUTLASS GEMMs built in
+NO_CUTLASS = (0, 0, 0, 0, 0)        # device: arch, SM count, CUTLASS built, sm_90a workspace bytes, force sm_80
+H200 = (90, 132, 1, 70_000, 0)      # sm_90 with the CUTLASS GEMMs built in
+A100 = (80, 108, 1, 0, 0)
+L4 = (89, 58, 1, 0, 0)
 GROUP_ARG_BYTES, GROUPED_ROWS_PER_CTA, COMBINE_COLS_PER_CTA = 128, 8, 256 * 8
 
 
@@ -59,7 +61,7 @@ def plan(lib, tokens, d, n, B, dtype=F16, aligned=True, *, down_tiled=False, dev
     out = (ctypes.c_int64 * len(FIELDS))()
     err = ctypes.create_string_buffer(256)
     args = [ctypes.c_int64(v) for v in (tokens, d, n, B)]
-    dev = (ctypes.c_int64 * 4)(*device)
+    dev = (ctypes.c_int64 * 5)(*device)
     if lib.shim_plan(*args, dtype, int(aligned), int(down_tiled), dev, out, err, 256):
         raise ValueError(err.value.decode())
     return dict(zip(FIELDS, out))
@@ -165,20 +167,29 @@ def test_scratch_layout(shim, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
-def test_cutlass_path_is_taken_on_hopper_only(shim, dtype):
+def test_cutlass_kernels_per_architecture(shim, dtype):
+    """cutlass = which CUTLASS kernels the plan takes: 90 (sm_90a) on Hopper, 80 (2.x) on Ampere/Ada."""
+    for device, arch in ((H200, 90), (A100, 80), (L4, 80), ((86, 84, 1, 0, 0), 80),
+                         ((90, 132, 1, 70_000, 1), 80),   # forced sm_80 kernels (checks on Hopper)
+                         ((100, 148, 1, 70_000, 1), 80),  # forced: compute_80 PTX runs there too
+                         ((100, 148, 1, 70_000, 0), 0),   # Blackwell: neither kernel natively
+                         ((75, 40, 1, 0, 1), 0),          # Turing: no sm_80 features, even forced
+                         ((90, 132, 1, 0, 0), 0)):        # sm_90a without its workspace size
+        on = dict(device=device)
+        assert plan(shim, 9, 4096, 8, 1376, dtype, **on)["cutlass"] == arch, device
+        assert plan(shim, 4096, 4096, 8, 1376, dtype, **on)["cutlass"] == arch, device
     on = dict(device=H200)
-    assert plan(shim, 9, 4096, 8, 1376, dtype, **on)["cutlass"] == 1
-    assert plan(shim, 4096, 4096, 8, 1376, dtype, **on)["cutlass"] == 1
     assert plan(shim, 8, 4096, 8, 1376, dtype, **on)["decode"] == 1  # decode keeps its GEMVs
     assert plan(shim, 8, 4096, 8, 1376, dtype, **on)["cutlass"] == 0
     assert plan(shim, 512, 4096, 8, 1376, F32, **on)["cutlass"] == 0
-    for why_not in (dict(device=(89, 128, 1, 70_000)), dict(device=(100, 148, 1, 70_000)),  # sm_90a code only
-                    dict(device=(90, 132, 0, 0)), dict(device=(90, 132, 1, 0)),  # not built / no workspace
-                    dict(device=H200, down_tiled=True), dict(device=H200, aligned=False)):
+    for why_not in (dict(device=(90, 132, 0, 0, 0)), dict(device=(80, 108, 0, 0, 1)),  # not built / turned off
+                    dict(device=H200, down_tiled=True), dict(device=A100, down_tiled=True),
+                    dict(device=H200, aligned=False)):
         p = plan(shim, 512, 4096, 8, 1376, dtype, **why_not)
         assert p["cutlass"] == 0 and p["tensor_cores"] == why_not.get("aligned", True), why_not
-    assert plan(shim, 512, 4100, 8, 1376, dtype, **on)["cutlass"] == 0  # TMA: rows of 16 bytes
-    assert plan(shim, 512, 4096, 8, 1372, dtype, **on)["cutlass"] == 0
+    for device in (H200, A100):
+        assert plan(shim, 512, 4100, 8, 1376, dtype, device=device)["cutlass"] == 0  # rows of 16 bytes
+        assert plan(shim, 512, 4096, 8, 1372, dtype, device=device)["cutlass"] == 0
 
 
 CUTLASS_REGIONS = {
@@ -191,20 +202,21 @@ CUTLASS_REGIONS = {
     "xp": lambda N, d, n, B, e, ws: N * n * d * e,
     "gu": lambda N, d, n, B, e, ws: N * n * 2 * B * e,
     "gemm_args": lambda N, d, n, B, e, ws: 3 * n * GROUP_ARG_BYTES,
-    "gemm_workspace": lambda N, d, n, B, e, ws: 2 * -(-ws // 256) * 256,
+    "gemm_workspace": lambda N, d, n, B, e, ws: 2 * -(-ws // 256) * 256,  # 0 for the sm_80 kernels
 }
 
 
+@pytest.mark.parametrize("device", [H200, A100])
 @pytest.mark.parametrize("shape", [(9, 4096, 8, 1376), (4096, 4096, 8, 1376), (77, 64, 3, 8), (300, 576, 16, 96)])
-def test_cutlass_scratch_layout_and_grids(shim, shape):
+def test_cutlass_scratch_layout_and_grids(shim, shape, device):
     N, d, n, B = shape
-    p = plan(shim, N, d, n, B, F16, device=H200)
-    assert p["cutlass"] == 1 and p["tile_m"] == 1 and p["finalize_x"] == 0
+    p = plan(shim, N, d, n, B, F16, device=device)
+    assert p["cutlass"] == device[0] and p["tile_m"] == 1 and p["finalize_x"] == 0
     assert p["acc"] == -1 and p["h"] == -1 and p["h_decode"] == -1  # no float accumulator: combine writes Y
     spans = []
     for name, size in CUTLASS_REGIONS.items():
         assert p[name] >= 0 and p[name] % 256 == 0, name
-        spans.append((p[name], p[name] + size(N, d, n, B, 2, H200[3]), name))
+        spans.append((p[name], p[name] + size(N, d, n, B, 2, device[3]), name))
     spans.sort()
     for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         assert a1 <= b0, f"{an} overlaps {bn}"

@@ -133,43 +133,55 @@ def test_harness_llama_shape(harness, rng):
 
 
 @pytest.fixture(scope="module")
-def hopper(harness):
+def cutlass_gpu(harness):
+    """A GPU where the CUTLASS path runs: sm_90 (its own kernels, and the sm_80 ones forced) or 8.x."""
     import torch
 
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip(f"the CUTLASS path runs on sm_90 only, this is {torch.cuda.get_device_name()}")
-    if harness.path(512, 4096, 8, 1376, "float16") != "gemm-cutlass":
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip(f"the CUTLASS path needs sm_80 or newer, this is {torch.cuda.get_device_name()}")
+    if harness.path(512, 4096, 8, 1376, "float16", cutlass="sm80") != "gemm-cutlass-sm80":
         pytest.skip("library built without the CUTLASS GEMMs (DSMOE_WITH_CUTLASS)")
     return harness
+
+
+def _cutlass_modes():
+    """(harness flag, path) of each CUTLASS kernel family this GPU can run."""
+    import torch
+
+    native = "gemm-cutlass" if torch.cuda.get_device_capability() == (9, 0) else "gemm-cutlass-sm80"
+    return [(True, native)] + ([("sm80", "gemm-cutlass-sm80")] if native == "gemm-cutlass" else [])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("tokens", [9, 64, 513])
-def test_cutlass_path(hopper, rng, dtype, tokens):
-    """The CUTLASS grouped GEMMs against the reference and the WMMA path, run to run bit-identical
-    (no float atomics), on the LLaMA-7B shape and a small odd one."""
-    for d, n, B in ((4096, 8, 1376), (136, 5, 24)):
-        case = rounded(make_case(rng, (tokens,), d=d, n=n, B=B, bias=True, threshold=float(rng.uniform(0.3, 0.7)),
-                                 activation=str(rng.choice(["silu", "gelu", "gelu_tanh"]))), dtype)
-        assert hopper.path(tokens, d, n, B, dtype) == "gemm-cutlass"
-        y, active = run_harness(hopper, case, dtype)
-        check(case, y, active, dtype)
-        y2, _ = run_harness(hopper, case, dtype)
-        assert np.array_equal(y, y2), "the CUTLASS path must be deterministic"
-        y_wmma, _ = run_harness(hopper, case, dtype, cutlass=False)
-        scale = max(1.0, float(np.abs(y).max()))
-        assert float(np.abs(y - y_wmma).max()) / scale <= TOLERANCE[dtype]
+def test_cutlass_path(cutlass_gpu, rng, dtype, tokens):
+    """The CUTLASS grouped GEMMs (sm_90a, and CUTLASS 2.x's) against the reference and the WMMA path,
+    run to run bit-identical (no float atomics), on the LLaMA-7B shape and a small odd one."""
+    for mode, path in _cutlass_modes():
+        for d, n, B in ((4096, 8, 1376), (136, 5, 24)):
+            case = rounded(make_case(rng, (tokens,), d=d, n=n, B=B, bias=True,
+                                     threshold=float(rng.uniform(0.3, 0.7)),
+                                     activation=str(rng.choice(["silu", "gelu", "gelu_tanh"]))), dtype)
+            assert cutlass_gpu.path(tokens, d, n, B, dtype, cutlass=mode) == path
+            y, active = run_harness(cutlass_gpu, case, dtype, cutlass=mode)
+            check(case, y, active, dtype)
+            y2, _ = run_harness(cutlass_gpu, case, dtype, cutlass=mode)
+            assert np.array_equal(y, y2), f"the CUTLASS path ({path}) must be deterministic"
+            y_wmma, _ = run_harness(cutlass_gpu, case, dtype, cutlass=False)
+            scale = max(1.0, float(np.abs(y).max()))
+            assert float(np.abs(y - y_wmma).max()) / scale <= TOLERANCE[dtype], path
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bias", [-60.0, 60.0])
-def test_cutlass_path_no_block_and_all_blocks(hopper, rng, bias):
-    case = rounded(make_case(rng, (300,), d=256, n=8, B=64, bias=True), "float16")
-    case.router_bias = np.full(8, bias, np.float32)
-    y, active = run_harness(hopper, case, "float16")
-    check(case, y, active, "float16")
-    assert active.all() if bias > 0 else (not active.any() and not y.any())
+def test_cutlass_path_no_block_and_all_blocks(cutlass_gpu, rng, bias):
+    for mode, _ in _cutlass_modes():
+        case = rounded(make_case(rng, (300,), d=256, n=8, B=64, bias=True), "float16")
+        case.router_bias = np.full(8, bias, np.float32)
+        y, active = run_harness(cutlass_gpu, case, "float16", cutlass=mode)
+        check(case, y, active, "float16")
+        assert active.all() if bias > 0 else (not active.any() and not y.any())
 
 
 # --- GPU: the op in an ONNX Runtime CUDA EP session ------------------------------------------

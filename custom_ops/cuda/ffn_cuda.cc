@@ -22,13 +22,15 @@ constexpr DType ToDType(ONNXTensorElementDataType t) {
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // DSMOE_CUDA_CUTLASS=0 keeps prefill on the WMMA grouped GEMMs (A/B timing, a fallback
-// should the CUTLASS path misbehave on some driver); read once per process.
-bool CutlassAllowed() {
-  static const bool allowed = [] {
+// should the CUTLASS path misbehave on some driver), =sm80 takes CUTLASS 2.x's kernels on any
+// GPU from sm_80 on (to check them on a Hopper machine); read once per process.
+CutlassChoice CutlassFromEnvironment() {
+  static const CutlassChoice choice = [] {
     const char* v = std::getenv("DSMOE_CUDA_CUTLASS");
-    return v == nullptr || std::string(v) != "0";
+    const std::string value = v == nullptr ? "" : v;
+    return value == "0" ? CutlassChoice::kOff : value == "sm80" ? CutlassChoice::kSm80 : CutlassChoice::kAuto;
   }();
-  return allowed;
+  return choice;
 }
 
 }  // namespace
@@ -66,7 +68,7 @@ void FfnCudaKernel<kType>::Compute(Ort::KernelContext& ctx) const {
                                                                  : Act::kSilu;
   args.down_tiled = attrs_.down_tile != 0;
   args.shape.down_tiled = args.down_tiled;
-  std::string error = DescribeDevice(args.shape.device, dims.num_blocks, CutlassAllowed());
+  std::string error = DescribeDevice(args.shape.device, dims.num_blocks, CutlassFromEnvironment());
   if (!error.empty()) throw Ort::Exception(std::string(kOpName) + ": CUDA device query failed: " + error, ORT_EP_FAIL);
   FfnCudaPlan plan;
   if (!MakePlan(args.shape, plan, error)) ThrowInvalidArgument(error);

@@ -3,7 +3,7 @@
 //   router -> sort -> align -> gate/up GEMM -> down GEMM   (otherwise)
 //   -> finalize (float16 / bfloat16: the float accumulator cast into Y)
 //   router -> sort -> align -> permute -> CUTLASS gate/up -> activate -> CUTLASS down
-//   -> combine into Y                                (plan.cutlass: Hopper, docs/cuda.md)
+//   -> combine into Y                                (plan.cutlass: sm_80 and up, docs/cuda.md)
 // No host synchronisation, no allocation: capturable in a CUDA graph.
 #include "cuda/kernels.cuh"
 
@@ -29,9 +29,10 @@ cudaError_t LaunchCutlass(const Params<T>& p, const FfnCudaPlan& plan, cudaStrea
   if constexpr (kIsHalfType<T>) {
     cudaError_t err = LaunchSortAlign(p, plan, stream);
     if (err == cudaSuccess) err = LaunchPermute(p, plan, stream);
-    if (err == cudaSuccess) err = LaunchCutlassGateUp(p, plan, stream);
+    const bool hopper = plan.cutlass_arch == 90;
+    if (err == cudaSuccess) err = hopper ? LaunchCutlassSm90GateUp(p, plan, stream) : LaunchCutlassSm80GateUp(p, plan, stream);
     if (err == cudaSuccess) err = LaunchActivate(p, plan, stream);
-    if (err == cudaSuccess) err = LaunchCutlassDown(p, plan, stream);
+    if (err == cudaSuccess) err = hopper ? LaunchCutlassSm90Down(p, plan, stream) : LaunchCutlassSm80Down(p, plan, stream);
     if (err == cudaSuccess) err = LaunchCombine(p, plan, stream);
     return err;
   }
@@ -67,7 +68,8 @@ std::string Forward(const FfnCudaArgs& a, const FfnCudaPlan& plan) {
   p.gemm_args = At<char>(a.scratch, l.gemm_args);
   p.gemm_workspace = At<char>(a.scratch, l.gemm_workspace);
   // Each GEMM's workspace, 256-byte aligned (TMA descriptors need 64), as the plan reserved them.
-  p.gemm_workspace_bytes = (s.device.gemm_workspace + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+  p.gemm_workspace_bytes =
+      plan.cutlass_arch == 90 ? (s.device.gemm_workspace + kScratchAlign - 1) / kScratchAlign * kScratchAlign : 0;
   p.device = s.device.ordinal;
   p.sm_count = s.device.sm_count;
   p.N = static_cast<int>(s.tokens);
@@ -126,7 +128,7 @@ std::string CudaDeviceCount(int& count) {
   return "";
 }
 
-std::string DescribeDevice(CudaDevice& device, int64_t blocks, bool allow_cutlass) {
+std::string DescribeDevice(CudaDevice& device, int64_t blocks, CutlassChoice cutlass) {
   device = CudaDevice{};
   int major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&device.ordinal);
@@ -138,12 +140,13 @@ std::string DescribeDevice(CudaDevice& device, int64_t blocks, bool allow_cutlas
   if (err != cudaSuccess) return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
   device.arch = 10 * major + minor;
 #if defined(DSMOE_WITH_CUTLASS)
-  if (allow_cutlass && device.arch == 90 && blocks >= 1 && blocks <= kMaxRouterBlocks) {
-    device.cutlass_sm90 = true;
+  device.cutlass = cutlass != CutlassChoice::kOff;
+  device.force_sm80 = cutlass == CutlassChoice::kSm80;
+  if (device.cutlass && device.arch == 90 && blocks >= 1 && blocks <= kMaxRouterBlocks) {
     device.gemm_workspace = CutlassGemmWorkspaceBytes(static_cast<int>(blocks), device.sm_count, device.ordinal);
   }
 #else
-  (void)allow_cutlass;
+  (void)cutlass;
   (void)blocks;
 #endif
   return "";

@@ -6,10 +6,8 @@
 //   down:    n groups,  xp[rows of block i] = h[rows] . down_weight[i]
 //            ([B, d] row-major: N-major B operand), h read from gu's gate half
 // Cooperative schedule, 128 x 128 x 64 tiles, no cluster, float accumulation, D = acc
-// (no C operand). A small kernel writes both GEMMs' per-group arguments from row_start
-// (GateUpGroup / DownGroup of grouped_map.h) before the first GEMM.
-#include "cuda/grouped_map.h"
-#include "cuda/kernels.cuh"
+// (no C operand). The per-group arguments come from grouped_gemm_args.cuh's kernel.
+#include "cuda/grouped_gemm_args.cuh"
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -30,9 +28,8 @@ namespace {
 using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
 using Problem = ProblemShape::UnderlyingProblemShape;
 
-template <typename T> struct CutlassElement;
-template <> struct CutlassElement<__half> { using type = cutlass::half_t; };
-template <> struct CutlassElement<__nv_bfloat16> { using type = cutlass::bfloat16_t; };
+using grouped::ArgCarver;
+using grouped::CutlassElement;
 
 // One grouped GEMM: A row-major [m, k], D row-major [m, n], B in LayoutB.
 template <typename T, typename LayoutB>
@@ -75,20 +72,15 @@ struct GroupedGemm {
   static_assert(16 + 3 * 8 + 3 * 16 <= kGroupGemmArgBytes, "kGroupGemmArgBytes too small");
 
   __host__ __device__ static Args Carve(void* region, int groups) {
-    char* at = static_cast<char*>(region);
-    auto take = [&](int64_t bytes) {
-      char* p = at;
-      at += (bytes * groups + 15) / 16 * 16;
-      return p;
-    };
+    ArgCarver take(region, groups);
     Args r;
-    r.problems = reinterpret_cast<Problem*>(take(16));
-    r.a = reinterpret_cast<const E**>(take(8));
-    r.b = reinterpret_cast<const E**>(take(8));
-    r.d = reinterpret_cast<E**>(take(8));
-    r.stride_a = reinterpret_cast<StrideA*>(take(16));
-    r.stride_b = reinterpret_cast<StrideB*>(take(16));
-    r.stride_d = reinterpret_cast<StrideD*>(take(16));
+    r.problems = take.Take<Problem>(16);
+    r.a = take.Take<const E*>(8);
+    r.b = take.Take<const E*>(8);
+    r.d = take.Take<E*>(8);
+    r.stride_a = take.Take<StrideA>(16);
+    r.stride_b = take.Take<StrideB>(16);
+    r.stride_d = take.Take<StrideD>(16);
     return r;
   }
 
@@ -135,11 +127,7 @@ struct GroupedGemm {
     Gemm gemm;
     if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
     if (gemm.initialize(arguments, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) {
-      const cudaError_t err = cudaGetLastError();
-      return err != cudaSuccess ? err : cudaErrorLaunchFailure;
-    }
-    return cudaGetLastError();
+    return grouped::LaunchStatus(gemm.run(stream) == cutlass::Status::kSuccess);
   }
 };
 
@@ -148,47 +136,19 @@ using GateUpGemm = GroupedGemm<T, cutlass::layout::ColumnMajor>;
 template <typename T>
 using DownGemm = GroupedGemm<T, cutlass::layout::RowMajor>;
 
-// The gate/up GEMM's 2n groups first in the argument region, then the down GEMM's n.
-template <typename T>
-typename GateUpGemm<T>::Args GateUpArgs(void* region, int n) {
-  return GateUpGemm<T>::Carve(region, 2 * n);
-}
-template <typename T>
-typename DownGemm<T>::Args DownArgs(void* region, int n) {
-  return DownGemm<T>::Carve(static_cast<char*>(region) + 2 * n * kGroupGemmArgBytes, n);
-}
-
-template <typename T>
-__global__ void WriteGroupArgsKernel(Params<T> p, typename GateUpGemm<T>::Args gate_up,
-                                     typename DownGemm<T>::Args down) {
-  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < 3 * p.n; g += gridDim.x * blockDim.x) {
-    if (g < 2 * p.n) {
-      const GroupGemm s = GateUpGroup(p.tile_start, g, p.d, p.B);
-      GateUpGemm<T>::Write(gate_up, g, s, p.xp, s.up ? p.up : p.gate, p.gu);
-    } else {
-      const int i = g - 2 * p.n;
-      DownGemm<T>::Write(down, i, DownGroup(p.tile_start, i, p.d, p.B), p.gu, p.down, p.xp);
-    }
-  }
-}
-
 }  // namespace
 
 template <typename T>
-cudaError_t LaunchCutlassGateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  const auto gate_up = GateUpArgs<T>(p.gemm_args, p.n);
-  const auto down = DownArgs<T>(p.gemm_args, p.n);
-  const int threads = 256, blocks = (3 * p.n + threads - 1) / threads;
-  WriteGroupArgsKernel<T><<<blocks, threads, 0, stream>>>(p, gate_up, down);
-  cudaError_t err = cudaGetLastError();
+cudaError_t LaunchCutlassSm90GateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
+  const cudaError_t err = grouped::LaunchWriteGroupArgs<T, GateUpGemm<T>, DownGemm<T>>(p, stream);
   if (err != cudaSuccess) return err;
-  return GateUpGemm<T>::Run(gate_up, 2 * p.n, p.device, p.sm_count, p.gemm_workspace, p.gemm_workspace_bytes,
-                            stream);
+  return GateUpGemm<T>::Run(grouped::GateUpArgs<GateUpGemm<T>>(p.gemm_args, p.n), 2 * p.n, p.device, p.sm_count,
+                            p.gemm_workspace, p.gemm_workspace_bytes, stream);
 }
 
 template <typename T>
-cudaError_t LaunchCutlassDown(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  return DownGemm<T>::Run(DownArgs<T>(p.gemm_args, p.n), p.n, p.device, p.sm_count,
+cudaError_t LaunchCutlassSm90Down(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
+  return DownGemm<T>::Run(grouped::DownArgs<DownGemm<T>>(p.gemm_args, p.n), p.n, p.device, p.sm_count,
                           static_cast<char*>(p.gemm_workspace) + p.gemm_workspace_bytes, p.gemm_workspace_bytes,
                           stream);
 }
@@ -210,9 +170,9 @@ int64_t CutlassGemmWorkspaceBytes(int blocks, int sm_count, int device) {
   return static_cast<int64_t>(bytes);
 }
 
-template cudaError_t LaunchCutlassGateUp<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);
-template cudaError_t LaunchCutlassGateUp<__nv_bfloat16>(const Params<__nv_bfloat16>&, const FfnCudaPlan&, cudaStream_t);
-template cudaError_t LaunchCutlassDown<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);
-template cudaError_t LaunchCutlassDown<__nv_bfloat16>(const Params<__nv_bfloat16>&, const FfnCudaPlan&, cudaStream_t);
+template cudaError_t LaunchCutlassSm90GateUp<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);
+template cudaError_t LaunchCutlassSm90GateUp<__nv_bfloat16>(const Params<__nv_bfloat16>&, const FfnCudaPlan&, cudaStream_t);
+template cudaError_t LaunchCutlassSm90Down<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);
+template cudaError_t LaunchCutlassSm90Down<__nv_bfloat16>(const Params<__nv_bfloat16>&, const FfnCudaPlan&, cudaStream_t);
 
 }  // namespace dsmoe::cuda

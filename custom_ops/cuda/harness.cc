@@ -35,13 +35,14 @@ std::string Shape(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_
                   int cutlass, dsmoe::cuda::FfnCudaShape& shape) {
   shape = {tokens, hidden, blocks, block_size, static_cast<dsmoe::cuda::DType>(dtype), true};
   shape.down_tiled = down_tile != 0;
-  return dsmoe::cuda::DescribeDevice(shape.device, blocks, cutlass != 0);
+  return dsmoe::cuda::DescribeDevice(shape.device, blocks, static_cast<dsmoe::cuda::CutlassChoice>(cutlass));
 }
 
 }  // namespace
 
 // Scratch bytes of one call (the plan for 16-byte aligned buffers), or -1 with the error.
-// cutlass 0 keeps the WMMA grouped GEMMs where the CUTLASS path would be taken.
+// cutlass: 0 the WMMA grouped GEMMs, 1 the CUTLASS ones for this device, 2 CUTLASS 2.x's sm_80
+// kernels on any arch >= 80 (CutlassChoice).
 DSMOE_HARNESS_API int64_t dsmoe_cuda_scratch_bytes(int64_t tokens, int64_t hidden, int64_t blocks,
                                                   int64_t block_size, int dtype, int down_tile, int cutlass,
                                                   char* error, int error_len) {
@@ -63,6 +64,7 @@ DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* r
                                          int down_tile, int cutlass, void* scratch, int64_t scratch_bytes, void* stream,
                                          char* error, int error_len) {
   if (dtype < 0 || dtype > 2 || activation < 0 || activation > 2) return Fail("bad dtype or activation", error, error_len);
+  if (cutlass < 0 || cutlass > 2) return Fail("cutlass must be 0, 1 or 2", error, error_len);
   if (down_tile != 0 && down_tile != 64) return Fail("down_tile must be 0 or 64", error, error_len);
   dsmoe::cuda::FfnCudaArgs args;
   std::string e = Shape(tokens, hidden, blocks, block_size, dtype, down_tile, cutlass, args.shape);
@@ -96,12 +98,14 @@ DSMOE_HARNESS_API int dsmoe_cuda_forward(int dtype, const void* x, const void* r
 }
 
 // Which path a call takes on the current device: 1 decode (gather-GEMV), 2 grouped GEMM on
-// tensor cores (WMMA), 3 grouped GEMM on CUDA cores, 4 CUTLASS grouped GEMMs; -1 on error.
+// tensor cores (WMMA), 3 grouped GEMM on CUDA cores, 4 CUTLASS sm_90a grouped GEMMs, 5 CUTLASS
+// 2.x (sm_80) grouped GEMMs; -1 on error.
 DSMOE_HARNESS_API int dsmoe_cuda_path(int64_t tokens, int64_t hidden, int64_t blocks, int64_t block_size, int dtype,
                                       int down_tile, int cutlass) {
   dsmoe::cuda::FfnCudaShape shape;
   dsmoe::cuda::FfnCudaPlan plan;
   std::string e = Shape(tokens, hidden, blocks, block_size, dtype, down_tile, cutlass, shape);
   if (!e.empty() || !dsmoe::cuda::MakePlan(shape, plan, e)) return -1;
-  return plan.decode ? 1 : plan.cutlass ? 4 : plan.tensor_cores ? 2 : 3;
+  if (plan.cutlass) return plan.cutlass_arch == 90 ? 4 : 5;
+  return plan.decode ? 1 : plan.tensor_cores ? 2 : 3;
 }

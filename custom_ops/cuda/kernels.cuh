@@ -42,14 +42,19 @@ cudaError_t LaunchActivate(const Params<T>& p, const FfnCudaPlan& plan, cudaStre
 template <typename T>
 cudaError_t LaunchCombine(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
 
-// grouped_gemm_sm90.cu (CUTLASS path, float16 / bfloat16): the per-group arguments of both
-// GEMMs written on the device from row_start, then gu = xp . [gate_i | up_i]^T (2n groups);
-// LaunchCutlassDown: xp = h . down_i (n groups). Built only with DSMOE_WITH_CUTLASS.
+// grouped_gemm_sm90.cu / grouped_gemm_sm80.cu (CUTLASS path, float16 / bfloat16): the
+// per-group arguments of both GEMMs written on the device from row_start, then
+// gu = xp . [gate_i | up_i]^T (2n groups); ...Down: xp = h . down_i (n groups).
+// Built only with DSMOE_WITH_CUTLASS.
 template <typename T>
-cudaError_t LaunchCutlassGateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+cudaError_t LaunchCutlassSm90GateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
 template <typename T>
-cudaError_t LaunchCutlassDown(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
-// Workspace bytes of the larger of the two GEMMs on a device with sm_count SMs.
+cudaError_t LaunchCutlassSm90Down(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+template <typename T>
+cudaError_t LaunchCutlassSm80GateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+template <typename T>
+cudaError_t LaunchCutlassSm80Down(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream);
+// Workspace bytes of the larger of the two sm_90a GEMMs on a device with sm_count SMs.
 int64_t CutlassGemmWorkspaceBytes(int blocks, int sm_count, int device);
 
 // forward.cu: the float accumulator cast to T into Y (float16 / bfloat16 only).

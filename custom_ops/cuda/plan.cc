@@ -52,7 +52,8 @@ bool PlanCutlass(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& erro
   s.xp = Take(s, pairs * d * plan.elem_size);
   s.gu = Take(s, pairs * 2 * B * plan.elem_size);
   s.gemm_args = Take(s, 3 * n * kGroupGemmArgBytes);
-  s.gemm_workspace = Take(s, 2 * RoundUp(shape.device.gemm_workspace, kScratchAlign));
+  // sm_90a: CUTLASS's workspace per GEMM; the 2.x kernels schedule on the device, without one.
+  s.gemm_workspace = Take(s, plan.cutlass_arch == 90 ? 2 * RoundUp(shape.device.gemm_workspace, kScratchAlign) : 0);
   plan.sort = {n, 1, 1};
   plan.finalize = {0, 1, 1};
   plan.permute = {CeilDiv(pairs, kGroupedRowsPerCta), 1, 1};
@@ -71,11 +72,13 @@ int64_t MaxMTiles(int64_t tokens, int64_t blocks, int64_t tile_m) {
   return blocks * CeilDiv(tokens, tile_m);
 }
 
-bool UsesCutlass(const FfnCudaShape& s) {
+int UsesCutlass(const FfnCudaShape& s) {
   const CudaDevice& dev = s.device;
-  return dev.cutlass_sm90 && dev.arch == 90 && dev.sm_count > 0 && dev.gemm_workspace > 0 &&
-         s.dtype != DType::kFloat32 && s.aligned && s.hidden % 8 == 0 && s.block_size % 8 == 0 && !s.down_tiled &&
-         s.tokens > kDecodeMaxTokens;
+  const bool eligible = dev.cutlass && dev.sm_count > 0 && s.dtype != DType::kFloat32 && s.aligned &&
+                        s.hidden % 8 == 0 && s.block_size % 8 == 0 && !s.down_tiled && s.tokens > kDecodeMaxTokens;
+  if (!eligible || dev.arch < 80) return 0;
+  if (dev.force_sm80 || dev.arch < 90) return 80;
+  return dev.arch == 90 && dev.gemm_workspace > 0 ? 90 : 0;
 }
 
 bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error) {
@@ -103,7 +106,10 @@ bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error) 
   s.coef = Take(s, N * n * 4);
   s.active = Take(s, N * n);
   plan.router = {N, 1, 1};
-  if (UsesCutlass(shape)) return PlanCutlass(shape, plan, error);
+  if (const int arch = UsesCutlass(shape); arch != 0) {
+    plan.cutlass_arch = arch;
+    return PlanCutlass(shape, plan, error);
+  }
   if (shape.dtype != DType::kFloat32) s.acc = Take(s, N * d * 4);
   plan.finalize = {shape.dtype == DType::kFloat32 ? 0 : std::min<int64_t>(CeilDiv(N * d, 256), 65536), 1, 1};
 

@@ -70,8 +70,9 @@ struct CudaDevice {
   int ordinal = 0;
   int arch = 0;                // compute capability x 10 (90 = sm_90); 0 = unknown
   int sm_count = 0;
-  bool cutlass_sm90 = false;   // the library was built with the CUTLASS sm_90a GEMMs
-  int64_t gemm_workspace = 0;  // bytes of workspace one CUTLASS grouped GEMM needs on it
+  bool cutlass = false;        // the library was built with the CUTLASS GEMMs and they are allowed
+  bool force_sm80 = false;     // take the CUTLASS 2.x (sm_80) kernels on any arch >= 80 (tests)
+  int64_t gemm_workspace = 0;  // bytes of workspace one sm_90a grouped GEMM needs on it
 };
 
 struct FfnCudaShape {
@@ -85,7 +86,8 @@ struct FfnCudaShape {
 struct FfnCudaPlan {
   bool decode = false;        // tokens <= kDecodeMaxTokens: gather-GEMV path
   bool tensor_cores = false;  // GEMM path with WMMA (float16 / bfloat16 with vec_loads)
-  bool cutlass = false;       // GEMM path with CUTLASS's sm_90a grouped GEMMs (UsesCutlass)
+  bool cutlass = false;       // GEMM path with CUTLASS's grouped GEMMs (UsesCutlass)
+  int cutlass_arch = 0;       // their kernels: 90 (3.x, sm_90a) or 80 (2.x, sm_80 and up)
   bool vec_loads = false;     // 16-byte loads along d (aligned and d * elem_size % 16 == 0)
   int elem_size = 4;
   // GEMM path
@@ -104,10 +106,11 @@ struct FfnCudaPlan {
 // with their 32-bit counters). tokens == 0 gives an empty plan (nothing to launch).
 bool MakePlan(const FfnCudaShape& shape, FfnCudaPlan& plan, std::string& error);
 
-// Whether a GEMM-path call takes the CUTLASS grouped GEMMs: Hopper (sm_90 exactly: the
-// kernels use sm_90a features) with them built in, float16 / bfloat16, 16-byte aligned
-// rows of d and B elements (TMA), down in the rows layout.
-bool UsesCutlass(const FfnCudaShape& shape);
+// Which CUTLASS grouped GEMMs a GEMM-path call takes, or 0: 90 on Hopper (sm_90 exactly:
+// the kernels use sm_90a features), 80 on Ampere / Ada (sm_80 to sm_89; any arch >= 80 with
+// force_sm80); with them built in, float16 / bfloat16, 16-byte aligned rows of d and B
+// elements (TMA, cp.async), down in the rows layout.
+int UsesCutlass(const FfnCudaShape& shape);
 
 // Bound on the number of M tiles of the grouped GEMM: max over counts c_i in
 // [0, tokens] with sum c_i <= tokens * blocks of sum_i ceil(c_i / tile_m).

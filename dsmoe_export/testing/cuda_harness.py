@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout (build/ beside dsmoe_
 ENV_VAR = "DSMOE_CUDA_HARNESS"
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+CUTLASS = {False: 0, True: 1, "sm80": 2}  # harness.cc's CutlassChoice
 
 
 def find_library() -> str | None:
@@ -43,21 +44,23 @@ class Harness:
         return count.value, err.value.decode()
 
     def path(self, tokens, d, n, B, dtype="float16", *, down_tile=0, cutlass=True) -> str:
-        return {1: "decode", 2: "gemm-tensor-cores", 3: "gemm-cuda-cores", 4: "gemm-cutlass"}.get(
-            self.lib.dsmoe_cuda_path(tokens, d, n, B, DTYPES[dtype], int(down_tile), int(cutlass)), "error")
+        return {1: "decode", 2: "gemm-tensor-cores", 3: "gemm-cuda-cores", 4: "gemm-cutlass",
+                5: "gemm-cutlass-sm80"}.get(
+            self.lib.dsmoe_cuda_path(tokens, d, n, B, DTYPES[dtype], int(down_tile), CUTLASS[cutlass]), "error")
 
     def forward(self, x, router, gate, up, down, bias=None, *, threshold=0.5, rescale=True, weighting="score",
                 activation="silu", down_tile=0, cutlass=True, y=None, active=None):
         """Y [N, d] (and active [N, n] when a bool tensor is given) on torch's current stream;
         ``down`` is [n, B, d], or [n, ceil(d / 64), B, 64] with down_tile=64 (docs/op-spec.md).
-        ``cutlass=False`` keeps the WMMA grouped GEMMs where the CUTLASS ones would run."""
+        ``cutlass=False`` keeps the WMMA grouped GEMMs where the CUTLASS ones would run, ``"sm80"``
+        takes CUTLASS 2.x's sm_80 kernels on any GPU from sm_80 on (to check them on Hopper)."""
         import torch
 
         N, d = x.shape
         n, B, _ = gate.shape
         dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[x.dtype]
         err = ctypes.create_string_buffer(512)
-        need = self.lib.dsmoe_cuda_scratch_bytes(N, d, n, B, DTYPES[dtype], int(down_tile), int(cutlass), err, 512)
+        need = self.lib.dsmoe_cuda_scratch_bytes(N, d, n, B, DTYPES[dtype], int(down_tile), CUTLASS[cutlass], err, 512)
         if need < 0:
             raise RuntimeError(err.value.decode())
         if self._scratch is None or self._scratch.numel() < need:  # kept between calls (timing loops)
@@ -67,7 +70,7 @@ class Harness:
         rc = self.lib.dsmoe_cuda_forward(
             DTYPES[dtype], ptr(x), ptr(router), ptr(bias), ptr(gate), ptr(up), ptr(down), ptr(y), ptr(active),
             N, d, n, B, threshold, int(rescale), int(weighting == "binary"), ACTIVATIONS[activation], int(down_tile),
-            int(cutlass), ptr(self._scratch), self._scratch.numel(), torch.cuda.current_stream().cuda_stream, err, 512)
+            CUTLASS[cutlass], ptr(self._scratch), self._scratch.numel(), torch.cuda.current_stream().cuda_stream, err, 512)
         if rc:
             raise RuntimeError(err.value.decode())
         return y
