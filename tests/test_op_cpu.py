@@ -256,19 +256,22 @@ def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("tokens", [1, 5, 7, 45, 300])
-def test_down_layouts_agree(op_library, rng, monkeypatch, isa, tokens):
+@pytest.mark.parametrize("d", [192, 1088])
+def test_down_layouts_agree(op_library, rng, monkeypatch, isa, tokens, d):
     """down_weight in column tiles (down_tile = 64) gives the same bits as in rows: the same
     products summed in the same order, read from another place (decode: all the tiles at once;
-    prefill: the tile in place instead of its copy). d = 192: whole tiles. (A partial last tile
+    prefill: the tile in place instead of its copy). Whole tiles; rows of at most a page (d = 192)
+    and longer ones (d = 1088) take different decode loops in the rows layout. (A partial last tile
     is checked against the reference in test_odd_sizes: there the rows path's scalar tail may
     round a product and a sum separately where the tiled one fuses them.)"""
     if isa not in _cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setenv("DSMOE_CPU_ISA", isa)
-    case = make_case(rng, (tokens,), d=192, n=6, B=45, bias=True, threshold=0.4)
+    case = make_case(rng, (tokens,), d=d, n=6, B=45, bias=True, threshold=0.4)
     rows = run(case, op_library, threads=2)
+    assert_matches_reference(case, rows)
     case.attrs["down_tile"] = 64
-    assert case.feeds()["down_weight"].shape == (6, 3, 45, 64)
+    assert case.feeds()["down_weight"].shape == (6, d // 64, 45, 64)
     tiled = run(case, op_library, threads=2)
     assert_matches_reference(case, tiled)
     np.testing.assert_array_equal(tiled[0], rows[0])

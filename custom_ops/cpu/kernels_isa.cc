@@ -98,8 +98,9 @@ void GatedActivation(Activation act, const float* g, const float* u, float scale
   }
 }
 
-// R rows x T tokens of dot products, one accumulator vector each.
-template <int R, int T>
+// R rows x T tokens of dot products, one accumulator vector each. Prefetch: the next
+// tile's rows, same columns (see DotRowsTokens).
+template <int R, int T, bool Prefetch>
 inline void DotTile(const float* w, int64_t ld, const float* const* x, int64_t d, float* out, int64_t ldo) {
   const int64_t d_main = d - d % kVL;
   Vec acc[R][T] = {};
@@ -108,6 +109,7 @@ inline void DotTile(const float* w, int64_t ld, const float* const* x, int64_t d
     for (int t = 0; t < T; ++t) xv[t] = Load(x[t] + k);
     for (int r = 0; r < R; ++r) {
       const Vec wv = Load(w + r * ld + k);
+      if constexpr (Prefetch) __builtin_prefetch(w + (r + R) * ld + k, 0, 3);
       for (int t = 0; t < T; ++t) acc[r][t] += wv * xv[t];
     }
   }
@@ -120,15 +122,26 @@ inline void DotTile(const float* w, int64_t ld, const float* const* x, int64_t d
   }
 }
 
+// Rows of at most a page (d <= 1024) are prefetched a tile ahead: the hardware's stream
+// prefetcher trains per 4 KB page, and a short row moves on before it has ramped up (the
+// decode at d = 576, 30 layers from DRAM: 4 % faster at one token, 17 % at four; d = 1024:
+// 2 %; d = 2048 was 1 % slower with it, so longer rows go without).
+template <int R, int T, bool Prefetch>
+inline void DotRowsTiles(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
+                         int64_t ldo) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) DotTile<R, T, Prefetch>(w + r * ld, ld, x, d, out + r, ldo);
+  for (; r < rows; ++r) DotTile<1, T, Prefetch>(w + r * ld, ld, x, d, out + r, ldo);
+}
+
 // Rows per tile for T tokens: about 8 accumulators (latency of the FMA chains)
 // within 16 registers (accumulators + R weight vectors + T token vectors).
 template <int T>
 inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
                           int64_t ldo) {
   constexpr int R = T <= 2 ? 4 : 2;
-  int64_t r = 0;
-  for (; r + R <= rows; r += R) DotTile<R, T>(w + r * ld, ld, x, d, out + r, ldo);
-  for (; r < rows; ++r) DotTile<1, T>(w + r * ld, ld, x, d, out + r, ldo);
+  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) return DotRowsTiles<R, T, true>(w, ld, rows, x, d, out, ldo);
+  DotRowsTiles<R, T, false>(w, ld, rows, x, d, out, ldo);
 }
 
 void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, int count, int64_t d, float* out,
@@ -142,7 +155,37 @@ void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, in
   }
 }
 
+// y[c] += h[j] * v[j][c] for rows j and j + 1, in that order, with the next two rows prefetched.
+template <bool Two>
+inline void AddRowPair(const float* h, const float* v, int64_t ld, int64_t width, float* y) {
+  const int64_t main = width - width % kVL;
+  const Vec h0 = Splat(h[0]), h1 = Splat(Two ? h[1] : 0.0f);
+  const float* v1 = v + ld;
+  for (int64_t c = 0; c < main; c += kVL) {
+    __builtin_prefetch(v + 2 * ld + c, 0, 3);
+    if constexpr (Two) __builtin_prefetch(v1 + 2 * ld + c, 0, 3);
+    Vec a = Load(y + c);
+    a += h0 * Load(v + c);
+    if constexpr (Two) a += h1 * Load(v1 + c);
+    Store(y + c, a);
+  }
+  for (int64_t c = main; c < width; ++c) {
+    float s = y[c];
+    s += h[0] * v[c];
+    if constexpr (Two) s += h[1] * v1[c];
+    y[c] = s;
+  }
+}
+
 void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y) {
+  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) {
+    // Rows of at most a page (as in DotRowsTokens): two rows at a time in address order,
+    // the next two prefetched, y read and written once per pair (from L1).
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) AddRowPair<true>(h + j, v + j * ld, ld, width, y);
+    if (j < rows) AddRowPair<false>(h + j, v + j * ld, ld, width, y);
+    return;
+  }
   // Column chunks of 4 vectors stay in registers over all rows.
   constexpr int kCols = 4 * kVL;
   int64_t c = 0;
