@@ -103,6 +103,26 @@ def test_thread_counts_agree(op_library, rng, tokens, down_tile):
         np.testing.assert_array_equal(other[1], results[0][1])
 
 
+@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("tokens", [7, 12, 16, 17])
+def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
+    """7-16 tokens take the GEMV path when the active blocks average at most 6 tokens and the
+    GEMM path otherwise; 17 always the GEMM path. Sparse: tokens from the seventh on route to
+    no block (at most 5 a block); not sparse: threshold 0, every token in every block. Each
+    against the reference, the same bits with 1 and 2 threads."""
+    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, threshold=0.5 if sparse else 0.0,
+                     down_tile=down_tile)
+    if sparse:
+        case.x[6:] = case.x[1]  # make_case's token with no block active
+    model = make_model(case)
+    results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2)]
+    assert_matches_reference(case, results[0])
+    per_block = results[0][1].sum(0)
+    assert per_block.max() <= 5 if sparse else (per_block == tokens).all()
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+
+
 @pytest.mark.parametrize("tokens", [2, 20])
 def test_active_output_optional(op_library, rng, tokens):
     case = make_case(rng, (tokens,), d=20, n=4, B=7)

@@ -28,7 +28,7 @@ from test_op_cpu import _cpu_isas
 
 DEFAULT_CASES = 150
 SLOW_CASES = 1000
-DECODE_MAX_TOKENS = 6  # custom_ops/cpu/ffn_cpu.cc: kDecodeMaxTokens
+DECODE_MAX_TOKENS = 6  # custom_ops/cpu/plan.h: kDecodeMaxTokens (up to 16 tokens may also decode: UsesDecodePath)
 
 
 def _case_count(config) -> int:

@@ -6,7 +6,7 @@
 // per active block, read once per token in the decode regime and once per
 // call in the prefill regime (unless one block alone overflows a chunk).
 //
-//   decode  (N <= kDecodeMaxTokens): memory-bound. Tasks are (block, slab of
+//   decode  (few tokens a block: UsesDecodePath): memory-bound. Tasks are (block, slab of
 //           kDecodeRows rows): each streams its slab of gate, up and down
 //           (3 * kDecodeRows * d contiguous floats) once for the block's tokens,
 //           computes h for those rows and a partial output h . V_slab per token.
@@ -68,8 +68,9 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
 void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  // Per task (cpu/decode.h), slabs of kDecodeRows rows: a slab's gate and up rows are read
-  // once for up to kMaxDotTokens tokens, its down rows once per token (from L2).
+  // Per task (cpu/decode.h), slabs of kDecodeRows rows: a slab's gate, up and down rows are
+  // read once for up to kMaxDotTokens tokens (down rows longer than a page: once per token,
+  // from L2).
   // Down in column tiles: h of all the group's rows first, then the group's rows of
   // every tile at once (accumulate_tiles), once for up to kMaxDotTokens tokens. Against
   // the rows layout's per-slab reads: 1-4 % slower at T = 1 (d = 2048 and 4096), equal
@@ -81,7 +82,7 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
     const int64_t* pair_token = t.pair_token;
     const int64_t g0 = t.slab_begin * kDecodeRows, g_rows = std::min(B, t.slab_end * kDecodeRows) - g0;
     float* hg = tiled ? ThreadBuffer(ThreadSlot::kDownTile, (last_pair - first_pair) * g_rows) : nullptr;
-    float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kDecodeRows];
+    float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kMaxDotTokens * kDecodeRows];
     for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
       const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
       const int64_t offset = (i * B + r0) * d;
@@ -91,13 +92,17 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Ffn
         for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
         ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
         ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
+        const float* hs[kMaxDotTokens];
+        float* outs[kMaxDotTokens];
         for (int c = 0; c < count; ++c) {
           const int64_t p = p0 + c;
-          float* hp = tiled ? hg + (p - first_pair) * g_rows + (r0 - g0) : h;
+          float* hp = tiled ? hg + (p - first_pair) * g_rows + (r0 - g0) : h + c * kDecodeRows;
           ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
                               routing.coef[pair_token[p] * n + i], rows, hp);
-          if (!tiled) ks.accumulate_rows(h, w.down + offset, rows, d, d, t.out(p));
+          hs[c] = hp;
+          outs[c] = t.out(p);
         }
+        if (!tiled) ks.accumulate_rows(hs, count, w.down + offset, rows, d, d, outs);
       }
     }
     if (!tiled) return;
@@ -164,7 +169,7 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
   const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
   WriteActive(routing, dims, out.active);
-  if (dims.num_tokens <= kDecodeMaxTokens) {
+  if (UsesDecodePath(dims, routing)) {
     ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
   } else {
     ComputePrefill(ctx, kernels_, attrs_, dims, w, routing, y);

@@ -2,7 +2,7 @@
 // Int8 and F16 (docs/op-spec.md "Quantized variants"; notes in
 // docs/quant-kernel-notes.md). Same plan as the float32 kernel (ffn_cpu.cc):
 //
-//   decode  (N <= kDecodeMaxTokens): tasks (block, group of row slabs); a slab's
+//   decode  (few tokens a block: UsesDecodePath): tasks (block, group of row slabs); a slab's
 //           gate/up rows are dequantized once per vector and used for up to 4
 //           tokens (QuantKernelSet::dot_rows), its down rows are accumulated per
 //           scale group (accumulate_rows). Memory-bound: bytes per active block
@@ -154,7 +154,7 @@ class QuantCpuKernel {
                      qd.row_groups,             qd.block_groups};
     const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
     WriteActive(routing, dims, out.active);
-    if (dims.num_tokens <= kDecodeMaxTokens) {
+    if (UsesDecodePath(dims, routing)) {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }

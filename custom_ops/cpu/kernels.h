@@ -27,8 +27,10 @@ struct KernelSet {
   // h[i] = act(g[i]) * u[i] * scale for i < count.
   void (*gated_activation)(Activation act, const float* g, const float* u, float scale, int64_t count, float* h);
 
-  // y[c] += sum_{j < rows} h[j] * v[j * ld + c] for c < width.
-  void (*accumulate_rows)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y);
+  // y[t][c] += sum_{j < rows} h[t][j] * v[j * ld + c] for c < width, t < count <= kMaxDotTokens,
+  // each sum in ascending j (the same bits for any count).
+  void (*accumulate_rows)(const float* const* h, int count, const float* v, int64_t rows, int64_t ld,
+                          int64_t width, float* const* y);
 
   // The same for V stored in column tiles of kDownTileWidth (op-spec "down_tile"), for
   // count <= kMaxDotTokens tokens at once:

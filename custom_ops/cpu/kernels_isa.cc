@@ -155,38 +155,51 @@ void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, in
   }
 }
 
-// y[c] += h[j] * v[j][c] for rows j and j + 1, in that order, with the next two rows prefetched.
-template <bool Two>
-inline void AddRowPair(const float* h, const float* v, int64_t ld, int64_t width, float* y) {
+// y[t][c] += h[t][0] * v[0][c] (+ h[t][1] * v[1][c]) for T tokens, in that order: the rows'
+// vectors are loaded once for all the tokens, the next two rows prefetched.
+template <int T, bool Two>
+inline void AddRowPair(const float* const* h, int64_t j, const float* v, int64_t ld, int64_t width,
+                       float* const* y) {
   const int64_t main = width - width % kVL;
-  const Vec h0 = Splat(h[0]), h1 = Splat(Two ? h[1] : 0.0f);
   const float* v1 = v + ld;
+  Vec h0[T], h1[T];
+  for (int t = 0; t < T; ++t) {
+    h0[t] = Splat(h[t][j]);
+    h1[t] = Splat(Two ? h[t][j + 1] : 0.0f);
+  }
   for (int64_t c = 0; c < main; c += kVL) {
     __builtin_prefetch(v + 2 * ld + c, 0, 3);
     if constexpr (Two) __builtin_prefetch(v1 + 2 * ld + c, 0, 3);
-    Vec a = Load(y + c);
-    a += h0 * Load(v + c);
-    if constexpr (Two) a += h1 * Load(v1 + c);
-    Store(y + c, a);
+    const Vec w0 = Load(v + c), w1 = Two ? Load(v1 + c) : Vec{};
+    for (int t = 0; t < T; ++t) {
+      Vec a = Load(y[t] + c);
+      a += h0[t] * w0;
+      if constexpr (Two) a += h1[t] * w1;
+      Store(y[t] + c, a);
+    }
   }
   for (int64_t c = main; c < width; ++c) {
-    float s = y[c];
-    s += h[0] * v[c];
-    if constexpr (Two) s += h[1] * v1[c];
-    y[c] = s;
+    for (int t = 0; t < T; ++t) {
+      float s = y[t][c];
+      s += h[t][j] * v[c];
+      if constexpr (Two) s += h[t][j + 1] * v1[c];
+      y[t][c] = s;
+    }
   }
 }
 
-void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y) {
-  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) {
-    // Rows of at most a page (as in DotRowsTokens): two rows at a time in address order,
-    // the next two prefetched, y read and written once per pair (from L1).
-    int64_t j = 0;
-    for (; j + 2 <= rows; j += 2) AddRowPair<true>(h + j, v + j * ld, ld, width, y);
-    if (j < rows) AddRowPair<false>(h + j, v + j * ld, ld, width, y);
-    return;
-  }
-  // Column chunks of 4 vectors stay in registers over all rows.
+// Rows of at most a page (as in DotRowsTokens): two rows at a time in address order, each
+// read once for the T tokens; y read and written once per pair of rows (from L1).
+template <int T>
+void AccumulateShortRows(const float* const* h, const float* v, int64_t rows, int64_t ld, int64_t width,
+                         float* const* y) {
+  int64_t j = 0;
+  for (; j + 2 <= rows; j += 2) AddRowPair<T, true>(h, j, v + j * ld, ld, width, y);
+  if (j < rows) AddRowPair<T, false>(h, j, v + j * ld, ld, width, y);
+}
+
+// One token, long rows: column chunks of 4 vectors stay in registers over all rows.
+void AccumulateLongRows(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* y) {
   constexpr int kCols = 4 * kVL;
   int64_t c = 0;
   for (; c + kCols <= width; c += kCols) {
@@ -204,6 +217,20 @@ void AccumulateRows(const float* h, const float* v, int64_t rows, int64_t ld, in
     for (int64_t j = 0; j < rows; ++j) s += h[j] * v[j * ld + c];
     y[c] = s;
   }
+}
+
+void AccumulateRows(const float* const* h, int count, const float* v, int64_t rows, int64_t ld, int64_t width,
+                    float* const* y) {
+  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) {
+    switch (count) {
+      case 1: return AccumulateShortRows<1>(h, v, rows, ld, width, y);
+      case 2: return AccumulateShortRows<2>(h, v, rows, ld, width, y);
+      case 3: return AccumulateShortRows<3>(h, v, rows, ld, width, y);
+      case 4: return AccumulateShortRows<4>(h, v, rows, ld, width, y);
+      default: return;  // callers pass 1..kMaxDotTokens
+    }
+  }
+  for (int t = 0; t < count; ++t) AccumulateLongRows(h[t], v, rows, ld, width, y[t]);
 }
 
 // Why this order: the decode path reads V once per token at memory speed. Tile after

@@ -65,6 +65,20 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
   return r;
 }
 
+bool UsesDecodePath(const FfnDims& dims, const Routing& routing) {
+  const int64_t N = dims.num_tokens, n = dims.num_blocks;
+  if (N <= kDecodeMaxTokens) return true;
+  if (N > kDecodeRoutedMaxTokens) return false;
+  int64_t pairs = 0, blocks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < N; ++t) count += routing.active[t * n + i];
+    pairs += count;
+    blocks += count > 0;
+  }
+  return pairs <= kDecodeMaxPairsPerBlock * blocks;
+}
+
 Outputs GetOutputs(Ort::KernelContext& ctx, const FfnDims& dims) {
   Outputs out{ctx.GetOutput(kY, dims.y_shape).GetTensorMutableData<float>(), nullptr};
   if (ctx.GetOutputCount() > kActive) {
