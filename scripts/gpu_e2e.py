@@ -17,6 +17,10 @@ import onnxruntime as ort
 
 from dsmoe_runtime import DSMoESession
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+from dsmoe_export.testing.checks import run_checks  # noqa: E402
+
 # float16 models are compared with themselves on the CPU EP (the op's function body there): a
 # router score within float16 rounding of the threshold can flip a block on one side only, so
 # the float16 bound is loose; float32 must match the CPU kernel closely, greedy tokens included.
@@ -98,16 +102,11 @@ def main(argv=None) -> int:
     global EP
     EP = "CPUExecutionProvider" if args.ep == "cpu" else "CUDAExecutionProvider"
     reference = {"sparse": args.models / "sparse.onnx", "dense": args.models / "dense.onnx"}
-    ok_all = True
-    for path in sorted(args.models.glob("*.onnx")):
-        ref = path if "fp16" in path.name else reference["dense" if "dense" in path.name else "sparse"]
-        try:
-            ok, line = check(path, ref)
-        except Exception as ex:  # noqa: BLE001 (one line per model, the others still run)
-            ok, line = False, f"{path.name}: {type(ex).__name__}: {str(ex).splitlines()[0][:300]}"
-        ok_all &= ok
-        print(("ok   " if ok else "FAIL ") + line, flush=True)
-    return 0 if ok_all else 1
+
+    def check_model(path: Path) -> tuple[bool, str]:
+        return check(path, path if "fp16" in path.name else reference["dense" if "dense" in path.name else "sparse"])
+
+    return run_checks(sorted(args.models.glob("*.onnx")), check_model, name=lambda path: path.name)
 
 
 if __name__ == "__main__":

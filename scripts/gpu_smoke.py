@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 from dsmoe_export.testing.cuda_harness import Harness, find_library, rounded  # noqa: E402
 from dsmoe_export.testing.cases import make_case  # noqa: E402
+from dsmoe_export.testing.checks import run_checks  # noqa: E402
 
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
 # name: (dtype, tokens, d, n, B, down_tile)
@@ -53,15 +54,8 @@ def main() -> int:
     count, err = h.device_count()
     print(f"harness: {count} CUDA device(s) {err}")
     rng = np.random.default_rng(1)
-    ok_all = True
-    for name in [args.case] if args.case else CASES:
-        try:
-            ok, line = run(h, name, rng)
-        except Exception as ex:  # noqa: BLE001 (a sticky CUDA error fails the rest too: printed each)
-            ok, line = False, f"{name}: {type(ex).__name__}: {ex}"
-        ok_all &= ok
-        print(("ok   " if ok else "FAIL ") + line, flush=True)
-    return 0 if ok_all else 1
+    # A sticky CUDA error fails the cases after it too: each prints its line.
+    return run_checks([args.case] if args.case else CASES, lambda name: run(h, name, rng))
 
 
 if __name__ == "__main__":

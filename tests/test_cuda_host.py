@@ -265,22 +265,9 @@ def test_tile_map(shim, rng):
 
 def emulate_gemm_path(shim, case, tile_m):
     """The grouped-GEMM path's data flow in numpy (float64), with the shim's tile map."""
-    x = case.x.reshape(-1, case.x.shape[-1]).astype(np.float64)
+    x, attrs, active, coef, pair_token, counts = _route(shim, case)
     N, d = x.shape
     n, B, _ = case.gate.shape
-    attrs = {"threshold": 0.5, "rescale": True, "weighting": "score", "activation": "silu", **case.attrs}
-    # router
-    logits = x @ case.router_weight.astype(np.float64).T + (0 if case.router_bias is None else case.router_bias)
-    s = 1 / (1 + np.exp(-logits))
-    active = s > attrs["threshold"]
-    k = active.sum(-1)
-    c = np.where(attrs["rescale"] & (k > 0), n / np.maximum(k, 1), 1.0)
-    coef = np.where(active, s if attrs["weighting"] == "score" else 1.0, 0.0) * c[:, None]
-    # sort: tokens of block i ascending at pair_token[i, :count_i]
-    pair_token = np.full((n, N), -1)
-    counts = active.sum(0)
-    for i in range(n):
-        pair_token[i, :counts[i]] = np.nonzero(active[:, i])[0]
     ts = align_tiles(shim, [int(v) for v in counts], tile_m)
     max_tiles = shim.shim_max_m_tiles(N, n, tile_m)
     h_ld = -(-B // 8) * 8

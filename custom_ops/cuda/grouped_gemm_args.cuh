@@ -67,6 +67,25 @@ cudaError_t LaunchWriteGroupArgs(const Params<T>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Workspace of GEMM 0 (gate/up) or 1 (down): p.gemm_workspace_bytes each (0 where the kernels need none).
+template <typename T>
+void* GemmWorkspace(const Params<T>& p, int gemm) {
+  return static_cast<char*>(p.gemm_workspace) + gemm * p.gemm_workspace_bytes;
+}
+
+// The launches of one CUTLASS generation's GEMM pair, G<T>::Run(args, groups, p, workspace, stream):
+// the per-group arguments of both, then the gate/up GEMM; the down GEMM after the activation.
+template <typename T, template <typename> class GateUp, template <typename> class Down>
+cudaError_t LaunchGateUp(const Params<T>& p, cudaStream_t stream) {
+  const cudaError_t err = LaunchWriteGroupArgs<T, GateUp<T>, Down<T>>(p, stream);
+  if (err != cudaSuccess) return err;
+  return GateUp<T>::Run(GateUpArgs<GateUp<T>>(p.gemm_args, p.n), 2 * p.n, p, GemmWorkspace(p, 0), stream);
+}
+template <typename T, template <typename> class Down>
+cudaError_t LaunchDown(const Params<T>& p, cudaStream_t stream) {
+  return Down<T>::Run(DownArgs<Down<T>>(p.gemm_args, p.n), p.n, p, GemmWorkspace(p, 1), stream);
+}
+
 // A CUTLASS run's status as a CUDA error: the launch's own error when there is one.
 inline cudaError_t LaunchStatus(bool ran) {
   const cudaError_t err = cudaGetLastError();

@@ -74,8 +74,9 @@ struct GroupedGemm {
     args.ldd[g] = s.ldd;
   }
 
-  static cudaError_t Run(const Args& args, int groups, int sm_count, cudaStream_t stream) {
-    const int ctas = Gemm::sufficient(nullptr, 0, sm_count);  // one full wave; CTAs loop over tiles
+  // No workspace: the device-only schedule keeps its state in the CTAs.
+  static cudaError_t Run(const Args& args, int groups, const Params<T>& p, void*, cudaStream_t stream) {
+    const int ctas = Gemm::sufficient(nullptr, 0, p.sm_count);  // one full wave; CTAs loop over tiles
     if (ctas <= 0) return cudaErrorInvalidConfiguration;
     typename Gemm::EpilogueOutputOp::Params epilogue(1.0f, 0.0f);
     // C = D with beta = 0: the epilogue never reads it.
@@ -95,15 +96,12 @@ using DownGemm = GroupedGemm<T, cutlass::layout::RowMajor>;
 }  // namespace
 
 template <typename T>
-cudaError_t LaunchCutlassSm80GateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  const cudaError_t err = grouped::LaunchWriteGroupArgs<T, GateUpGemm<T>, DownGemm<T>>(p, stream);
-  if (err != cudaSuccess) return err;
-  return GateUpGemm<T>::Run(grouped::GateUpArgs<GateUpGemm<T>>(p.gemm_args, p.n), 2 * p.n, p.sm_count, stream);
+cudaError_t LaunchCutlassSm80GateUp(const Params<T>& p, const FfnCudaPlan&, cudaStream_t stream) {
+  return grouped::LaunchGateUp<T, GateUpGemm, DownGemm>(p, stream);
 }
-
 template <typename T>
-cudaError_t LaunchCutlassSm80Down(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  return DownGemm<T>::Run(grouped::DownArgs<DownGemm<T>>(p.gemm_args, p.n), p.n, p.sm_count, stream);
+cudaError_t LaunchCutlassSm80Down(const Params<T>& p, const FfnCudaPlan&, cudaStream_t stream) {
+  return grouped::LaunchDown<T, DownGemm>(p, stream);
 }
 
 template cudaError_t LaunchCutlassSm80GateUp<__half>(const Params<__half>&, const FfnCudaPlan&, cudaStream_t);

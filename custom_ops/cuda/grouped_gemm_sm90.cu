@@ -120,10 +120,11 @@ struct GroupedGemm {
     return arguments;
   }
 
-  static cudaError_t Run(const Args& args, int groups, int device, int sm_count, void* workspace,
-                         int64_t workspace_bytes, cudaStream_t stream) {
-    const typename Gemm::Arguments arguments = Arguments(args, groups, device, sm_count);
-    if (static_cast<int64_t>(Gemm::get_workspace_size(arguments)) > workspace_bytes) return cudaErrorInvalidValue;
+  static cudaError_t Run(const Args& args, int groups, const Params<T>& p, void* workspace, cudaStream_t stream) {
+    const typename Gemm::Arguments arguments = Arguments(args, groups, p.device, p.sm_count);
+    if (static_cast<int64_t>(Gemm::get_workspace_size(arguments)) > p.gemm_workspace_bytes) {
+      return cudaErrorInvalidValue;
+    }
     Gemm gemm;
     if (gemm.can_implement(arguments) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
     if (gemm.initialize(arguments, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidConfiguration;
@@ -139,18 +140,12 @@ using DownGemm = GroupedGemm<T, cutlass::layout::RowMajor>;
 }  // namespace
 
 template <typename T>
-cudaError_t LaunchCutlassSm90GateUp(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  const cudaError_t err = grouped::LaunchWriteGroupArgs<T, GateUpGemm<T>, DownGemm<T>>(p, stream);
-  if (err != cudaSuccess) return err;
-  return GateUpGemm<T>::Run(grouped::GateUpArgs<GateUpGemm<T>>(p.gemm_args, p.n), 2 * p.n, p.device, p.sm_count,
-                            p.gemm_workspace, p.gemm_workspace_bytes, stream);
+cudaError_t LaunchCutlassSm90GateUp(const Params<T>& p, const FfnCudaPlan&, cudaStream_t stream) {
+  return grouped::LaunchGateUp<T, GateUpGemm, DownGemm>(p, stream);
 }
-
 template <typename T>
-cudaError_t LaunchCutlassSm90Down(const Params<T>& p, const FfnCudaPlan& plan, cudaStream_t stream) {
-  return DownGemm<T>::Run(grouped::DownArgs<DownGemm<T>>(p.gemm_args, p.n), p.n, p.device, p.sm_count,
-                          static_cast<char*>(p.gemm_workspace) + p.gemm_workspace_bytes, p.gemm_workspace_bytes,
-                          stream);
+cudaError_t LaunchCutlassSm90Down(const Params<T>& p, const FfnCudaPlan&, cudaStream_t stream) {
+  return grouped::LaunchDown<T, DownGemm>(p, stream);
 }
 
 int64_t CutlassGemmWorkspaceBytes(int blocks, int sm_count, int device) {
