@@ -239,6 +239,17 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
     assert "down_tile" in _error(op_library, case16, feeds, "float16", 32, node_attrs=dict(num_experts=4, down_tile=64))
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
+@pytest.mark.parametrize("tokens", [9, 16])
+def test_few_tokens_a_block_take_the_decode_path(op_library, rng, fmt, tokens):
+    """Up to 16 tokens with at most 5 a block (tokens from the seventh on route to no block) take
+    the GEMV path, whose down rows serve up to 4 tokens at once; B = 48 leaves a short last
+    scale group of down rows."""
+    case = make_case(rng, (tokens,), 96, 8, 48, bias=True)
+    case.x[6:] = case.x[1]  # make_case's token with no block active
+    check(case, fmt, 32, op_library, threads=2)
+
+
 def test_kernel_agrees_across_thread_counts(op_library, rng):
     case = make_case(rng, (40,), 128, 8, 64)
     feeds = quant_inputs(case, "int4", 32)

@@ -2,10 +2,10 @@
 // Int8 and F16 (docs/op-spec.md "Quantized variants"; notes in
 // docs/quant-kernel-notes.md). Same plan as the float32 kernel (ffn_cpu.cc):
 //
-//   decode  (few tokens a block: UsesDecodePath): tasks (block, group of row slabs); a slab's
-//           gate/up rows are dequantized once per vector and used for up to 4
-//           tokens (QuantKernelSet::dot_rows), its down rows are accumulated per
-//           scale group (accumulate_rows). Memory-bound: bytes per active block
+//   decode  (few tokens a block: UsesDecodePath): tasks (block, group of row
+//           slabs); a slab's gate/up and down rows are dequantized once per vector
+//           and used for up to 4 tokens (QuantKernelSet::dot_rows; accumulate_rows,
+//           per scale group of down rows). Memory-bound: bytes per active block
 //           are 3 * B * d * bits / 8 plus the scales.
 //   prefill (more tokens): the float32 kernel's path (cpu/prefill.h) with the
 //           weights dequantized per task: a (block, row tile) task's gate/up rows
@@ -72,9 +72,9 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
     const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
     const int64_t* pair_token = t.pair_token;
     float* g = ThreadBuffer(ThreadSlot::kGateTile, kMaxQuantDotTokens * slab_rows);
-    float* u = ThreadBuffer(ThreadSlot::kUpTile, kMaxQuantDotTokens * slab_rows + slab_rows);
+    float* u = ThreadBuffer(ThreadSlot::kUpTile, 2 * kMaxQuantDotTokens * slab_rows);
     float* h = u + kMaxQuantDotTokens * slab_rows;
-    float* acc = ThreadBuffer(ThreadSlot::kDownTile, d);
+    float* acc = ThreadBuffer(ThreadSlot::kDownTile, kMaxQuantDotTokens * d);
     for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
       const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
       const int64_t row = i * B + r0;
@@ -92,12 +92,16 @@ void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const Qua
         }
         qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
         qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
+        const float* hs[kMaxQuantDotTokens];
+        float* outs[kMaxQuantDotTokens];
         for (int c = 0; c < count; ++c) {
           const int64_t p = p0 + c;
           ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,
-                              routing.coef[pair_token[p] * n + i], rows, h);
-          qk.accumulate_rows(w.format, w.down + row * rb, ds, h, rows, d, w.group, acc, t.out(p));
+                              routing.coef[pair_token[p] * n + i], rows, h + c * slab_rows);
+          hs[c] = h + c * slab_rows;
+          outs[c] = t.out(p);
         }
+        qk.accumulate_rows(w.format, w.down + row * rb, ds, hs, count, rows, d, w.group, acc, outs);
       }
     }
   }, y);

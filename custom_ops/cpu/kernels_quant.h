@@ -38,11 +38,13 @@ struct QuantKernelSet {
   // xsum[g] = sum_{c in group g} x[c] for g < ceil(d / group).
   void (*group_sums)(const float* x, int64_t d, int64_t group, float* xsum);
 
-  // Down GEMV: y[c] += sum_{j < rows} h[j] * V[j][c] for c < d, where row j of V is at v + j * RowBytes(f, d)
-  // and V[j][c] = scales[(j / group) * d + c] * (q[j][c] - zero): the rows start at a group boundary and
-  // scales points at the scale row of their first group. acc: scratch of d floats.
-  void (*accumulate_rows)(WeightFormat f, const uint8_t* v, const float* scales, const float* h, int64_t rows,
-                          int64_t d, int64_t group, float* acc, float* y);
+  // Down GEMV: y[t][c] += sum_{j < rows} h[t][j] * V[j][c] for c < d, t < count <= kMaxQuantDotTokens, where
+  // row j of V is at v + j * RowBytes(f, d) and V[j][c] = scales[(j / group) * d + c] * (q[j][c] - zero): the
+  // rows start at a group boundary and scales points at the scale row of their first group. Each row is
+  // dequantized once for all the tokens; each token's sums in the same order for any count.
+  // acc: scratch of count * d floats.
+  void (*accumulate_rows)(WeightFormat f, const uint8_t* v, const float* scales, const float* const* h, int count,
+                          int64_t rows, int64_t d, int64_t group, float* acc, float* const* y);
 
   // Prefill gate/up tile: out[r * d + c] = W[r][c] (as dot_rows) for r < rows, c < d.
   void (*dequantize_rows)(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d,

@@ -325,11 +325,17 @@ void GroupSums(const float* x, int64_t d, int64_t group, float* xsum) {
   }
 }
 
-// dst[c] += h0 * row0[c] (+ h1 * row1[c]) over all columns, raw values (LoadRaw).
-template <WeightFormat F, bool Two>
-inline void AddRows(const uint8_t* row0, const uint8_t* row1, float h0, float h1, int64_t d, float* dst) {
+// dst[t][c] += h[t][j] * row j[c] (+ h[t][j + 1] * row j + 1[c]) over all columns for T tokens,
+// raw values (LoadRaw): the rows are dequantized once for all the tokens.
+template <WeightFormat F, bool Two, int T>
+inline void AddRows(const uint8_t* row0, const uint8_t* row1, const float* const* h, int64_t j, int64_t d,
+                    float* const* dst) {
   constexpr int S = kDotStep<F>, NV = S / kVL;
-  const Vec hv0 = Splat(h0), hv1 = Splat(h1);
+  Vec hv0[T], hv1[T];
+  for (int t = 0; t < T; ++t) {
+    hv0[t] = Splat(h[t][j]);
+    hv1[t] = Splat(Two ? h[t][j + 1] : 0.0f);
+  }
   int64_t c = 0;
   for (; c + S <= d; c += S) {
     Vec a[NV], b[NV];
@@ -339,60 +345,88 @@ inline void AddRows(const uint8_t* row0, const uint8_t* row1, float h0, float h1
       __builtin_prefetch(row0 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
       __builtin_prefetch(row1 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
     }
-    for (int v = 0; v < NV; ++v) {
-      Vec y = Load(dst + c + v * kVL) + hv0 * a[v];
-      if constexpr (Two) y += hv1 * b[v];
-      Store(dst + c + v * kVL, y);
+    for (int t = 0; t < T; ++t) {
+      for (int v = 0; v < NV; ++v) {
+        Vec y = Load(dst[t] + c + v * kVL) + hv0[t] * a[v];
+        if constexpr (Two) y += hv1[t] * b[v];
+        Store(dst[t] + c + v * kVL, y);
+      }
     }
   }
   for (; c < d; ++c) {
-    float y = dst[c] + h0 * LoadOneRaw<F>(row0, c);
-    if constexpr (Two) y += h1 * LoadOneRaw<F>(row1, c);
-    dst[c] = y;
+    const float q0 = LoadOneRaw<F>(row0, c), q1 = Two ? LoadOneRaw<F>(row1, c) : 0.0f;
+    for (int t = 0; t < T; ++t) {
+      float y = dst[t][c] + h[t][j] * q0;
+      if constexpr (Two) y += h[t][j + 1] * q1;
+      dst[t][c] = y;
+    }
+  }
+}
+
+// Rows [0, rows) into dst[t] for T tokens, two at a time.
+template <WeightFormat F, int T>
+inline void AddRowRange(const uint8_t* v, int64_t rb, const float* const* h, int64_t j0, int64_t j1, int64_t d,
+                        float* const* dst) {
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) AddRows<F, true, T>(v + j * rb, v + (j + 1) * rb, h, j, d, dst);
+  if (j < j1) AddRows<F, false, T>(v + j * rb, nullptr, h, j, d, dst);
+}
+
+template <WeightFormat F, int T>
+void AccumulateRowsT(const uint8_t* v, const float* scales, const float* const* h, int64_t rows, int64_t d,
+                     int64_t group, float* acc, float* const* y) {
+  const int64_t rb = RowBytes(F, d);
+  if constexpr (F == WeightFormat::kF16) {  // no scales: straight into y
+    AddRowRange<F, T>(v, rb, h, 0, rows, d, y);
+    return;
+  } else {
+    // Per group of rows and token: acc[t] = sum_j h[t][j] * q[j] (raw), hs[t] = sum_j h[t][j];
+    // then y[t] += scale_row * (acc[t] - zero * hs[t]).
+    float* accs[T];
+    for (int t = 0; t < T; ++t) accs[t] = acc + t * d;
+    for (int64_t j0 = 0, g = 0; j0 < rows; j0 += group, ++g) {
+      const int64_t j1 = std::min(rows, j0 + group);
+      std::fill(acc, acc + T * d, 0.0f);
+      AddRowRange<F, T>(v, rb, h, j0, j1, d, accs);
+      const float* s = scales + g * d;
+      for (int t = 0; t < T; ++t) {
+        float hs = 0.0f;
+        int64_t j = j0;
+        for (; j + 2 <= j1; j += 2) hs += h[t][j] + h[t][j + 1];
+        if (j < j1) hs += h[t][j];
+        const float zh = kZero<F> * hs;
+        const Vec zhv = Splat(zh);
+        float* yt = y[t];
+        const float* at = accs[t];
+        int64_t c = 0;
+        for (; c + kVL <= d; c += kVL) Store(yt + c, Load(yt + c) + Load(s + c) * (Load(at + c) - zhv));
+        for (; c < d; ++c) yt[c] += s[c] * (at[c] - zh);
+      }
+    }
   }
 }
 
 template <WeightFormat F>
-void AccumulateRowsF(const uint8_t* v, const float* scales, const float* h, int64_t rows, int64_t d,
-                     int64_t group, float* acc, float* y) {
-  const int64_t rb = RowBytes(F, d);
-  if constexpr (F == WeightFormat::kF16) {  // no scales: straight into y
-    int64_t j = 0;
-    for (; j + 2 <= rows; j += 2) AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, y);
-    if (j < rows) AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, y);
-    return;
-  } else {
-    // Per group of rows: acc = sum_j h[j] * q[j] (raw), hs = sum_j h[j];
-    // then y += scale_row * (acc - zero * hs).
-    for (int64_t j0 = 0, g = 0; j0 < rows; j0 += group, ++g) {
-      const int64_t j1 = std::min(rows, j0 + group);
-      std::fill(acc, acc + d, 0.0f);
-      float hs = 0.0f;
-      int64_t j = j0;
-      for (; j + 2 <= j1; j += 2) {
-        AddRows<F, true>(v + j * rb, v + (j + 1) * rb, h[j], h[j + 1], d, acc);
-        hs += h[j] + h[j + 1];
-      }
-      if (j < j1) {
-        AddRows<F, false>(v + j * rb, nullptr, h[j], 0.0f, d, acc);
-        hs += h[j];
-      }
-      const float* s = scales + g * d;
-      const float zh = kZero<F> * hs;
-      const Vec zhv = Splat(zh);
-      int64_t c = 0;
-      for (; c + kVL <= d; c += kVL) Store(y + c, Load(y + c) + Load(s + c) * (Load(acc + c) - zhv));
-      for (; c < d; ++c) y[c] += s[c] * (acc[c] - zh);
-    }
+void AccumulateRowsF(const uint8_t* v, const float* scales, const float* const* h, int count, int64_t rows,
+                     int64_t d, int64_t group, float* acc, float* const* y) {
+  switch (count) {
+    case 1: return AccumulateRowsT<F, 1>(v, scales, h, rows, d, group, acc, y);
+    case 2: return AccumulateRowsT<F, 2>(v, scales, h, rows, d, group, acc, y);
+    case 3: return AccumulateRowsT<F, 3>(v, scales, h, rows, d, group, acc, y);
+    case 4: return AccumulateRowsT<F, 4>(v, scales, h, rows, d, group, acc, y);
+    default: return;  // callers pass 1..kMaxQuantDotTokens
   }
 }
 
-void AccumulateRows(WeightFormat f, const uint8_t* v, const float* scales, const float* h, int64_t rows, int64_t d,
-                    int64_t group, float* acc, float* y) {
+void AccumulateRows(WeightFormat f, const uint8_t* v, const float* scales, const float* const* h, int count,
+                    int64_t rows, int64_t d, int64_t group, float* acc, float* const* y) {
   switch (f) {
-    case WeightFormat::kInt4: return AccumulateRowsF<WeightFormat::kInt4>(v, scales, h, rows, d, group, acc, y);
-    case WeightFormat::kInt8: return AccumulateRowsF<WeightFormat::kInt8>(v, scales, h, rows, d, group, acc, y);
-    case WeightFormat::kF16: return AccumulateRowsF<WeightFormat::kF16>(v, scales, h, rows, d, group, acc, y);
+    case WeightFormat::kInt4:
+      return AccumulateRowsF<WeightFormat::kInt4>(v, scales, h, count, rows, d, group, acc, y);
+    case WeightFormat::kInt8:
+      return AccumulateRowsF<WeightFormat::kInt8>(v, scales, h, count, rows, d, group, acc, y);
+    case WeightFormat::kF16:
+      return AccumulateRowsF<WeightFormat::kF16>(v, scales, h, count, rows, d, group, acc, y);
   }
 }
 
