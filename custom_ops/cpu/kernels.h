@@ -12,7 +12,7 @@
 
 namespace dsmoe::cpu {
 
-inline constexpr int kMaxDotTokens = 4;
+inline constexpr int kMaxDotTokens = 8;
 
 struct KernelSet {
   const char* name;

@@ -139,7 +139,7 @@ inline void DotRowsTiles(const float* w, int64_t ld, int64_t rows, const float* 
 template <int T>
 inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
                           int64_t ldo) {
-  constexpr int R = T <= 2 ? 4 : 2;
+  constexpr int R = T <= 2 ? 4 : T <= 4 || kVL == 16 ? 2 : 1;
   if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) return DotRowsTiles<R, T, true>(w, ld, rows, x, d, out, ldo);
   DotRowsTiles<R, T, false>(w, ld, rows, x, d, out, ldo);
 }
@@ -151,6 +151,10 @@ void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, in
     case 2: return DotRowsTokens<2>(w, ld, rows, x, d, out, ldo);
     case 3: return DotRowsTokens<3>(w, ld, rows, x, d, out, ldo);
     case 4: return DotRowsTokens<4>(w, ld, rows, x, d, out, ldo);
+    case 5: return DotRowsTokens<5>(w, ld, rows, x, d, out, ldo);
+    case 6: return DotRowsTokens<6>(w, ld, rows, x, d, out, ldo);
+    case 7: return DotRowsTokens<7>(w, ld, rows, x, d, out, ldo);
+    case 8: return DotRowsTokens<8>(w, ld, rows, x, d, out, ldo);
     default: break;  // callers pass 1..kMaxDotTokens
   }
 }
@@ -227,6 +231,10 @@ void AccumulateRows(const float* const* h, int count, const float* v, int64_t ro
       case 2: return AccumulateShortRows<2>(h, v, rows, ld, width, y);
       case 3: return AccumulateShortRows<3>(h, v, rows, ld, width, y);
       case 4: return AccumulateShortRows<4>(h, v, rows, ld, width, y);
+      case 5: return AccumulateShortRows<5>(h, v, rows, ld, width, y);
+      case 6: return AccumulateShortRows<6>(h, v, rows, ld, width, y);
+      case 7: return AccumulateShortRows<7>(h, v, rows, ld, width, y);
+      case 8: return AccumulateShortRows<8>(h, v, rows, ld, width, y);
       default: return;  // callers pass 1..kMaxDotTokens
     }
   }

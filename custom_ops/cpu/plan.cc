@@ -76,7 +76,9 @@ bool UsesDecodePath(const FfnDims& dims, const Routing& routing) {
     pairs += count;
     blocks += count > 0;
   }
-  return pairs <= kDecodeMaxPairsPerBlock * blocks;
+  const int64_t per_block =
+      dims.block_size <= kSmallBlockRows ? kDecodeMaxPairsPerSmallBlock : kDecodeMaxPairsPerBlock;
+  return pairs <= per_block * blocks;
 }
 
 Outputs GetOutputs(Ort::KernelContext& ctx, const FfnDims& dims) {

@@ -15,18 +15,24 @@
 namespace dsmoe::cpu {
 
 // The GEMV path (weights streamed from memory once, reused from L2 for every
-// kMaxDotTokens tokens of a block) or the GEMM path, whose 48-token panels waste
-// work on small buckets (UsesDecodePath). Calls of up to kDecodeMaxTokens tokens
-// always take the GEMV path; up to kDecodeRoutedMaxTokens, when the active blocks
-// have at most kDecodeMaxPairsPerBlock tokens each on average. Measured (op level,
-// caches flushed, 2 threads, AVX-512, the natural router at r = 0.5): 8 tokens, about
-// 4 a block, the GEMV path ran at 0.88 / 0.91 of the dense FFN's time at d = 576 / 2048
-// against 1.11 / 1.04 on the GEMM path (int4: 0.76 / 0.52 against 0.88 / 1.10); 16
-// tokens, about 8 a block, either path won by up to 15 % depending on the shape. The
-// token bound caps the partial outputs' scratch (pairs x kDecodeGroups x d floats).
+// kMaxDotTokens tokens of a block) or the GEMM path, whose panels waste work on
+// small buckets and whose tiles small blocks feed poorly (UsesDecodePath). Calls of
+// up to kDecodeMaxTokens tokens always take the GEMV path; up to
+// kDecodeRoutedMaxTokens, when the active blocks have at most kDecodeMaxPairsPerBlock
+// tokens each on average (kDecodeMaxPairsPerSmallBlock for blocks of at most
+// kSmallBlockRows rows). Measured (2 threads, AVX-512, Intel Xeon): op level with the
+// caches flushed, 8 tokens, about 4 a block: 0.82-0.94 of the dense FFN against
+// 0.89-1.11 on the GEMM path (d = 576-2048; int4 0.76 / 0.52 against 0.88 / 1.10 at
+// d = 576 / 2048); 16 tokens, about 8 a block: 0.89 / 1.90 / 7.69 ms against 0.98 /
+// 2.47 / 8.20 at d = 576 / 1024 / 2048. 30 layers from DRAM, 16 tokens, 9-10 a block:
+// 1.07 / 1.12 of dense against 1.22 / 1.22 at d = 576 (B = 96), but 1.42 against 1.30
+// at d = 2048 (B = 704). The token bound caps the partial outputs' scratch (pairs x
+// kDecodeGroups x d floats, as for kDecodeMaxTokens tokens).
 inline constexpr int64_t kDecodeMaxTokens = 6;
 inline constexpr int64_t kDecodeRoutedMaxTokens = 16;
-inline constexpr int64_t kDecodeMaxPairsPerBlock = 6;
+inline constexpr int64_t kDecodeMaxPairsPerBlock = 8;
+inline constexpr int64_t kDecodeMaxPairsPerSmallBlock = 12;
+inline constexpr int64_t kSmallBlockRows = 128;
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
