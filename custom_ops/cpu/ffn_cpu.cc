@@ -169,7 +169,7 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
   const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
   WriteActive(routing, dims, out.active);
-  if (UsesDecodePath(dims, routing)) {
+  if (UsesDecodePath(dims, routing, DecodePairsPerBlock(dims))) {
     ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
   } else {
     ComputePrefill(ctx, kernels_, attrs_, dims, w, routing, y);

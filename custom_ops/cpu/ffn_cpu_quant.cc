@@ -158,7 +158,7 @@ class QuantCpuKernel {
                      qd.row_groups,             qd.block_groups};
     const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
     WriteActive(routing, dims, out.active);
-    if (UsesDecodePath(dims, routing)) {
+    if (UsesDecodePath(dims, routing, kQuantDecodeMaxPairsPerBlock)) {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }

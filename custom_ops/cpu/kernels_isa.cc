@@ -122,10 +122,13 @@ inline void DotTile(const float* w, int64_t ld, const float* const* x, int64_t d
   }
 }
 
-// Rows of at most a page (d <= 1024) are prefetched a tile ahead: the hardware's stream
-// prefetcher trains per 4 KB page, and a short row moves on before it has ramped up (the
-// decode at d = 576, 30 layers from DRAM: 4 % faster at one token, 17 % at four; d = 1024:
-// 2 %; d = 2048 was 1 % slower with it, so longer rows go without).
+// Rows of at most a page (d <= 1024 floats): the hardware's stream prefetcher trains per
+// 4 KB page, so such rows get their own prefetches and reading order (below).
+inline bool ShortRows(int64_t ld) { return ld * static_cast<int64_t>(sizeof(float)) <= 4096; }
+
+// Short rows are prefetched a tile ahead: a short row moves on before the stream prefetcher
+// has ramped up (the decode at d = 576, 30 layers from DRAM: 4 % faster at one token, 17 % at
+// four; d = 1024: 2 %; d = 2048 was 1 % slower with it, so longer rows go without).
 template <int R, int T, bool Prefetch>
 inline void DotRowsTiles(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
                          int64_t ldo) {
@@ -134,13 +137,14 @@ inline void DotRowsTiles(const float* w, int64_t ld, int64_t rows, const float* 
   for (; r < rows; ++r) DotTile<1, T, Prefetch>(w + r * ld, ld, x, d, out + r, ldo);
 }
 
-// Rows per tile for T tokens: about 8 accumulators (latency of the FMA chains)
-// within 16 registers (accumulators + R weight vectors + T token vectors).
+// Rows per tile for T tokens: about 8 accumulators (latency of the FMA chains) within 16
+// registers (accumulators + R weight vectors + T token vectors); with AVX-512's 32, two rows
+// of up to 8 tokens.
 template <int T>
 inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
                           int64_t ldo) {
   constexpr int R = T <= 2 ? 4 : T <= 4 || kVL == 16 ? 2 : 1;
-  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) return DotRowsTiles<R, T, true>(w, ld, rows, x, d, out, ldo);
+  if (ShortRows(ld)) return DotRowsTiles<R, T, true>(w, ld, rows, x, d, out, ldo);
   DotRowsTiles<R, T, false>(w, ld, rows, x, d, out, ldo);
 }
 
@@ -192,7 +196,7 @@ inline void AddRowPair(const float* const* h, int64_t j, const float* v, int64_t
   }
 }
 
-// Rows of at most a page (as in DotRowsTokens): two rows at a time in address order, each
+// Short rows: two rows at a time in address order, each
 // read once for the T tokens; y read and written once per pair of rows (from L1).
 template <int T>
 void AccumulateShortRows(const float* const* h, const float* v, int64_t rows, int64_t ld, int64_t width,
@@ -225,7 +229,7 @@ void AccumulateLongRows(const float* h, const float* v, int64_t rows, int64_t ld
 
 void AccumulateRows(const float* const* h, int count, const float* v, int64_t rows, int64_t ld, int64_t width,
                     float* const* y) {
-  if (ld * static_cast<int64_t>(sizeof(float)) <= 4096) {
+  if (ShortRows(ld)) {
     switch (count) {
       case 1: return AccumulateShortRows<1>(h, v, rows, ld, width, y);
       case 2: return AccumulateShortRows<2>(h, v, rows, ld, width, y);

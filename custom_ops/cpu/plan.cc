@@ -65,7 +65,7 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
   return r;
 }
 
-bool UsesDecodePath(const FfnDims& dims, const Routing& routing) {
+bool UsesDecodePath(const FfnDims& dims, const Routing& routing, int64_t max_pairs_per_block) {
   const int64_t N = dims.num_tokens, n = dims.num_blocks;
   if (N <= kDecodeMaxTokens) return true;
   if (N > kDecodeRoutedMaxTokens) return false;
@@ -76,9 +76,7 @@ bool UsesDecodePath(const FfnDims& dims, const Routing& routing) {
     pairs += count;
     blocks += count > 0;
   }
-  const int64_t per_block =
-      dims.block_size <= kSmallBlockRows ? kDecodeMaxPairsPerSmallBlock : kDecodeMaxPairsPerBlock;
-  return pairs <= per_block * blocks;
+  return pairs <= max_pairs_per_block * blocks;
 }
 
 Outputs GetOutputs(Ort::KernelContext& ctx, const FfnDims& dims) {

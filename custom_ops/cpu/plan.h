@@ -20,7 +20,7 @@ namespace dsmoe::cpu {
 // up to kDecodeMaxTokens tokens always take the GEMV path; up to
 // kDecodeRoutedMaxTokens, when the active blocks have at most kDecodeMaxPairsPerBlock
 // tokens each on average (kDecodeMaxPairsPerSmallBlock for blocks of at most
-// kSmallBlockRows rows). Measured (2 threads, AVX-512, Intel Xeon): op level with the
+// kSmallBlockRows rows; the quantized kernel: kQuantDecodeMaxPairsPerBlock). Measured (2 threads, AVX-512, Intel Xeon): op level with the
 // caches flushed, 8 tokens, about 4 a block: 0.82-0.94 of the dense FFN against
 // 0.89-1.11 on the GEMM path (d = 576-2048; int4 0.76 / 0.52 against 0.88 / 1.10 at
 // d = 576 / 2048); 16 tokens, about 8 a block: 0.89 / 1.90 / 7.69 ms against 0.98 /
@@ -33,6 +33,10 @@ inline constexpr int64_t kDecodeRoutedMaxTokens = 16;
 inline constexpr int64_t kDecodeMaxPairsPerBlock = 8;
 inline constexpr int64_t kDecodeMaxPairsPerSmallBlock = 12;
 inline constexpr int64_t kSmallBlockRows = 128;
+// The quantized kernel dequantizes the gate/up rows again for every kMaxQuantDotTokens
+// tokens of a block, while its GEMM path dequantizes each tile once: int4, 16 tokens at about
+// 9 a block took 1.16x the builder's time end to end on the GEMV path against 1.00x.
+inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 6;
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
@@ -79,8 +83,13 @@ struct Routing {
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const float* x, const float* router, const float* bias);
 
-// Whether the call takes the GEMV (decode) path, from its token count and routing (above).
-bool UsesDecodePath(const FfnDims& dims, const Routing& routing);
+// Whether the call takes the GEMV (decode) path, from its token count and routing (above);
+// max_pairs_per_block: the kernel's bound on the active blocks' mean tokens
+// (DecodePairsPerBlock for the float32 kernel, kQuantDecodeMaxPairsPerBlock).
+bool UsesDecodePath(const FfnDims& dims, const Routing& routing, int64_t max_pairs_per_block);
+inline int64_t DecodePairsPerBlock(const FfnDims& dims) {
+  return dims.block_size <= kSmallBlockRows ? kDecodeMaxPairsPerSmallBlock : kDecodeMaxPairsPerBlock;
+}
 
 // The op's outputs: Y, and `active` where the node has that optional output (else nullptr).
 struct Outputs {
