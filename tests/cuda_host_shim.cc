@@ -63,4 +63,15 @@ int shim_permuted_row(const int* row_start, const int* pair_token, int n, int N,
 }
 
 int64_t shim_max_m_tiles(int64_t tokens, int64_t blocks, int64_t tile_m) { return MaxMTiles(tokens, blocks, tile_m); }
+
+// ParseCutlassChoice: 1 and the choice (0 off, 1 auto, 2 sm80), or 0 and the message.
+int shim_parse_cutlass_choice(const char* value, int* choice, char* error, int error_len) {
+  CutlassChoice c = CutlassChoice::kAuto;
+  std::string e;
+  const bool ok = ParseCutlassChoice(value, c, e);
+  *choice = static_cast<int>(c);
+  std::strncpy(error, e.c_str(), error_len - 1);
+  error[error_len - 1] = '\0';
+  return ok ? 1 : 0;
+}
 }

@@ -226,6 +226,21 @@ def test_cutlass_scratch_layout_and_grids(shim, shape, device):
     assert (p["combine_x"], p["combine_y"]) == (N, math.ceil(d / COMBINE_COLS_PER_CTA))
 
 
+@pytest.mark.parametrize("value,expected", [(None, 1), (b"", 1), (b"0", 0), (b"sm80", 2),
+                                            (b"1", None), (b"off", None), (b"SM80", None), (b"sm90", None)])
+def test_cutlass_choice_from_the_environment(shim, value, expected):
+    """DSMOE_CUDA_CUTLASS: unset / 0 / sm80; any other value is refused with the variable's name,
+    the value and what is accepted (the op then fails its calls instead of guessing)."""
+    choice, err = ctypes.c_int(-1), ctypes.create_string_buffer(256)
+    ok = shim.shim_parse_cutlass_choice(value, ctypes.byref(choice), err, 256)
+    if expected is None:
+        assert ok == 0
+        message = err.value.decode()
+        assert "DSMOE_CUDA_CUTLASS" in message and value.decode() in message and "sm80" in message
+    else:
+        assert ok == 1 and choice.value == expected and err.value == b""
+
+
 def test_zero_tokens_and_limits(shim):
     assert plan(shim, 0, 16, 4, 8)["bytes"] == 0
     with pytest.raises(ValueError, match="2\\^30"):

@@ -43,7 +43,7 @@ def test_attributes(op_library, rng, activation, weighting, rescale, bias, token
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.01, 0.3, 0.5, 0.77, 0.99, 1.0])
-@pytest.mark.parametrize("tokens", [2, 33])
+@pytest.mark.parametrize("tokens", [2, 12, 33])  # 12: the routed GEMV path, also with no block active
 def test_thresholds(op_library, rng, threshold, tokens):
     case = make_case(rng, (tokens,), d=16, n=8, B=5, bias=True, threshold=threshold)
     outputs = run(case, op_library)

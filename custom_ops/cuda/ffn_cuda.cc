@@ -23,14 +23,20 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 // DSMOE_CUDA_CUTLASS=0 keeps prefill on the WMMA grouped GEMMs (A/B timing, a fallback
 // should the CUTLASS path misbehave on some driver), =sm80 takes CUTLASS 2.x's kernels on any
-// GPU from sm_80 on (to check them on a Hopper machine); read once per process.
+// GPU from sm_80 on (to check them on a Hopper machine); read once per process, a bad value
+// fails every call of the op with the message.
 CutlassChoice CutlassFromEnvironment() {
-  static const CutlassChoice choice = [] {
-    const char* v = std::getenv("DSMOE_CUDA_CUTLASS");
-    const std::string value = v == nullptr ? "" : v;
-    return value == "0" ? CutlassChoice::kOff : value == "sm80" ? CutlassChoice::kSm80 : CutlassChoice::kAuto;
+  struct Parsed {
+    CutlassChoice choice = CutlassChoice::kAuto;
+    std::string error;
+  };
+  static const Parsed parsed = [] {
+    Parsed p;
+    ParseCutlassChoice(std::getenv("DSMOE_CUDA_CUTLASS"), p.choice, p.error);
+    return p;
   }();
-  return choice;
+  if (!parsed.error.empty()) ThrowInvalidArgument(parsed.error);
+  return parsed.choice;
 }
 
 }  // namespace

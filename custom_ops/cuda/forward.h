@@ -36,10 +36,6 @@ struct FfnCudaArgs {
 // no synchronisation, no allocation. Returns "" or the CUDA error of a launch.
 std::string FfnCudaForward(const FfnCudaArgs& args, const FfnCudaPlan& plan);
 
-// Which grouped GEMMs the GEMM path may take: the CUTLASS ones for the device (kAuto), none
-// (kOff: the WMMA kernels), or CUTLASS 2.x's sm_80 kernels on any arch >= 80 (kSm80, tests).
-enum class CutlassChoice : int { kOff = 0, kAuto = 1, kSm80 = 2 };
-
 // The current device as the plan of an op with `blocks` blocks needs it (arch, SM count,
 // whether the CUTLASS path is built and allowed here, its GEMM workspace). "" or the CUDA error.
 std::string DescribeDevice(CudaDevice& device, int64_t blocks, CutlassChoice cutlass = CutlassChoice::kAuto);

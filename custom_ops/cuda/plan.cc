@@ -72,6 +72,21 @@ int64_t MaxMTiles(int64_t tokens, int64_t blocks, int64_t tile_m) {
   return blocks * CeilDiv(tokens, tile_m);
 }
 
+bool ParseCutlassChoice(const char* value, CutlassChoice& choice, std::string& error) {
+  const std::string v = value == nullptr ? "" : value;
+  if (v.empty()) {
+    choice = CutlassChoice::kAuto;
+  } else if (v == "0") {
+    choice = CutlassChoice::kOff;
+  } else if (v == "sm80") {
+    choice = CutlassChoice::kSm80;
+  } else {
+    error = "DSMOE_CUDA_CUTLASS='" + v + "': expected 0 (the WMMA kernels), sm80 (CUTLASS 2.x's kernels) or unset";
+    return false;
+  }
+  return true;
+}
+
 int UsesCutlass(const FfnCudaShape& s) {
   const CudaDevice& dev = s.device;
   const bool eligible = dev.cutlass && dev.sm_count > 0 && s.dtype != DType::kFloat32 && s.aligned &&

@@ -75,6 +75,14 @@ struct CudaDevice {
   int64_t gemm_workspace = 0;  // bytes of workspace one sm_90a grouped GEMM needs on it
 };
 
+// Which grouped GEMMs the GEMM path may take: the CUTLASS ones for the device (kAuto), none
+// (kOff: the WMMA kernels), or CUTLASS 2.x's sm_80 kernels on any arch >= 80 (kSm80, tests).
+enum class CutlassChoice : int { kOff = 0, kAuto = 1, kSm80 = 2 };
+
+// DSMOE_CUDA_CUTLASS's value: unset or "" = kAuto, "0" = kOff, "sm80" = kSm80; anything else
+// is refused (false, with the message in error) rather than read as the default.
+bool ParseCutlassChoice(const char* value, CutlassChoice& choice, std::string& error);
+
 struct FfnCudaShape {
   int64_t tokens = 0, hidden = 0, blocks = 0, block_size = 0;
   DType dtype = DType::kFloat32;
