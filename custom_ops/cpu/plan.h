@@ -40,7 +40,8 @@ inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 6;
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
-inline constexpr int64_t kDecodeGroups = 8;         // row groups per block in the decode path
+inline constexpr int64_t kDecodeGroups = 8;         // row groups per block in the decode path, at most
+inline constexpr int64_t kDecodeMinTasks = 16;      // (block, group) tasks a multi-token decode call aims for
 // Rows of gate + up per prefill task: 2 * rows * d floats stay in L2 (24 rows at
 // d = 2048, 393 KB) while the block's panels stream past them; a multiple of the
 // register tiles' 6 (AVX-512) and 3 rows.
