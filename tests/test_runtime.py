@@ -509,3 +509,31 @@ def test_forward_keeps_the_last_logits_on_request(session, rng):
     last, _ = session.forward(ids, mask, session.new_cache(2, 9), logits_to_keep=1)
     assert full.shape == (2, 9, 256) and last.shape == (2, 1, 256)
     assert np.array_equal(last, full[:, -1:])
+
+
+def test_cache_step_continues_like_forward(session, rng):
+    """KVCache.step (generation's decode steps: the inputs stay bound) gives the logits that forward
+    gives for the same token at the same slot, on a left-padded batch, also after a forward call
+    in between; it refuses a cache without a prompt, a wrong token shape and a full cache."""
+    ids = rng.integers(3, 256, (2, 6))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0                                    # row 1 left-padded
+    stepped, forwarded = session.new_cache(2, 10), session.new_cache(2, 10)
+    with pytest.raises(InputError, match="no forward call yet"):
+        stepped.step(np.array([1, 2]))
+    session.forward(ids, mask, stepped, logits_to_keep=1)
+    session.forward(ids, mask, forwarded, logits_to_keep=1)
+    with pytest.raises(InputError, match=r"shape \[2\]"):
+        stepped.step(np.array([1, 2, 3]))
+    grown = mask
+    for i in range(4):
+        tok = rng.integers(3, 256, 2)
+        grown = np.concatenate([grown, np.ones((2, 1), np.int64)], axis=1)
+        if i == 2:                                     # a forward call on the stepping cache itself
+            got = session.forward(tok[:, None], grown, stepped, logits_to_keep=1)[0].copy()
+        else:
+            got = stepped.step(tok)[0].copy()
+        want = session.forward(tok[:, None], grown, forwarded, logits_to_keep=1)[0]
+        assert np.array_equal(got, want), i
+    with pytest.raises(InputError, match="no slot left"):
+        stepped.step(np.array([1, 2]))
