@@ -124,6 +124,23 @@ def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
     np.testing.assert_array_equal(results[1][0], results[0][0])
 
 
+@pytest.mark.parametrize("n, B", [(12, 70), (16, 100), (4, 100)])
+def test_decode_row_groups(op_library, rng, n, B):
+    """Several tokens a block on the GEMV path cut each active block into fewer row groups (as
+    many as make 16 tasks: 2 of 3 slabs, uneven, for 12 active blocks of 70 rows; 1 for 16
+    blocks; all 4 slabs for 4 blocks). Against the reference; the same bits with 1, 2 and 3
+    threads, and with the down weights in rows or column tiles."""
+    case = make_case(rng, (6,), d=128, n=n, B=B, bias=True)
+    assert case.reference()[1].reshape(6, n).any(0).all()  # token 0 turns every block on
+    results = [run(case, op_library, threads=t) for t in (1, 2, 3)]
+    assert_matches_reference(case, results[0])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other[0], results[0][0])
+    case.attrs["down_tile"] = 64
+    tiled = run(case, op_library, threads=2)
+    np.testing.assert_array_equal(tiled[0], results[0][0])
+
+
 @pytest.mark.parametrize("tokens", [2, 20])
 def test_active_output_optional(op_library, rng, tokens):
     case = make_case(rng, (tokens,), d=20, n=4, B=7)
