@@ -105,12 +105,13 @@ def test_thread_counts_agree(op_library, rng, tokens, down_tile):
 
 @pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("sparse", [True, False])
-@pytest.mark.parametrize("tokens", [7, 12, 16, 17])
+@pytest.mark.parametrize("tokens", [7, 10, 12, 16, 17])
 def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
     """7-16 tokens take the GEMV path when the active blocks average few tokens (at most 12 for
     these blocks of 40 rows) and the GEMM path otherwise; 17 always the GEMM path. Sparse: tokens
     from the seventh on route to no block (at most 5 a block: GEMV); not sparse: threshold 0,
-    every token in every block (7 and 12 tokens: GEMV in 8 + 4 token passes; 16, 17: GEMM).
+    every token in every block (7, 10 and 12 tokens: GEMV in one pass of 7-12 token tiles; 16,
+    17: GEMM).
     Each against the reference, the same bits with 1 and 2 threads."""
     case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, threshold=0.5 if sparse else 0.0,
                      down_tile=down_tile)
@@ -281,7 +282,7 @@ def _cpu_isas() -> list[str]:
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
-@pytest.mark.parametrize("tokens", [1, 4, 6, 7, 45])
+@pytest.mark.parametrize("tokens", [1, 4, 6, 7, 12, 45])
 def test_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
     """DSMOE_CPU_ISA forces a variant of the inner loops at kernel creation."""
     if isa not in _cpu_isas():

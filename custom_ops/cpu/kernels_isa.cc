@@ -139,7 +139,7 @@ inline void DotRowsTiles(const float* w, int64_t ld, int64_t rows, const float* 
 
 // Rows per tile for T tokens: about 8 accumulators (latency of the FMA chains) within 16
 // registers (accumulators + R weight vectors + T token vectors); with AVX-512's 32, two rows
-// of up to 8 tokens.
+// (over 8 tokens some token vectors are reloaded from L1: still faster than a second pass).
 template <int T>
 inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float* const* x, int64_t d, float* out,
                           int64_t ldo) {
@@ -159,6 +159,10 @@ void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, in
     case 6: return DotRowsTokens<6>(w, ld, rows, x, d, out, ldo);
     case 7: return DotRowsTokens<7>(w, ld, rows, x, d, out, ldo);
     case 8: return DotRowsTokens<8>(w, ld, rows, x, d, out, ldo);
+    case 9: return DotRowsTokens<9>(w, ld, rows, x, d, out, ldo);
+    case 10: return DotRowsTokens<10>(w, ld, rows, x, d, out, ldo);
+    case 11: return DotRowsTokens<11>(w, ld, rows, x, d, out, ldo);
+    case 12: return DotRowsTokens<12>(w, ld, rows, x, d, out, ldo);
     default: break;  // callers pass 1..kMaxDotTokens
   }
 }
@@ -239,6 +243,10 @@ void AccumulateRows(const float* const* h, int count, const float* v, int64_t ro
       case 6: return AccumulateShortRows<6>(h, v, rows, ld, width, y);
       case 7: return AccumulateShortRows<7>(h, v, rows, ld, width, y);
       case 8: return AccumulateShortRows<8>(h, v, rows, ld, width, y);
+      case 9: return AccumulateShortRows<9>(h, v, rows, ld, width, y);
+      case 10: return AccumulateShortRows<10>(h, v, rows, ld, width, y);
+      case 11: return AccumulateShortRows<11>(h, v, rows, ld, width, y);
+      case 12: return AccumulateShortRows<12>(h, v, rows, ld, width, y);
       default: return;  // callers pass 1..kMaxDotTokens
     }
   }
