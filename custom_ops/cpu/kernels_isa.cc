@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "cpu/kernels.h"
@@ -148,23 +149,19 @@ inline void DotRowsTokens(const float* w, int64_t ld, int64_t rows, const float*
   DotRowsTiles<R, T, false>(w, ld, rows, x, d, out, ldo);
 }
 
+// fn(std::integral_constant<int, count>{}) for 1 <= count <= kMaxDotTokens (callers pass no
+// other count): the one dispatch from a run-time token count to the loops' template argument.
+template <int T = 1, typename F>
+inline void WithTokenCount(int count, const F& fn) {
+  if constexpr (T <= kMaxDotTokens) {
+    if (count == T) return fn(std::integral_constant<int, T>{});
+    WithTokenCount<T + 1>(count, fn);
+  }
+}
+
 void DotRows(const float* w, int64_t ld, int64_t rows, const float* const* x, int count, int64_t d, float* out,
              int64_t ldo) {
-  switch (count) {
-    case 1: return DotRowsTokens<1>(w, ld, rows, x, d, out, ldo);
-    case 2: return DotRowsTokens<2>(w, ld, rows, x, d, out, ldo);
-    case 3: return DotRowsTokens<3>(w, ld, rows, x, d, out, ldo);
-    case 4: return DotRowsTokens<4>(w, ld, rows, x, d, out, ldo);
-    case 5: return DotRowsTokens<5>(w, ld, rows, x, d, out, ldo);
-    case 6: return DotRowsTokens<6>(w, ld, rows, x, d, out, ldo);
-    case 7: return DotRowsTokens<7>(w, ld, rows, x, d, out, ldo);
-    case 8: return DotRowsTokens<8>(w, ld, rows, x, d, out, ldo);
-    case 9: return DotRowsTokens<9>(w, ld, rows, x, d, out, ldo);
-    case 10: return DotRowsTokens<10>(w, ld, rows, x, d, out, ldo);
-    case 11: return DotRowsTokens<11>(w, ld, rows, x, d, out, ldo);
-    case 12: return DotRowsTokens<12>(w, ld, rows, x, d, out, ldo);
-    default: break;  // callers pass 1..kMaxDotTokens
-  }
+  WithTokenCount(count, [&](auto t) { DotRowsTokens<decltype(t)::value>(w, ld, rows, x, d, out, ldo); });
 }
 
 // y[t][c] += h[t][0] * v[0][c] (+ h[t][1] * v[1][c]) for T tokens, in that order: the rows'
@@ -234,21 +231,7 @@ void AccumulateLongRows(const float* h, const float* v, int64_t rows, int64_t ld
 void AccumulateRows(const float* const* h, int count, const float* v, int64_t rows, int64_t ld, int64_t width,
                     float* const* y) {
   if (ShortRows(ld)) {
-    switch (count) {
-      case 1: return AccumulateShortRows<1>(h, v, rows, ld, width, y);
-      case 2: return AccumulateShortRows<2>(h, v, rows, ld, width, y);
-      case 3: return AccumulateShortRows<3>(h, v, rows, ld, width, y);
-      case 4: return AccumulateShortRows<4>(h, v, rows, ld, width, y);
-      case 5: return AccumulateShortRows<5>(h, v, rows, ld, width, y);
-      case 6: return AccumulateShortRows<6>(h, v, rows, ld, width, y);
-      case 7: return AccumulateShortRows<7>(h, v, rows, ld, width, y);
-      case 8: return AccumulateShortRows<8>(h, v, rows, ld, width, y);
-      case 9: return AccumulateShortRows<9>(h, v, rows, ld, width, y);
-      case 10: return AccumulateShortRows<10>(h, v, rows, ld, width, y);
-      case 11: return AccumulateShortRows<11>(h, v, rows, ld, width, y);
-      case 12: return AccumulateShortRows<12>(h, v, rows, ld, width, y);
-      default: return;  // callers pass 1..kMaxDotTokens
-    }
+    return WithTokenCount(count, [&](auto t) { AccumulateShortRows<decltype(t)::value>(h, v, rows, ld, width, y); });
   }
   for (int t = 0; t < count; ++t) AccumulateLongRows(h[t], v, rows, ld, width, y[t]);
 }
