@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/ffn_params.h"
+#include "cpu/prefetch.h"
 
 namespace dsmoe::cpu {
 
@@ -51,23 +52,25 @@ struct KernelSet {
   // Fused gate/up of a packed panel for rows [0, rows) of one block:
   //   h[r * P + t] = act(gate[r] . panel[:, t]) * (up[r] . panel[:, t]) * coef[t]
   // gate/up rows have length d (row stride d); coef[t] is 0 for padding tokens.
+  // Steps pf.gate and pf.up (cpu/prefetch.h) once every 16 steps of k.
   void (*panel_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
-                        const float* panel, const float* coef, float* h);
+                        const float* panel, const float* coef, float* h, PrefetchStreams& pf);
 
   // Down projection of a panel, added into the tokens' output rows:
   //   y[t][c] += sum_{j < rows} h[j * P + t] * v[j * ld + c] for t < count, c < width
-  // where y[t] points at column 0 of token t's output slice.
+  // where y[t] points at column 0 of token t's output slice. Steps pf.down once every
+  // 4 rows j of each register tile.
   void (*panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
-                     int count);
+                     int count, PrefetchStreams& pf);
 
   // The same three for narrow panels of narrow_panel tokens (one vector register),
   // which hold a block's last few tokens with less padding than a full panel.
   int narrow_panel;
   void (*pack_narrow_panel)(const float* x, int64_t d, const int64_t* tokens, int count, float* panel);
   void (*narrow_panel_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
-                               const float* panel, const float* coef, float* h);
+                               const float* panel, const float* coef, float* h, PrefetchStreams& pf);
   void (*narrow_panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
-                            float* const* y, int count);
+                            float* const* y, int count, PrefetchStreams& pf);
 };
 
 // The widest kernel set this CPU supports. DSMOE_CPU_ISA=baseline|avx2|avx512

@@ -328,7 +328,7 @@ void PackPanel(const float* x, int64_t d, const int64_t* tokens, int count, floa
 // gate then up; P = NV vectors), starting from zero when `first`.
 template <int R, int NV>
 inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t kc, const float* panel, bool first,
-                       float* acc) {
+                       float* acc, PrefetchStreams& pf) {
   constexpr int kNV = NV, kPanel = NV * kVL;
   Vec ag[R][kNV], au[R][kNV];
   for (int i = 0; i < R; ++i) {
@@ -337,18 +337,25 @@ inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t k
       au[i][v] = first ? Vec{} : Load(acc + (2 * i + 1) * kPanel + v * kVL);
     }
   }
-  // Unrolled: per step of k the tile issues 24 FMAs and 14 loads (AVX-512), and
-  // the loop's own pointer updates, compare and branch (7 scalar ops, kept in
-  // registers per row) were a sixth of the front end's budget.
+  // 8 lines of the next task's weights per 16 steps of k (~400 FMAs): enough to
+  // have them in L2 before this task ends at 2 or more panels a block.
+  for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+    pf.gate.Step();
+    pf.up.Step();
+    const int64_t k1 = std::min<int64_t>(kc, k0 + 16);
+    // Unrolled: per step of k the tile issues 24 FMAs and 14 loads (AVX-512), and
+    // the loop's own pointer updates, compare and branch (7 scalar ops, kept in
+    // registers per row) were a sixth of the front end's budget.
 #pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k) {
-    Vec b[kNV];
-    for (int v = 0; v < kNV; ++v) b[v] = Load(panel + k * kPanel + v * kVL);
-    for (int i = 0; i < R; ++i) {
-      const Vec g = Splat(gate[i * ld + k]), u = Splat(up[i * ld + k]);
-      for (int v = 0; v < kNV; ++v) {
-        ag[i][v] += g * b[v];
-        au[i][v] += u * b[v];
+    for (int64_t k = k0; k < k1; ++k) {
+      Vec b[kNV];
+      for (int v = 0; v < kNV; ++v) b[v] = Load(panel + k * kPanel + v * kVL);
+      for (int i = 0; i < R; ++i) {
+        const Vec g = Splat(gate[i * ld + k]), u = Splat(up[i * ld + k]);
+        for (int v = 0; v < kNV; ++v) {
+          ag[i][v] += g * b[v];
+          au[i][v] += u * b[v];
+        }
       }
     }
   }
@@ -362,7 +369,7 @@ inline void GateUpTile(const float* gate, const float* up, int64_t ld, int64_t k
 
 template <int NV>
 void PanelGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* panel,
-                 const float* coef, float* h) {
+                 const float* coef, float* h, PrefetchStreams& pf) {
   constexpr int kNV = NV, kPanel = NV * kVL, kRows = kGateUpRows<NV>;
   // k is cut into slices of kKc so that the panel's slice ([kKc][kPanel], 16-32 KB)
   // stays in L1 while every row tile of this call passes over it.
@@ -377,11 +384,11 @@ void PanelGateUp(Activation act, const float* gate, const float* up, int64_t row
       int64_t r = 0;
       for (; r + kRows <= nr; r += kRows) {
         const int64_t off = (r0 + r) * d + k0;
-        GateUpTile<kRows, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+        GateUpTile<kRows, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel, pf);
       }
       for (; r < nr; ++r) {
         const int64_t off = (r0 + r) * d + k0;
-        GateUpTile<1, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel);
+        GateUpTile<1, NV>(gate + off, up + off, d, kc, pk, k0 == 0, acc + r * 2 * kPanel, pf);
       }
     }
     Vec cv[kNV];
@@ -400,16 +407,21 @@ constexpr int kDownNV = 2;
 constexpr int kDownCols = kDownNV * kVL;
 
 template <int M, int NV>
-inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, int64_t c) {
+inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, int64_t c,
+                     PrefetchStreams& pf) {
   constexpr int kNV = kDownNV, kPanel = NV * kVL;
   Vec acc[M][kNV] = {};
+  for (int64_t j0 = 0; j0 < rows; j0 += 4) {
+    pf.down.Step();  // one row of the next block's tile per 4 rows here
+    const int64_t j1 = std::min<int64_t>(rows, j0 + 4);
 #pragma GCC unroll 4  // as in GateUpTile
-  for (int64_t j = 0; j < rows; ++j) {
-    Vec b[kNV];
-    for (int q = 0; q < kNV; ++q) b[q] = Load(v + j * ld + q * kVL);
-    for (int i = 0; i < M; ++i) {
-      const Vec a = Splat(h[j * kPanel + i]);
-      for (int q = 0; q < kNV; ++q) acc[i][q] += a * b[q];
+    for (int64_t j = j0; j < j1; ++j) {
+      Vec b[kNV];
+      for (int q = 0; q < kNV; ++q) b[q] = Load(v + j * ld + q * kVL);
+      for (int i = 0; i < M; ++i) {
+        const Vec a = Splat(h[j * kPanel + i]);
+        for (int q = 0; q < kNV; ++q) acc[i][q] += a * b[q];
+      }
     }
   }
   for (int i = 0; i < M; ++i) {
@@ -418,10 +430,11 @@ inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, f
 }
 
 template <int M, int NV>
-void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y) {
+void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
+                PrefetchStreams& pf) {
   constexpr int kPanel = NV * kVL;
   int64_t c = 0;
-  for (; c + kDownCols <= width; c += kDownCols) DownTile<M, NV>(h, v + c, rows, ld, y, c);
+  for (; c + kDownCols <= width; c += kDownCols) DownTile<M, NV>(h, v + c, rows, ld, y, c, pf);
   for (; c < width; ++c) {  // column tail: hidden sizes are usually multiples of the panel
     for (int i = 0; i < M; ++i) {
       float s = 0.0f;
@@ -434,15 +447,16 @@ void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_
 // DownTokens<m> for a run-time m < kDownTokens.
 template <int M, int NV>
 inline void DownRemainder(int m, const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
-                          float* const* y) {
+                          float* const* y, PrefetchStreams& pf) {
   if constexpr (M >= 1) {
-    if (m == M) return DownTokens<M, NV>(h, v, rows, ld, width, y);
-    DownRemainder<M - 1, NV>(m, h, v, rows, ld, width, y);
+    if (m == M) return DownTokens<M, NV>(h, v, rows, ld, width, y, pf);
+    DownRemainder<M - 1, NV>(m, h, v, rows, ld, width, y, pf);
   }
 }
 
 template <int NV>
-void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y, int count) {
+void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y, int count,
+               PrefetchStreams& pf) {
   // Rows j in slices of kKj: the slices of h ([kKj][P]) and of V stay in L1
   // while all token and column tiles pass over them.
   constexpr int kPanel = NV * kVL, kTokens = kDownTokens<NV>;
@@ -452,8 +466,8 @@ void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t
     const float* hj = h + j0 * kPanel;
     const float* vj = v + j0 * ld;
     int t = 0;
-    for (; t + kTokens <= count; t += kTokens) DownTokens<kTokens, NV>(hj + t, vj, kj, ld, width, y + t);
-    if (t < count) DownRemainder<kTokens - 1, NV>(count - t, hj + t, vj, kj, ld, width, y + t);
+    for (; t + kTokens <= count; t += kTokens) DownTokens<kTokens, NV>(hj + t, vj, kj, ld, width, y + t, pf);
+    if (t < count) DownRemainder<kTokens - 1, NV>(count - t, hj + t, vj, kj, ld, width, y + t, pf);
   }
 }
 
