@@ -59,6 +59,8 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
     }
     if (width == kPrefillColsPerTask) {
       std::memcpy(dst + j * width, src + j * ld, sizeof(float) * kPrefillColsPerTask);  // inlined: fixed size
+    } else if (width == kPrefillColsPerTask / 2) {
+      std::memcpy(dst + j * width, src + j * ld, sizeof(float) * (kPrefillColsPerTask / 2));
     } else {
       std::copy(src + j * ld, src + j * ld + width, dst + j * width);
     }
@@ -134,14 +136,12 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
     return {tile, width};
   };
   // The same weights as they lie in memory, for the prefetch of the next task's (cpu/prefetch.h),
-  // when the rows are shorter than a page: several of the tiles' row streams then share
-  // each page, which the hardware prefetchers do not follow (cpu-kernel-notes #27: at
-  // d = 576, 128 tokens, 0.79-0.81 -> 0.70-0.73 of dense; at d = 1024-2048, where each row
-  // has pages of its own, it was 0-5 % slower).
+  // at rows shorter than a page (PrefillShortRows; cpu-kernel-notes #27: d = 576, 128 tokens
+  // 0.79-0.81 -> 0.70-0.73 of dense; at d = 1024-2048, rows with pages of their own, 0-5 % slower).
   struct Prefetch {
     const Weights& w;
     const FfnDims& dims;
-    bool on = dims.hidden * static_cast<int64_t>(sizeof(float)) < 4096;
+    bool on = PrefillShortRows(dims.hidden);
     std::pair<PrefetchStream, PrefetchStream> gate_up(int64_t i, int64_t r0, int64_t rows) const {
       if (!on) return {};
       const int64_t offset = (i * dims.block_size + r0) * dims.hidden, bytes = rows * dims.hidden * 4;

@@ -59,7 +59,7 @@ struct KernelSet {
   // Down projection of a panel, added into the tokens' output rows:
   //   y[t][c] += sum_{j < rows} h[j * P + t] * v[j * ld + c] for t < count, c < width
   // where y[t] points at column 0 of token t's output slice. Steps pf.down once every
-  // 4 rows j of each register tile.
+  // 8 rows j of each register tile.
   void (*panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
                      int count, PrefetchStreams& pf);
 

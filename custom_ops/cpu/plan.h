@@ -50,6 +50,16 @@ inline int64_t PrefillRowsPerTask(int64_t d) {
   return std::min<int64_t>(24, std::max<int64_t>(6, kTileFloats / (2 * std::max<int64_t>(d, 1)) / 6 * 6));
 }
 inline constexpr int64_t kPrefillColsPerTask = 64;  // down tile: B x 64 floats of V_i, reused by all panels
+// Weight rows shorter than a page (d < 1024): several of a prefill tile's row streams share
+// each page, which the hardware prefetchers do not follow; the prefill prefetches the next
+// task's weights itself (cpu/prefetch.h, cpu-kernel-notes #27).
+inline bool PrefillShortRows(int64_t d) { return d * static_cast<int64_t>(sizeof(float)) < 4096; }
+// Output columns per prefill column task: half tiles in the rows layout at short rows (the
+// tile is copied per task either way), so that d = 576 makes 18 tasks, which split 9 / 9 over
+// two threads, not 9 (5 / 4; #28). The tiled layout's tasks read whole tiles.
+inline int64_t PrefillColsPerTask(const FfnDims& dims) {
+  return dims.down_tile == 0 && PrefillShortRows(dims.hidden) ? kPrefillColsPerTask / 2 : kPrefillColsPerTask;
+}
 
 
 template <typename T>

@@ -82,10 +82,11 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
     }
   });
 
-  const int64_t col_tasks = CeilDiv(d, kPrefillColsPerTask);
+  const int64_t cols = PrefillColsPerTask(dims);
+  const int64_t col_tasks = CeilDiv(d, cols);
   ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
-    const int64_t c0 = static_cast<int64_t>(task) * kPrefillColsPerTask;
-    const int64_t width = std::min(kPrefillColsPerTask, d - c0);
+    const int64_t c0 = static_cast<int64_t>(task) * cols;
+    const int64_t width = std::min(cols, d - c0);
     if (first) {
       for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
     }
