@@ -336,3 +336,44 @@ def test_timed_sessions_do_not_spin():
     opts = graphs.session_options(2)
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.intra_op_num_threads == 2
+
+
+@pytest.mark.parametrize("layout", ["rows", "tiled"])
+def test_layer_chain_graphs_compute_each_layer(op_library, rng, layout):
+    """bench.layers' graphs: layer i's output is the FFN of layer i's own weights (sparse: the op
+    with its router, in either down layout; dense: the full FFN), for every layer."""
+    from dsmoe_export.bench import layers, op
+
+    w = layers.Layers.random(rng, op.Shape(d=70, D=48, n=4), 3)
+    x = rng.standard_normal((9, 70)).astype(np.float32)
+    sparse = layers.Session(layers.sparse_model(w, threshold=0.45, layout=layout), threads=2, library=op_library)
+    dense = layers.Session(layers.dense_model(w), threads=1)
+    ys, yd = sparse.session.run(None, {"X": x}), dense.session.run(None, {"X": x})
+    for i, (router, e) in enumerate(zip(w.routers, w.experts)):
+        y_ref, _ = ffn_reference(x, router, e.gate, e.up, e.down, threshold=0.45)
+        assert rel_err(ys[i], y_ref) <= RTOL
+        y_all, _ = ffn_reference(x, np.zeros_like(router), e.gate, e.up, e.down, np.full(e.n, 10.0, np.float32),
+                                 weighting="binary", rescale=False)
+        assert rel_err(yd[i], y_all) <= RTOL
+    # r: the fraction of (token, block) scores over the threshold, over the layers.
+    s = np.stack([router_scores(x, r) for r in w.routers])
+    assert layers.active_fraction(w, x, 0.45) == pytest.approx(float((s > 0.45).mean()))
+
+
+def test_layer_chain_run_rows_and_report(op_library, capsys):
+    """A tiny A/B run (the same library twice): one dense and two sparse rows per token count,
+    ratios against that count's dense row, and the table names each library."""
+    from dsmoe_export.bench import layers
+
+    assert layers.main(["--shape", "64x96x4", "--layers", "2", "--tokens", "1,20", "--rounds", "2",
+                        "--library", op_library, "--library", op_library]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| sparse0 |") == 2 and out.count("| sparse1 |") == 2 and out.count("| dense |") == 2
+    assert f"sparse1: {op_library}" in out
+    rows = layers.run(layers.op.Shape(d=64, D=96, n=4), layers=2, tokens=[3], libraries=[op_library], threads=1,
+                      rounds=2, threshold=0.3)
+    dense, sparse = (next(r for r in rows if r["variant"] == v) for v in ("dense", "sparse0"))
+    assert sparse["ratio_min"] == pytest.approx(sparse["ms_min"] / dense["ms_min"])
+    assert 0.5 < sparse["r"] <= 1.0  # threshold 0.3: most scores of random logits pass
+    with pytest.raises(SystemExit):
+        layers.main(["--tokens", "0"])

@@ -1,0 +1,207 @@
+"""``python -m dsmoe_export.bench.layers``: L FFN layers back to back, their weights from DRAM,
+the sparse op (one session per op library build) against the dense FFN, in one process.
+
+The op-level benchmark times single calls with the caches flushed before each; a model runs its
+layers one after the other, each layer's weights evicted by the others'. This tool times that
+setting, and is how docs/cpu-kernel-notes.md A/Bs two builds of the kernels ("30 layers from
+DRAM"): L layers of random weights (each with its own router; all read the same input X, so
+the layers are independent and each output is kept), one ORT session per variant with the
+benchmark's thread settings (graphs.session_options), inputs and outputs bound once, variants
+interleaved round after round. Ratios are min / min (and median / median) against the dense
+FFN of the same weights.
+
+    python -m dsmoe_export.bench.layers --shape 576x1536x16 --layers 30 --tokens 1,128 \\
+        --library build/a/libdsmoe_ops.so --library build/b/libdsmoe_ops.so
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+from onnx import helper
+
+from .. import onnx_op
+from . import graphs, op
+
+
+@dataclass
+class Layers:
+    """L layers' weights: router [n, d] and Experts (the op's layout) per layer."""
+    routers: list[np.ndarray]
+    experts: list[graphs.Experts]
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, shape: op.Shape, layers: int) -> "Layers":
+        scale = np.float32(1.0 / np.sqrt(shape.d))
+        return cls([rng.standard_normal((shape.n, shape.d), dtype=np.float32) * scale for _ in range(layers)],
+                   [graphs.Experts.random(rng, shape.d, shape.D, shape.n) for _ in range(layers)])
+
+
+def _outputs(d: int, layers: int):
+    return [graphs._value_info(f"Y{i}", ["T", d]) for i in range(layers)]
+
+
+def sparse_model(w: Layers, *, threshold: float, layout: str):
+    """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled)."""
+    d = w.experts[0].d
+    nodes, weights = [], {}
+    for i, (router, e) in enumerate(zip(w.routers, w.experts)):
+        names = [f"router{i}", f"gate{i}", f"up{i}", f"down{i}"]
+        down = e.down_tiled if layout == "tiled" else e.down
+        weights.update(zip(names, (router, e.gate, e.up, down)))
+        nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n,
+                                       **{**graphs.OP_ATTRS, "threshold": threshold},
+                                       down_tile=onnx_op.DOWN_LAYOUTS[layout]))
+    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(nodes)), weights,
+                         extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
+
+
+def dense_model(w: Layers):
+    """Per layer the dense SwiGLU FFN of graphs.dense_graph (three MatMuls)."""
+    d = w.experts[0].d
+    nodes, weights = [], {}
+    for i, e in enumerate(w.experts):
+        wg, wu, wd = e.dense_layout()
+        weights.update({f"W_gate{i}": wg, f"W_up{i}": wu, f"W_down{i}": wd})
+        nodes += [helper.make_node("MatMul", ["X", f"W_gate{i}"], [f"g{i}"]),
+                  helper.make_node("MatMul", ["X", f"W_up{i}"], [f"u{i}"]),
+                  helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"]),
+                  helper.make_node("Mul", [f"g{i}", f"sg{i}"], [f"ag{i}"]),
+                  helper.make_node("Mul", [f"ag{i}", f"u{i}"], [f"h{i}"]),
+                  helper.make_node("MatMul", [f"h{i}", f"W_down{i}"], [f"Y{i}"])]
+    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(w.experts)), weights)
+
+
+class Session:
+    """A timed session over in-memory weights; call(x) binds X and the outputs once per token count."""
+
+    def __init__(self, model_and_weights, *, threads: int | None, library: str | None = None):
+        model, weights = model_and_weights
+        opts = graphs.session_options(threads, library)
+        self._weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+        opts.add_external_initializers(list(self._weights), list(self._weights.values()))
+        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def bind(self, x: np.ndarray):
+        binding = self.session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, np.float32))
+        binding.bind_ortvalue_input("X", value)
+        for o in self.session.get_outputs():
+            binding.bind_output(o.name, "cpu")
+        session = self.session
+
+        def call() -> float:
+            t = time.perf_counter()
+            session.run_with_iobinding(binding)
+            return (time.perf_counter() - t) * 1e3
+
+        call.keep = value
+        return call
+
+
+def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
+    """r: the mean fraction of blocks whose router score s = sigmoid(x . router_i) > threshold."""
+    logit = np.log(threshold / (1.0 - threshold))
+    return float(np.mean([(x.astype(np.float64) @ r.T.astype(np.float64)) > logit for r in w.routers]))
+
+
+def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
+        rounds: int, threshold: float = 0.5, layout: str = "auto", seed: int = 0) -> list[dict]:
+    """Rows {tokens, r, variant, ms_min, ms_median, ratio_min, ratio_median} (ratios against dense)."""
+    rng = np.random.default_rng(seed)
+    w = Layers.random(rng, shape, layers)
+    layout = graphs.default_layout(shape.d) if layout == "auto" else layout
+    sessions = {"dense": Session(dense_model(w), threads=threads)}
+    for i, lib in enumerate(libraries):
+        sessions[f"sparse{i}"] = Session(sparse_model(w, threshold=threshold, layout=layout), threads=threads,
+                                         library=lib)
+    rows = []
+    for T in tokens:
+        x = rng.standard_normal((T, shape.d), dtype=np.float32)
+        calls = {name: s.bind(x) for name, s in sessions.items()}
+        for call in calls.values():
+            call()  # warm-up: code, ORT's allocations
+        times = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name in rng.permutation(list(calls)):
+                times[name].append(calls[name]())
+        r = active_fraction(w, x, threshold)
+        dense_min, dense_med = min(times["dense"]), float(np.median(times["dense"]))
+        for name, t in times.items():
+            rows.append({"tokens": T, "r": r, "variant": name, "library": None if name == "dense" else
+                         libraries[int(name[len("sparse"):])], "ms_min": min(t), "ms_median": float(np.median(t)),
+                         "ratio_min": min(t) / dense_min, "ratio_median": float(np.median(t)) / dense_med})
+    return rows
+
+
+def bound(tokens: int, r: float) -> float:
+    """The CPU issues' bound: r + 0.05 for one token, 1.15 r + 0.05 for prefills."""
+    return r + 0.05 if tokens == 1 else 1.15 * r + 0.05
+
+
+def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str) -> str:
+    lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, down layout {layout}: sparse/dense, "
+             "min / median over interleaved rounds", "",
+             "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dense = row["variant"] == "dense"
+        limit = bound(row["tokens"], row["r"])
+        ratio = f"{row['ratio_min']:.3f}"
+        ratios = " | " if dense else f"{f'**{ratio}**' if row['ratio_min'] <= limit else ratio} | {row['ratio_median']:.3f}"
+        lines.append(f"| {row['tokens']} | {row['r']:.3f} | {row['variant']} | {row['ms_min']:.2f} / "
+                     f"{row['ms_median']:.2f} | {ratios} | {'' if dense else f'{limit:.3f}'} |")
+    lines += ["", "bold: within the bound (r + 0.05 for one token, 1.15 r + 0.05 for more)."]
+    libraries = {row["variant"]: row["library"] for row in rows if row["library"]}
+    lines += [f"{variant}: {lib}" for variant, lib in libraries.items()]
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> op.Shape:
+    try:
+        return op.Shape.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.layers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=_shape, default=op.Shape.parse("576x1536x16"), help="dxDxn (default: 576x1536x16)")
+    p.add_argument("--layers", type=int, default=30, help="layers (default: %(default)s; the weights should "
+                   "exceed the last-level cache)")
+    p.add_argument("--tokens", default="1,128", help="tokens per call, comma-separated (default: %(default)s)")
+    p.add_argument("--library", action="append", default=None,
+                   help="op library build to time (repeat for an A/B; default: the installed one)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5, help="router threshold (default: %(default)s, r ~ 0.5)")
+    p.add_argument("--down-layout", choices=("auto", "rows", "tiled"), default="auto",
+                   help="down_weight layout (default: the exporter's for this d)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--tokens: expected comma-separated integers, got {args.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        p.error(f"--tokens: expected positive integers, got {args.tokens!r}")
+    if args.layers < 1 or args.rounds < 1:
+        p.error("--layers and --rounds must be at least 1")
+    if not 0.0 < args.threshold < 1.0:
+        p.error(f"--threshold: expected a value in (0, 1), got {args.threshold}")
+    from .cli import find_library
+
+    libraries = [find_library(lib) for lib in args.library] if args.library else [find_library(None)]
+    layout = graphs.default_layout(args.shape.d) if args.down_layout == "auto" else args.down_layout
+    rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
+               rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed)
+    print(markdown(rows, args.shape, args.layers, layout))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
