@@ -13,8 +13,8 @@ constexpr int64_t kRoutingTokensPerTask = 16;
 // Decode partial sums up to this many floats run on the calling thread.
 constexpr int64_t kInlineSumFloats = int64_t{1} << 16;
 // Prefill chunks hold at most max(kPrefillMinPairs, kPrefillMaxFloats / max(d, B))
-// active pairs: the packed X and h of a chunk are pairs * d and pairs * B floats,
-// and every down task reads the chunk's h again. 8 MB: at d = 4096 the earlier 32 MB
+// active pairs: a chunk's h is pairs * B floats and a block's packed X (per thread) at
+// most pairs * d, and every down task reads the chunk's h again. 8 MB: at d = 4096 the earlier 32 MB
 // chunks (2048 pairs, 4 blocks at 512 tokens) made the 512-token call 6-27 % slower
 // than 512-pair chunks, with no change measured at d = 2048 or 576 (cpu-kernel-notes
 // #19). Small models get more pairs per chunk (d = 576, n = 16: 3640).
@@ -209,20 +209,6 @@ std::vector<int64_t> BlocksWithPanels(const std::vector<int64_t>& panel_start, i
     if (panel_start[i + 1] > panel_start[i]) blocks.push_back(i);
   }
   return blocks;
-}
-
-void PackPanels(const Ort::KernelContext& ctx, const KernelSet& ks, const std::vector<Panel>& panels,
-                const float* x, int64_t d, const PairsByBlock& sorted, const Routing& routing, int64_t n,
-                float* xp, float* cp) {
-  const int64_t* pair_token = sorted.pair_token.get();
-  ParallelFor(ctx, panels.size(), [&](size_t task) {
-    const Panel& pn = panels[task];
-    const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
-    pack(x, d, pair_token + pn.first, pn.count, xp + pn.offset * d);
-    for (int t = 0; t < pn.width; ++t) {
-      cp[pn.offset + t] = t < pn.count ? routing.coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
-    }
-  });
 }
 
 }  // namespace dsmoe::cpu

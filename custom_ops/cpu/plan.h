@@ -81,7 +81,7 @@ ScratchArray<T> CallScratch(const Ort::KernelContext& ctx, int64_t count) {
 // weights, copied down tiles. (Buffers that tasks share come from CallScratch.)
 // Fresh allocations of these sizes would be mmap'ed and page-faulted in at every
 // call: 15 % of an int4 decode call's samples were the kernel zeroing pages.
-enum class ThreadSlot { kGateTile, kUpTile, kDownTile, kCount };
+enum class ThreadSlot { kGateTile, kUpTile, kDownTile, kPanels, kCount };
 float* ThreadBuffer(ThreadSlot slot, int64_t count);
 
 // Routing of one call: for token t and block i, coef[t * n + i] = g_i * c
@@ -129,8 +129,9 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
                        const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
 
 // Prefill chunks: ranges [p0, p1) of the pairs of all tokens sorted by block,
-// each at most max(256, 2M / max(d, B)) pairs (a chunk's packed X and h are
-// pairs * d and pairs * B floats: at most 8 MB each). Chunks hold whole blocks
+// each at most max(256, 2M / max(d, B)) pairs (a chunk's h is pairs * B floats, a
+// block's packed X, in the buffer of each thread that runs it, at most pairs * d: at
+// most 8 MB each). Chunks hold whole blocks
 // where they fit, so that every block's weights are read once per call and its
 // tokens fill full panels; only a block with more pairs than the bound is cut,
 // into about equal parts. At least one chunk (empty when no pair is active).
@@ -173,11 +174,5 @@ std::vector<int64_t> PanelStarts(const std::vector<Panel>& panels, int64_t n);
 
 // The blocks that have panels, ascending.
 std::vector<int64_t> BlocksWithPanels(const std::vector<int64_t>& panel_start, int64_t n);
-
-// Packs a chunk's panels: X into xp (panel q is [d][width] at xp + offset * d)
-// and the per-slot coefficients g_i * c into cp (0 for padding slots).
-void PackPanels(const Ort::KernelContext& ctx, const KernelSet& ks, const std::vector<Panel>& panels,
-                const float* x, int64_t d, const PairsByBlock& sorted, const Routing& routing, int64_t n,
-                float* xp, float* cp);
 
 }  // namespace dsmoe::cpu

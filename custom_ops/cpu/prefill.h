@@ -15,16 +15,18 @@
 //       std::pair<PrefetchStream, PrefetchStream> and prefetch.down(i, c0, width)
 //       -> PrefetchStream; NoPrefetch where there is nothing to gain.
 //
-// Plan: X rows packed into panels (full and narrow, cpu/plan.h); per (block,
-// row tile) task the fused gate/up GEMM of every panel of the block with
-// act(g) * u * g_i * c in its epilogue; per output column tile the down GEMMs
-// of all panels added into Y (each task owns its columns: no write conflicts,
-// no reduction, the same order at any thread count). While a gate/up task runs it
-// prefetches the weights of the task after it (the pool hands tasks out in
-// order), a column task those of its next block.
+// Plan: per (block, row tile) task the fused gate/up GEMM of every panel of the
+// block with act(g) * u * g_i * c in its epilogue, X packed into the block's
+// panels (full and narrow, cpu/plan.h) by the thread that runs it (PackedBlock);
+// per output column tile the down GEMMs of all panels added into Y (each task owns
+// its columns: no write conflicts, no reduction, the same order at any thread
+// count). While a gate/up task runs it prefetches the weights of the task after it
+// (ORT's pool gives each thread a contiguous range of tasks first), a column task
+// those of its next block.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <utility>
@@ -35,6 +37,42 @@
 #include "cpu/prefetch.h"
 
 namespace dsmoe::cpu {
+
+// A number no other prefill chunk of the process has had: it tags the per-thread packed panels.
+inline uint64_t NextPrefillChunkId() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+// Block i's panels packed (X as [d][width] per panel, then one coefficient g_i * c per slot),
+// in this thread's buffer: packed by the first of the block's gate/up tasks this thread runs
+// in chunk `chunk`, reused by the next ones. ORT's pool gives each thread a contiguous range of
+// the tasks first, so a block's row tasks mostly run on one thread and it packs the block once;
+// the panels stay in its L2 instead of going through a chunk-wide buffer (#29).
+inline std::pair<const float*, const float*> PackedBlock(const KernelSet& ks, const std::vector<Panel>& panels,
+                                                         const std::vector<int64_t>& panel_start, int64_t i,
+                                                         const float* x, int64_t d, const int64_t* pair_token,
+                                                         const Routing& routing, int64_t n, uint64_t chunk) {
+  thread_local uint64_t packed_chunk = 0;
+  thread_local int64_t packed_block = -1;
+  const int64_t q0 = panel_start[i], q1 = panel_start[i + 1];
+  const int64_t base = panels[q0].offset, block_slots = panels[q1 - 1].offset + panels[q1 - 1].width - base;
+  float* xb = ThreadBuffer(ThreadSlot::kPanels, block_slots * (d + 1));
+  float* cb = xb + block_slots * d;
+  if (packed_chunk != chunk || packed_block != i) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const Panel& pn = panels[q];
+      const auto pack = pn.width == ks.panel ? ks.pack_panel : ks.pack_narrow_panel;
+      pack(x, d, pair_token + pn.first, pn.count, xb + (pn.offset - base) * d);
+      for (int t = 0; t < pn.width; ++t) {
+        cb[pn.offset - base + t] = t < pn.count ? routing.coef[pair_token[pn.first + t] * n + pn.block] : 0.0f;
+      }
+    }
+    packed_chunk = chunk;
+    packed_block = i;
+  }
+  return {xb, cb};
+}
 
 struct NoPrefetch {
   std::pair<PrefetchStream, PrefetchStream> gate_up(int64_t, int64_t, int64_t) const { return {}; }
@@ -51,17 +89,13 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
   const int64_t slots = PanelSlots(panels);
   const std::vector<int64_t> panel_start = PanelStarts(panels, n);
 
-  // Packed X (panel q is [d][width] at xp + offset * d) and per-slot coefficients g_i * c.
-  auto xp = CallScratch<float>(ctx, slots * d);
-  auto cp = CallScratch<float>(ctx, slots);
-  PackPanels(ctx, ks, panels, x, d, sorted, routing, n, xp.get(), cp.get());
-
   // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
   auto hp = CallScratch<float>(ctx, slots * B);
   const int64_t task_rows = PrefillRowsPerTask(d);
   const int64_t row_tasks = CeilDiv(B, task_rows);
   const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
   const size_t gate_up_tasks = task_block.size() * static_cast<size_t>(row_tasks);
+  const uint64_t call = NextPrefillChunkId();
   auto task_rows_of = [&](size_t task) {  // (block, first row, rows) of a gate/up task
     const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
     return std::tuple{task_block[task / static_cast<size_t>(row_tasks)], r0, std::min(task_rows, B - r0)};
@@ -73,11 +107,13 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
       const auto [i2, r2, rows2] = task_rows_of(task + 1);
       std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
     }
+    const auto [xb, cb] = PackedBlock(ks, panels, panel_start, i, x, d, pair_token, routing, n, call);
+    const int64_t base = panels[panel_start[i]].offset;
     const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
       const Panel& pn = panels[q];
       const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
-      gate_up(activation, gate, up, rows, d, xp.get() + pn.offset * d, cp.get() + pn.offset,
+      gate_up(activation, gate, up, rows, d, xb + (pn.offset - base) * d, cb + (pn.offset - base),
               hp.get() + pn.offset * B + r0 * pn.width, pf);
     }
   });
