@@ -346,8 +346,8 @@ def test_layer_chain_graphs_compute_each_layer(op_library, rng, layout):
 
     w = layers.Layers.random(rng, op.Shape(d=70, D=48, n=4), 3)
     x = rng.standard_normal((9, 70)).astype(np.float32)
-    sparse = layers.Session(layers.sparse_model(w, threshold=0.45, layout=layout), threads=2, library=op_library)
-    dense = layers.Session(layers.dense_model(w), threads=1)
+    sparse = graphs.Runner(*layers.sparse_model(w, threshold=0.45, layout=layout), threads=2, library=op_library)
+    dense = graphs.Runner(*layers.dense_model(w), threads=1)
     ys, yd = sparse.session.run(None, {"X": x}), dense.session.run(None, {"X": x})
     for i, (router, e) in enumerate(zip(w.routers, w.experts)):
         y_ref, _ = ffn_reference(x, router, e.gate, e.up, e.down, threshold=0.45)
@@ -375,5 +375,6 @@ def test_layer_chain_run_rows_and_report(op_library, capsys):
     dense, sparse = (next(r for r in rows if r["variant"] == v) for v in ("dense", "sparse0"))
     assert sparse["ratio_min"] == pytest.approx(sparse["ms_min"] / dense["ms_min"])
     assert 0.5 < sparse["r"] <= 1.0  # threshold 0.3: most scores of random logits pass
-    with pytest.raises(SystemExit):
-        layers.main(["--tokens", "0"])
+    for bad in (["--tokens", "0"], ["--threads", "0"], ["--shape", "64x90x4"]):
+        with pytest.raises(SystemExit):
+            layers.main(bad)

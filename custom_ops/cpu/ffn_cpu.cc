@@ -144,14 +144,16 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
     bool on = PrefillShortRows(dims.hidden);
     std::pair<PrefetchStream, PrefetchStream> gate_up(int64_t i, int64_t r0, int64_t rows) const {
       if (!on) return {};
-      const int64_t offset = (i * dims.block_size + r0) * dims.hidden, bytes = rows * dims.hidden * 4;
+      const int64_t offset = (i * dims.block_size + r0) * dims.hidden;
+      const int64_t bytes = rows * dims.hidden * static_cast<int64_t>(sizeof(float));
       return {PrefetchStream::Range(w.gate + offset, bytes), PrefetchStream::Range(w.up + offset, bytes)};
     }
     PrefetchStream down(int64_t i, int64_t c0, int64_t width) const {
       if (!on) return {};
       const int64_t B = dims.block_size, d = dims.hidden;
-      if (dims.down_tile != 0) return PrefetchStream::Range(w.down + DownOffset(dims, i, 0, c0), B * dims.down_tile * 4);
-      return PrefetchStream::Rows(w.down + i * B * d + c0, B, width * 4, d * 4);
+      constexpr int64_t kF = sizeof(float);
+      if (dims.down_tile != 0) return PrefetchStream::Range(w.down + DownOffset(dims, i, 0, c0), B * dims.down_tile * kF);
+      return PrefetchStream::Rows(w.down + i * B * d + c0, B, width * kF, d * kF);
     }
   } prefetch{w, dims};
   ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {

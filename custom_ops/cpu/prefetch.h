@@ -15,28 +15,38 @@ namespace dsmoe::cpu {
 
 // `rows` rows of `row_bytes` bytes, `stride` bytes apart, prefetched one row per
 // Step() until the region is done; an empty stream (the default) does nothing.
-// Rows should span a few cache lines (256 bytes: 4 lines a step).
+// Rows should span a few cache lines (256 bytes: 4 lines a step). No address
+// outside the region is formed: the last row of a range takes only its own lines.
 struct PrefetchStream {
   const char* next = nullptr;
   int64_t rows_left = 0, stride = 0;
-  int lines = 0;  // cache lines per row
+  int lines = 0, last_lines = 0;  // cache lines per row, and in the last row
 
   static PrefetchStream Rows(const void* base, int64_t rows, int64_t row_bytes, int64_t stride) {
-    return {static_cast<const char*>(base), rows, stride, static_cast<int>((row_bytes + kLine - 1) / kLine)};
+    const int lines = static_cast<int>(Lines(row_bytes));
+    return {static_cast<const char*>(base), rows, stride, lines, lines};
   }
   // A contiguous range, in rows of kContiguousRow bytes.
   static PrefetchStream Range(const void* base, int64_t bytes) {
-    return Rows(base, (bytes + kContiguousRow - 1) / kContiguousRow, kContiguousRow, kContiguousRow);
+    const int64_t rows = (bytes + kContiguousRow - 1) / kContiguousRow;
+    if (rows <= 0) return {};
+    PrefetchStream s = Rows(base, rows, kContiguousRow, kContiguousRow);
+    s.last_lines = static_cast<int>(Lines(bytes - (rows - 1) * kContiguousRow));
+    return s;
   }
 
   void Step() {
     if (rows_left <= 0) return;
-    for (int l = 0; l < lines; ++l) __builtin_prefetch(next + l * kLine, 0, 1);  // into L2 (prefetcht2)
+    const int count = rows_left == 1 ? last_lines : lines;
+    for (int l = 0; l < count; ++l) __builtin_prefetch(next + l * kLine, 0, 1);  // into L2 (prefetcht2)
     if (--rows_left > 0) next += stride;  // never past the region's last row
   }
 
   static constexpr int64_t kLine = 64;
   static constexpr int64_t kContiguousRow = 4 * kLine;
+
+ private:
+  static int64_t Lines(int64_t bytes) { return (bytes + kLine - 1) / kLine; }
 };
 
 // The streams of one prefill task: gate and up rows of the next (block, row tile)

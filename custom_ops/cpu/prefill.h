@@ -95,7 +95,7 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
   const int64_t row_tasks = CeilDiv(B, task_rows);
   const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
   const size_t gate_up_tasks = task_block.size() * static_cast<size_t>(row_tasks);
-  const uint64_t call = NextPrefillChunkId();
+  const uint64_t chunk_id = NextPrefillChunkId();
   auto task_rows_of = [&](size_t task) {  // (block, first row, rows) of a gate/up task
     const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
     return std::tuple{task_block[task / static_cast<size_t>(row_tasks)], r0, std::min(task_rows, B - r0)};
@@ -107,7 +107,7 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
       const auto [i2, r2, rows2] = task_rows_of(task + 1);
       std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
     }
-    const auto [xb, cb] = PackedBlock(ks, panels, panel_start, i, x, d, pair_token, routing, n, call);
+    const auto [xb, cb] = PackedBlock(ks, panels, panel_start, i, x, d, pair_token, routing, n, chunk_id);
     const int64_t base = panels[panel_start[i]].offset;
     const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels
     for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {

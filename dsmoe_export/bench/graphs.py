@@ -168,16 +168,19 @@ def dense_graph(e: Experts, weights: tuple[np.ndarray, np.ndarray, np.ndarray] |
     ``W_gate``, ``W_up`` ``[d, D]`` and ``W_down`` ``[D, d]`` are constant initializers, which
     ORT's MatMul pre-packs for MLAS at session creation."""
     wg, wu, wd = weights if weights is not None else e.dense_layout()
-    nodes = [
-        helper.make_node("MatMul", ["X", "W_gate"], ["g"]),
-        helper.make_node("MatMul", ["X", "W_up"], ["u"]),
-        helper.make_node("Sigmoid", ["g"], ["sg"]),
-        helper.make_node("Mul", ["g", "sg"], ["ag"]),
-        helper.make_node("Mul", ["ag", "u"], ["h"]),
-        helper.make_node("MatMul", ["h", "W_down"], ["Y"]),
-    ]
     inputs, outputs = _xy(e.d)
-    return _model(nodes, inputs, outputs, {"W_gate": wg, "W_up": wu, "W_down": wd})
+    return _model(dense_ffn_nodes("X", "Y"), inputs, outputs, {"W_gate": wg, "W_up": wu, "W_down": wd})
+
+
+def dense_ffn_nodes(x: str, y: str, suffix: str = "") -> list:
+    """silu(x W_gate) * (x W_up) @ W_down as ONNX nodes; weight and intermediate names end in `suffix`."""
+    g, u, sg, ag, h = (name + suffix for name in ("g", "u", "sg", "ag", "h"))
+    return [helper.make_node("MatMul", [x, "W_gate" + suffix], [g]),
+            helper.make_node("MatMul", [x, "W_up" + suffix], [u]),
+            helper.make_node("Sigmoid", [g], [sg]),
+            helper.make_node("Mul", [g, sg], [ag]),
+            helper.make_node("Mul", [ag, u], [h]),
+            helper.make_node("MatMul", [h, "W_down" + suffix], [y])]
 
 
 def moe_graph(e: Experts, *, k: int | None = None, threshold: float = OP_ATTRS["threshold"],

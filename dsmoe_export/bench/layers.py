@@ -67,40 +67,26 @@ def dense_model(w: Layers):
     for i, e in enumerate(w.experts):
         wg, wu, wd = e.dense_layout()
         weights.update({f"W_gate{i}": wg, f"W_up{i}": wu, f"W_down{i}": wd})
-        nodes += [helper.make_node("MatMul", ["X", f"W_gate{i}"], [f"g{i}"]),
-                  helper.make_node("MatMul", ["X", f"W_up{i}"], [f"u{i}"]),
-                  helper.make_node("Sigmoid", [f"g{i}"], [f"sg{i}"]),
-                  helper.make_node("Mul", [f"g{i}", f"sg{i}"], [f"ag{i}"]),
-                  helper.make_node("Mul", [f"ag{i}", f"u{i}"], [f"h{i}"]),
-                  helper.make_node("MatMul", [f"h{i}", f"W_down{i}"], [f"Y{i}"])]
+        nodes += graphs.dense_ffn_nodes("X", f"Y{i}", suffix=str(i))
     return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(w.experts)), weights)
 
 
-class Session:
-    """A timed session over in-memory weights; call(x) binds X and the outputs once per token count."""
+def timed_call(runner: graphs.Runner, x: np.ndarray):
+    """A callable that runs the session on X with inputs and outputs bound once; returns its ms."""
+    binding = runner.session.io_binding()
+    value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, np.float32))
+    binding.bind_ortvalue_input("X", value)
+    for name in runner.output_names:
+        binding.bind_output(name, "cpu")
+    session = runner.session
 
-    def __init__(self, model_and_weights, *, threads: int | None, library: str | None = None):
-        model, weights = model_and_weights
-        opts = graphs.session_options(threads, library)
-        self._weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-        opts.add_external_initializers(list(self._weights), list(self._weights.values()))
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    def call() -> float:
+        t = time.perf_counter()
+        session.run_with_iobinding(binding)
+        return (time.perf_counter() - t) * 1e3
 
-    def bind(self, x: np.ndarray):
-        binding = self.session.io_binding()
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, np.float32))
-        binding.bind_ortvalue_input("X", value)
-        for o in self.session.get_outputs():
-            binding.bind_output(o.name, "cpu")
-        session = self.session
-
-        def call() -> float:
-            t = time.perf_counter()
-            session.run_with_iobinding(binding)
-            return (time.perf_counter() - t) * 1e3
-
-        call.keep = value
-        return call
+    call.keep = value
+    return call
 
 
 def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
@@ -115,14 +101,14 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
     rng = np.random.default_rng(seed)
     w = Layers.random(rng, shape, layers)
     layout = graphs.default_layout(shape.d) if layout == "auto" else layout
-    sessions = {"dense": Session(dense_model(w), threads=threads)}
+    sessions = {"dense": graphs.Runner(*dense_model(w), threads=threads)}
     for i, lib in enumerate(libraries):
-        sessions[f"sparse{i}"] = Session(sparse_model(w, threshold=threshold, layout=layout), threads=threads,
-                                         library=lib)
+        sessions[f"sparse{i}"] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=layout),
+                                               threads=threads, library=lib)
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, shape.d), dtype=np.float32)
-        calls = {name: s.bind(x) for name, s in sessions.items()}
+        calls = {name: timed_call(s, x) for name, s in sessions.items()}
         for call in calls.values():
             call()  # warm-up: code, ORT's allocations
         times = {name: [] for name in calls}
@@ -189,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tokens: expected comma-separated integers, got {args.tokens!r}")
     if not tokens or min(tokens) < 1:
         p.error(f"--tokens: expected positive integers, got {args.tokens!r}")
-    if args.layers < 1 or args.rounds < 1:
-        p.error("--layers and --rounds must be at least 1")
+    if args.layers < 1 or args.rounds < 1 or args.threads < 1:
+        p.error("--layers, --rounds and --threads must be at least 1")
     if not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold: expected a value in (0, 1), got {args.threshold}")
     from .cli import find_library
