@@ -375,6 +375,25 @@ def test_layer_chain_run_rows_and_report(op_library, capsys):
     dense, sparse = (next(r for r in rows if r["variant"] == v) for v in ("dense", "sparse0"))
     assert sparse["ratio_min"] == pytest.approx(sparse["ms_min"] / dense["ms_min"])
     assert 0.5 < sparse["r"] <= 1.0  # threshold 0.3: most scores of random logits pass
-    for bad in (["--tokens", "0"], ["--threads", "0"], ["--shape", "64x90x4"]):
+    for bad in (["--tokens", "0"], ["--threads", "0"], ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
+                ["--down-layout", "rows,auto"]):  # auto is rows at d = 576
         with pytest.raises(SystemExit):
             layers.main(bad)
+
+
+def test_layer_chain_both_layouts(op_library, capsys):
+    """--down-layout rows,tiled: a sparse variant per library and layout, each with its layout in the
+    rows, each ratio against the one dense row."""
+    from dsmoe_export.bench import layers
+
+    assert layers.main(["--shape", "64x96x4", "--layers", "2", "--tokens", "5", "--rounds", "2",
+                        "--library", op_library, "--down-layout", "rows,tiled"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| sparse0-rows |") == 1 and out.count("| sparse0-tiled |") == 1 and out.count("| dense |") == 1
+    assert "down layout rows and tiled" in out
+    rows = layers.run(layers.op.Shape(d=64, D=96, n=4), layers=2, tokens=[5], libraries=[op_library], threads=1,
+                      rounds=2, layout=["rows", "tiled"])
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"dense", "sparse0-rows", "sparse0-tiled"}
+    assert by["sparse0-tiled"]["layout"] == "tiled" and by["sparse0-rows"]["layout"] == "rows"
+    assert by["sparse0-tiled"]["ratio_min"] == pytest.approx(by["sparse0-tiled"]["ms_min"] / by["dense"]["ms_min"])

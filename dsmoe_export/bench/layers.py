@@ -96,15 +96,21 @@ def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
 
 
 def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
-        rounds: int, threshold: float = 0.5, layout: str = "auto", seed: int = 0) -> list[dict]:
-    """Rows {tokens, r, variant, ms_min, ms_median, ratio_min, ratio_median} (ratios against dense)."""
+        rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0) -> list[dict]:
+    """Rows {tokens, r, variant, library, layout, ms_min, ms_median, ratio_min, ratio_median} (ratios
+    against dense): one sparse variant per library and down layout (`layout`: one or several)."""
     rng = np.random.default_rng(seed)
     w = Layers.random(rng, shape, layers)
-    layout = graphs.default_layout(shape.d) if layout == "auto" else layout
+    layouts = [graphs.default_layout(shape.d) if name == "auto" else name
+               for name in ([layout] if isinstance(layout, str) else layout)]
     sessions = {"dense": graphs.Runner(*dense_model(w), threads=threads)}
+    variants = {}  # name -> (library, layout)
     for i, lib in enumerate(libraries):
-        sessions[f"sparse{i}"] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=layout),
-                                               threads=threads, library=lib)
+        for name in layouts:
+            variant = f"sparse{i}" if len(layouts) == 1 else f"sparse{i}-{name}"
+            variants[variant] = (lib, name)
+            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=name),
+                                              threads=threads, library=lib)
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, shape.d), dtype=np.float32)
@@ -118,8 +124,9 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
         r = active_fraction(w, x, threshold)
         dense_min, dense_med = min(times["dense"]), float(np.median(times["dense"]))
         for name, t in times.items():
-            rows.append({"tokens": T, "r": r, "variant": name, "library": None if name == "dense" else
-                         libraries[int(name[len("sparse"):])], "ms_min": min(t), "ms_median": float(np.median(t)),
+            lib, name_layout = variants.get(name, (None, None))
+            rows.append({"tokens": T, "r": r, "variant": name, "library": lib, "layout": name_layout,
+                         "ms_min": min(t), "ms_median": float(np.median(t)),
                          "ratio_min": min(t) / dense_min, "ratio_median": float(np.median(t)) / dense_med})
     return rows
 
@@ -129,7 +136,8 @@ def bound(tokens: int, r: float) -> float:
     return r + 0.05 if tokens == 1 else 1.15 * r + 0.05
 
 
-def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str) -> str:
+def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[str]) -> str:
+    layout = layout if isinstance(layout, str) else " and ".join(layout)
     lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, down layout {layout}: sparse/dense, "
              "min / median over interleaved rounds", "",
              "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
@@ -165,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.5, help="router threshold (default: %(default)s, r ~ 0.5)")
-    p.add_argument("--down-layout", choices=("auto", "rows", "tiled"), default="auto",
-                   help="down_weight layout (default: the exporter's for this d)")
+    p.add_argument("--down-layout", default="auto",
+                   help="down_weight layout: auto, rows or tiled, or several comma-separated (a variant each; "
+                   "default: the exporter's for this d)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -182,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import find_library
 
     libraries = [find_library(lib) for lib in args.library] if args.library else [find_library(None)]
-    layout = graphs.default_layout(args.shape.d) if args.down_layout == "auto" else args.down_layout
+    layout = [name.strip() for name in args.down_layout.split(",") if name.strip()]
+    if not layout or any(name not in ("auto", "rows", "tiled") for name in layout) or len(set(layout)) < len(layout):
+        p.error(f"--down-layout: expected auto, rows or tiled, comma-separated, no repeats; got {args.down_layout!r}")
+    layout = [graphs.default_layout(args.shape.d) if name == "auto" else name for name in layout]
+    if len(set(layout)) < len(layout):
+        p.error(f"--down-layout: {args.down_layout!r} names the layout {layout[0]} twice (auto is it for d = {args.shape.d})")
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
                rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed)
     print(markdown(rows, args.shape, args.layers, layout))
