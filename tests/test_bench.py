@@ -258,6 +258,14 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     assert set(rows) == {(p, k) for p in ("prefill", "decode") for k in ("sparse", "dense", "attn")}
     assert rows[("prefill", "sparse")]["tokens"] == 7 and 0 <= rows[("prefill", "sparse")]["r"] <= 1
     assert "my-model: " in (out / "results.md").read_text()
+    # The FFN's node time from the profiled twins: every sparse and dense row has it, the ratio
+    # is the sparse row's over its dense twin's, and the other nodes took time too.
+    for phase in ("prefill", "decode"):
+        s, d = rows[(phase, "sparse")], rows[(phase, "dense")]
+        assert s["ffn_node_ms_min"] > 0 and d["ffn_node_ms_min"] > 0 and s["other_node_ms_min"] > 0
+        assert s["ffn_node_ratio_min"] == pytest.approx(s["ffn_node_ms_min"] / d["ffn_node_ms_min"])
+        assert "ffn_node_ms_min" not in rows[(phase, "attn")]
+    assert "FFN node time sparse/dense" in (out / "results.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == before   # the user's folder is left as it was
     assert not (out / "e2e").exists()                          # exports removed without --keep-exports
 
@@ -397,3 +405,71 @@ def test_layer_chain_both_layouts(op_library, capsys):
     assert set(by) == {"dense", "sparse0-rows", "sparse0-tiled"}
     assert by["sparse0-tiled"]["layout"] == "tiled" and by["sparse0-rows"]["layout"] == "rows"
     assert by["sparse0-tiled"]["ratio_min"] == pytest.approx(by["sparse0-tiled"]["ms_min"] / by["dense"]["ms_min"])
+
+
+def test_node_times_split_each_run_into_ffn_and_other():
+    """run_node_times: kernel events go to the run whose span holds them, FFN nodes by their
+    /mlp/ scope; other events (fences, session events) and nodes outside a run are left out."""
+    from dsmoe_export.bench.node_times import run_node_times
+
+    def node(name, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 1000, "dur": 500},
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 300},  # out of order in the file
+              node("/model/layers/0/mlp/GatedBlockSparseFFN", 150, 40), node("/model/layers/0/self_attn/qkv/MatMul", 200, 10),
+              node("/model/layers/1/mlp/down_proj/MatMul", 1100, 250), node("/lm_head/MatMul", 1400, 30),
+              {"cat": "Node", "name": "/model/layers/1/mlp/x_fence_before", "ts": 1200, "dur": 999},
+              node("/model/layers/2/mlp/y", 700, 77),  # between runs
+              {"cat": "Session", "name": "SequentialExecutor::Execute", "ts": 1000, "dur": 480}]
+    assert run_node_times(events) == [(pytest.approx(0.040), pytest.approx(0.010)),
+                                      (pytest.approx(0.250), pytest.approx(0.030))]
+    assert run_node_times([]) == []
+
+
+def test_node_time_samples_follow_the_segments():
+    """samples_of_runs: skipped runs (priming, warm-up) are left out, a multi-run sample is the
+    mean of its runs, and a profile with more or fewer runs than the calls made is an error."""
+    from dsmoe_export.bench.node_times import Segment, samples_of_runs
+
+    runs = [(100.0, 100.0), (1.0, 2.0), (3.0, 4.0),                    # warm-up, then 2 prefill samples
+            (100.0, 100.0), (100.0, 100.0), (100.0, 100.0),            # priming + a warm-up of 2 runs
+            (1.0, 1.0), (3.0, 5.0), (5.0, 1.0), (7.0, 3.0)]            # 2 samples of 2 runs
+    segs = [Segment(("prefill", 7), 1, 1, 2), Segment(("decode", 1), 3, 2, 2)]
+    out = samples_of_runs(runs, segs)
+    assert out[("prefill", 7)]["ffn"].ms == [1.0, 3.0] and out[("prefill", 7)]["other"].ms == [2.0, 4.0]
+    assert out[("decode", 1)]["ffn"].ms == [2.0, 6.0] and out[("decode", 1)]["other"].ms == [3.0, 2.0]
+    with pytest.raises(RuntimeError, match="fewer than its calls"):
+        samples_of_runs(runs[:-1], segs)
+    with pytest.raises(RuntimeError, match="its calls made 10"):
+        samples_of_runs(runs + [(0.0, 0.0)], segs)
+
+
+def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
+    """ProfiledSessions on a real profile: prefill samples of one run, decode-like samples of
+    several runs after a priming run, each sample's FFN and other times from its own runs."""
+    from dsmoe_export.bench import e2e, node_times
+    from dsmoe_export.exporter import export
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    folder = make_model_folder(tmp_path / "m", TinySpec(), seed=1)
+    path = tmp_path / "model.onnx"
+    export(folder, path, progress=False, validate=False)
+    prof = node_times.ProfiledSessions({"sparse": path}, 1, op_library)
+    s = prof.sessions["sparse"]
+    ids = rng.integers(0, 200, (1, 5), dtype=np.int64)
+    feeds = e2e._prefill_feeds(ids, e2e.ModelShape.of_folder(folder))
+    prof.measure(("prefill", 5), lambda sess: (lambda: sess.run(["logits"], feeds)), 3)
+
+    def three_runs(sess):
+        sess.run(["logits"], feeds)  # a priming run
+        return lambda: [sess.run(["logits"], feeds) for _ in range(3)]
+
+    prof.measure(("decode", 1), three_runs, 2, runs_per_call=3, prep_runs=1)
+    times = prof.finish()
+    assert set(times) == {("prefill", 5), ("decode", 1)}
+    assert len(times[("prefill", 5)]["sparse"]["ffn"].ms) == 3 and len(times[("decode", 1)]["sparse"]["ffn"].ms) == 2
+    for key in times:
+        ffn, other = times[key]["sparse"]["ffn"], times[key]["sparse"]["other"]
+        assert 0 < ffn.min < 1000 and 0 < other.min < 1000
+    assert not prof.sessions

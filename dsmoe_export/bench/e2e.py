@@ -5,7 +5,10 @@ Runtime: prefill of T tokens and token-by-token decode with the KV cache, per we
 
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
 block), exported dense. Its time is the attention, embedding, norms and LM head of the other
-two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio.
+two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio. Profiled twins of
+the sparse and dense exports give the same ratio from the FFN nodes' own kernel time in the same
+kind of calls (node_times.py): less noisy, and free of the assumption that the rest of the model
+runs alone as fast as between the FFNs.
 
 Decode runs as an app runs it: one preallocated cache buffer per tensor, bound as both past and
 present (I/O binding), the prompt's keys and values written once before the timed steps.
@@ -34,7 +37,7 @@ from ..exporter import export
 from ..graph import interface
 from ..loader import load_model
 from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
-from . import builder, generation, graph_stats, graphs, metrics, timing
+from . import builder, generation, graph_stats, graphs, metrics, node_times, timing
 from .op import Shape, target_ratio
 
 KINDS = ("sparse", "dense", "attn")
@@ -228,6 +231,9 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
     sessions = {k: _session(p, threads, library if k.startswith("sparse") else None) for k, p in paths.items()}
+    # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
+    profiled = node_times.ProfiledSessions({k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")},
+                                           threads, library)
     rng = np.random.default_rng(seed)
     longest = max(prefill_tokens + [decode_past])
     if token_ids is not None:
@@ -251,6 +257,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
         res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
                                  on_call=on_call)
         _skip_unused(bar, res, rounds)
+        profiled.measure(("prefill", T), lambda s, feeds=feeds: (lambda: s.run(["logits"], feeds)), rounds,
+                         flush=flush, gate=gate, seed=seed + T)
         acts = reference_activity(reference, prompt[:, :T], steps[:0])
         rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
 
@@ -267,12 +275,24 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                                  on_call=on_call)
         _skip_unused(bar, res, rounds)
         res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
+
+        def profiled_decoder(s):
+            dec = Decoder(s, shape, decode_past + decode_steps)
+            dec.prime(prompt[:, :decode_past])
+            return lambda: dec(steps)
+
+        profiled.measure(("decode", 1), profiled_decoder, rounds, runs_per_call=decode_steps, prep_runs=1,
+                         flush=flush, gate=gate, seed=seed + 1)
         acts = reference_activity(reference, prompt[:, :decode_past], steps)
         mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
         stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
         rows += _rows("decode", 1, decode_past, res, stats, shape)
         del decoders
-    del sessions, reference
+    node = profiled.finish()
+    for row in rows:
+        row.update(node_times.ffn_node_fields(row["kind"], row["precision"], node.get((row["phase"], row["tokens"]), {}),
+                                              variant_name))
+    del sessions, reference, profiled
     gc.collect()
     if gen_tokens:
         if bar is not None:
