@@ -417,7 +417,8 @@ def test_node_times_split_each_run_into_ffn_and_other():
 
     events = [{"cat": "Session", "name": "model_run", "ts": 1000, "dur": 500},
               {"cat": "Session", "name": "model_run", "ts": 100, "dur": 300},  # out of order in the file
-              node("/model/layers/0/mlp/GatedBlockSparseFFN", 150, 40), node("/model/layers/0/self_attn/qkv/MatMul", 200, 10),
+              node("/model/layers/0/mlp/GatedBlockSparseFFN", 150, 40),
+              node("/model/layers/0/self_attn/qkv/MatMul", 200, 10),
               node("/model/layers/1/mlp/down_proj/MatMul", 1100, 250), node("/lm_head/MatMul", 1400, 30),
               {"cat": "Node", "name": "/model/layers/1/mlp/x_fence_before", "ts": 1200, "dur": 999},
               node("/model/layers/2/mlp/y", 700, 77),  # between runs

@@ -232,66 +232,70 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
     sessions = {k: _session(p, threads, library if k.startswith("sparse") else None) for k, p in paths.items()}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
-    profiled = node_times.ProfiledSessions({k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")},
-                                           threads, library)
-    rng = np.random.default_rng(seed)
-    longest = max(prefill_tokens + [decode_past])
-    if token_ids is not None:
-        ids = np.asarray(token_ids, np.int64)
-        prompt, steps = ids[None, :longest], ids[decode_past:decode_past + decode_steps]
-        info["prompt"] = "text"
-    else:
-        prompt = rng.integers(0, shape.vocab, (1, longest), dtype=np.int64)
-        steps = rng.integers(0, shape.vocab, decode_steps, dtype=np.int64)
-        info["prompt"] = "random token ids"
-    reference = load_model(built["folders"]["model"])[0]
-    rows = []
-    on_call = (lambda: bar.update(1)) if bar is not None else None
+    twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
+    profiled = node_times.ProfiledSessions(twins, threads, library)
+    try:
+        rng = np.random.default_rng(seed)
+        longest = max(prefill_tokens + [decode_past])
+        if token_ids is not None:
+            ids = np.asarray(token_ids, np.int64)
+            prompt, steps = ids[None, :longest], ids[decode_past:decode_past + decode_steps]
+            info["prompt"] = "text"
+        else:
+            prompt = rng.integers(0, shape.vocab, (1, longest), dtype=np.int64)
+            steps = rng.integers(0, shape.vocab, decode_steps, dtype=np.int64)
+            info["prompt"] = "random token ids"
+        reference = load_model(built["folders"]["model"])[0]
+        rows = []
+        on_call = (lambda: bar.update(1)) if bar is not None else None
 
-    # Prefill: one call of T tokens on an empty cache.
-    for T in prefill_tokens:
-        if bar is not None:
-            bar.set_description(f"e2e prefill T={T}")
-        feeds = _prefill_feeds(prompt[:, :T], shape)
-        calls = {k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}
-        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
-                                 on_call=on_call)
-        _skip_unused(bar, res, rounds)
-        profiled.measure(("prefill", T), lambda s, feeds=feeds: (lambda: s.run(["logits"], feeds)), rounds,
-                         flush=flush, gate=gate, seed=seed + T)
-        acts = reference_activity(reference, prompt[:, :T], steps[:0])
-        rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
+        # Prefill: one call of T tokens on an empty cache.
+        for T in prefill_tokens:
+            if bar is not None:
+                bar.set_description(f"e2e prefill T={T}")
+            feeds = _prefill_feeds(prompt[:, :T], shape)
+            calls = {k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}
+            res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
+                                     on_call=on_call)
+            _skip_unused(bar, res, rounds)
+            profiled.measure(("prefill", T), lambda s, feeds=feeds: (lambda: s.run(["logits"], feeds)), rounds,
+                             flush=flush, gate=gate, seed=seed + T)
+            acts = reference_activity(reference, prompt[:, :T], steps[:0])
+            rows += _rows("prefill", T, 0, res, _activity_stats(acts["prefill"]), shape)
 
-    # Decode: decode_steps single-token calls after a prompt of decode_past tokens, each variant
-    # on its own cache; a sample is the mean time per step of one sequence.
-    if decode_steps:
-        if bar is not None:
-            bar.set_description(f"e2e decode (past {decode_past})")
-        decoders = {k: Decoder(s, shape, decode_past + decode_steps) for k, s in sessions.items()}
-        for d in decoders.values():
-            d.prime(prompt[:, :decode_past])
-        calls = {k: (lambda d=d: d(steps)) for k, d in decoders.items()}
-        res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1, budget_s=budget_s,
-                                 on_call=on_call)
-        _skip_unused(bar, res, rounds)
-        res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
+        # Decode: decode_steps single-token calls after a prompt of decode_past tokens, each variant
+        # on its own cache; a sample is the mean time per step of one sequence.
+        if decode_steps:
+            if bar is not None:
+                bar.set_description(f"e2e decode (past {decode_past})")
+            decoders = {k: Decoder(s, shape, decode_past + decode_steps) for k, s in sessions.items()}
+            for d in decoders.values():
+                d.prime(prompt[:, :decode_past])
+            calls = {k: (lambda d=d: d(steps)) for k, d in decoders.items()}
+            res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1, budget_s=budget_s,
+                                     on_call=on_call)
+            _skip_unused(bar, res, rounds)
+            res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
 
-        def profiled_decoder(s):
-            dec = Decoder(s, shape, decode_past + decode_steps)
-            dec.prime(prompt[:, :decode_past])
-            return lambda: dec(steps)
+            def profiled_decoder(s):
+                dec = Decoder(s, shape, decode_past + decode_steps)
+                dec.prime(prompt[:, :decode_past])
+                return lambda: dec(steps)
 
-        profiled.measure(("decode", 1), profiled_decoder, rounds, runs_per_call=decode_steps, prep_runs=1,
-                         flush=flush, gate=gate, seed=seed + 1)
-        acts = reference_activity(reference, prompt[:, :decode_past], steps)
-        mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
-        stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
-        rows += _rows("decode", 1, decode_past, res, stats, shape)
-        del decoders
+            profiled.measure(("decode", 1), profiled_decoder, rounds, runs_per_call=decode_steps, prep_runs=1,
+                             flush=flush, gate=gate, seed=seed + 1)
+            acts = reference_activity(reference, prompt[:, :decode_past], steps)
+            mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
+            stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
+            rows += _rows("decode", 1, decode_past, res, stats, shape)
+            del decoders
+    except BaseException:
+        profiled.close()
+        raise
     node = profiled.finish()
     for row in rows:
-        row.update(node_times.ffn_node_fields(row["kind"], row["precision"], node.get((row["phase"], row["tokens"]), {}),
-                                              variant_name))
+        times = node.get((row["phase"], row["tokens"]), {})
+        row.update(node_times.ffn_node_fields(row["kind"], row["precision"], times, variant_name))
     del sessions, reference, profiled
     gc.collect()
     if gen_tokens:

@@ -91,9 +91,13 @@ class ProfiledSessions:
                 for key, samples in samples_of_runs(runs, self._segments[name], name).items():
                     out.setdefault(key, {})[name] = samples
         finally:
-            self.sessions.clear()
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self.close()
         return out
+
+    def close(self) -> None:
+        """Drops the sessions and their profile files (finish does it; call it when a run fails)."""
+        self.sessions.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def samples_of_runs(runs: list[tuple[float, float]], segments: list[Segment], name: str = "the session") -> dict:
