@@ -195,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     if not layout or any(name not in ("auto", "rows", "tiled") for name in layout) or len(set(layout)) < len(layout):
         p.error(f"--down-layout: expected auto, rows or tiled, comma-separated, no repeats; got {args.down_layout!r}")
     layout = [graphs.default_layout(args.shape.d) if name == "auto" else name for name in layout]
-    if len(set(layout)) < len(layout):
-        p.error(f"--down-layout: {args.down_layout!r} names the layout {layout[0]} twice (auto is it for d = {args.shape.d})")
+    twice = sorted({name for name in layout if layout.count(name) > 1})
+    if twice:
+        p.error(f"--down-layout: {args.down_layout!r} names the layout {twice[0]} twice "
+                f"(auto is {graphs.default_layout(args.shape.d)} at d = {args.shape.d})")
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
                rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed)
     print(markdown(rows, args.shape, args.layers, layout))
