@@ -265,7 +265,12 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
         assert s["ffn_node_ms_min"] > 0 and d["ffn_node_ms_min"] > 0 and s["other_node_ms_min"] > 0
         assert s["ffn_node_ratio_min"] == pytest.approx(s["ffn_node_ms_min"] / d["ffn_node_ms_min"])
         assert "ffn_node_ms_min" not in rows[(phase, "attn")]
+        # the op's fixed cost at this shape: per call, and times the layers against the FFN's node time
+        assert 0 < s["op_fixed_us_min"] <= s["op_fixed_us_median"]
+        assert s["op_fixed_share"] == pytest.approx(2 * s["op_fixed_us_min"] / 1e3 / s["ffn_node_ms_min"])
+        assert "op_fixed_us_min" not in d
     assert "FFN node time sparse/dense" in (out / "results.md").read_text()
+    assert "op fixed cost" in (out / "results.md").read_text()
     assert sorted(p.name for p in folder.iterdir()) == before   # the user's folder is left as it was
     assert not (out / "e2e").exists()                          # exports removed without --keep-exports
 
@@ -474,3 +479,22 @@ def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
         ffn, other = times[key]["sparse"]["ffn"], times[key]["sparse"]["other"]
         assert 0 < ffn.min < 1000 and 0 < other.min < 1000
     assert not prof.sessions
+
+
+def test_op_fixed_cost_calls_compute_nothing(op_library):
+    """The fixed-cost graph activates no block (threshold 1.0): its calls return Y = 0 and an
+    all-false active mask, at one token (decode path) and at many (prefill path); one sample
+    per round and token count, in microseconds."""
+    from dsmoe_export.bench import fixed_cost
+    from dsmoe_export.bench.op import Shape
+
+    shape = Shape(d=64, D=96, n=4)
+    rng = np.random.default_rng(0)
+    e = graphs.Experts.random(rng, shape.d, shape.D, shape.n)
+    runner = graphs.Runner(*graphs.sparse_graph(e, threshold=1.0, active_output=True), threads=2, library=op_library)
+    for T in (1, 40):
+        y, active = runner(rng.standard_normal((T, shape.d), dtype=np.float32) * 50,
+                           rng.standard_normal((shape.n, shape.d), dtype=np.float32) * 50)
+        assert not active.any() and not y.any()
+    res = fixed_cost.op_fixed_cost(shape, [40, 1, 40], threads=2, library=op_library, rounds=3)
+    assert sorted(res) == [1, 40] and all(len(s.ms) == 3 and s.min > 0 for s in res.values())

@@ -37,7 +37,7 @@ from ..exporter import export
 from ..graph import interface
 from ..loader import load_model
 from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
-from . import builder, generation, graph_stats, graphs, metrics, node_times, timing
+from . import builder, fixed_cost, generation, graph_stats, graphs, metrics, node_times, timing
 from .op import Shape, target_ratio
 
 KINDS = ("sparse", "dense", "attn")
@@ -296,6 +296,15 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     for row in rows:
         times = node.get((row["phase"], row["tokens"]), {})
         row.update(node_times.ffn_node_fields(row["kind"], row["precision"], times, variant_name))
+    # The op's per-call fixed cost at this FFN shape (no block active), per token count timed.
+    fixed = fixed_cost.op_fixed_cost(shape.ffn, sorted({r["tokens"] for r in rows}), threads=threads,
+                                     library=library, rounds=rounds, flush=flush, gate=gate, seed=seed)
+    for row in rows:
+        if row["variant"] == "sparse" and row["tokens"] in fixed:
+            f = fixed[row["tokens"]]
+            row.update(op_fixed_us_min=f.min, op_fixed_us_median=f.median)
+            if row.get("ffn_node_ms_min"):
+                row["op_fixed_share"] = shape.layers * f.min / 1e3 / row["ffn_node_ms_min"]
     del sessions, reference, profiled
     gc.collect()
     if gen_tokens:

@@ -133,15 +133,20 @@ def e2e_table(rows: list[dict]) -> list[str]:
                       f"{_f(d['ms_min'])} / {_f(d['ms_median'])}", _f(a["ms_min"]), _f(s["ratio_min"], 3),
                       f"**{_f(s['ffn_ratio_min'], 3)}**", _f(s["ffn_ratio_median"], 3),
                       f"**{_f(s.get('ffn_node_ratio_min'), 3)}** / {_f(s.get('ffn_node_ratio_median'), 3)}",
-                      f"{_f(s.get('ffn_node_ms_min'))} / {_f(d.get('ffn_node_ms_min'))}", _f(s["target"], 3),
+                      f"{_f(s.get('ffn_node_ms_min'))} / {_f(d.get('ffn_node_ms_min'))}",
+                      f"{_f(s.get('op_fixed_us_min'), 0)} ({_pct(100 * s['op_fixed_share'] if 'op_fixed_share' in s else None)})",
+                      _f(s["target"], 3),
                       f"{_f(s.get('ffn_gb_s'), 1)} / {_f(d.get('ffn_gb_s'), 1)}",
                       f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}"])
     lines += _table(["phase", "r", "union", "sparse ms (min / med)", "dense ms (min / med)", "attn-only ms",
                      "model sparse/dense", "FFN sparse/dense (min)", "FFN (median)",
-                     "FFN node time sparse/dense (min / med)", "FFN node ms sparse / dense", "target",
+                     "FFN node time sparse/dense (min / med)", "FFN node ms sparse / dense",
+                     "op fixed cost, us a call (share of the sparse FFN)", "target",
                      "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense"], table)
     return lines + ["FFN sparse/dense: (model - attn-only export) per variant; FFN node time: the FFN nodes' "
-                    "kernel time in profiled calls of the same exports (bench/node_times.py).", ""]
+                    "kernel time in profiled calls of the same exports (bench/node_times.py); op fixed cost: "
+                    "one call of the op at this shape with no block active, times the layers as a share of "
+                    "the sparse FFN's node time (bench/fixed_cost.py).", ""]
 
 
 def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
