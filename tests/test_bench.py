@@ -484,7 +484,7 @@ def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
 def test_op_fixed_cost_calls_compute_nothing(op_library):
     """The fixed-cost graph activates no block (threshold 1.0): its calls return Y = 0 and an
     all-false active mask, at one token (decode path) and at many (prefill path); one sample
-    per round and token count, in microseconds."""
+    per round and token count (the op's kernel time from the profile, in microseconds)."""
     from dsmoe_export.bench import fixed_cost
     from dsmoe_export.bench.op import Shape
 
@@ -497,4 +497,4 @@ def test_op_fixed_cost_calls_compute_nothing(op_library):
                            rng.standard_normal((shape.n, shape.d), dtype=np.float32) * 50)
         assert not active.any() and not y.any()
     res = fixed_cost.op_fixed_cost(shape, [40, 1, 40], threads=2, library=op_library, rounds=3)
-    assert sorted(res) == [1, 40] and all(len(s.ms) == 3 and s.min > 0 for s in res.values())
+    assert sorted(res) == [1, 40] and all(len(s.ms) == 3 and 0 < s.min < 1e5 for s in res.values())

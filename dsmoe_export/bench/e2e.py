@@ -298,7 +298,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
         row.update(node_times.ffn_node_fields(row["kind"], row["precision"], times, variant_name))
     # The op's per-call fixed cost at this FFN shape (no block active), per token count timed.
     fixed = fixed_cost.op_fixed_cost(shape.ffn, sorted({r["tokens"] for r in rows}), threads=threads,
-                                     library=library, rounds=rounds, flush=flush, gate=gate, seed=seed)
+                                     library=library, rounds=rounds, seed=seed)
     for row in rows:
         if row["variant"] == "sparse" and row["tokens"] in fixed:
             f = fixed[row["tokens"]]

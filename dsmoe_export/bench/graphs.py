@@ -328,8 +328,11 @@ class Runner:
     """
 
     def __init__(self, model: onnx.ModelProto, shared: dict[str, np.ndarray], *, threads: int,
-                 library: str | None = None):
+                 library: str | None = None, profile_prefix: str | None = None):
         opts = session_options(threads, library)
+        if profile_prefix is not None:  # ORT's profiler on (session.end_profiling() writes the file)
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         # Keep the OrtValues (and through them the numpy buffers) alive as long as the session.
         self._weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()}
         if self._weights:
