@@ -478,7 +478,12 @@ def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
     for key in times:
         ffn, other = times[key]["sparse"]["ffn"], times[key]["sparse"]["other"]
         assert 0 < ffn.min < 1000 and 0 < other.min < 1000
-    assert not prof.sessions
+    assert not prof.sessions and not prof._dir.exists()
+    # leaving a `with` block early (a failed phase) drops the sessions and their profile files too
+    with pytest.raises(ZeroDivisionError):
+        with node_times.ProfiledSessions({"sparse": path}, 1, op_library) as failed:
+            1 / 0
+    assert not failed.sessions and not failed._dir.exists()
 
 
 def test_op_fixed_cost_calls_compute_nothing(op_library):

@@ -233,8 +233,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     sessions = {k: _session(p, threads, library if k.startswith("sparse") else None) for k, p in paths.items()}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
-    profiled = node_times.ProfiledSessions(twins, threads, library)
-    try:
+    with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])
         if token_ids is not None:
@@ -289,10 +288,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
             rows += _rows("decode", 1, decode_past, res, stats, shape)
             del decoders
-    except BaseException:
-        profiled.close()
-        raise
-    node = profiled.finish()
+        node = profiled.finish()
     for row in rows:
         times = node.get((row["phase"], row["tokens"]), {})
         row.update(node_times.ffn_node_fields(row["kind"], row["precision"], times, variant_name))
@@ -305,7 +301,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             row.update(op_fixed_us_min=f.min, op_fixed_us_median=f.median)
             if row.get("ffn_node_ms_min"):
                 row["op_fixed_share"] = shape.layers * f.min / 1e3 / row["ffn_node_ms_min"]
-    del sessions, reference, profiled
+    del sessions, reference
     gc.collect()
     if gen_tokens:
         if bar is not None:

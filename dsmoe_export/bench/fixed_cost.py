@@ -13,7 +13,6 @@ per layer and call; e2e.py reports it per call and as a share of the sparse FFN'
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import graphs, timing
-from .node_times import run_node_times
+from .node_times import ended_runs
 from .op import Shape
 
 
@@ -40,7 +39,7 @@ def op_fixed_cost(shape: Shape, tokens: list[int], *, threads: int, library: str
             call = runner.bind(rng.standard_normal((T, shape.d), dtype=np.float32), router)
             for _ in range(rounds + 1):  # the first: warm-up
                 call()
-        runs = run_node_times(json.loads(Path(runner.session.end_profiling()).read_text()))
+        runs = ended_runs(runner.session)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if len(runs) != len(order) * (rounds + 1):

@@ -305,9 +305,14 @@ def qmoe_layout(e: Experts, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZ
 THREAD_POOL = "a pool per session, idle workers sleeping (session.intra_op.allow_spinning=0)"
 
 
-def session_options(threads: int | None, library: str | None = None) -> ort.SessionOptions:
-    """Options of a timed session; `threads` None keeps ORT's default thread count."""
+def session_options(threads: int | None, library: str | None = None,
+                    profile_prefix: str | None = None) -> ort.SessionOptions:
+    """Options of a timed session; `threads` None keeps ORT's default thread count; with
+    `profile_prefix`, ORT's profiler on (session.end_profiling() writes the file)."""
     opts = ort.SessionOptions()
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -329,10 +334,7 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto, shared: dict[str, np.ndarray], *, threads: int,
                  library: str | None = None, profile_prefix: str | None = None):
-        opts = session_options(threads, library)
-        if profile_prefix is not None:  # ORT's profiler on (session.end_profiling() writes the file)
-            opts.enable_profiling = True
-            opts.profile_file_prefix = profile_prefix
+        opts = session_options(threads, library, profile_prefix)
         # Keep the OrtValues (and through them the numpy buffers) alive as long as the session.
         self._weights = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in shared.items()}
         if self._weights:

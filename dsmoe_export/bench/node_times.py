@@ -44,6 +44,11 @@ def run_node_times(events: list[dict]) -> list[tuple[float, float]]:
     return [(f, o) for f, o in sums]
 
 
+def ended_runs(session: ort.InferenceSession) -> list[tuple[float, float]]:
+    """Ends a profiled session's profile and returns run_node_times of it."""
+    return run_node_times(json.loads(Path(session.end_profiling()).read_text()))
+
+
 @dataclass
 class Segment:
     key: tuple
@@ -67,9 +72,8 @@ class ProfiledSessions:
         self._dir = Path(tempfile.mkdtemp(prefix="dsmoe-profile-"))
         self.sessions, self._segments = {}, {}
         for name, path in self.paths.items():
-            opts = graphs.session_options(self.threads, self.library if name.startswith("sparse") else None)
-            opts.enable_profiling = True
-            opts.profile_file_prefix = str(self._dir / name)
+            opts = graphs.session_options(self.threads, self.library if name.startswith("sparse") else None,
+                                          str(self._dir / name))
             self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             self._segments[name] = []
 
@@ -87,7 +91,7 @@ class ProfiledSessions:
         out: dict = {}
         try:
             for name, s in self.sessions.items():
-                runs = run_node_times(json.loads(Path(s.end_profiling()).read_text()))
+                runs = ended_runs(s)
                 for key, samples in samples_of_runs(runs, self._segments[name], name).items():
                     out.setdefault(key, {})[name] = samples
         finally:
@@ -95,9 +99,15 @@ class ProfiledSessions:
         return out
 
     def close(self) -> None:
-        """Drops the sessions and their profile files (finish does it; call it when a run fails)."""
+        """Drops the sessions and their profile files (finish does it, and leaving a `with` block)."""
         self.sessions.clear()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "ProfiledSessions":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def samples_of_runs(runs: list[tuple[float, float]], segments: list[Segment], name: str = "the session") -> dict:

@@ -134,7 +134,8 @@ def e2e_table(rows: list[dict]) -> list[str]:
                       f"**{_f(s['ffn_ratio_min'], 3)}**", _f(s["ffn_ratio_median"], 3),
                       f"**{_f(s.get('ffn_node_ratio_min'), 3)}** / {_f(s.get('ffn_node_ratio_median'), 3)}",
                       f"{_f(s.get('ffn_node_ms_min'))} / {_f(d.get('ffn_node_ms_min'))}",
-                      f"{_f(s.get('op_fixed_us_min'), 0)} ({_pct(100 * s['op_fixed_share'] if 'op_fixed_share' in s else None)})",
+                      f"{_f(s.get('op_fixed_us_min'), 0)} "
+                      f"({_pct(100 * s['op_fixed_share'] if 'op_fixed_share' in s else None)})",
                       _f(s["target"], 3),
                       f"{_f(s.get('ffn_gb_s'), 1)} / {_f(d.get('ffn_gb_s'), 1)}",
                       f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}"])
