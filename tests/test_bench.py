@@ -486,6 +486,43 @@ def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
     assert not failed.sessions and not failed._dir.exists()
 
 
+def test_profiled_sessions_map_each_sample_to_its_own_runs(op_library, tmp_path, rng):
+    """On a real profile each sample holds its own call's runs: the calls alternate between 2- and
+    1024-token prompts (the warm-up call small, then large, small, large), so a mapping shifted by
+    one run (into the warm-up, the priming run or the next call) breaks the pattern."""
+    from dsmoe_export.bench import e2e, node_times
+    from dsmoe_export.exporter import export
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    folder = make_model_folder(tmp_path / "m", TinySpec(), seed=2)
+    path = tmp_path / "model.onnx"
+    export(folder, path, progress=False, validate=False)
+    shape = e2e.ModelShape.of_folder(folder)
+    large = e2e._prefill_feeds(rng.integers(0, 200, (1, 1024), dtype=np.int64), shape)
+    small = e2e._prefill_feeds(rng.integers(0, 200, (1, 2), dtype=np.int64), shape)
+
+    def alternating(runs: int, prime: bool):
+        def make_call(sess):
+            if prime:
+                sess.run(["logits"], large)
+            calls = iter(range(10 ** 6))
+
+            def call():
+                feeds = large if next(calls) % 2 else small
+                return [sess.run(["logits"], feeds) for _ in range(runs)]
+            return call
+        return make_call
+
+    with node_times.ProfiledSessions({"sparse": path}, 1, op_library) as prof:
+        prof.measure(("one run",), alternating(1, prime=False), 3)
+        prof.measure(("two runs",), alternating(2, prime=True), 3, runs_per_call=2, prep_runs=1)
+        times = prof.finish()
+    for key in times:
+        for part in ("ffn", "other"):
+            big1, little, big2 = times[key]["sparse"][part].ms
+            assert little * 4 < min(big1, big2), (key, part, big1, little, big2)
+
+
 def test_op_fixed_cost_calls_compute_nothing(op_library):
     """The fixed-cost graph activates no block (threshold 1.0): its calls return Y = 0 and an
     all-false active mask, at one token (decode path) and at many (prefill path); one sample
@@ -501,5 +538,8 @@ def test_op_fixed_cost_calls_compute_nothing(op_library):
         y, active = runner(rng.standard_normal((T, shape.d), dtype=np.float32) * 50,
                            rng.standard_normal((shape.n, shape.d), dtype=np.float32) * 50)
         assert not active.any() and not y.any()
-    res = fixed_cost.op_fixed_cost(shape, [40, 1, 40], threads=2, library=op_library, rounds=3)
-    assert sorted(res) == [1, 40] and all(len(s.ms) == 3 and 0 < s.min < 1e5 for s in res.values())
+    res = fixed_cost.op_fixed_cost(shape, [4096, 1, 4096], threads=2, library=op_library, rounds=3)
+    assert sorted(res) == [1, 4096] and all(len(s.ms) == 3 and 0 < s.min < 1e5 for s in res.values())
+    # each token count's samples are its own calls (a mapping off by one run would move the
+    # 4096-token warm-up call into the 1-token samples): routing 4096 tokens costs far more
+    assert max(res[1].ms) * 4 < res[4096].min
