@@ -3,9 +3,10 @@
 // kernels_isa.cc: GCC/Clang vector extensions of kVL floats (cpu/simd.h).
 //
 // Dequantizing one vector of kVL weights: int8 = load kVL bytes, zero-extend
-// to int32, convert, subtract the zero point (4 instructions); int4 = one
-// 16-byte load gives 32 weights (low nibbles: weights 0-15, high nibbles:
-// 16-31), then the same per vector plus one and/shift; float16 = one
+// to int32, convert, subtract the zero point (4 instructions); int4 = a 16-byte
+// chunk holds 32 weights (low nibbles: weights 0-15, high nibbles: 16-31): kVL
+// bytes widened to int32 once give two vectors, each one and/shift and a
+// convert (LoadInt4Chunk); float16 = one
 // vcvtph2ps (F16C / AVX-512F; a scalar conversion on the baseline). The group
 // scale is applied once per group sum (gate/up) or once per group of rows and
 // column (down), never per weight. Costs and measurements:
@@ -87,7 +88,36 @@ inline Vec LoadBytesAsFloat(const uint8_t* p) {
   return v;
 }
 
-inline Vec BytesToFloat(VecU8 b) { return __builtin_convertvector(__builtin_convertvector(b, VecI), Vec); }
+// kVL bytes at p, zero-extended to int32 lanes (one vpmovzxbd with AVX-512 / AVX2).
+inline VecI LoadBytesAsInt(const uint8_t* p) {
+  VecI v;
+#if defined(__AVX512F__)
+  const __m512i i = _mm512_maskz_cvtepu8_epi32(static_cast<__mmask16>(0xffff),
+                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &i, sizeof v);
+#elif defined(__AVX2__)
+  const __m256i i = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &i, sizeof v);
+#else
+  VecU8 b;
+  std::memcpy(&b, p, sizeof b);
+  v = __builtin_convertvector(b, VecI);
+#endif
+  return v;
+}
+
+// The 32 weights of an int4 chunk (16 bytes; byte m holds weight m in its low nibble and
+// m + 16 in its high one) as raw levels 0-15 in float: kVL bytes widened to int32 lanes once,
+// the nibbles split there (splitting the bytes first took a widening per vector, a byte shift
+// and two masks).
+inline void LoadInt4Chunk(const uint8_t* chunk, Vec* out) {
+  constexpr int kHalf = 16 / kVL;  // vectors per 16 weights
+  for (int k = 0; k < kHalf; ++k) {
+    const VecI b = LoadBytesAsInt(chunk + k * kVL);
+    out[k] = __builtin_convertvector(b & 15, Vec);
+    out[k + kHalf] = __builtin_convertvector(b >> 4, Vec);
+  }
+}
 
 // Columns per load step and vectors per step.
 template <WeightFormat F>
@@ -101,14 +131,8 @@ constexpr float kZero = F == WeightFormat::kInt4 ? 8.0f : F == WeightFormat::kIn
 template <WeightFormat F>
 inline void LoadStep(const uint8_t* row, int64_t c, Vec* out) {
   if constexpr (F == WeightFormat::kInt4) {
-    const uint8_t* chunk = row + c / 2;
-    for (int v = 0; v < kStepVecs<F>; ++v) {
-      const int half = v * kVL / 16, offset = v * kVL % 16;
-      VecU8 b;
-      std::memcpy(&b, chunk + offset, sizeof b);
-      b = half ? VecU8(b >> 4) : VecU8(b & 15);
-      out[v] = BytesToFloat(b) - kZero<F>;
-    }
+    LoadInt4Chunk(row + (c >> 1), out);
+    for (int v = 0; v < kStepVecs<F>; ++v) out[v] -= kZero<F>;
   } else if constexpr (F == WeightFormat::kInt8) {
     out[0] = LoadBytesAsFloat(row + c) - kZero<F>;
   } else {
@@ -151,13 +175,7 @@ template <WeightFormat F>
 inline void LoadRaw(const uint8_t* row, int64_t c, Vec* out) {
   constexpr int NV = kDotStep<F> / kVL;
   if constexpr (F == WeightFormat::kInt4) {
-    const uint8_t* chunk = row + c / 2;
-    for (int v = 0; v < NV; ++v) {
-      const int half = v * kVL / 16, offset = v * kVL % 16;
-      VecU8 b;
-      std::memcpy(&b, chunk + offset, sizeof b);
-      out[v] = BytesToFloat(half ? VecU8(b >> 4) : VecU8(b & 15));
-    }
+    LoadInt4Chunk(row + (c >> 1), out);
   } else if constexpr (F == WeightFormat::kInt8) {
     for (int v = 0; v < NV; ++v) out[v] = LoadBytesAsFloat(row + c + v * kVL);
   } else {
