@@ -209,13 +209,15 @@ void DotTile(const uint8_t* w, int64_t rb, const float* scales, int64_t groups, 
   const int64_t d_steps = d - d % S;
   Vec acc[R][T] = {};
   float corr[R][T] = {}, tail[R][T] = {};
-  auto finish_group = [&](int64_t g, Vec (&part)[R][T][2], const float (&pt)[R][T]) {
+  // pt: the scalar sums of a partial group's last columns; whole groups have none (s * 0 is
+  // not folded away without -ffast-math, so they skip it).
+  auto finish_group = [&](int64_t g, Vec (&part)[R][T][2], const float (*pt)[T]) {
     for (int rr = 0; rr < R; ++rr) {
       const float s = F == WeightFormat::kF16 ? 1.0f : scales[rr * groups + g];
       const Vec sv = Splat(s);
       for (int t = 0; t < T; ++t) {
         acc[rr][t] += sv * (part[rr][t][0] + part[rr][t][1]);
-        tail[rr][t] += s * pt[rr][t];
+        if (pt) tail[rr][t] += s * pt[rr][t];
       }
     }
   };
@@ -236,12 +238,11 @@ void DotTile(const uint8_t* w, int64_t rb, const float* scales, int64_t groups, 
   // Whole groups (integer formats: G is a multiple of the step), then the last, partial one.
   const int64_t whole = F == WeightFormat::kF16 ? 0 : d / G;
   const int64_t spg = SPG > 0 ? SPG : G / S;
-  const float zero_pt[R][T] = {};
   for (int64_t g = 0; g < whole; ++g) {
     Vec part[R][T][2] = {};
     const int64_t c0 = g * G;
     for (int64_t i = 0; i < spg; ++i) step(c0 + i * S, part);
-    finish_group(g, part, zero_pt);
+    finish_group(g, part, nullptr);
   }
   for (int64_t g = whole; g < groups; ++g) {
     const int64_t c0 = g * G, c1 = std::min(d, c0 + G), cs = std::min(c1, d_steps);
