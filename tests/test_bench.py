@@ -538,8 +538,8 @@ def test_op_fixed_cost_calls_compute_nothing(op_library):
         y, active = runner(rng.standard_normal((T, shape.d), dtype=np.float32) * 50,
                            rng.standard_normal((shape.n, shape.d), dtype=np.float32) * 50)
         assert not active.any() and not y.any()
-    res = fixed_cost.op_fixed_cost(shape, [4096, 1, 4096], threads=2, library=op_library, rounds=3)
-    assert sorted(res) == [1, 4096] and all(len(s.ms) == 3 and 0 < s.min < 1e5 for s in res.values())
+    res = fixed_cost.op_fixed_cost(shape, [16384, 1, 16384], threads=2, library=op_library, rounds=3)
+    assert sorted(res) == [1, 16384] and all(len(s.ms) == 3 and 0 < s.min < 1e5 for s in res.values())
     # each token count's samples are its own calls (a mapping off by one run would move the
-    # 4096-token warm-up call into the 1-token samples): routing 4096 tokens costs far more
-    assert max(res[1].ms) * 4 < res[4096].min
+    # 16384-token warm-up call into the 1-token samples): routing 16384 tokens costs far more
+    assert max(res[1].ms) * 4 < res[16384].min
