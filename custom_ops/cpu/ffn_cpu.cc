@@ -156,8 +156,8 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
       return PrefetchStream::Rows(w.down + i * B * d + c0, B, width * kF, d * kF);
     }
   } prefetch{w, dims};
-  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
-    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, y, gate_up_rows, down_tile, prefetch);
+  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first, const int64_t* first_block) {
+    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, first_block, y, gate_up_rows, down_tile, prefetch);
   });
 }
 

@@ -128,9 +128,9 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
                           B, d, w.group, c0, width, tile);
     return std::pair<const float*, int64_t>{tile, width};
   };
-  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first) {
+  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first, const int64_t* first_block) {
     // No prefetch: the dequantizers read the (4-8x smaller) weights in order, which the hardware follows.
-    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, y, gate_up_rows, down_tile,
+    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, first_block, y, gate_up_rows, down_tile,
                  NoPrefetch{});
   });
 }

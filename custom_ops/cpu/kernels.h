@@ -58,10 +58,11 @@ struct KernelSet {
 
   // Down projection of a panel, added into the tokens' output rows:
   //   y[t][c] += sum_{j < rows} h[j * P + t] * v[j * ld + c] for t < count, c < width
-  // where y[t] points at column 0 of token t's output slice. Steps pf.down once every
-  // 8 rows j of each register tile.
+  // where y[t] points at column 0 of token t's output slice; for tokens with fresh[t] the
+  // sum is stored instead (y[t] not read). Steps pf.down once every 8 rows j of each
+  // register tile.
   void (*panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
-                     int count, PrefetchStreams& pf);
+                     const bool* fresh, int count, PrefetchStreams& pf);
 
   // The same three for narrow panels of narrow_panel tokens (one vector register),
   // which hold a block's last few tokens with less padding than a full panel.
@@ -70,7 +71,7 @@ struct KernelSet {
   void (*narrow_panel_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
                                const float* panel, const float* coef, float* h, PrefetchStreams& pf);
   void (*narrow_panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
-                            float* const* y, int count, PrefetchStreams& pf);
+                            float* const* y, const bool* fresh, int count, PrefetchStreams& pf);
 };
 
 // The widest kernel set this CPU supports. DSMOE_CPU_ISA=baseline|avx2|avx512

@@ -407,8 +407,8 @@ constexpr int kDownNV = 2;
 constexpr int kDownCols = kDownNV * kVL;
 
 template <int M, int NV>
-inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, int64_t c,
-                     PrefetchStreams& pf) {
+inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, float* const* y, const bool* fresh,
+                     int64_t c, PrefetchStreams& pf) {
   constexpr int kNV = kDownNV, kPanel = NV * kVL;
   Vec acc[M][kNV] = {};
   for (int64_t j0 = 0; j0 < rows; j0 += 8) {
@@ -429,22 +429,27 @@ inline void DownTile(const float* h, const float* v, int64_t rows, int64_t ld, f
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i) {
     float* yi = y[i] + c;
+    if (fresh != nullptr && fresh[i]) {
 #pragma GCC unroll 2
-    for (int q = 0; q < kNV; ++q) Store(yi + q * kVL, Load(yi + q * kVL) + acc[i][q]);
+      for (int q = 0; q < kNV; ++q) Store(yi + q * kVL, acc[i][q]);
+    } else {
+#pragma GCC unroll 2
+      for (int q = 0; q < kNV; ++q) Store(yi + q * kVL, Load(yi + q * kVL) + acc[i][q]);
+    }
   }
 }
 
 template <int M, int NV>
 void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
-                PrefetchStreams& pf) {
+                const bool* fresh, PrefetchStreams& pf) {
   constexpr int kPanel = NV * kVL;
   int64_t c = 0;
-  for (; c + kDownCols <= width; c += kDownCols) DownTile<M, NV>(h, v + c, rows, ld, y, c, pf);
+  for (; c + kDownCols <= width; c += kDownCols) DownTile<M, NV>(h, v + c, rows, ld, y, fresh, c, pf);
   for (; c < width; ++c) {  // column tail: hidden sizes are usually multiples of the panel
     for (int i = 0; i < M; ++i) {
       float s = 0.0f;
       for (int64_t j = 0; j < rows; ++j) s += h[j * kPanel + i] * v[j * ld + c];
-      y[i][c] += s;
+      y[i][c] = (fresh != nullptr && fresh[i] ? 0.0f : y[i][c]) + s;
     }
   }
 }
@@ -452,16 +457,16 @@ void DownTokens(const float* h, const float* v, int64_t rows, int64_t ld, int64_
 // DownTokens<m> for a run-time m < kDownTokens.
 template <int M, int NV>
 inline void DownRemainder(int m, const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
-                          float* const* y, PrefetchStreams& pf) {
+                          float* const* y, const bool* fresh, PrefetchStreams& pf) {
   if constexpr (M >= 1) {
-    if (m == M) return DownTokens<M, NV>(h, v, rows, ld, width, y, pf);
-    DownRemainder<M - 1, NV>(m, h, v, rows, ld, width, y, pf);
+    if (m == M) return DownTokens<M, NV>(h, v, rows, ld, width, y, fresh, pf);
+    DownRemainder<M - 1, NV>(m, h, v, rows, ld, width, y, fresh, pf);
   }
 }
 
 template <int NV>
-void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y, int count,
-               PrefetchStreams& pf) {
+void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width, float* const* y,
+               const bool* fresh, int count, PrefetchStreams& pf) {
   // Rows j in slices of kKj: the slices of h ([kKj][P]) and of V stay in L1
   // while all token and column tiles pass over them.
   constexpr int kPanel = NV * kVL, kTokens = kDownTokens<NV>;
@@ -470,9 +475,12 @@ void PanelDown(const float* h, const float* v, int64_t rows, int64_t ld, int64_t
     const int64_t kj = std::min(kKj, rows - j0);
     const float* hj = h + j0 * kPanel;
     const float* vj = v + j0 * ld;
+    const bool* fj = j0 == 0 ? fresh : nullptr;  // only the first slice may store
     int t = 0;
-    for (; t + kTokens <= count; t += kTokens) DownTokens<kTokens, NV>(hj + t, vj, kj, ld, width, y + t, pf);
-    if (t < count) DownRemainder<kTokens - 1, NV>(count - t, hj + t, vj, kj, ld, width, y + t, pf);
+    for (; t + kTokens <= count; t += kTokens) {
+      DownTokens<kTokens, NV>(hj + t, vj, kj, ld, width, y + t, fj ? fj + t : nullptr, pf);
+    }
+    if (t < count) DownRemainder<kTokens - 1, NV>(count - t, hj + t, vj, kj, ld, width, y + t, fj ? fj + t : nullptr, pf);
   }
 }
 

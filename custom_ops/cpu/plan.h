@@ -140,14 +140,21 @@ std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorte
 // Pairs [p0, p1) of `sorted` as a PairsByBlock of their own.
 PairsByBlock SliceOfPairs(const PairsByBlock& sorted, int64_t n, int64_t p0, int64_t p1);
 
-// run(pairs, first) for each prefill chunk of the call, in order; `first` is true
-// once, for the chunk that must zero the output first.
+// run(pairs, first, first_block) for each prefill chunk of the call, in order; `first` is
+// true once (that chunk zeroes the outputs of tokens with no active block); first_block[t]:
+// the lowest active block of token t (-1: none), whose down GEMM stores token t's output
+// instead of adding to it, so the output needs no zeroing pass (chunks run in block order).
 template <typename F>
 void ForEachPrefillChunk(const Routing& routing, const FfnDims& dims, const F& run) {
   const PairsByBlock all = SortPairsByBlock(routing.active.get(), dims.num_blocks, dims.num_tokens);
+  auto first_block = HeapArray<int64_t>(dims.num_tokens);
+  std::fill(first_block.get(), first_block.get() + dims.num_tokens, int64_t{-1});
+  for (int64_t i = dims.num_blocks - 1; i >= 0; --i) {  // descending: the lowest block is written last
+    for (int64_t p = all.block_start[i]; p < all.block_start[i + 1]; ++p) first_block[all.pair_token[p]] = i;
+  }
   bool first = true;
   for (const auto& [p0, p1] : PrefillChunks(all, dims)) {
-    run(SliceOfPairs(all, dims.num_blocks, p0, p1), first);
+    run(SliceOfPairs(all, dims.num_blocks, p0, p1), first, first_block.get());
     first = false;
   }
 }

@@ -18,7 +18,8 @@
 // Plan: per (block, row tile) task the fused gate/up GEMM of every panel of the
 // block with act(g) * u * g_i * c in its epilogue, X packed into the block's
 // panels (full and narrow, cpu/plan.h) by the thread that runs it (PackedBlock);
-// per output column tile the down GEMMs of all panels added into Y (each task owns
+// per output column tile the down GEMMs of all panels added into Y, a token's first
+// block storing instead, so Y is not zeroed first (each task owns
 // its columns: no write conflicts, no reduction, the same order at any thread
 // count). While a gate/up task runs it prefetches the weights of the task after it
 // (ORT's pool gives each thread a contiguous range of tasks first), a column task
@@ -81,7 +82,8 @@ struct NoPrefetch {
 
 template <typename GateUpRows, typename DownTile, typename Prefetch>
 void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation activation, const FfnDims& dims,
-                  const float* x, const Routing& routing, const PairsByBlock& sorted, bool first, float* y,
+                  const float* x, const Routing& routing, const PairsByBlock& sorted, bool first,
+                  const int64_t* first_block, float* y,
                   const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
   const int64_t* pair_token = sorted.pair_token.get();
@@ -123,12 +125,15 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
   ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
     const int64_t c0 = static_cast<int64_t>(task) * cols;
     const int64_t width = std::min(cols, d - c0);
-    if (first) {
-      for (int64_t t = 0; t < N; ++t) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+    if (first) {  // the others' first down GEMM stores their outputs (first_block)
+      for (int64_t t = 0; t < N; ++t) {
+        if (first_block[t] < 0) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
+      }
     }
     float* buffer = ThreadBuffer(ThreadSlot::kDownTile, B * width);
     std::pair<const float*, int64_t> vp{buffer, width};
     float* rows[64];  // output rows of a panel's tokens (panel widths <= 64)
+    bool fresh[64];   // whether this block is the token's first: store instead of add
     int64_t tile_block = -1;
     PrefetchStreams pf;
     for (const Panel& pn : panels) {
@@ -138,9 +143,13 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
         const size_t next = static_cast<size_t>(panel_start[pn.block + 1]);  // the next block's first panel
         pf.down = next < panels.size() ? prefetch.down(panels[next].block, c0, width) : PrefetchStream{};
       }
-      for (int t = 0; t < pn.count; ++t) rows[t] = y + pair_token[pn.first + t] * d + c0;
+      for (int t = 0; t < pn.count; ++t) {
+        const int64_t token = pair_token[pn.first + t];
+        rows[t] = y + token * d + c0;
+        fresh[t] = first_block[token] == pn.block;
+      }
       const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp.first, B, vp.second, width, rows, pn.count, pf);
+      down(hp.get() + pn.offset * B, vp.first, B, vp.second, width, rows, fresh, pn.count, pf);
     }
   });
 }
