@@ -92,6 +92,28 @@ def test_one_block_over_the_chunk_bound(op_library, rng):
 
 
 @pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("lead,B", [((70,), 40), ((2, 250), 2048)])
+def test_every_output_element_is_written(op_library, rng, lead, B, down_tile):
+    """The prefill path writes Y without zeroing it first (each token's first active block stores,
+    tokens with no active block get zeros): an output buffer full of NaN, bound with I/O binding,
+    must come back all finite and equal to the reference, in one chunk and in several."""
+    case = make_case(rng, lead, d=72, n=8, B=B, bias=True, down_tile=down_tile)
+    sess = session(make_model(case), op_library, threads=2)
+    binding = sess.io_binding()
+    for name, value in case.feeds().items():
+        binding.bind_cpu_input(name, value)
+    y = np.full(case.x.shape, np.nan, np.float32)
+    active = np.zeros((*lead, case.num_experts), np.bool_)
+    binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(y))
+    binding.bind_ortvalue_output("active", ort.OrtValue.ortvalue_from_numpy(active))
+    for _ in range(2):  # the second call finds the first one's results in the buffer
+        sess.run_with_iobinding(binding)
+        assert np.isfinite(y).all()
+        assert_matches_reference(case, [y, active])
+        y[...] = np.nan
+
+
+@pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("tokens", [1, 3, 50])
 def test_thread_counts_agree(op_library, rng, tokens, down_tile):
     case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, down_tile=down_tile)
