@@ -89,6 +89,7 @@ SHAPES = [
     ((2, 3), 96, 8, 48, 64),      # 6 tokens: decode; d % 64 and B % 64 ragged
     ((19,), 128, 4, 40, 32),      # prefill, B % 32 ragged
     ((3, 25), 64, 8, 24, 128),    # prefill over several panels; one group longer than B
+    ((4,), 256, 4, 32, 128),      # decode over whole groups of several 32-weight steps
 ]
 
 
