@@ -241,13 +241,16 @@ def test_bad_shapes_and_attributes_are_errors(op_library, rng):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
-@pytest.mark.parametrize("tokens", [9, 16])
-def test_few_tokens_a_block_take_the_decode_path(op_library, rng, fmt, tokens):
-    """Up to 16 tokens with at most 5 a block (tokens from the seventh on route to no block) take
-    the GEMV path, whose down rows serve up to 4 tokens at once; B = 48 leaves a short last
-    scale group of down rows."""
+@pytest.mark.parametrize("tokens,routed", [(9, 6), (16, 6), (16, 12)])
+def test_few_tokens_a_block_take_the_decode_path(op_library, rng, fmt, tokens, routed):
+    """Up to 16 tokens with at most 12 a block on average (tokens from routed + 1 on route to no
+    block) take the GEMV path, whose gate/up rows serve up to 4 tokens a pass and down rows up to
+    4 at once; with routed = 12 every block has 11 tokens (three passes, the last of 3); B = 48
+    leaves a short last scale group of down rows."""
     case = make_case(rng, (tokens,), 96, 8, 48, bias=True)
-    case.x[6:] = case.x[1]  # make_case's token with no block active
+    case.x[routed:] = case.x[1]  # make_case's token with no block active
+    if routed > 6:  # tokens near make_case's all-active one: every block gets them
+        case.x[2:routed] = case.x[0] + 0.3 * rng.standard_normal((routed - 2, 96)).astype(np.float32)
     check(case, fmt, 32, op_library, threads=2)
 
 

@@ -34,9 +34,12 @@ inline constexpr int64_t kDecodeMaxPairsPerBlock = 8;
 inline constexpr int64_t kDecodeMaxPairsPerSmallBlock = 12;
 inline constexpr int64_t kSmallBlockRows = 128;
 // The quantized kernel dequantizes the gate/up rows again for every kMaxQuantDotTokens
-// tokens of a block, while its GEMM path dequantizes each tile once: int4, 16 tokens at about
-// 9 a block took 1.16x the builder's time end to end on the GEMV path against 1.00x.
-inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 6;
+// tokens of a block, while its GEMM path dequantizes each tile once, then runs the float32
+// GEMM: since the int4 GEMV's lookup (quant-kernel-notes #8) the GEMV path wins up to about
+// 10 tokens a block (#9) (30 / 8 layers of d = 576 / 2048 from DRAM, int4 at r = 0.62, 12 tokens:
+// 0.83 / 0.60 of the GEMM path's time, 16 tokens: 1.00 / 0.85; int8 and float16 likewise) and
+// loses from about 13 at d = 576 (1.28).
+inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 12;
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
