@@ -373,6 +373,45 @@ def test_layer_chain_graphs_compute_each_layer(op_library, rng, layout):
     assert layers.active_fraction(w, x, 0.45) == pytest.approx(float((s > 0.45).mean()))
 
 
+@pytest.mark.parametrize("weights", ["int4", "int8", "float16"])
+def test_layer_chain_quantized_graphs_compute_each_layer(op_library, rng, weights):
+    """bench.layers --weights: layer i's sparse output is the FFN of layer i's router and its blocks
+    as the quantized op stores them (float64 reference over the dequantized blocks); the dense
+    chain (MatMulNBits at accuracy_level 0 for int4 / int8, float32 MatMuls for float16) is the
+    full FFN over the same dequantized weights (MatMulNBits groups along K = d for gate / up, along
+    D for down: the blocks' own groups when B is a multiple of the group)."""
+    from dsmoe_export import quant
+    from dsmoe_export.bench import layers, op
+
+    w = layers.Layers.random(rng, op.Shape(d=64, D=128, n=4), 3)
+    x = rng.standard_normal((7, 64)).astype(np.float32)
+    sparse = graphs.Runner(*layers.sparse_model(w, threshold=0.45, layout="rows", weights=weights),
+                           threads=2, library=op_library)
+    dense = graphs.Runner(*layers.dense_model(w, weights=weights), threads=1)
+    ys, yd = sparse.session.run(None, {"X": x}), dense.session.run(None, {"X": x})
+    for i, (router, e) in enumerate(zip(w.routers, w.experts)):
+        packed = quant.quantize_block_weights(e.gate, e.up, e.down, weights, quant.DEFAULT_GROUP_SIZE)
+        gate, up, down = quant.dequantize_block_weights(packed, weights)
+        y_ref, _ = ffn_reference(x, router, gate, up, down, threshold=0.45)
+        assert rel_err(ys[i], y_ref) <= 1e-4
+        if weights == "float16":
+            gate, up, down = e.gate, e.up, e.down  # the dense baseline stays float32
+        y_all, _ = ffn_reference(x, np.zeros_like(router), gate, up, down, np.full(e.n, 10.0, np.float32),
+                                 weighting="binary", rescale=False)
+        assert rel_err(yd[i], y_all) <= 1e-4
+    assert rel_err(ys[0], ys[1]) > 0.1  # the layers' weights differ
+
+
+def test_layer_chain_quantized_run_reports_its_baseline(op_library, capsys):
+    from dsmoe_export.bench import layers
+
+    assert layers.main(["--shape", "64x128x4", "--layers", "2", "--tokens", "1,5", "--rounds", "1", "--weights", "int4",
+                        "--accuracy-level", "4", "--library", op_library]) == 0
+    out = capsys.readouterr().out
+    assert "int4 weights: sparse/dense (MatMulNBits, 4 bits, accuracy_level 4)" in out
+    assert out.count("| sparse0 |") == 2 and out.count("| dense |") == 2
+
+
 def test_layer_chain_run_rows_and_report(op_library, capsys):
     """A tiny A/B run (the same library twice): one dense and two sparse rows per token count,
     ratios against that count's dense row, and the table names each library."""
@@ -389,7 +428,9 @@ def test_layer_chain_run_rows_and_report(op_library, capsys):
     assert sparse["ratio_min"] == pytest.approx(sparse["ms_min"] / dense["ms_min"])
     assert 0.5 < sparse["r"] <= 1.0  # threshold 0.3: most scores of random logits pass
     for bad in (["--tokens", "0"], ["--threads", "0"], ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
-                ["--down-layout", "rows,auto"]):  # auto is rows at d = 576
+                ["--down-layout", "rows,auto"],  # auto is rows at d = 576
+                ["--weights", "int2"], ["--weights", "int4", "--down-layout", "tiled"],
+                ["--weights", "int4", "--group-size", "48"], ["--weights", "int8", "--accuracy-level", "5"]):
         with pytest.raises(SystemExit):
             layers.main(bad)
 

@@ -36,10 +36,11 @@ inline constexpr int64_t kSmallBlockRows = 128;
 // The quantized kernel dequantizes the gate/up rows again for every kMaxQuantDotTokens
 // tokens of a block, while its GEMM path dequantizes each tile once, then runs the float32
 // GEMM: since the int4 GEMV's lookup (quant-kernel-notes #8) the GEMV path wins up to about
-// 10 tokens a block (#9) (30 / 8 layers of d = 576 / 2048 from DRAM, int4 at r = 0.62, 12 tokens:
-// 0.83 / 0.60 of the GEMM path's time, 16 tokens: 1.00 / 0.85; int8 and float16 likewise) and
-// loses from about 13 at d = 576 (1.28).
+// 8 tokens a block at d = 576 (B = 96) and 12 at d = 2048 (B = 704) (#9: 30 / 8 layers from
+// DRAM, int4 at r = 0.61, 12 tokens, 7.3 a block: 0.83 / 0.63 of the GEMM path's time; 16 tokens,
+// 9.7 a block: 1.00-1.07 / 0.81; int8 and float16 likewise).
 inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 12;
+inline constexpr int64_t kQuantDecodeMaxPairsPerSmallBlock = 8;
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
@@ -99,10 +100,13 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
 
 // Whether the call takes the GEMV (decode) path, from its token count and routing (above);
 // max_pairs_per_block: the kernel's bound on the active blocks' mean tokens
-// (DecodePairsPerBlock for the float32 kernel, kQuantDecodeMaxPairsPerBlock).
+// (DecodePairsPerBlock for the float32 kernel, QuantDecodePairsPerBlock).
 bool UsesDecodePath(const FfnDims& dims, const Routing& routing, int64_t max_pairs_per_block);
 inline int64_t DecodePairsPerBlock(const FfnDims& dims) {
   return dims.block_size <= kSmallBlockRows ? kDecodeMaxPairsPerSmallBlock : kDecodeMaxPairsPerBlock;
+}
+inline int64_t QuantDecodePairsPerBlock(const FfnDims& dims) {
+  return dims.block_size <= kSmallBlockRows ? kQuantDecodeMaxPairsPerSmallBlock : kQuantDecodeMaxPairsPerBlock;
 }
 
 // The op's outputs: Y, and `active` where the node has that optional output (else nullptr).

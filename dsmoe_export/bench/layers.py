@@ -12,6 +12,10 @@ FFN of the same weights.
 
     python -m dsmoe_export.bench.layers --shape 576x1536x16 --layers 30 --tokens 1,128 \\
         --library build/a/libdsmoe_ops.so --library build/b/libdsmoe_ops.so
+
+``--weights int4`` (or int8, float16) times the quantized ops instead (docs/quant-kernel-notes.md),
+against the dense FFN as MatMulNBits at the same bits and ``--accuracy-level`` (float16: the
+float32 MatMuls, as the op-level benchmark does).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ import numpy as np
 import onnxruntime as ort
 from onnx import helper
 
-from .. import onnx_op
+from .. import onnx_op, quant
 from . import graphs, op
+
+WEIGHTS = ("float32", *graphs.PRECISIONS)
 
 
 @dataclass
@@ -45,30 +51,55 @@ def _outputs(d: int, layers: int):
     return [graphs._value_info(f"Y{i}", ["T", d]) for i in range(layers)]
 
 
-def sparse_model(w: Layers, *, threshold: float, layout: str):
-    """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled)."""
+def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "float32",
+                 group_size: int = quant.DEFAULT_GROUP_SIZE):
+    """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled); with
+    `weights` int4 / int8 / float16 the quantized op of that format (its own layout) instead."""
     d = w.experts[0].d
-    nodes, weights = [], {}
+    nodes, arrays = [], {}
+    attrs = {**graphs.OP_ATTRS, "threshold": threshold}
     for i, (router, e) in enumerate(zip(w.routers, w.experts)):
-        names = [f"router{i}", f"gate{i}", f"up{i}", f"down{i}"]
-        down = e.down_tiled if layout == "tiled" else e.down
-        weights.update(zip(names, (router, e.gate, e.up, down)))
-        nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n,
-                                       **{**graphs.OP_ATTRS, "threshold": threshold},
-                                       down_tile=onnx_op.DOWN_LAYOUTS[layout]))
-    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(nodes)), weights,
+        if weights == "float32":
+            names = [f"router{i}", f"gate{i}", f"up{i}", f"down{i}"]
+            down = e.down_tiled if layout == "tiled" else e.down
+            arrays.update(zip(names, (router, e.gate, e.up, down)))
+            nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n, **attrs,
+                                           down_tile=onnx_op.DOWN_LAYOUTS[layout]))
+            continue
+        packed = quant.quantize_block_weights(e.gate, e.up, e.down, weights, group_size)
+        inputs = [k for k in (quant.QUANT_INPUTS if weights in quant.BITS else quant.F16_INPUTS)[2:] if k in packed]
+        arrays[f"router{i}"] = router
+        arrays.update({f"{k}{i}": packed[k] for k in inputs})
+        nodes.append(quant.make_node(weights, ["X", f"router{i}", *[f"{k}{i}" for k in inputs]], [f"Y{i}", ""],
+                                     num_experts=e.n, group_size=group_size if weights in quant.BITS else None,
+                                     **attrs))
+    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(nodes)), arrays,
                          extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
 
 
-def dense_model(w: Layers):
-    """Per layer the dense SwiGLU FFN of graphs.dense_graph (three MatMuls)."""
+def dense_model(w: Layers, *, weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE,
+                accuracy_level: int = 0):
+    """Per layer the dense SwiGLU FFN: three MatMuls (graphs.dense_graph's), or for int4 / int8
+    three MatMulNBits at those bits (graphs.nbits_dense_graph's, at `accuracy_level`)."""
     d = w.experts[0].d
-    nodes, weights = [], {}
+    nodes, arrays = [], {}
     for i, e in enumerate(w.experts):
-        wg, wu, wd = e.dense_layout()
-        weights.update({f"W_gate{i}": wg, f"W_up{i}": wu, f"W_down{i}": wd})
-        nodes += graphs.dense_ffn_nodes("X", f"Y{i}", suffix=str(i))
-    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(w.experts)), weights)
+        if weights not in quant.BITS:
+            wg, wu, wd = e.dense_layout()
+            arrays.update({f"W_gate{i}": wg, f"W_up{i}": wu, f"W_down{i}": wd})
+            nodes += graphs.dense_ffn_nodes("X", f"Y{i}", suffix=str(i))
+            continue
+        model, layer_arrays = graphs.nbits_dense_graph(e, quant.BITS[weights], group_size, accuracy_level)
+        rename = {name: f"{name}{i}" for name in [*layer_arrays, *(n for node in model.graph.node for n in node.output)]}
+        rename["Y"] = f"Y{i}"
+        for node in model.graph.node:
+            node.input[:] = [rename.get(name, name) for name in node.input]
+            node.output[:] = [rename.get(name, name) for name in node.output]
+            nodes.append(node)
+        arrays.update({rename[k]: v for k, v in layer_arrays.items()})
+    extra = [helper.make_opsetid(graphs.MS_DOMAIN, 1)] if weights in quant.BITS else []
+    return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(w.experts)), arrays,
+                         extra_opsets=extra)
 
 
 def timed_call(runner: graphs.Runner, x: np.ndarray):
@@ -96,20 +127,26 @@ def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
 
 
 def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
-        rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0) -> list[dict]:
+        rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0,
+        weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0) -> list[dict]:
     """Rows {tokens, r, variant, library, layout, ms_min, ms_median, ratio_min, ratio_median} (ratios
-    against dense): one sparse variant per library and down layout (`layout`: one or several)."""
+    against dense): one sparse variant per library and down layout (`layout`: one or several; the
+    quantized `weights` have one layout of their own)."""
     rng = np.random.default_rng(seed)
     w = Layers.random(rng, shape, layers)
     layouts = [graphs.default_layout(shape.d) if name == "auto" else name
                for name in ([layout] if isinstance(layout, str) else layout)]
-    sessions = {"dense": graphs.Runner(*dense_model(w), threads=threads)}
+    if weights != "float32":
+        layouts = ["quantized"]
+    sessions = {"dense": graphs.Runner(*dense_model(w, weights=weights, group_size=group_size,
+                                                    accuracy_level=accuracy_level), threads=threads)}
     variants = {}  # name -> (library, layout)
     for i, lib in enumerate(libraries):
         for name in layouts:
             variant = f"sparse{i}" if len(layouts) == 1 else f"sparse{i}-{name}"
             variants[variant] = (lib, name)
-            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=name),
+            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=name, weights=weights,
+                                                            group_size=group_size),
                                               threads=threads, library=lib)
     rows = []
     for T in tokens:
@@ -136,9 +173,11 @@ def bound(tokens: int, r: float) -> float:
     return r + 0.05 if tokens == 1 else 1.15 * r + 0.05
 
 
-def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[str]) -> str:
+def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[str], weights: str = "float32",
+             dense: str = "three MatMuls") -> str:
     layout = layout if isinstance(layout, str) else " and ".join(layout)
-    lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, down layout {layout}: sparse/dense, "
+    what = f"down layout {layout}" if weights == "float32" else f"{weights} weights"
+    lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, {what}: sparse/dense ({dense}), "
              "min / median over interleaved rounds", "",
              "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
              "|---|---|---|---|---|---|---|"]
@@ -176,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-layout", default="auto",
                    help="down_weight layout: auto, rows or tiled, or several comma-separated (a variant each; "
                    "default: the exporter's for this d)")
+    p.add_argument("--weights", choices=WEIGHTS, default="float32",
+                   help="the op's weights: float32 (default) or a quantized op's format (int4, int8, float16)")
+    p.add_argument("--group-size", type=int, default=quant.DEFAULT_GROUP_SIZE,
+                   help="quantization group (int4 / int8; default: %(default)s)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                   help="MatMulNBits' accuracy_level for the dense int4 / int8 FFN (default: %(default)s, "
+                   "float32 activations as the op has)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -199,9 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     if twice:
         p.error(f"--down-layout: {args.down_layout!r} names the layout {twice[0]} twice "
                 f"(auto is {graphs.default_layout(args.shape.d)} at d = {args.shape.d})")
+    if args.weights != "float32" and args.down_layout != "auto":
+        p.error(f"--down-layout applies to float32 weights; the {args.weights} op has one layout")
+    if args.weights in quant.BITS:
+        try:
+            quant.check_group_size(args.group_size)
+        except ValueError as e:
+            p.error(f"--group-size: {e}")
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
-               rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed)
-    print(markdown(rows, args.shape, args.layers, layout))
+               rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed, weights=args.weights,
+               group_size=args.group_size, accuracy_level=args.accuracy_level)
+    dense = (f"MatMulNBits, {quant.BITS[args.weights]} bits, accuracy_level {args.accuracy_level}"
+             if args.weights in quant.BITS else "three MatMuls")
+    print(markdown(rows, args.shape, args.layers, layout, args.weights, dense))
     return 0
 
 
