@@ -263,6 +263,8 @@ class DSMoESession:
         project: the lm_head then runs on those positions only).
         With a shared cache, logits and active are buffers that the cache's next call reuses
         (copy them to keep them past that)."""
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise InputError(f"logits_to_keep: expected an int >= 0 (0 = every position), got {logits_to_keep!r}")
         ids = np.ascontiguousarray(input_ids, np.int64)
         binding = cache.binding()
         binding.bind_cpu_input("input_ids", ids)

@@ -509,6 +509,11 @@ def test_forward_keeps_the_last_logits_on_request(session, rng):
     last, _ = session.forward(ids, mask, session.new_cache(2, 9), logits_to_keep=1)
     assert full.shape == (2, 9, 256) and last.shape == (2, 1, 256)
     assert np.array_equal(last, full[:, -1:])
+    more, _ = session.forward(ids, mask, session.new_cache(2, 9), logits_to_keep=20)  # more than the prompt: all
+    assert np.array_equal(more, full)
+    for bad in (-1, 2.5, True, "1"):
+        with pytest.raises(InputError, match="logits_to_keep: expected an int >= 0"):
+            session.forward(ids, mask, session.new_cache(2, 9), logits_to_keep=bad)
 
 
 def test_cache_step_continues_like_forward(session, rng):
