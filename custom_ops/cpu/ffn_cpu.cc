@@ -192,7 +192,7 @@ void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
                   gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
   const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
   WriteActive(routing, dims, out.active);
-  if (UsesDecodePath(dims, routing, DecodePairsPerBlock(dims))) {
+  if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
     ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
   } else {
     ComputePrefill(ctx, kernels_, attrs_, dims, w, routing, y);

@@ -160,7 +160,7 @@ class QuantCpuKernel {
                      qd.row_groups,             qd.block_groups};
     const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
     WriteActive(routing, dims, out.active);
-    if (UsesDecodePath(dims, routing, QuantDecodePairsPerBlock(dims))) {
+    if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
       ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
       return;
     }

@@ -207,6 +207,7 @@ inline float DotFloats(const float* a, const float* b, int64_t count) {
 // multiply per row and group). Not for the down rows: their scales vary along the row.
 // 30 layers of d = 576, n = 16 (quant-kernel-notes #8): one token 4-9 % faster, 4 tokens 8-17 %.
 constexpr bool kInt4Lookup = true;
+static_assert(kDotStep<WeightFormat::kInt4> == 2 * kVL, "a lookup step is one 16-byte chunk: two vectors");
 
 inline void LoadInt4Scaled(const uint8_t* chunk, const __m512 table, Vec* out) {
   constexpr __mmask16 all = 0xffff;  // masked forms: see LoadBytesAsFloat
@@ -215,7 +216,8 @@ inline void LoadInt4Scaled(const uint8_t* chunk, const __m512 table, Vec* out) {
   out[1] = reinterpret_cast<Vec>(_mm512_maskz_permutexvar_ps(all, _mm512_maskz_srli_epi32(all, b, 4), table));
 }
 
-// acc[r][t] = sum over the whole groups g < whole of row r of s[r][g] * (q - 8) . x[t] (32-weight steps).
+// acc[r][t] = sum over the whole groups g < whole of row r of s[r][g] * (q - 8) . x[t] (steps of
+// kDotStep = 32 weights: one 16-byte chunk, two vectors).
 template <int R, int T>
 void Int4WholeGroups(const uint8_t* w, int64_t rb, const float* scales, int64_t groups, int64_t whole, int64_t G,
                      int64_t spg, const float* const* x, Vec (&acc)[R][T]) {
@@ -225,7 +227,7 @@ void Int4WholeGroups(const uint8_t* w, int64_t rb, const float* scales, int64_t 
     __m512 table[R];
     for (int rr = 0; rr < R; ++rr) table[rr] = reinterpret_cast<__m512>(Splat(scales[rr * groups + g]) * levels);
     for (int64_t i = 0; i < spg; ++i) {
-      const int64_t c = g * G + i * 32;
+      const int64_t c = g * G + i * kDotStep<WeightFormat::kInt4>;
       Vec wv[R][2];
       for (int rr = 0; rr < R; ++rr) {
         LoadInt4Scaled(w + rr * rb + (c >> 1), table[rr], wv[rr]);

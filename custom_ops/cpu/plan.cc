@@ -65,8 +65,9 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
   return r;
 }
 
-bool UsesDecodePath(const FfnDims& dims, const Routing& routing, int64_t max_pairs_per_block) {
+bool UsesDecodePath(const FfnDims& dims, const Routing& routing, const DecodeBounds& bounds) {
   const int64_t N = dims.num_tokens, n = dims.num_blocks;
+  const int64_t max_pairs_per_block = dims.block_size <= kSmallBlockRows ? bounds.small_blocks : bounds.large_blocks;
   if (N <= kDecodeMaxTokens) return true;
   if (N > kDecodeRoutedMaxTokens) return false;
   int64_t pairs = 0, blocks = 0;

@@ -18,9 +18,9 @@ namespace dsmoe::cpu {
 // kMaxDotTokens tokens of a block) or the GEMM path, whose panels waste work on
 // small buckets and whose tiles small blocks feed poorly (UsesDecodePath). Calls of
 // up to kDecodeMaxTokens tokens always take the GEMV path; up to
-// kDecodeRoutedMaxTokens, when the active blocks have at most kDecodeMaxPairsPerBlock
-// tokens each on average (kDecodeMaxPairsPerSmallBlock for blocks of at most
-// kSmallBlockRows rows; the quantized kernel: kQuantDecodeMaxPairsPerBlock). Measured (2 threads, AVX-512, Intel Xeon): op level with the
+// kDecodeRoutedMaxTokens, when the active blocks have at most a kernel's DecodeBounds
+// tokens each on average (one bound for blocks of at most kSmallBlockRows rows, one for
+// larger ones). Float32 kernel, measured (2 threads, AVX-512, Intel Xeon): op level with the
 // caches flushed, 8 tokens, about 4 a block: 0.82-0.94 of the dense FFN against
 // 0.89-1.11 on the GEMM path (d = 576-2048; int4 0.76 / 0.52 against 0.88 / 1.10 at
 // d = 576 / 2048); 16 tokens, about 8 a block: 0.89 / 1.90 / 7.69 ms against 0.98 /
@@ -30,17 +30,18 @@ namespace dsmoe::cpu {
 // kDecodeGroups x d floats, as for kDecodeMaxTokens tokens).
 inline constexpr int64_t kDecodeMaxTokens = 6;
 inline constexpr int64_t kDecodeRoutedMaxTokens = 16;
-inline constexpr int64_t kDecodeMaxPairsPerBlock = 8;
-inline constexpr int64_t kDecodeMaxPairsPerSmallBlock = 12;
 inline constexpr int64_t kSmallBlockRows = 128;
+struct DecodeBounds {
+  int64_t small_blocks, large_blocks;  // mean tokens a block, blocks of <= / > kSmallBlockRows rows
+};
+inline constexpr DecodeBounds kFloatDecodeBounds{12, 8};
 // The quantized kernel dequantizes the gate/up rows again for every kMaxQuantDotTokens
 // tokens of a block, while its GEMM path dequantizes each tile once, then runs the float32
 // GEMM: since the int4 GEMV's lookup (quant-kernel-notes #8) the GEMV path wins up to about
 // 8 tokens a block at d = 576 (B = 96) and 12 at d = 2048 (B = 704) (#9: 30 / 8 layers from
 // DRAM, int4 at r = 0.61, 12 tokens, 7.3 a block: 0.83 / 0.63 of the GEMM path's time; 16 tokens,
 // 9.7 a block: 1.00-1.07 / 0.81; int8 and float16 likewise).
-inline constexpr int64_t kQuantDecodeMaxPairsPerBlock = 12;
-inline constexpr int64_t kQuantDecodeMaxPairsPerSmallBlock = 8;
+inline constexpr DecodeBounds kQuantDecodeBounds{8, 12};
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
@@ -99,15 +100,9 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
               const float* x, const float* router, const float* bias);
 
 // Whether the call takes the GEMV (decode) path, from its token count and routing (above);
-// max_pairs_per_block: the kernel's bound on the active blocks' mean tokens
-// (DecodePairsPerBlock for the float32 kernel, QuantDecodePairsPerBlock).
-bool UsesDecodePath(const FfnDims& dims, const Routing& routing, int64_t max_pairs_per_block);
-inline int64_t DecodePairsPerBlock(const FfnDims& dims) {
-  return dims.block_size <= kSmallBlockRows ? kDecodeMaxPairsPerSmallBlock : kDecodeMaxPairsPerBlock;
-}
-inline int64_t QuantDecodePairsPerBlock(const FfnDims& dims) {
-  return dims.block_size <= kSmallBlockRows ? kQuantDecodeMaxPairsPerSmallBlock : kQuantDecodeMaxPairsPerBlock;
-}
+// bounds: the kernel's bound on the active blocks' mean tokens (kFloatDecodeBounds,
+// kQuantDecodeBounds).
+bool UsesDecodePath(const FfnDims& dims, const Routing& routing, const DecodeBounds& bounds);
 
 // The op's outputs: Y, and `active` where the node has that optional output (else nullptr).
 struct Outputs {

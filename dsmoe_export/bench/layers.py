@@ -51,10 +51,25 @@ def _outputs(d: int, layers: int):
     return [graphs._value_info(f"Y{i}", ["T", d]) for i in range(layers)]
 
 
+def _layer(model, arrays: dict, i: int, nodes: list, weights: dict) -> None:
+    """Appends a one-layer graph of graphs.py (input X, output Y) as layer i: its initializers,
+    graph inputs other than X (router_weight) and intermediate values get the suffix i, Y becomes
+    Y{i}; the graph inputs become initializers from `arrays` (the router's under router_weight)."""
+    produced = (n for node in model.graph.node for n in node.output if n)  # "": an omitted optional output
+    rename = {name: f"{name}{i}" for name in [*arrays, *produced]}
+    rename["Y"] = f"Y{i}"
+    for node in model.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+        node.output[:] = [rename.get(name, name) for name in node.output]
+        nodes.append(node)
+    weights.update({rename[k]: v for k, v in arrays.items()})
+
+
 def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "float32",
                  group_size: int = quant.DEFAULT_GROUP_SIZE):
     """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled); with
-    `weights` int4 / int8 / float16 the quantized op of that format (its own layout) instead."""
+    `weights` int4 / int8 / float16 the quantized op of that format (graphs.quant_sparse_graph:
+    its own layout) instead."""
     d = w.experts[0].d
     nodes, arrays = [], {}
     attrs = {**graphs.OP_ATTRS, "threshold": threshold}
@@ -66,13 +81,8 @@ def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "fl
             nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n, **attrs,
                                            down_tile=onnx_op.DOWN_LAYOUTS[layout]))
             continue
-        packed = quant.quantize_block_weights(e.gate, e.up, e.down, weights, group_size)
-        inputs = [k for k in (quant.QUANT_INPUTS if weights in quant.BITS else quant.F16_INPUTS)[2:] if k in packed]
-        arrays[f"router{i}"] = router
-        arrays.update({f"{k}{i}": packed[k] for k in inputs})
-        nodes.append(quant.make_node(weights, ["X", f"router{i}", *[f"{k}{i}" for k in inputs]], [f"Y{i}", ""],
-                                     num_experts=e.n, group_size=group_size if weights in quant.BITS else None,
-                                     **attrs))
+        model, layer_arrays = graphs.quant_sparse_graph(e, weights, group_size, threshold=threshold)
+        _layer(model, {**layer_arrays, "router_weight": router}, i, nodes, arrays)
     return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(nodes)), arrays,
                          extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
 
@@ -89,14 +99,7 @@ def dense_model(w: Layers, *, weights: str = "float32", group_size: int = quant.
             arrays.update({f"W_gate{i}": wg, f"W_up{i}": wu, f"W_down{i}": wd})
             nodes += graphs.dense_ffn_nodes("X", f"Y{i}", suffix=str(i))
             continue
-        model, layer_arrays = graphs.nbits_dense_graph(e, quant.BITS[weights], group_size, accuracy_level)
-        rename = {name: f"{name}{i}" for name in [*layer_arrays, *(n for node in model.graph.node for n in node.output)]}
-        rename["Y"] = f"Y{i}"
-        for node in model.graph.node:
-            node.input[:] = [rename.get(name, name) for name in node.input]
-            node.output[:] = [rename.get(name, name) for name in node.output]
-            nodes.append(node)
-        arrays.update({rename[k]: v for k, v in layer_arrays.items()})
+        _layer(*graphs.nbits_dense_graph(e, quant.BITS[weights], group_size, accuracy_level), i, nodes, arrays)
     extra = [helper.make_opsetid(graphs.MS_DOMAIN, 1)] if weights in quant.BITS else []
     return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(w.experts)), arrays,
                          extra_opsets=extra)
