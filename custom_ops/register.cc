@@ -10,6 +10,7 @@
 #include "common/status.h"
 #include "cpu/ffn_cpu.h"
 #include "cpu/ffn_cpu_quant.h"
+#include "cpu/projected_cpu.h"
 #include "cuda/register_cuda.h"
 
 #if defined(_WIN32)
@@ -58,6 +59,7 @@ extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOpti
     Ort::CustomOpDomain domain{dsmoe::kDomain};
     dsmoe::cpu::RegisterOps(domain);
     dsmoe::cpu::RegisterQuantOps(domain);
+    dsmoe::cpu::RegisterProjectedOps(domain);
     dsmoe::cuda::RegisterOps(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
     Domains().push_back(std::move(domain));  // kept first: ORT holds on to the pointer

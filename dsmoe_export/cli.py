@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "[n, B, d]; 'auto' picks tiled from hidden size 2048 on, rows below it, where rows decodes "
                         "6-20 %% faster at equal prefill speed, and rows for --dtype float16 (the CUDA EP's "
                         "CUTLASS GEMMs read rows) (default: %(default)s)")
+    p.add_argument("--ffn-node", choices=("auto", "projected", "plain"), default="auto",
+                   help="'projected': one ProjectedSparseFFN node per layer (but the last) for o_proj, the norms "
+                        "around the FFN, the FFN and the next layer's QKV projection (float32 graphs for the CPU "
+                        "EP with float32 FFN and attention weights and no projection biases; docs/exporting.md); "
+                        "'plain': GatedBlockSparseFFN between ONNX Runtime's nodes; 'auto': projected where it "
+                        "applies (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,
@@ -107,7 +113,8 @@ def _run(args) -> int:
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
                         group_size=args.group_size, down_layout=args.down_layout,
                         accuracy_level=args.int4_accuracy_level, lm_head_weights=args.lm_head_weights,
-                        calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens)
+                        calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
+                        ffn_node=args.ffn_node)
     except KeyboardInterrupt:
         print("dsmoe-export: interrupted; nothing written", file=sys.stderr)
         return 130

@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from . import gptq, onnx_op, weight_formats
-from .graph import GraphOptions, build_model, check_config
+from .graph import GraphOptions, build_model, check_config, projected_ffn_applies
 from .graph.schemas import register_ort_schemas
 from .errors import ExportError
 from .loader import load_model
@@ -130,6 +130,7 @@ def _check_output_path(out: Path) -> None:
 
 
 DOWN_LAYOUT_CHOICES = ("auto", *onnx_op.DOWN_LAYOUTS)
+FFN_NODE_CHOICES = ("auto", "projected", "plain")
 # "auto" stores the column tiles from this hidden size on. Below it the rows layout decodes
 # faster and prefills as fast (converted SmolLM2, d = 576, end to end: decode 0.94-0.97 of the
 # tiles' time, prefill 1.00-1.03). From d = 2048 the tiles' prefill gain (5-11 %) stays and
@@ -155,7 +156,8 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
            matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "auto",
            accuracy_level: int | None = None, lm_head_weights: str | None = None,
-           calibration_text: str | Path | None = None, calibration_tokens: int = 2048) -> ExportResult:
+           calibration_text: str | Path | None = None, calibration_tokens: int = 2048,
+           ffn_node: str = "auto") -> ExportResult:
     """Export the folder's causal LM with a KV cache to `out` (docs/exporting.md).
 
     Beside `out` (only when that is not the model folder itself): the tokenizer files and
@@ -182,9 +184,18 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
     "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill),
     "rows" ([n, B, d]) or "auto" (:func:`choose_down_layout`). The quantized FFN ops always
-    store rows."""
+    store rows.
+
+    `ffn_node`: "projected" replaces each layer's o_proj, the norms around its FFN, the FFN and
+    the next layer's QKV projection with one ProjectedSparseFFN node (op-spec.md; every layer but
+    the last): a float32 sparse graph with float32 FFN and attention weights and no projection
+    biases, for the CPU EP (decode 0.94 of the plain graph's step on the converted SmolLM2,
+    prefill 1.02-1.06); "plain" keeps GatedBlockSparseFFN between ONNX Runtime's nodes; "auto"
+    is "projected" where it applies."""
     accuracy_level, matmul_weights, lm_head_weights = _checked_options(
         out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)
+    if ffn_node not in FFN_NODE_CHOICES:
+        raise ExportError(f"ffn_node must be one of {', '.join(FFN_NODE_CHOICES)}, got {ffn_node!r}", file=out)
     if dtype == "float16":
         tolerance = max(tolerance, FLOAT16_TOLERANCE)
     t0 = time.perf_counter()
@@ -205,6 +216,10 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
                            group_size=group_size, accuracy_level=accuracy_level,
                            down_tile=onnx_op.DOWN_LAYOUTS[choose_down_layout(down_layout, cfg.hidden_size, dtype)],
                            active_outputs=active_outputs)
+    why_not = projected_ffn_applies(model, options)
+    if ffn_node == "projected" and why_not:
+        raise ExportError(f"--ffn-node projected: not for this export: {why_not}", file=out)
+    options = dataclasses.replace(options, projected_ffn=ffn_node != "plain" and why_not is None)
     if calibration_text is not None and any(f in ("int8", "int4") for f in (ffn_weights, matmul_weights,
                                                                             lm_head_weights)):
         with steps(f"collecting calibration inputs ({calibration_tokens} tokens of {Path(calibration_text).name})"):

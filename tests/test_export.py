@@ -18,7 +18,7 @@ import pytest
 import torch
 from model_refs import hf_reference, min_threshold_margin
 
-from dsmoe_export import onnx_op
+from dsmoe_export import onnx_op, projected_op
 from dsmoe_export.graph import interface
 from dsmoe_export.cli import main
 from dsmoe_export.synthetic import TinySpec, make_model_folder
@@ -108,16 +108,25 @@ def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: fl
     assert _rel_err(got2[0], r2.logits.numpy()) < REL_TOL
 
 
+@pytest.mark.parametrize("ffn_node", ["auto", "plain"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_sparse_export_matches_float64_reference(tmp_path, case, rng, seed):
+def test_sparse_export_matches_float64_reference(tmp_path, case, ffn_node, rng, seed):
+    """Both FFN nodes: with `auto`, ProjectedSparseFFN in every layer but the last, except where
+    the attention projections have biases (the case with attention_bias keeps the plain op)."""
     c = CASES[case]
     folder = make_model_folder(tmp_path / "model", c["spec"], seed=seed, router_scale=c["router_scale"])
     out = tmp_path / "model.onnx"
-    assert main([str(folder), str(out), "-q"]) == 0
+    assert main([str(folder), str(out), "-q", "--ffn-node", ffn_node]) == 0
     model = onnx.load(str(out))
     ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
-    assert len(ffn_nodes) == c["spec"].num_hidden_layers
-    assert {f.name for f in model.functions} == {onnx_op.OP_TYPE}
+    layers = c["spec"].num_hidden_layers
+    projected = ffn_node == "auto" and not c["spec"].attention_bias
+    types = [n.op_type for n in ffn_nodes]
+    assert types == ([projected_op.OP_TYPE] * (layers - 1) + [onnx_op.OP_TYPE] if projected
+                     else [onnx_op.OP_TYPE] * layers)
+    assert {f.name for f in model.functions} == {onnx_op.OP_TYPE} | ({projected_op.OP_TYPE} if projected else set())
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["dsmoe_export.ffn_node"] == types[0]
     # The default ("auto") at these small hidden sizes: the rows layout.
     _check_down_layout(model, ffn_nodes, c["spec"], tiled=False)
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
@@ -131,7 +140,9 @@ def _check_down_layout(model, ffn_nodes, spec, *, tiled: bool) -> None:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs.get("down_tile", 0) == (64 if tiled else 0)
         want = [n, -(-d // 64), B, 64] if tiled else [n, B, d]
-        assert list(inits[node.input[4]].dims) == want
+        down = node.input[list(projected_op.INPUTS if node.op_type == projected_op.OP_TYPE
+                                else onnx_op.INPUTS).index("down_weight")]
+        assert list(inits[down].dims) == want
 
 
 @pytest.mark.parametrize("layout", ["tiled", "rows"])
@@ -238,20 +249,27 @@ LAYER_OPS = ["SkipSimplifiedLayerNormalization", "MatMul", "GroupQueryAttention"
 DENSE_FFN_OPS = ["MatMul", "Sigmoid", "Mul", "MatMul", "Mul", "MatMul"]
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_graph_is_the_fused_layout(tmp_path, seed, dense):
+@pytest.mark.parametrize("kind", ["dense", "plain", "projected"])
+def test_graph_is_the_fused_layout(tmp_path, seed, kind):
     folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=3), seed=seed)
     out = tmp_path / "m.onnx"
-    assert main([str(folder), str(out), "-q", "--no-validate"] + (["--dense"] if dense else [])) == 0
+    flags = ["--dense"] if kind == "dense" else ["--ffn-node", kind]
+    assert main([str(folder), str(out), "-q", "--no-validate"] + flags) == 0
     model = onnx.load(str(out))
+    dense = kind == "dense"
     by_layer: dict[int, list[str]] = {}
     for node in model.graph.node:
         parts = node.name.split("/")
         if len(parts) > 3 and parts[1:3] == ["model", "layers"]:
             by_layer.setdefault(int(parts[3]), []).append(node.op_type)
     ffn = DENSE_FFN_OPS if dense else [onnx_op.OP_TYPE]
-    assert by_layer[0] == ["SimplifiedLayerNormalization"] + LAYER_OPS[1:] + ffn
-    assert by_layer[1] == by_layer[2] == LAYER_OPS + ffn
+    if kind == "projected":  # the next layer's norm and QKV projection inside each layer's node, but the last
+        assert by_layer[0] == ["SimplifiedLayerNormalization", "MatMul", "GroupQueryAttention", projected_op.OP_TYPE]
+        assert by_layer[1] == ["GroupQueryAttention", projected_op.OP_TYPE]
+        assert by_layer[2] == ["GroupQueryAttention"] + LAYER_OPS[3:] + ffn
+    else:
+        assert by_layer[0] == ["SimplifiedLayerNormalization"] + LAYER_OPS[1:] + ffn
+        assert by_layer[1] == by_layer[2] == LAYER_OPS + ffn
     gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2

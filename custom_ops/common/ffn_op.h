@@ -1,6 +1,6 @@
 // The ops' description for ONNX Runtime, one template for every variant and device
 // (float32 / float16 / bfloat16 on CUDA, float32 and the quantized Int4 / Int8 / F16
-// ops on the CPU). A kernel type supplies
+// ops on the CPU, the float32 ProjectedSparseFFN on the CPU). A kernel type supplies
 //   using Variant = ...;                                   // what tells its ops apart (e.g. QuantKind)
 //   static OpSignature Signature(const Variant&);          // name, EP, input and output types
 //   Kernel(const Variant&, const Ort::ConstKernelInfo&);   // parses its attributes (may throw)
@@ -23,14 +23,21 @@ namespace dsmoe {
 struct OpSignature {
   const char* name = kOpName;
   const char* execution_provider = "CPUExecutionProvider";
-  std::vector<ONNXTensorElementDataType> inputs;  // by input index
-  size_t optional_input = kRouterBias;            // router_bias
-  ONNXTensorElementDataType output = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // Y; `active` is bool
+  std::vector<ONNXTensorElementDataType> inputs;   // by input index
+  size_t optional_input = kRouterBias;             // router_bias
+  std::vector<ONNXTensorElementDataType> outputs;  // by output index
+  size_t optional_output = kActive;                // `active`
 };
+
+// Outputs of a GatedBlockSparseFFN variant (FfnOutput): Y of type `y`, `active` bool.
+inline std::vector<ONNXTensorElementDataType> FfnOutputTypes(ONNXTensorElementDataType y) {
+  return {y, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL};
+}
 
 // GatedBlockSparseFFN with element type T everywhere (inputs per FfnInput).
 inline OpSignature FloatOpSignature(const char* execution_provider, ONNXTensorElementDataType type) {
-  return {kOpName, execution_provider, std::vector<ONNXTensorElementDataType>(kNumFfnInputs, type), kRouterBias, type};
+  return {kOpName, execution_provider, std::vector<ONNXTensorElementDataType>(kNumFfnInputs, type), kRouterBias,
+          FfnOutputTypes(type), kActive};
 }
 
 struct NoVariant {};
@@ -80,12 +87,10 @@ struct FfnOp : Ort::CustomOpBase<FfnOp<Kernel>, FfnKernelAdapter<Kernel>, /*With
     return index == signature.optional_input ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
 
-  size_t GetOutputTypeCount() const { return kNumFfnOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const {
-    return index == kActive ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : signature.output;
-  }
+  size_t GetOutputTypeCount() const { return signature.outputs.size(); }
+  ONNXTensorElementDataType GetOutputType(size_t index) const { return signature.outputs[index]; }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
-    return index == kActive ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index == signature.optional_output ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
 
   // No InferOutputShape: with the 1.21 headers in onnxruntime 1.31 it was

@@ -26,8 +26,13 @@ class Scratch {
     }
   }
   ~Scratch() { Release(); }
+  Scratch(Scratch&& other) noexcept : allocator_(other.allocator_), data_(other.data_) {
+    other.allocator_ = nullptr;
+    other.data_ = nullptr;
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
+  Scratch& operator=(Scratch&&) = delete;
   void* data() const { return data_; }
 
  private:

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -43,32 +44,50 @@ inline int64_t DecodeGroups(const PairsByBlock& sorted, int64_t n, int64_t slabs
   return std::clamp<int64_t>(CeilDiv(kDecodeMinTasks, active), 1, most);
 }
 
+// The tasks of one decode call: the active blocks' (block, row group) pairs and the partial
+// outputs they write. Plan, run every task (here through one ParallelFor; ProjectedSparseFFN
+// runs them inside its own pass of the pool), then SumDecodePartials.
+struct DecodePlan {
+  PairsByBlock sorted;
+  int64_t slabs = 0, groups = 1, slabs_per_group = 1, d = 0;
+  std::vector<int64_t> tasks;  // i * groups + group, active blocks only: the pool's chunks of work stay even
+  ScratchArray<float> partial;  // [pairs, groups, d]
+
+  // Zeroes task `index`'s partial outputs, then runs task(const DecodeTask&) on them.
+  template <typename Task>
+  void Run(size_t index, const Task& task) const {
+    const int64_t i = tasks[index] / groups, grp = tasks[index] % groups;
+    const int64_t s_begin = grp * slabs_per_group;
+    const DecodeTask t{i, grp, sorted.block_start[i], sorted.block_start[i + 1], s_begin,
+                       std::min(slabs, s_begin + slabs_per_group), sorted.pair_token.get(), partial.get(), groups, d};
+    for (int64_t p = t.first_pair; p < t.last_pair; ++p) std::fill(t.out(p), t.out(p) + d, 0.0f);
+    if (t.slab_begin < t.slab_end) task(t);
+  }
+};
+
+inline DecodePlan PlanDecode(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
+                             int64_t slab_rows) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, dims.num_tokens);
+  const int64_t slabs = CeilDiv(B, slab_rows);
+  const int64_t groups = DecodeGroups(sorted, n, slabs);
+  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);
+  std::vector<int64_t> tasks;
+  tasks.reserve(static_cast<size_t>(n * groups));
+  for (int64_t i = 0; i < n; ++i) {
+    if (sorted.block_start[i] == sorted.block_start[i + 1]) continue;
+    for (int64_t grp = 0; grp < groups; ++grp) tasks.push_back(i * groups + grp);
+  }
+  return {std::move(sorted), slabs, groups, CeilDiv(slabs, groups), d, std::move(tasks), std::move(partial)};
+}
+
 // task(const DecodeTask&) accumulates h . V over its slabs into out(p) of each of its pairs.
 template <typename Task>
 void DecodeSlabs(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing, int64_t slab_rows,
                  const Task& task, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  const PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, dims.num_tokens);
-  const int64_t* block_start = sorted.block_start.get();
-  const int64_t slabs = CeilDiv(B, slab_rows);
-  const int64_t groups = DecodeGroups(sorted, n, slabs);
-  const int64_t slabs_per_group = CeilDiv(slabs, groups);
-  auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);
-  std::vector<int64_t> tasks;  // k of n blocks active: the pool's chunks of work stay even
-  tasks.reserve(static_cast<size_t>(n * groups));
-  for (int64_t i = 0; i < n; ++i) {
-    if (block_start[i] == block_start[i + 1]) continue;
-    for (int64_t grp = 0; grp < groups; ++grp) tasks.push_back(i * groups + grp);
-  }
-  ParallelFor(ctx, tasks.size(), [&](size_t index) {
-    const int64_t i = tasks[index] / groups, grp = tasks[index] % groups;
-    const int64_t s_begin = grp * slabs_per_group;
-    const DecodeTask t{i, grp, block_start[i], block_start[i + 1], s_begin, std::min(slabs, s_begin + slabs_per_group),
-                       sorted.pair_token.get(), partial.get(), groups, d};
-    for (int64_t p = t.first_pair; p < t.last_pair; ++p) std::fill(t.out(p), t.out(p) + d, 0.0f);
-    if (t.slab_begin < t.slab_end) task(t);
-  });
-  SumDecodePartials(ctx, dims, routing, sorted, groups, partial.get(), y);
+  const DecodePlan plan = PlanDecode(ctx, dims, routing, slab_rows);
+  ParallelFor(ctx, plan.tasks.size(), [&](size_t index) { plan.Run(index, task); });
+  SumDecodePartials(ctx, dims, routing, plan.sorted, plan.groups, plan.partial.get(), y);
 }
 
 }  // namespace dsmoe::cpu

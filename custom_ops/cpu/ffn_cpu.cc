@@ -40,14 +40,7 @@ static_assert(sizeof(bool) == 1, "the active output (ONNX bool) is copied from a
 namespace dsmoe::cpu {
 namespace {
 
-struct Weights {
-  const float* x;       // [N, d]
-  const float* router;  // [n, d]
-  const float* bias;    // [n] or nullptr
-  const float* gate;    // [n, B, d]
-  const float* up;      // [n, B, d]
-  const float* down;    // [n, B, d] or column tiles (DownOffset)
-};
+using Weights = FloatFfnWeights;
 
 // dst[j * width + c] = src[j * ld + c]: the rows are a page apart (ld = d), which
 // the hardware prefetchers do not follow, so the rows ahead are prefetched here.
@@ -67,62 +60,8 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
   }
 }
 
-void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
-                   const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
-  // Per task (cpu/decode.h), slabs of kDecodeRows rows: a slab's gate, up and down rows are
-  // read once for up to kMaxDotTokens tokens (down rows longer than a page: once per token,
-  // from L2).
-  // Down in column tiles: h of all the group's rows first, then the group's rows of
-  // every tile at once (accumulate_tiles), once for up to kMaxDotTokens tokens. Against
-  // the rows layout's per-slab reads: 1-4 % slower at T = 1 (d = 2048 and 4096), equal
-  // at T = 4; tile after tile (one stream at a time) was 5-6 % slower, a second pass
-  // over whole tiles after all of the block's gate/up 4-6 %.
-  const bool tiled = dims.down_tile != 0;
-  DecodeSlabs(ctx, dims, routing, kDecodeRows, [&](const DecodeTask& t) {
-    const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
-    const int64_t* pair_token = t.pair_token;
-    const int64_t g0 = t.slab_begin * kDecodeRows, g_rows = std::min(B, t.slab_end * kDecodeRows) - g0;
-    float* hg = tiled ? ThreadBuffer(ThreadSlot::kDownTile, (last_pair - first_pair) * g_rows) : nullptr;
-    float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kMaxDotTokens * kDecodeRows];
-    for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
-      const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
-      const int64_t offset = (i * B + r0) * d;
-      for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
-        const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
-        const float* xs[kMaxDotTokens];
-        for (int c = 0; c < count; ++c) xs[c] = w.x + pair_token[p0 + c] * d;
-        ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
-        ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
-        const float* hs[kMaxDotTokens];
-        float* outs[kMaxDotTokens];
-        for (int c = 0; c < count; ++c) {
-          const int64_t p = p0 + c;
-          float* hp = tiled ? hg + (p - first_pair) * g_rows + (r0 - g0) : h + c * kDecodeRows;
-          ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
-                              routing.coef[pair_token[p] * n + i], rows, hp);
-          hs[c] = hp;
-          outs[c] = t.out(p);
-        }
-        if (!tiled) ks.accumulate_rows(hs, count, w.down + offset, rows, d, d, outs);
-      }
-    }
-    if (!tiled) return;
-    for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
-      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
-      const float* hs[kMaxDotTokens];
-      float* outs[kMaxDotTokens];
-      for (int c = 0; c < count; ++c) {
-        hs[c] = hg + (p0 + c - first_pair) * g_rows;
-        outs[c] = t.out(p0 + c);
-      }
-      ks.accumulate_tiles(hs, count, w.down + DownOffset(dims, i, g0, 0), g_rows, B * dims.down_tile, d, outs);
-    }
-  }, y);
-}
-
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
-                    const FfnDims& dims, const Weights& w, const Routing& routing, float* y) {
+                    const FfnDims& dims, const float* x, const Weights& w, const Routing& routing, float* y) {
   const int64_t d = dims.hidden, B = dims.block_size;
   auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t) {
     return std::pair{w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d};
@@ -157,46 +96,88 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
     }
   } prefetch{w, dims};
   ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first, const int64_t* first_block) {
-    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, first_block, y, gate_up_rows, down_tile, prefetch);
+    PrefillChunk(ctx, ks, attrs.activation, dims, x, routing, pairs, first, first_block, y, gate_up_rows, down_tile, prefetch);
   });
 }
 
 }  // namespace
 
-void FfnCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
-  for (const size_t index : {kGateWeight, kUpWeight, kDownWeight}) {
-    try {
-      int is_constant = 0;
-      Ort::ConstValue weight = info.GetTensorConstantInput(index, &is_constant);
-      if (!is_constant || !weight || !weight.IsTensor()) continue;  // a graph input: the caller's memory
-      const size_t count = weight.GetTensorTypeAndShapeInfo().GetElementCount();
-      AdviseHugePages(weight.GetTensorRawData(), count * sizeof(float));
-    } catch (const Ort::Exception&) {
-      // Only an optimisation: a runtime that cannot say which inputs are constant runs without it.
+// Per task (cpu/decode.h), slabs of kDecodeRows rows: a slab's gate, up and down rows are
+// read once for up to kMaxDotTokens tokens (down rows longer than a page: once per token,
+// from L2).
+// Down in column tiles: h of all the group's rows first, then the group's rows of
+// every tile at once (accumulate_tiles), once for up to kMaxDotTokens tokens. Against
+// the rows layout's per-slab reads: 1-4 % slower at T = 1 (d = 2048 and 4096), equal
+// at T = 4; tile after tile (one stream at a time) was 5-6 % slower, a second pass
+// over whole tiles after all of the block's gate/up 4-6 %.
+void FloatDecodeTask::operator()(const DecodeTask& t) const {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const bool tiled = dims.down_tile != 0;
+  const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
+  const int64_t* pair_token = t.pair_token;
+  const int64_t g0 = t.slab_begin * kDecodeRows, g_rows = std::min(B, t.slab_end * kDecodeRows) - g0;
+  float* hg = tiled ? ThreadBuffer(ThreadSlot::kDownTile, (last_pair - first_pair) * g_rows) : nullptr;
+  float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kMaxDotTokens * kDecodeRows];
+  for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
+    const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
+    const int64_t offset = (i * B + r0) * d;
+    for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
+      const float* xs[kMaxDotTokens];
+      for (int c = 0; c < count; ++c) xs[c] = x + pair_token[p0 + c] * d;
+      ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
+      ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
+      const float* hs[kMaxDotTokens];
+      float* outs[kMaxDotTokens];
+      for (int c = 0; c < count; ++c) {
+        const int64_t p = p0 + c;
+        float* hp = tiled ? hg + (p - first_pair) * g_rows + (r0 - g0) : h + c * kDecodeRows;
+        ks.gated_activation(attrs.activation, g + c * kDecodeRows, u + c * kDecodeRows,
+                            routing.coef[pair_token[p] * n + i], rows, hp);
+        hs[c] = hp;
+        outs[c] = t.out(p);
+      }
+      if (!tiled) ks.accumulate_rows(hs, count, w.down + offset, rows, d, d, outs);
     }
   }
+  if (!tiled) return;
+  for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
+    const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
+    const float* hs[kMaxDotTokens];
+    float* outs[kMaxDotTokens];
+    for (int c = 0; c < count; ++c) {
+      hs[c] = hg + (p0 + c - first_pair) * g_rows;
+      outs[c] = t.out(p0 + c);
+    }
+    ks.accumulate_tiles(hs, count, w.down + DownOffset(dims, i, g0, 0), g_rows, B * dims.down_tile, d, outs);
+  }
+}
+
+void ComputeFloatFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
+                     const FfnDims& dims, const float* x, const FloatFfnWeights& w, float* y, bool* active) {
+  if (dims.num_tokens == 0) return;
+  const Routing routing = Route(ctx, ks, attrs, dims, x, w.router, w.bias);
+  WriteActive(routing, dims, active);
+  if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
+    DecodeSlabs(ctx, dims, routing, kDecodeRows, FloatDecodeTask{ks, attrs, dims, x, w, routing}, y);
+  } else {
+    ComputePrefill(ctx, ks, attrs, dims, x, w, routing, y);
+  }
+}
+
+void FfnCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
+  AdviseConstantInputs(info, {kGateWeight, kUpWeight, kDownWeight});
 }
 
 void FfnCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const FfnInputs in = GetInputs(ctx, attrs_);
-  const FfnDims& dims = in.dims;
-  const Ort::ConstValue &x = in.x, &router = in.router_weight, &gate = in.gate_weight, &up = in.up_weight,
-                        &down = in.down_weight, &bias = in.router_bias;
-
-  const Outputs out = GetOutputs(ctx, dims);
-  float* y = out.y;
-  if (dims.num_tokens == 0) return;
-
-  const Weights w{x.GetTensorData<float>(),  router.GetTensorData<float>(),
-                  bias ? bias.GetTensorData<float>() : nullptr,
-                  gate.GetTensorData<float>(), up.GetTensorData<float>(), down.GetTensorData<float>()};
-  const Routing routing = Route(ctx, kernels_, attrs_, dims, w.x, w.router, w.bias);
-  WriteActive(routing, dims, out.active);
-  if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
-    ComputeDecode(ctx, kernels_, attrs_, dims, w, routing, y);
-  } else {
-    ComputePrefill(ctx, kernels_, attrs_, dims, w, routing, y);
-  }
+  const Outputs out = GetOutputs(ctx, in.dims);
+  const FloatFfnWeights w{in.router_weight.GetTensorData<float>(),
+                          in.router_bias ? in.router_bias.GetTensorData<float>() : nullptr,
+                          in.gate_weight.GetTensorData<float>(), in.up_weight.GetTensorData<float>(),
+                          in.down_weight.GetTensorData<float>()};
+  ComputeFloatFfn(ctx, kernels_, attrs_, in.dims, in.dims.num_tokens ? in.x.GetTensorData<float>() : nullptr, w,
+                  out.y, out.active);
 }
 
 void RegisterOps(Ort::CustomOpDomain& domain) {

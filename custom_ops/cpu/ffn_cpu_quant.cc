@@ -181,11 +181,11 @@ OpSignature QuantCpuKernel::Signature(QuantKind kind) {
   if (kind == QuantKind::kF16) {
     std::vector<ONNXTensorElementDataType> inputs(kNumFfnInputs, f32);
     for (const size_t i : {kGateWeight, kUpWeight, kDownWeight}) inputs[i] = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    return {QuantOpName(kind), "CPUExecutionProvider", inputs, kRouterBias, f32};
+    return {QuantOpName(kind), "CPUExecutionProvider", inputs, kRouterBias, FfnOutputTypes(f32), kActive};
   }
   std::vector<ONNXTensorElementDataType> inputs(kNumQuantInputs, f32);
   for (const size_t i : {kQGateWeight, kQUpWeight, kQDownWeight}) inputs[i] = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  return {QuantOpName(kind), "CPUExecutionProvider", inputs, kQRouterBias, f32};
+  return {QuantOpName(kind), "CPUExecutionProvider", inputs, kQRouterBias, FfnOutputTypes(f32), kActive};
 }
 
 }  // namespace

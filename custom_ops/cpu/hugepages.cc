@@ -29,4 +29,22 @@ void AdviseHugePages(const void* data, size_t bytes) {
 #endif
 }
 
+void AdviseConstantInputs(const Ort::ConstKernelInfo& info, std::initializer_list<size_t> inputs) {
+  for (const size_t index : inputs) {
+    try {
+      int is_constant = 0;
+      Ort::ConstValue weight = info.GetTensorConstantInput(index, &is_constant);
+      if (!is_constant || !weight || !weight.IsTensor()) continue;
+      const Ort::TensorTypeAndShapeInfo type = weight.GetTensorTypeAndShapeInfo();
+      const ONNXTensorElementDataType element = type.GetElementType();
+      const size_t element_bytes = element == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? 4
+                                   : element == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 2
+                                                                                      : 1;
+      AdviseHugePages(weight.GetTensorRawData(), type.GetElementCount() * element_bytes);
+    } catch (const Ort::Exception&) {
+      // Only an optimisation: a runtime that cannot say which inputs are constant runs without it.
+    }
+  }
+}
+
 }  // namespace dsmoe::cpu

@@ -11,11 +11,18 @@
 #pragma once
 
 #include <cstddef>
+#include <initializer_list>
+
+#include "onnxruntime_cxx_api.h"
 
 namespace dsmoe::cpu {
 
 // MADV_HUGEPAGE, then MADV_COLLAPSE (Linux 6.1+: done now, not some time later),
 // on the 2 MB-aligned part of [data, data + bytes). Off with DSMOE_HUGEPAGES=0.
 void AdviseHugePages(const void* data, size_t bytes);
+
+// AdviseHugePages on those of the node's `inputs` that are constant (initializers): at
+// session creation (a kernel's Prepare). Inputs fed at run time are the caller's memory.
+void AdviseConstantInputs(const Ort::ConstKernelInfo& info, std::initializer_list<size_t> inputs);
 
 }  // namespace dsmoe::cpu

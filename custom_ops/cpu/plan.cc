@@ -115,37 +115,42 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t num_tokens)
   return s;
 }
 
-void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
-                       const PairsByBlock& sorted, int64_t groups, const float* partial, float* y) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
-  // pair_of[t * n + i]: the pair of (token t, block i) when active.
-  auto pair_of = HeapArray<int64_t>(N * n);
+DecodeSums::DecodeSums(const FfnDims& dims, const Routing& routing, const PairsByBlock& sorted, int64_t groups,
+                       const float* partial)
+    : n(dims.num_blocks), d(dims.hidden), groups(groups), col_tasks(CeilDiv(dims.hidden, kDecodeSumColumns)),
+      active(routing.active.get()), partial(partial), pair_of(HeapArray<int64_t>(dims.num_tokens * dims.num_blocks)) {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t p = sorted.block_start[i]; p < sorted.block_start[i + 1]; ++p) {
       pair_of[sorted.pair_token[p] * n + i] = p;
     }
   }
-  const int64_t chunk = 256, col_tasks = CeilDiv(d, chunk);
-  auto sum_task = [&](size_t task) {
-    const int64_t t = static_cast<int64_t>(task) / col_tasks;
-    const int64_t c0 = static_cast<int64_t>(task) % col_tasks * chunk, c1 = std::min(d, c0 + chunk);
-    float* yt = y + t * d;
-    std::fill(yt + c0, yt + c1, 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      if (!routing.active[t * n + i]) continue;
-      for (int64_t grp = 0; grp < groups; ++grp) {
-        const float* src = partial + (pair_of[t * n + i] * groups + grp) * d;
-        for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
-      }
+}
+
+void DecodeSums::Run(size_t task, float* y) const {
+  const int64_t t = static_cast<int64_t>(task) / col_tasks;
+  const int64_t c0 = static_cast<int64_t>(task) % col_tasks * kDecodeSumColumns;
+  const int64_t c1 = std::min(d, c0 + kDecodeSumColumns);
+  float* yt = y + t * d;
+  std::fill(yt + c0, yt + c1, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!active[t * n + i]) continue;
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* src = partial + (pair_of[t * n + i] * groups + grp) * d;
+      for (int64_t c = c0; c < c1; ++c) yt[c] += src[c];
     }
-  };
+  }
+}
+
+void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
+                       const PairsByBlock& sorted, int64_t groups, const float* partial, float* y) {
+  const DecodeSums sums(dims, routing, sorted, groups, partial);
   // A small sum (one token at d = 576: 21 partials of 576 floats, ~3 us) costs less than
   // waking the pool's threads for it.
-  const size_t tasks = static_cast<size_t>(N * col_tasks);
-  if (sorted.pairs * groups * d <= kInlineSumFloats) {
-    for (size_t task = 0; task < tasks; ++task) sum_task(task);
+  const size_t tasks = sums.Tasks(dims.num_tokens);
+  if (sorted.pairs * groups * dims.hidden <= kInlineSumFloats) {
+    for (size_t task = 0; task < tasks; ++task) sums.Run(task, y);
   } else {
-    ParallelFor(ctx, tasks, sum_task);
+    ParallelFor(ctx, tasks, [&](size_t task) { sums.Run(task, y); });
   }
 }
 

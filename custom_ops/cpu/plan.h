@@ -126,7 +126,21 @@ PairsByBlock SortPairsByBlock(const bool* active, int64_t n, int64_t num_tokens)
 
 // Decode's second pass: y[t] = the sum of token t's partial outputs
 // partial[(pair * groups + g) * d + c] over its active blocks (ascending) and
-// the groups (ascending), column chunks in parallel; k = 0 gives exact zeros.
+// the groups (ascending), in tasks of (token, chunk of kDecodeSumColumns columns);
+// k = 0 gives exact zeros.
+inline constexpr int64_t kDecodeSumColumns = 256;
+struct DecodeSums {
+  DecodeSums(const FfnDims& dims, const Routing& routing, const PairsByBlock& sorted, int64_t groups,
+             const float* partial);
+  size_t Tasks(int64_t num_tokens) const { return static_cast<size_t>(num_tokens * col_tasks); }
+  void Run(size_t task, float* y) const;  // writes y[t][c0, c1) of the task's token and chunk
+
+  int64_t n, d, groups, col_tasks;
+  const bool* active;
+  const float* partial;
+  std::unique_ptr<int64_t[]> pair_of;  // [t * n + i]: the pair of (token t, block i) when active
+};
+// All of them: on the calling thread when small, else in parallel.
 void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
                        const PairsByBlock& sorted, int64_t groups, const float* partial, float* y);
 

@@ -3,6 +3,11 @@ dense model onnxruntime-genai's model builder makes from the same weights (build
 Runtime: prefill of T tokens and token-by-token decode with the KV cache, per weight precision
 (float32, and with ``--e2e-precisions`` int4: weight-only int4 everywhere, as the builder's ``-p int4``).
 
+Where the float32 sparse export is the product's default ProjectedSparseFFN graph (o_proj, the
+norms and the next layer's QKV projection inside the FFN's node), a twin with the plain op
+(``--ffn-node plain``, variant "plain") is timed beside it; the FFN-level ratios below come from
+that twin, whose FFN is a node of its own.
+
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
 block), exported dense. Its time is the attention, embedding, norms and LM head of the other
 two, so ``(sparse - attn) / (dense - attn)`` is the FFN-level sparse/dense ratio. Profiled twins of
@@ -28,19 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from ..checkpoint import load_state_dict, write_folder
 from ..config import CONFIG_NAME, load_config
 from ..exporter import export
+from .. import projected_op
 from ..graph import interface
 from ..loader import load_model
 from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
 from . import builder, fixed_cost, generation, graph_stats, graphs, metrics, node_times, timing
 from .op import Shape, target_ratio
 
-KINDS = ("sparse", "dense", "attn")
+KINDS = ("sparse", "dense", "attn", "plain")
 # Export options per precision: "int4" = int4 FFN blocks / MatMulNBits and int4 attention, lm_head and
 # embedding, MatMulNBits at accuracy_level 4 (the builder's -p int4 -e cpu).
 PRECISION_OPTIONS = {"fp32": {}, "int4": {"ffn_weights": "int4", "matmul_weights": "int4"}}
@@ -120,14 +127,19 @@ def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...
     plan = [("attn", "attn", True, "fp32")]
     for p in precisions:
         plan += [(variant_name("sparse", p), "model", False, p), (variant_name("dense", p), "model", True, p)]
+    if "fp32" in precisions:
+        plan.append(("plain", "model", False, "fp32"))
     results = {}
     for name, folder, dense, precision in plan:
         if bar is not None:
             bar.set_description(f"e2e export {name}")
+        options = dict(PRECISION_OPTIONS[precision], ffn_node="plain" if name == "plain" else "auto")
         (out / name).mkdir(exist_ok=True)
         results[name] = export(folders[folder], out / name / "model.onnx", dense=dense, validate=True,
-                               progress=False, copy_tokenizer=True, genai=builder_python is not None,
-                               **PRECISION_OPTIONS[precision])
+                               progress=False, copy_tokenizer=True, genai=builder_python is not None, **options)
+        if name == "plain" and not _projected(results["sparse"].path):
+            del results[name]  # the sparse export is plain already
+            continue
         if builder_python is not None and threads:
             builder.set_threads(out / name, threads)
         if bar is not None:
@@ -140,6 +152,15 @@ def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...
             built[variant_name("builder", p)] = builder.build(builder_python, folders["model"],
                                                               out / variant_name("builder", p), p, threads=threads)
     return {"folders": folders, "exports": results, "builder": built}
+
+
+def _projected(path: Path) -> bool:
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return meta.get("dsmoe_export.ffn_node") == projected_op.OP_TYPE
+
+
+def uses_library(variant: str) -> bool:
+    return variant.partition("-")[0] in ("sparse", "plain")
 
 
 def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:
@@ -230,9 +251,12 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "builder": sorted(built["builder"]) or None,
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
-    sessions = {k: _session(p, threads, library if k.startswith("sparse") else None) for k, p in paths.items()}
-    # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
+    sessions = {k: _session(p, threads, library if uses_library(k) else None) for k, p in paths.items()}
+    # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports
+    # (of the plain-op export for the float32 sparse one when the product's graph is projected).
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
+    if "plain" in paths:
+        twins["sparse"] = paths["plain"]
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])
@@ -340,6 +364,10 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
     for name, samples in res.items():
         kind, _, precision = name.partition("-")
         precision = precision or "fp32"
+        if kind == "sparse" and precision == "fp32" and "plain" in res:
+            ffn_samples = res["plain"]  # FFN-level ratios from the plain op's twin (module docstring)
+        else:
+            ffn_samples = samples
         dn = res[variant_name("dense", precision)] if kind != "attn" else res["dense"]
         row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "precision": precision,
                "variant": name, "model": shape.label, **samples.summary(), "rounds": len(samples.ms),
@@ -349,18 +377,21 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
             row["vs_builder_min"] = samples.min / ref.min
             row["vs_builder_median"] = samples.median / ref.median
         if kind in ("sparse", "dense") and precision == "fp32":
-            ffn_ms = samples.min - at.min
+            ffn_ms = ffn_samples.min - at.min
             if kind == "sparse":
                 row.update(act)
                 row["ffn_ratio_min"] = ffn_ms / (dn.min - at.min)
-                row["ffn_ratio_median"] = (samples.median - at.median) / (dn.median - at.median)
+                row["ffn_ratio_median"] = (ffn_samples.median - at.median) / (dn.median - at.median)
+                if "plain" in res:
+                    row["vs_plain_min"] = samples.min / res["plain"].min
+                    row["vs_plain_median"] = samples.median / res["plain"].median
                 row["target"] = target_ratio(T, act["r"])
                 union, pairs = act["union"], act["mean_k"] * T
             else:
                 union, pairs = n, n * T
             bytes_, flops = metrics.call_cost(kind, d=d, n=n, B=B, tokens=T, union=union, pairs=pairs)
             row.update(ffn_ms=ffn_ms, ffn_bytes=L * bytes_, ffn_flops=L * flops)
-        elif kind == "sparse":
+        elif kind in ("sparse", "plain"):
             row.update(act)
         rows.append(row)
     return rows

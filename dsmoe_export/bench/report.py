@@ -138,14 +138,18 @@ def e2e_table(rows: list[dict]) -> list[str]:
                       f"({_pct(100 * s['op_fixed_share'] if 'op_fixed_share' in s else None)})",
                       _f(s["target"], 3),
                       f"{_f(s.get('ffn_gb_s'), 1)} / {_f(d.get('ffn_gb_s'), 1)}",
-                      f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}"])
+                      f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}",
+                      f"{_f(s.get('vs_plain_min'), 3)} / {_f(s.get('vs_plain_median'), 3)}"])
     lines += _table(["phase", "r", "union", "sparse ms (min / med)", "dense ms (min / med)", "attn-only ms",
                      "model sparse/dense", "FFN sparse/dense (min)", "FFN (median)",
                      "FFN node time sparse/dense (min / med)", "FFN node ms sparse / dense",
                      "op fixed cost, us a call (share of the sparse FFN)", "target",
-                     "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense"], table)
+                     "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense",
+                     "sparse / plain-op export (min / med)"], table)
     return lines + ["FFN sparse/dense: (model - attn-only export) per variant; FFN node time: the FFN nodes' "
-                    "kernel time in profiled calls of the same exports (bench/node_times.py); op fixed cost: "
+                    "kernel time in profiled calls of the same exports (bench/node_times.py); where the sparse "
+                    "export is the ProjectedSparseFFN graph, both are taken from its twin with the plain op "
+                    "(GatedBlockSparseFFN nodes only), timed beside it (last column); op fixed cost: "
                     "one call of the op at this shape with no block active, times the layers as a share of "
                     "the sparse FFN's node time (bench/fixed_cost.py).", ""]
 

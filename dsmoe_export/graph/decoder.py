@@ -9,6 +9,10 @@ Per decoder layer (docs/exporting.md has the picture and the reasons):
     SkipSimplifiedLayerNormalization   residual add + RMSNorm
     GatedBlockSparseFFN                the sparse FFN (--dense: MatMul, Sigmoid, Mul, MatMul, Mul, MatMul)
 
+With `projected_ffn` (float32 sparse graphs for the CPU EP), one ProjectedSparseFFN node per layer
+but the last replaces the layer's o_proj, both norms around its FFN, the FFN and the next layer's
+QKV projection: per layer then GroupQueryAttention + ProjectedSparseFFN.
+
 Positions are cache slots: token j of a call with past length P sits at position P + j in every
 row, padding included. Rotary embeddings depend only on position differences, so a left-padded
 row gives the same logits as with positions counted from its first real token; its cached keys
@@ -24,12 +28,12 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from .. import __version__, gptq, onnx_op, quant
+from .. import __version__, gptq, onnx_op, projected_op, quant
 from ..errors import ExportError
 from ..modeling import rope_inv_freq
 from . import interface
 from .builder import MS_DOMAIN, GraphBuilder
-from .ffn import array, dense_ffn, set_values, sparse_ffn
+from .ffn import add_sparse_ffn_node, array, dense_ffn, set_values, sparse_ffn
 from .weights import gather, matmul, store_matrix, store_table
 
 # Added to the attention scores of padding slots. Finite, so that a row of padding only (a
@@ -48,6 +52,7 @@ class GraphOptions:
     accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
     down_tile: int = onnx_op.DOWN_TILE
     active_outputs: bool = False
+    projected_ffn: bool = False      # ProjectedSparseFFN nodes (projected_ffn_applies says where it can)
     hessians: gptq.Hessians | None = None  # calibration inputs: GPTQ for the int8/int4 weights
 
     def hessian(self, key: str):
@@ -82,20 +87,30 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
     lm_head = _store_lm_head(g, model, opts)
     x = gather(g, ids, _embedding_table(g, model, opts, lm_head), "/model/embed_tokens")
     attn_inputs = _attention_inputs(g, model, ids, mask, elem)
-    residual, ffn_out = x, None
-    for i, layer in enumerate(model.model.layers):
+    residual, ffn_out, packed = x, None, None
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}"
-        h, residual = _norm(g, ffn_out, residual, layer.input_layernorm, f"/{prefix.replace('.', '/')}/input_layernorm",
+        base = f"/{prefix.replace('.', '/')}"
+        if packed is None:  # else the previous layer's ProjectedSparseFFN computed it
+            h, residual = _norm(g, ffn_out, residual, layer.input_layernorm, f"{base}/input_layernorm",
+                                cfg.rms_norm_eps)
+            packed = _qkv_projection(g, h, layer.self_attn, f"{prefix}.self_attn", opts, i)
+        a = _group_query_attention(g, packed, layer.self_attn, f"{prefix}.self_attn", attn_inputs, pasts[2 * i],
+                                   pasts[2 * i + 1], interface.present_names(n)[2 * i:2 * i + 2])
+        active = interface.active_names(n)[i] if opts.sparse and opts.active_outputs else ""
+        if opts.projected_ffn and i + 1 < n:
+            packed, residual = projected_sparse_ffn(
+                g, a, residual, prefix, layer, layers[i + 1], f"model.layers.{i + 1}", eps=cfg.rms_norm_eps,
+                down_tile=opts.down_tile, active=active)
+            continue
+        packed = None
+        a = _o_projection(g, a, layer.self_attn, f"{prefix}.self_attn", opts, i)
+        h, residual = _norm(g, a, residual, layer.post_attention_layernorm, f"{base}/post_attention_layernorm",
                             cfg.rms_norm_eps)
-        a = _attention(g, h, layer.self_attn, f"{prefix}.self_attn", attn_inputs, pasts[2 * i], pasts[2 * i + 1],
-                       interface.present_names(n)[2 * i:2 * i + 2], opts, i)
-        h, residual = _norm(g, a, residual, layer.post_attention_layernorm,
-                            f"/{prefix.replace('.', '/')}/post_attention_layernorm", cfg.rms_norm_eps)
         if opts.sparse:
             ffn_out = sparse_ffn(g, h, layer.mlp, f"{prefix}.mlp", fmt=opts.ffn_weights, group_size=opts.group_size,
-                                 down_tile=opts.down_tile,
-                                 active=interface.active_names(n)[i] if opts.active_outputs else "",
-                                 hessians=opts.hessians, layer=i)
+                                 down_tile=opts.down_tile, active=active, hessians=opts.hessians, layer=i)
         else:
             ffn_out = dense_ffn(g, h, layer.mlp, f"{prefix}.mlp", activation=_activation(cfg), fmt=opts.ffn_weights,
                                 group_size=opts.group_size, accuracy_level=opts.accuracy_level,
@@ -106,7 +121,25 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
     proto = g.model("dsmoe", producer="dsmoe-export", metadata=_metadata(model, opts, dtype))
     if opts.sparse:
         quant.add_functions_to_model(proto)
+        projected_op.add_function_to_model(proto)
     return proto
+
+
+def projected_ffn_applies(model, opts: GraphOptions) -> str | None:
+    """None when ProjectedSparseFFN can replace the layers' projections, norms and FFN, else why not:
+    its kernel is float32 (CPU EP) and its projections have no bias."""
+    if not opts.sparse:
+        return "the dense export has no sparse FFN"
+    if next(model.parameters()).dtype != torch.float32:
+        return "the graph is float16 (the op's kernel is float32, for the CPU EP)"
+    if opts.ffn_weights != "float32" or opts.matmul_weights != "float32":
+        return "the FFN or attention weights are quantized (the op takes float32 weights)"
+    if model.cfg.num_hidden_layers < 2:
+        return "the model has one layer (the op spans two)"
+    attn = model.model.layers[0].self_attn
+    if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
+        return "the attention projections have biases (the op's projections have none)"
+    return None
 
 
 def _activation(cfg) -> str:
@@ -195,31 +228,57 @@ def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
             "sin": g.initializer("model.rotary.sin_cache", np.sin(freqs).astype(np_elem))}
 
 
-def _attention(g, x, attn, prefix, shared, past_k, past_v, presents, opts, layer: int) -> str:
-    cfg_heads, kv_heads = attn.heads, attn.kv_heads
+def _qkv_weight(attn, fmt: str) -> np.ndarray:
+    """The packed Q, K, V projection's weight [q + 2 kv, d] (nn.Linear layout)."""
+    return np.concatenate([_weight_array(p.weight, fmt) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+
+
+def _qkv_projection(g, x, attn, prefix, opts, layer: int) -> str:
     fmt = opts.matmul_weights
-    w = np.concatenate([_weight_array(p.weight, fmt) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
-    qkv = store_matrix(g, w, fmt, f"{prefix}.qkv_proj", group_size=opts.group_size,
+    qkv = store_matrix(g, _qkv_weight(attn, fmt), fmt, f"{prefix}.qkv_proj", group_size=opts.group_size,
                        hessian=opts.hessian(f"layers.{layer}.attn"))
     rows = np.cumsum([0] + [p.weight.shape[0] for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
     for j, p in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
         set_values(p.weight, qkv.values[rows[j]:rows[j + 1]])
-    base = "/" + prefix.replace(".", "/")
     bias = ""
     if attn.q_proj.bias is not None:
         bias = g.initializer(f"{prefix}.qkv_proj.bias", np.concatenate(
             [array(p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]))
-    packed = matmul(g, x, qkv, f"{base}/qkv_proj", accuracy_level=opts.accuracy_level, bias=bias)
-    out = g.op("GroupQueryAttention",
-               [packed, "", "", past_k, past_v, shared["seqlens_k"], shared["total"], shared["cos"], shared["sin"],
-                "", shared["bias"]],
-               name=f"{base}/GroupQueryAttention", outputs=[f"{base}/GroupQueryAttention/out0", *presents],
-               domain=MS_DOMAIN, num_heads=cfg_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+    return matmul(g, x, qkv, f"/{prefix.replace('.', '/')}/qkv_proj", accuracy_level=opts.accuracy_level, bias=bias)
+
+
+def _group_query_attention(g, packed, attn, prefix, shared, past_k, past_v, presents) -> str:
+    base = "/" + prefix.replace(".", "/")
+    return g.op("GroupQueryAttention",
+                [packed, "", "", past_k, past_v, shared["seqlens_k"], shared["total"], shared["cos"], shared["sin"],
+                 "", shared["bias"]],
+                name=f"{base}/GroupQueryAttention", outputs=[f"{base}/GroupQueryAttention/out0", *presents],
+                domain=MS_DOMAIN, num_heads=attn.heads, kv_num_heads=attn.kv_heads, do_rotary=1, rotary_interleaved=0)
+
+
+def _o_projection(g, x, attn, prefix, opts, layer: int) -> str:
+    fmt = opts.matmul_weights
     o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.o_proj", group_size=opts.group_size,
                      hessian=opts.hessian(f"layers.{layer}.o_proj"))
     set_values(attn.o_proj.weight, o.values)
     o_bias = g.initializer(f"{prefix}.o_proj.bias", array(attn.o_proj.bias)) if attn.o_proj.bias is not None else ""
-    return matmul(g, out, o, f"{base}/o_proj", accuracy_level=opts.accuracy_level, bias=o_bias)
+    return matmul(g, x, o, f"/{prefix.replace('.', '/')}/o_proj", accuracy_level=opts.accuracy_level, bias=o_bias)
+
+
+def projected_sparse_ffn(g, a, residual, prefix, layer, next_layer, next_prefix, *, eps, down_tile, active):
+    """One ProjectedSparseFFN node: layer's o_proj, post-attention norm and sparse FFN, next_layer's
+    input norm and QKV projection. Returns (the next layer's packed Q, K, V; the residual stream)."""
+    attn = layer.self_attn
+    in_proj = g.initializer(f"{prefix}.self_attn.o_proj.weight", array(attn.o_proj.weight))
+    norm = g.initializer(f"{prefix}.post_attention_layernorm.weight", array(layer.post_attention_layernorm.weight))
+    out_norm = g.initializer(f"{next_prefix}.input_layernorm.weight", array(next_layer.input_layernorm.weight))
+    out_proj = g.initializer(f"{next_prefix}.self_attn.qkv_proj.weight", _qkv_weight(next_layer.self_attn, "float32"))
+    name = g.fresh(f"/{prefix.replace('.', '/')}/{projected_op.OP_TYPE}")
+    outputs = [f"{name}/Y", f"{name}/skip_out", active]
+    add_sparse_ffn_node(g, lambda ffn_inputs, attrs: projected_op.make_node(
+        [a, residual, in_proj, norm, *ffn_inputs[1:5], out_norm, out_proj, *ffn_inputs[5:]], outputs,
+        epsilon=float(eps), name=name, **attrs), layer.mlp, f"{prefix}.mlp", down_tile=down_tile)
+    return outputs[0], outputs[1]
 
 
 def _declare_outputs(g, cfg, elem, opts) -> None:
@@ -246,6 +305,7 @@ def _metadata(model, opts, dtype) -> dict[str, str]:
     if any(f in quant.BITS for f in formats[1:]) or (not opts.sparse and opts.ffn_weights in quant.BITS):
         meta["dsmoe_export.accuracy_level"] = str(opts.accuracy_level)
     if opts.sparse:
+        meta["dsmoe_export.ffn_node"] = projected_op.OP_TYPE if opts.projected_ffn else onnx_op.OP_TYPE
         meta["dsmoe_export.dsmoe"] = json.dumps(model.cfg.dsmoe.to_json())
         if opts.active_outputs:
             meta["dsmoe_export.active_outputs"] = "1"

@@ -23,35 +23,51 @@ def set_values(param: torch.Tensor, values: np.ndarray) -> None:
     param.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(param.dtype))
 
 
+def _op_attrs(moe) -> dict:
+    return dict(num_experts=moe.num_experts, threshold=float(moe.threshold), rescale=bool(moe.rescale),
+                weighting=moe.weighting, activation=moe.activation)
+
+
+def add_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, down_tile: int, x: str = "") -> None:
+    """Stores the float32 sparse FFN's weights (router, packed blocks, down in `down_tile`'s layout)
+    and appends make(inputs, attrs): inputs = [x, router_weight, gate, up, down, router_bias or ""],
+    attrs = the op's attributes (with down_tile)."""
+    moe = mlp.moe
+    gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
+                                                array(mlp.down_proj.weight), moe.num_experts)
+    router = g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))
+    bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
+    names = [g.initializer(f"{prefix}.{k}", w) for k, w in
+             (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", onnx_op.tile_down(down) if down_tile else down))]
+    g.nodes.append(make([x, router, *names, bias], {**_op_attrs(moe), "down_tile": down_tile}))
+    g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
+
+
 def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
                active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
     """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
     optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
     moe = mlp.moe
     n = moe.num_experts
-    inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
-    bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
-    attrs = dict(num_experts=n, threshold=float(moe.threshold), rescale=bool(moe.rescale),
-                 weighting=moe.weighting, activation=moe.activation)
-    gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
-                                                array(mlp.down_proj.weight), n)
     outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
     name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
-    if fmt == "float32":  # the graph's element type
-        names = [g.initializer(f"{prefix}.{k}", w) for k, w in
-                 (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", onnx_op.tile_down(down) if down_tile else down))]
-        node = onnx_op.make_node(inputs + names + [bias], outputs, down_tile=down_tile, name=g.fresh(name), **attrs)
+    if fmt == "float32":  # the graph's element type: values unchanged
+        add_sparse_ffn_node(g, lambda inputs, attrs: onnx_op.make_node(inputs, outputs, name=g.fresh(name), **attrs),
+                            mlp, prefix, down_tile=down_tile, x=x)
+        return outputs[0]
+    inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
+    bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
+    gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
+                                                array(mlp.down_proj.weight), n)
+    if hessians is not None and fmt in quant.BITS:
+        stored = gptq.quantize_block_weights(gate, up, down, fmt, group_size, hessians, layer)
     else:
-        if hessians is not None and fmt in quant.BITS:
-            stored = gptq.quantize_block_weights(gate, up, down, fmt, group_size, hessians, layer)
-        else:
-            stored = quant.quantize_block_weights(gate, up, down, fmt, group_size)
-        gate, up, down = quant.dequantize_block_weights(stored, fmt, group_size)
-        order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
-        names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
-        node = quant.make_node(fmt, inputs + names + [bias], outputs, name=g.fresh(f"{name}{fmt.title()}"),
-                               group_size=group_size if fmt in quant.BITS else None, **attrs)
-    g.nodes.append(node)
+        stored = quant.quantize_block_weights(gate, up, down, fmt, group_size)
+    gate, up, down = quant.dequantize_block_weights(stored, fmt, group_size)
+    order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
+    names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
+    g.nodes.append(quant.make_node(fmt, inputs + names + [bias], outputs, name=g.fresh(f"{name}{fmt.title()}"),
+                                   group_size=group_size if fmt in quant.BITS else None, **_op_attrs(moe)))
     g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
     D, d = mlp.gate_proj.weight.shape
     set_values(mlp.gate_proj.weight, gate.reshape(D, d))

@@ -1,6 +1,6 @@
-"""Float64 numpy reference of org.dsmoe::GatedBlockSparseFFN, written from
-docs/op-spec.md alone (it imports nothing else of dsmoe_export, on purpose): the kernels
-and the ONNX function body are all checked against it.
+"""Float64 numpy references of org.dsmoe::GatedBlockSparseFFN and ProjectedSparseFFN,
+written from docs/op-spec.md alone (it imports nothing else of dsmoe_export, on purpose): the
+kernels and the ONNX function bodies are all checked against them.
 """
 from __future__ import annotations
 
@@ -59,3 +59,21 @@ def ffn_reference(x, router_weight, gate, up, down, router_bias=None, *, thresho
         y[t] += g[t, i] * (down[i].T @ h)
     y *= c[:, None]
     return y.reshape(*lead, d), active.reshape(*lead, n)
+
+
+def rms_norm(s, weight, epsilon):
+    """s / sqrt(mean(s^2) + epsilon) * weight over the last dim, float64."""
+    s = np.asarray(s, np.float64)
+    return s / np.sqrt(np.mean(s * s, axis=-1, keepdims=True) + epsilon) * np.asarray(weight, np.float64)
+
+
+def projected_reference(a, skip, in_proj, norm_weight, router_weight, gate, up, down, out_norm_weight, out_proj,
+                        router_bias=None, *, epsilon, **ffn_attrs):
+    """(Y [..., p], skip_out [..., d], active [..., n]) of ProjectedSparseFFN in float64:
+    in_proj [d, k] and out_proj [p, d] in nn.Linear layout, the FFN's weights as ffn_reference's."""
+    s = np.asarray(a, np.float64) @ np.asarray(in_proj, np.float64).T + np.asarray(skip, np.float64)
+    f, active = ffn_reference(rms_norm(s, norm_weight, epsilon), router_weight, gate, up, down, router_bias,
+                              **ffn_attrs)
+    s2 = f + s
+    y = rms_norm(s2, out_norm_weight, epsilon) @ np.asarray(out_proj, np.float64).T
+    return y, s2, active

@@ -1,0 +1,183 @@
+"""org.dsmoe::ProjectedSparseFFN (docs/op-spec.md): the CPU kernel (its one-pass decode path up to
+6 tokens, its stepwise path beyond: dot_rows projections up to 24 tokens, ORT's Gemm above) and
+the ONNX function body, against the float64 reference on fresh random inputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from dsmoe_export import onnx_op, projected_op
+from dsmoe_export.graph.builder import IR_VERSION, OPSET
+from dsmoe_export.testing.cases import RTOL, rel_err
+from dsmoe_export.testing.reference import projected_reference
+
+NO_LIBRARY = None
+
+
+def make_feeds(rng, lead, *, d=40, k=24, p=56, n=4, B=12, bias=True, router_scale=1.0):
+    def f(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    feeds = {"A": f(*lead, k, scale=0.5), "skip": f(*lead, d), "in_proj_weight": f(d, k, scale=k ** -0.5),
+             "norm_weight": 1 + f(d, scale=0.1), "router_weight": f(n, d, scale=router_scale * d ** -0.5),
+             "gate_weight": f(n, B, d, scale=d ** -0.5), "up_weight": f(n, B, d, scale=d ** -0.5),
+             "down_weight": f(n, B, d, scale=(n * B) ** -0.5), "out_norm_weight": 1 + f(d, scale=0.1),
+             "out_proj_weight": f(p, d, scale=d ** -0.5)}
+    if bias:
+        feeds["router_bias"] = f(n, scale=0.5)
+    return feeds
+
+
+def make_model(feeds: dict, *, active: bool = True, with_function: bool = True, node_attrs: dict | None = None,
+               **attrs) -> onnx.ModelProto:
+    """One node; `node_attrs` are written as they are (error tests), else make_node's checked ones."""
+    outputs = ["Y", "skip_out", "active"] if active else ["Y", "skip_out"]
+    if node_attrs is None:
+        node = projected_op.make_node(list(feeds), outputs, **attrs)
+    else:
+        node = helper.make_node(projected_op.OP_TYPE, list(feeds), outputs, domain=onnx_op.DOMAIN, **node_attrs)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in feeds]
+    outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("skip_out", TensorProto.FLOAT, None)]
+    if active:
+        outs.append(helper.make_tensor_value_info("active", TensorProto.BOOL, None))
+    model = helper.make_model(helper.make_graph([node], "projected_sparse_ffn", inputs, outs),
+                              opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    if with_function:
+        projected_op.add_function_to_model(model)
+    else:
+        model.opset_import.append(helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION))
+    return model
+
+
+def session(model, library, threads=1):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def check(feeds, outputs, *, epsilon, down_tile=0, **ffn_attrs):
+    ref = dict(feeds)
+    if down_tile:
+        ref["down_weight"] = onnx_op.untile_down(feeds["down_weight"], feeds["gate_weight"].shape[2])
+    y_ref, s2_ref, active_ref = projected_reference(*(ref[name] for name in projected_op.INPUTS if name in ref),
+                                                    epsilon=epsilon, **ffn_attrs)
+    y, s2 = outputs[0], outputs[1]
+    assert y.shape == y_ref.shape and s2.shape == s2_ref.shape and y.dtype == s2.dtype == np.float32
+    assert rel_err(y, y_ref) <= RTOL, rel_err(y, y_ref)
+    assert rel_err(s2, s2_ref) <= RTOL, rel_err(s2, s2_ref)
+    if len(outputs) > 2:
+        np.testing.assert_array_equal(outputs[2], active_ref)
+    return active_ref
+
+
+# Token counts: one pass (<= 6), stepwise with dot_rows projections (<= 24), stepwise with Gemm.
+@pytest.mark.parametrize("lead", [(1,), (1, 3), (2, 3), (7,), (2, 12), (25,), (2, 20)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_reference(op_library, rng, lead, threads):
+    feeds = make_feeds(rng, lead)
+    attrs = dict(num_experts=4, epsilon=1e-5, threshold=float(rng.uniform(0.3, 0.7)))
+    active = check(feeds, session(make_model(feeds, **attrs), op_library, threads).run(None, feeds),
+                   epsilon=1e-5, threshold=attrs["threshold"])
+    assert 0 < active.mean() < 1  # some blocks on, some off
+
+
+@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("tokens", [1, 5, 9, 30])
+def test_attributes_and_layouts(op_library, rng, down_tile, tokens):
+    """gelu, binary weighting, no rescale, no router bias, the tiled down layout, odd sizes."""
+    feeds = make_feeds(rng, (tokens,), d=70, k=33, p=17, n=5, B=7, bias=False)
+    if down_tile:
+        feeds["down_weight"] = onnx_op.tile_down(feeds["down_weight"])
+    attrs = dict(threshold=0.45, rescale=False, weighting="binary", activation="gelu_tanh")
+    model = make_model(feeds, num_experts=5, epsilon=1e-6, down_tile=down_tile, **attrs)
+    for library in (op_library, NO_LIBRARY):
+        check(feeds, session(model, library, 2).run(None, feeds), epsilon=1e-6, down_tile=down_tile, **attrs)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_all_and_no_blocks_active(op_library, rng, threshold, tokens):
+    """threshold 1: no block (the FFN adds exact zeros, skip_out = S); threshold 0: every block."""
+    feeds = make_feeds(rng, (tokens,))
+    outputs = session(make_model(feeds, num_experts=4, epsilon=1e-5, threshold=threshold), op_library, 2).run(
+        None, feeds)
+    active = check(feeds, outputs, epsilon=1e-5, threshold=threshold)
+    assert active.all() if threshold == 0.0 else not active.any()
+    if threshold == 1.0:
+        s = feeds["A"] @ feeds["in_proj_weight"].T + feeds["skip"]
+        np.testing.assert_allclose(outputs[1], s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_zero_tokens(op_library, rng, lead):
+    feeds = make_feeds(rng, lead)
+    for library in (op_library, NO_LIBRARY):
+        y, s2, active = session(make_model(feeds, num_experts=4, epsilon=1e-5), library).run(None, feeds)
+        assert y.shape == (*lead, 56) and s2.shape == (*lead, 40) and active.shape == (*lead, 4)
+
+
+@pytest.mark.parametrize("tokens", [3, 11, 40])
+def test_thread_count_does_not_change_results(op_library, rng, tokens):
+    """Every sum in a fixed order: one thread and two give the same bits (the one-pass path, the
+    FFN and the norms; the Gemm of longer calls is ORT's, which partitions by output as well)."""
+    feeds = make_feeds(rng, (tokens,), d=96, k=64, p=80, n=8, B=16)
+    model = make_model(feeds, num_experts=8, epsilon=1e-5)
+    one, two = (session(model, op_library, t).run(None, feeds) for t in (1, 2))
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_active_output(op_library, rng):
+    feeds = make_feeds(rng, (3,))
+    outputs = session(make_model(feeds, active=False, num_experts=4, epsilon=1e-5), op_library, 2).run(None, feeds)
+    assert len(outputs) == 2
+    check(feeds, outputs, epsilon=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda f: f.update(in_proj_weight=f["in_proj_weight"][:, :-1]), "input 'in_proj_weight' must have shape [d, k]"),
+    (lambda f: f.update(norm_weight=f["norm_weight"][:-1]), "input 'norm_weight' must have shape [d]"),
+    (lambda f: f.update(out_norm_weight=f["out_norm_weight"][:-1]), "input 'out_norm_weight' must have shape [d]"),
+    (lambda f: f.update(out_proj_weight=f["out_proj_weight"][:, :-1]), "input 'out_proj_weight' must have shape [p, d]"),
+    (lambda f: f.update(skip=f["skip"][..., :-1]), "input 'skip' must have last dim d = 40"),
+    (lambda f: f.update(A=f["A"][:1]), "input 'A' must have the leading dims of 'skip'"),
+    (lambda f: f.update(router_weight=f["router_weight"][:, :-1]), "input 'router_weight' must have shape [n, d]"),
+])
+def test_bad_shapes_are_ort_errors(op_library, rng, change, message):
+    feeds = make_feeds(rng, (2,))
+    change(feeds)
+    s = session(make_model(feeds, num_experts=4, epsilon=1e-5, with_function=False), op_library)
+    with pytest.raises(Exception, match="ProjectedSparseFFN") as err:
+        s.run(None, feeds)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(num_experts=4), "attribute 'epsilon' is required"),
+    (dict(num_experts=4, epsilon=0.0), "attribute 'epsilon' must be finite and > 0"),
+    (dict(num_experts=3, epsilon=1e-5), "attribute 'num_experts' = 3 does not match n = 4"),
+])
+def test_bad_attributes_are_ort_errors(op_library, rng, attrs, message):
+    feeds = make_feeds(rng, (2,))
+    model = make_model(feeds, node_attrs=attrs, with_function=False)
+    with pytest.raises(Exception, match=message.replace("[", r"\[")):
+        session(model, op_library).run(None, feeds)
+
+
+def test_make_node_checks_its_arguments():
+    names = list(projected_op.INPUTS[:10])
+    with pytest.raises(ValueError, match="epsilon"):
+        projected_op.make_node(names, ["Y", "skip_out"], num_experts=4, epsilon=0.0)
+    with pytest.raises(ValueError, match="inputs must name"):
+        projected_op.make_node(names[:9], ["Y", "skip_out"], num_experts=4, epsilon=1e-5)
+    with pytest.raises(ValueError, match="outputs must name"):
+        projected_op.make_node(names, ["Y"], num_experts=4, epsilon=1e-5)
+    node = projected_op.make_node(names + [""], ["Y", "skip_out"], num_experts=4, epsilon=1e-5)
+    assert list(node.input) == names and list(node.output) == ["Y", "skip_out", ""]
