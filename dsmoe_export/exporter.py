@@ -189,8 +189,8 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     `ffn_node`: "projected" replaces each layer's o_proj, the norms around its FFN, the FFN and
     the next layer's QKV projection with one ProjectedSparseFFN node (op-spec.md; every layer but
     the last): a float32 sparse graph with float32 FFN and attention weights and no projection
-    biases, for the CPU EP (decode 0.94 of the plain graph's step on the converted SmolLM2,
-    prefill 1.02-1.06); "plain" keeps GatedBlockSparseFFN between ONNX Runtime's nodes; "auto"
+    biases, for the CPU EP (decode 0.93-0.95 of the plain graph's step on the converted SmolLM2,
+    prefill 1.03-1.04); "plain" keeps GatedBlockSparseFFN between ONNX Runtime's nodes; "auto"
     is "projected" where it applies."""
     accuracy_level, matmul_weights, lm_head_weights = _checked_options(
         out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)
