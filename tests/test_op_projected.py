@@ -85,7 +85,8 @@ def test_kernel_matches_reference(op_library, rng, lead, threads):
     attrs = dict(num_experts=4, epsilon=1e-5, threshold=float(rng.uniform(0.3, 0.7)))
     active = check(feeds, session(make_model(feeds, **attrs), op_library, threads).run(None, feeds),
                    epsilon=1e-5, threshold=attrs["threshold"])
-    assert 0 < active.mean() < 1  # some blocks on, some off
+    if active.size >= 24:
+        assert 0 < active.mean() < 1  # some blocks on, some off
 
 
 @pytest.mark.parametrize("down_tile", [0, 64])
@@ -181,3 +182,29 @@ def test_make_node_checks_its_arguments():
         projected_op.make_node(names, ["Y"], num_experts=4, epsilon=1e-5)
     node = projected_op.make_node(names + [""], ["Y", "skip_out"], num_experts=4, epsilon=1e-5)
     assert list(node.input) == names and list(node.output) == ["Y", "skip_out", ""]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("case", range(12))
+def test_random_cases_every_instruction_set(op_library, rng, monkeypatch, isa, case):
+    """Random sizes (d, k, p not multiples of the vector width), token counts across the three
+    paths, attributes and thread counts, on each instruction set this CPU runs."""
+    from test_op_cpu import _cpu_isas
+
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    n = int(rng.integers(1, 9))
+    d, k, p, B = (int(v) for v in rng.integers(1, 100, 4))
+    lead = [(int(rng.integers(0, 7)),), (int(rng.integers(7, 25)),), (2, int(rng.integers(13, 30)))][case % 3]
+    feeds = make_feeds(rng, lead, d=d, k=k, p=p, n=n, B=B, bias=bool(rng.integers(2)),
+                       router_scale=float(rng.uniform(0.5, 3.0)))
+    attrs = dict(threshold=float(rng.uniform(0.2, 0.8)), rescale=bool(rng.integers(2)),
+                 weighting=["score", "binary"][int(rng.integers(2))],
+                 activation=["silu", "gelu", "gelu_tanh"][int(rng.integers(3))])
+    down_tile = int(rng.integers(2)) * 64
+    if down_tile:
+        feeds["down_weight"] = onnx_op.tile_down(feeds["down_weight"])
+    model = make_model(feeds, num_experts=n, epsilon=1e-5, down_tile=down_tile, **attrs)
+    outputs = session(model, op_library, int(rng.integers(1, 3))).run(None, feeds)
+    check(feeds, outputs, epsilon=1e-5, down_tile=down_tile, **attrs)
