@@ -39,7 +39,8 @@ def make_model(feeds: dict, *, active: bool = True, with_function: bool = True, 
         node = projected_op.make_node(list(feeds), outputs, **attrs)
     else:
         node = helper.make_node(projected_op.OP_TYPE, list(feeds), outputs, domain=onnx_op.DOMAIN, **node_attrs)
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in feeds]
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+              for name, v in feeds.items()]
     outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
             helper.make_tensor_value_info("skip_out", TensorProto.FLOAT, None)]
     if active:
@@ -208,3 +209,92 @@ def test_random_cases_every_instruction_set(op_library, rng, monkeypatch, isa, c
     model = make_model(feeds, num_experts=n, epsilon=1e-5, down_tile=down_tile, **attrs)
     outputs = session(model, op_library, int(rng.integers(1, 3))).run(None, feeds)
     check(feeds, outputs, epsilon=1e-5, down_tile=down_tile, **attrs)
+
+
+# ---------------------------------------------------------------------------- ProjectedSparseFFNInt4
+
+def make_int4_feeds(rng, lead, *, d=64, k=128, p=160, n=4, B=24, group=32, bias=True):
+    """The int4 op's inputs (projections in MatMulNBits' layout, blocks as GatedBlockSparseFFNInt4's)
+    and the dequantized float weights the reference runs on."""
+    from dsmoe_export import quant
+
+    f = make_feeds(rng, lead, d=d, k=k, p=p, n=n, B=B, bias=bias)
+    feeds, ref = {}, dict(f)
+    for name in ("in_proj_weight", "out_proj_weight"):
+        q, scales = quant.quantize_rows(f[name], 4, group)
+        feeds[name] = quant.pack_matmul_nbits(q, 4, group)
+        feeds[name.replace("weight", "scales")] = scales.astype(np.float32)
+        ref[name] = quant.dequantize_rows(q, scales, 4, group)
+    stored = quant.quantize_block_weights(f["gate_weight"], f["up_weight"], f["down_weight"], "int4", group)
+    ref["gate_weight"], ref["up_weight"], ref["down_weight"] = quant.dequantize_block_weights(stored, "int4", group)
+    feeds.update(stored)
+    ordered = {name: (feeds[name] if name in feeds else f[name]) for name in projected_op.INT4_INPUTS if name in f
+               or name in feeds}
+    return ordered, ref
+
+
+def check_int4(outputs, ref, *, epsilon, **ffn_attrs):
+    y_ref, s2_ref, active_ref = projected_reference(*(ref[name] for name in projected_op.INPUTS if name in ref),
+                                                    epsilon=epsilon, **ffn_attrs)
+    assert outputs[0].shape == y_ref.shape and outputs[1].shape == s2_ref.shape
+    assert rel_err(outputs[0], y_ref) <= RTOL, rel_err(outputs[0], y_ref)
+    assert rel_err(outputs[1], s2_ref) <= RTOL, rel_err(outputs[1], s2_ref)
+    if len(outputs) > 2:
+        np.testing.assert_array_equal(outputs[2], active_ref)
+
+
+# One pass (<= 6 tokens), then the stepwise path (dequantized row tiles, panels of every width).
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (7,), (2, 20), (45,)])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_kernel_and_function_match_reference(op_library, rng, lead, group, threads):
+    feeds, ref = make_int4_feeds(rng, lead, group=group, bias=bool(rng.integers(2)))
+    attrs = dict(threshold=float(rng.uniform(0.3, 0.7)), weighting=["score", "binary"][int(rng.integers(2))])
+    model = make_model(feeds, num_experts=4, epsilon=1e-5, group_size=group, **attrs)
+    for library in (op_library, NO_LIBRARY):
+        check_int4(session(model, library, threads).run(None, feeds), ref, epsilon=1e-5, **attrs)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_int4_every_instruction_set(op_library, rng, monkeypatch, isa, tokens):
+    from test_op_cpu import _cpu_isas
+
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    feeds, ref = make_int4_feeds(rng, (tokens,), d=96, k=64, p=72, n=3, B=40)
+    model = make_model(feeds, num_experts=3, epsilon=1e-6, group_size=32, activation="gelu", rescale=False)
+    check_int4(session(model, op_library, 2).run(None, feeds), ref, epsilon=1e-6, activation="gelu", rescale=False)
+
+
+@pytest.mark.parametrize("tokens", [4, 30])
+def test_int4_thread_count_does_not_change_results(op_library, rng, tokens):
+    feeds, _ = make_int4_feeds(rng, (tokens,))
+    model = make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32)
+    one, two = (session(model, op_library, t).run(None, feeds) for t in (1, 2))
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_int4_all_and_no_blocks_and_zero_tokens(op_library, rng, threshold):
+    feeds, ref = make_int4_feeds(rng, (3,))
+    model = make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32, threshold=threshold)
+    check_int4(session(model, op_library, 2).run(None, feeds), ref, epsilon=1e-5, threshold=threshold)
+    empty, _ = make_int4_feeds(rng, (2, 0))
+    y, s2, active = session(make_model(empty, num_experts=4, epsilon=1e-5, group_size=32), op_library).run(None, empty)
+    assert y.shape == (2, 0, 160) and s2.shape == (2, 0, 64) and active.shape == (2, 0, 4)
+
+
+def test_int4_bad_shapes_are_ort_errors(op_library, rng):
+    feeds, _ = make_int4_feeds(rng, (2,))
+    feeds["A"] = feeds["A"][..., :80]  # k = 80: not a multiple of group_size 32
+    s = session(make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32, with_function=False), op_library)
+    with pytest.raises(Exception, match="must be multiples of attribute 'group_size' = 32"):
+        s.run(None, feeds)
+    feeds, _ = make_int4_feeds(rng, (2,))
+    feeds["out_proj_scales"] = feeds["out_proj_scales"][:-1]
+    s = session(make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32, with_function=False), op_library)
+    with pytest.raises(Exception, match=r"input 'out_proj_scales' must have shape \[p, d / group_size\]"):
+        s.run(None, feeds)

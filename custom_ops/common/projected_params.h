@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/ffn_params.h"
+#include "common/ffn_quant_params.h"
 
 namespace dsmoe {
 
@@ -43,5 +44,35 @@ struct ProjectedInputs {
   ProjectedDims dims;
 };
 ProjectedInputs GetProjectedInputs(const Ort::KernelContext& ctx, const ProjectedAttributes& attrs);
+
+// ProjectedSparseFFNInt4: the projections in MatMulNBits' int4 layout ([rows, in / G, G / 2] bytes,
+// scales [rows, in / G]), the FFN's blocks as GatedBlockSparseFFNInt4's (op-spec).
+inline constexpr const char* kProjectedInt4OpName = "ProjectedSparseFFNInt4";
+
+enum ProjectedInt4Input : size_t {
+  kQPA, kQPSkip, kQPInProj, kQPInProjScales, kQPNorm, kQPRouterWeight, kQPGate, kQPGateScales, kQPUp, kQPUpScales,
+  kQPDown, kQPDownScales, kQPOutNorm, kQPOutProj, kQPOutProjScales, kQPRouterBias, kNumProjectedInt4Inputs
+};
+
+struct ProjectedInt4Attributes {
+  QuantAttributes quant;  // GatedBlockSparseFFNInt4's (group_size also the projections' block size)
+  float epsilon = 0.0f;
+};
+
+struct ProjectedInt4Dims {
+  QuantDims quant;  // of the FFN on the normalised residual stream [N, d]
+  int64_t in_features = 0, out_features = 0;
+  std::vector<int64_t> y_shape;
+};
+
+ProjectedInt4Attributes ParseProjectedInt4Attributes(const Ort::ConstKernelInfo& info);
+
+struct ProjectedInt4Inputs {
+  Ort::ConstValue a{nullptr}, skip{nullptr}, in_proj{nullptr}, in_scales{nullptr}, norm{nullptr},
+      router_weight{nullptr}, gate{nullptr}, gate_scales{nullptr}, up{nullptr}, up_scales{nullptr}, down{nullptr},
+      down_scales{nullptr}, out_norm{nullptr}, out_proj{nullptr}, out_scales{nullptr}, router_bias{nullptr};
+  ProjectedInt4Dims dims;
+};
+ProjectedInt4Inputs GetProjectedInt4Inputs(const Ort::KernelContext& ctx, const ProjectedInt4Attributes& attrs);
 
 }  // namespace dsmoe

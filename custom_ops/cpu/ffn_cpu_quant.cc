@@ -43,69 +43,6 @@ WeightFormat FormatOf(QuantKind kind) {
                                     : WeightFormat::kF16;
 }
 
-struct QWeights {
-  WeightFormat format;
-  int64_t group;  // scale group size (0 for float16)
-  const float* x;
-  const float* router;
-  const float* bias;
-  const uint8_t *gate, *up, *down;  // [n, B, row_bytes]
-  const float *gate_scales, *up_scales, *down_scales;  // nullptr for float16
-  int64_t row_bytes, row_groups, block_groups;
-};
-
-void ComputeDecode(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                   const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
-                   float* y) {
-  const FfnDims& dims = qd.base;
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  // Slabs are whole scale groups of the down rows (the group size is a power of two).
-  const int64_t slab_rows = w.format == WeightFormat::kF16 ? kDecodeRows : std::max(kDecodeRows, w.group);
-  const int64_t rb = w.row_bytes;
-  // Per-token sums of X over each scale group (the zero point of dot_rows).
-  const int64_t xgroups = w.format == WeightFormat::kF16 ? 1 : w.row_groups;
-  auto xsum = HeapArray<float>(N * xgroups);
-  if (w.format != WeightFormat::kF16) {
-    for (int64_t t = 0; t < N; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum.get() + t * xgroups);
-  }
-  DecodeSlabs(ctx, dims, routing, slab_rows, [&](const DecodeTask& t) {
-    const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
-    const int64_t* pair_token = t.pair_token;
-    float* g = ThreadBuffer(ThreadSlot::kGateTile, kMaxQuantDotTokens * slab_rows);
-    float* u = ThreadBuffer(ThreadSlot::kUpTile, 2 * kMaxQuantDotTokens * slab_rows);
-    float* h = u + kMaxQuantDotTokens * slab_rows;
-    float* acc = ThreadBuffer(ThreadSlot::kDownTile, kMaxQuantDotTokens * d);
-    for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
-      const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
-      const int64_t row = i * B + r0;
-      const float* gs = w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr;
-      const float* us = w.up_scales ? w.up_scales + row * w.row_groups : nullptr;
-      const float* ds = w.down_scales ? w.down_scales + (i * w.block_groups + r0 / std::max<int64_t>(w.group, 1)) * d
-                                      : nullptr;
-      for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxQuantDotTokens) {
-        const int count = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, last_pair - p0));
-        const float* xs[kMaxQuantDotTokens];
-        const float* sums[kMaxQuantDotTokens];
-        for (int c = 0; c < count; ++c) {
-          xs[c] = w.x + pair_token[p0 + c] * d;
-          sums[c] = xsum.get() + pair_token[p0 + c] * xgroups;
-        }
-        qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
-        qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
-        const float* hs[kMaxQuantDotTokens];
-        float* outs[kMaxQuantDotTokens];
-        for (int c = 0; c < count; ++c) {
-          const int64_t p = p0 + c;
-          ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,
-                              routing.coef[pair_token[p] * n + i], rows, h + c * slab_rows);
-          hs[c] = h + c * slab_rows;
-          outs[c] = t.out(p);
-        }
-        qk.accumulate_rows(w.format, w.down + row * rb, ds, hs, count, rows, d, w.group, acc, outs);
-      }
-    }
-  }, y);
-}
 
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
@@ -135,6 +72,78 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
   });
 }
 
+}  // namespace
+
+int64_t QuantDecodeSlabRows(const QWeights& w) {
+  return w.format == WeightFormat::kF16 ? kDecodeRows : std::max(kDecodeRows, w.group);
+}
+
+void QuantGroupSums(const QuantKernelSet& qk, const QWeights& w, int64_t num_tokens, int64_t d, float* xsum) {
+  if (w.format == WeightFormat::kF16) return;
+  for (int64_t t = 0; t < num_tokens; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum + t * w.row_groups);
+}
+
+void QuantDecodeTask::operator()(const DecodeTask& t) const {
+  const FfnDims& dims = qd.base;
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
+  const int64_t slab_rows = QuantDecodeSlabRows(w), rb = w.row_bytes;
+  const int64_t xgroups = w.format == WeightFormat::kF16 ? 1 : w.row_groups;
+  const int64_t i = t.block, first_pair = t.first_pair, last_pair = t.last_pair;
+  const int64_t* pair_token = t.pair_token;
+  float* g = ThreadBuffer(ThreadSlot::kGateTile, kMaxQuantDotTokens * slab_rows);
+  float* u = ThreadBuffer(ThreadSlot::kUpTile, 2 * kMaxQuantDotTokens * slab_rows);
+  float* h = u + kMaxQuantDotTokens * slab_rows;
+  float* acc = ThreadBuffer(ThreadSlot::kDownTile, kMaxQuantDotTokens * d);
+  for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
+    const int64_t r0 = s * slab_rows, rows = std::min(slab_rows, B - r0);
+    const int64_t row = i * B + r0;
+    const float* gs = w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr;
+    const float* us = w.up_scales ? w.up_scales + row * w.row_groups : nullptr;
+    const float* ds = w.down_scales ? w.down_scales + (i * w.block_groups + r0 / std::max<int64_t>(w.group, 1)) * d
+                                    : nullptr;
+    for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxQuantDotTokens) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, last_pair - p0));
+      const float* xs[kMaxQuantDotTokens];
+      const float* sums[kMaxQuantDotTokens];
+      for (int c = 0; c < count; ++c) {
+        xs[c] = w.x + pair_token[p0 + c] * d;
+        sums[c] = xsum + pair_token[p0 + c] * xgroups;
+      }
+      qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
+      qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
+      const float* hs[kMaxQuantDotTokens];
+      float* outs[kMaxQuantDotTokens];
+      for (int c = 0; c < count; ++c) {
+        const int64_t p = p0 + c;
+        ks.gated_activation(attrs.activation, g + c * slab_rows, u + c * slab_rows,
+                            routing.coef[pair_token[p] * n + i], rows, h + c * slab_rows);
+        hs[c] = h + c * slab_rows;
+        outs[c] = t.out(p);
+      }
+      qk.accumulate_rows(w.format, w.down + row * rb, ds, hs, count, rows, d, w.group, acc, outs);
+    }
+  }
+}
+
+void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
+                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active) {
+  const FfnDims& dims = qd.base;
+  const int64_t N = dims.num_tokens;
+  if (N == 0) return;
+  const Routing routing = Route(ctx, ks, attrs, dims, w.x, w.router, w.bias);
+  WriteActive(routing, dims, active);
+  if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
+    // Per-token sums of X over each scale group (the zero point of dot_rows).
+    auto xsum = HeapArray<float>(N * std::max<int64_t>(w.row_groups, 1));
+    QuantGroupSums(qk, w, N, dims.hidden, xsum.get());
+    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w), QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get()}, y);
+    return;
+  }
+  ComputePrefill(ctx, ks, qk, attrs, qd, w, routing, y);
+}
+
+namespace {
+
 class QuantCpuKernel {
  public:
   using Variant = QuantKind;
@@ -147,10 +156,8 @@ class QuantCpuKernel {
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
     const QuantDims& qd = in.dims;
-    const FfnDims& dims = qd.base;
-    const Outputs out = GetOutputs(ctx, dims);
-    float* y = out.y;
-    if (dims.num_tokens == 0) return;
+    const Outputs out = GetOutputs(ctx, qd.base);
+    if (qd.base.num_tokens == 0) return;
     auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
     auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
     const QWeights w{FormatOf(kind_),           attrs_.group_size,      in.x.GetTensorData<float>(),
@@ -158,13 +165,7 @@ class QuantCpuKernel {
                      bytes(in.up),              bytes(in.down),         floats(in.gate_scales),
                      floats(in.up_scales),      floats(in.down_scales), qd.row_bytes,
                      qd.row_groups,             qd.block_groups};
-    const Routing routing = Route(ctx, kernels_, attrs_.base, dims, w.x, w.router, w.bias);
-    WriteActive(routing, dims, out.active);
-    if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
-      ComputeDecode(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
-      return;
-    }
-    ComputePrefill(ctx, kernels_, quant_, attrs_.base, qd, w, routing, y);
+    ComputeQuantFfn(ctx, kernels_, quant_, attrs_.base, qd, w, out.y, out.active);
   }
 
  private:

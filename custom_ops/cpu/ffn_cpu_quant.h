@@ -2,9 +2,50 @@
 // quantized blocks, float32 activations; docs/op-spec.md "Quantized variants").
 #pragma once
 
+#include <cstdint>
+
+#include "common/ffn_quant_params.h"
+#include "cpu/decode.h"
+#include "cpu/kernels.h"
+#include "cpu/kernels_quant.h"
+#include "cpu/plan.h"
 #include "onnxruntime_cxx_api.h"
 
 namespace dsmoe::cpu {
+
+// A quantized op's weights as the node's inputs hold them, and its tokens x [N, d].
+struct QWeights {
+  WeightFormat format;
+  int64_t group;  // scale group size (0 for float16)
+  const float* x;
+  const float* router;
+  const float* bias;
+  const uint8_t *gate, *up, *down;  // [n, B, row_bytes]
+  const float *gate_scales, *up_scales, *down_scales;  // nullptr for float16
+  int64_t row_bytes, row_groups, block_groups;
+};
+
+// Decode slab rows: whole scale groups of the down rows (the group size is a power of two).
+int64_t QuantDecodeSlabRows(const QWeights& w);
+// xsum[t * row_groups + g]: the sum of x[t] over scale group g (integer formats; none for float16).
+void QuantGroupSums(const QuantKernelSet& qk, const QWeights& w, int64_t num_tokens, int64_t d, float* xsum);
+
+// One decode task (cpu/decode.h) of the quantized kernel; xsum from QuantGroupSums.
+struct QuantDecodeTask {
+  const KernelSet& ks;
+  const QuantKernelSet& qk;
+  const FfnAttributes& attrs;
+  const QuantDims& qd;
+  const QWeights& w;
+  const Routing& routing;
+  const float* xsum;
+  void operator()(const DecodeTask& t) const;
+};
+
+// y [N, d] = the quantized op on w.x: routing, then the decode or the prefill path; `active`
+// (or nullptr) gets the routing's flags. N = 0: nothing.
+void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
+                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active);
 
 // Adds the three ops to the domain (called by RegisterCustomOps).
 void RegisterQuantOps(Ort::CustomOpDomain& domain);

@@ -72,6 +72,12 @@ struct KernelSet {
                                const float* panel, const float* coef, float* h, PrefetchStreams& pf);
   void (*narrow_panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
                             float* const* y, const bool* fresh, int count, PrefetchStreams& pf);
+
+  // A plain GEMM of a full packed panel (pack_panel's layout, `panel` tokens wide):
+  //   out[r * panel + t] = w[r] . panel[:, t] for r < rows (rows of k floats, stride ld).
+  // The gate/up tile without the second matrix and the activation (ProjectedSparseFFNInt4's
+  // projections over dequantized row tiles).
+  void (*panel_dot)(const float* w, int64_t rows, int64_t k, int64_t ld, const float* panel, float* out);
 };
 
 // The widest kernel set this CPU supports. DSMOE_CPU_ISA=baseline|avx2|avx512

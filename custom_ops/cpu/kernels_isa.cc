@@ -402,6 +402,42 @@ void PanelGateUp(Activation act, const float* gate, const float* up, int64_t row
   }
 }
 
+// out[r * P + t] (+)= w[r] . panel[:, t] for R rows of w (stride ld) over kc steps of k: the
+// gate/up tile with one matrix and no epilogue, twice the rows for the same accumulators.
+template <int R, int NV>
+inline void DotPanelTile(const float* w, int64_t ld, int64_t kc, const float* panel, bool first, float* out) {
+  constexpr int kNV = NV, kPanelWidth = NV * kVL;
+  Vec a[R][kNV];
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < kNV; ++v) a[i][v] = first ? Vec{} : Load(out + i * kPanelWidth + v * kVL);
+  }
+#pragma GCC unroll 4  // as in GateUpTile
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec b[kNV];
+    for (int v = 0; v < kNV; ++v) b[v] = Load(panel + k * kPanelWidth + v * kVL);
+    for (int i = 0; i < R; ++i) {
+      const Vec x = Splat(w[i * ld + k]);
+      for (int v = 0; v < kNV; ++v) a[i][v] += x * b[v];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < kNV; ++v) Store(out + i * kPanelWidth + v * kVL, a[i][v]);
+  }
+}
+
+template <int NV>
+void PanelDot(const float* w, int64_t rows, int64_t k, int64_t ld, const float* panel, float* out) {
+  constexpr int kPanelWidth = NV * kVL, kRows = 2 * kGateUpRows<NV>;
+  constexpr int64_t kKc = 8192 / kPanelWidth;  // the panel's k-slice stays in L1, as in PanelGateUp
+  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+    const int64_t kc = std::min(kKc, k - k0);
+    const float* pk = panel + k0 * kPanelWidth;
+    int64_t r = 0;
+    for (; r + kRows <= rows; r += kRows) DotPanelTile<kRows, NV>(w + r * ld + k0, ld, kc, pk, k0 == 0, out + r * kPanelWidth);
+    for (; r < rows; ++r) DotPanelTile<1, NV>(w + r * ld + k0, ld, kc, pk, k0 == 0, out + r * kPanelWidth);
+  }
+}
+
 // M tokens x kDownCols columns (2 vectors); h rows are P = NV vectors wide.
 constexpr int kDownNV = 2;
 constexpr int kDownCols = kDownNV * kVL;
@@ -492,6 +528,7 @@ const KernelSet& Kernels() {
 #define DSMOE_STR(x) DSMOE_STR2(x)
       DSMOE_STR(DSMOE_ISA), kPanel, DotRows, GatedActivation, AccumulateRows, AccumulateTiles, PackPanel<kWideNV>,
       PanelGateUp<kWideNV>, PanelDown<kWideNV>, kNarrowPanel, PackPanel<1>, PanelGateUp<1>, PanelDown<1>,
+      PanelDot<kWideNV>,
   };
   return set;
 }

@@ -1,4 +1,4 @@
-// CPU kernel of org.dsmoe::ProjectedSparseFFN (float32), docs/op-spec.md:
+// CPU kernels of org.dsmoe::ProjectedSparseFFN (float32) and ProjectedSparseFFNInt4, docs/op-spec.md:
 //
 //   S  = A . in_proj^T + skip            X  = RMSNorm(S) * norm_weight
 //   S2 = GatedBlockSparseFFN(X) + S      Y  = (RMSNorm(S2) * out_norm_weight) . out_proj^T
@@ -6,20 +6,27 @@
 // Why one node: at one token every parallel node of a decode step pays the pool's wake-up of
 // its sleeping worker (~40 us on the development VM) and ORT's float32 MatMul splits its
 // columns into two fixed halves, so the thread that wakes late delays the node by that much.
-// Measured with prototypes on the converted SmolLM2 (cpu-kernel-notes #37): the o_proj
-// MatMul, the two SkipSimplifiedLayerNormalization nodes, the op and the next layer's QKV
-// MatMul as one node took 0.95-0.97 of the unfused decode step.
+// Measured on the converted SmolLM2 (cpu-kernel-notes #37): o_proj, the two
+// SkipSimplifiedLayerNormalization nodes, the op and the next layer's QKV projection as one
+// node took 0.93-0.95 of the plain graph's decode step.
 //
 //   up to kOnePassMaxTokens tokens (decode): one pass of the pool in four phases
-//     (cpu/phases.h): the input projection's row slabs (dot_rows, the FFN's GEMV kernel), the
-//     FFN's decode tasks (cpu/decode.h), the FFN's partial sums with the residual add, the
-//     output projection's row slabs; the serial steps between them (residual add, RMSNorm,
-//     routing; the second RMSNorm) run on the thread that finishes a phase.
-//   longer calls: the projections through dot_rows up to kProjectionGemvMaxTokens tokens, then
-//     through ONNX Runtime's own Gemm (MLAS, what the unfused graph's MatMul nodes run; invoked
-//     from the kernel, so its weights are packed at every call: prefill 2-6 % slower than the
-//     unfused graph at 16-128 tokens), the FFN through the float32 op's kernel
-//     (ComputeFloatFfn), norms per token in parallel.
+//     (cpu/phases.h): the input projection's row slabs, the FFN's decode tasks (cpu/decode.h),
+//     the FFN's partial sums with the residual add, the output projection's row slabs; the
+//     serial steps between them (residual add, RMSNorm, routing; the second RMSNorm) run on
+//     the thread that finishes a phase.
+//   longer calls: projections, norms (per token, in parallel) and the FFN step by step.
+//
+// The two variants differ in their projections and FFN only (FloatParts, Int4Parts below):
+//   float32: GEMV by dot_rows (the FFN's kernel) up to kProjectionGemvMaxTokens tokens, then
+//     ONNX Runtime's own Gemm (MLAS, invoked from the kernel, so its weights are packed at every
+//     call: prefill 2-6 % slower than the unfused graph at 16-128 tokens); the FFN through the
+//     float32 op's kernel.
+//   int4: the projections in MatMulNBits' layout, read as they are. MatMulNBits packs a
+//     32-weight chunk as (2j, 2j+1) nibble pairs, the quantized kernel's rows as (m, m + 16):
+//     with x permuted within each 32-chunk (x'[m] = x[2m], x'[m + 16] = x[2m + 1]; group sums
+//     unchanged) its lookup GEMV reads MatMulNBits bytes, and so does its row dequantizer for
+//     longer calls, whose projections run as float GEMM tiles (panel_dot) over dequantized rows.
 #include "cpu/projected_cpu.h"
 
 #include <algorithm>
@@ -29,6 +36,7 @@
 
 #include "cpu/decode.h"
 #include "cpu/ffn_cpu.h"
+#include "cpu/ffn_cpu_quant.h"
 #include "cpu/hugepages.h"
 #include "cpu/parallel.h"
 #include "cpu/phases.h"
@@ -38,13 +46,12 @@ namespace dsmoe::cpu {
 namespace {
 
 // Calls of up to this many tokens take the one pass: the FFN's decode path is certain for
-// them (kDecodeMaxTokens), and dot_rows reads a projection's rows once for all of them.
+// them (kDecodeMaxTokens), and the projections' GEMVs read their rows once or twice.
 constexpr int64_t kOnePassMaxTokens = kDecodeMaxTokens;
-static_assert(kOnePassMaxTokens <= kMaxDotTokens, "dot_rows takes the pass's tokens at once");
-// Rows of a projection per task of the pass: 32 rows of k floats (74 KB at k = 576).
+// Rows of a projection per task: 32 rows of k floats (74 KB at k = 576).
 constexpr int64_t kProjectionRows = 32;
-// Longer calls up to this many tokens project with dot_rows too (each slab's rows read once
-// per kMaxDotTokens tokens); beyond, ORT's Gemm, which packs the weights at every call
+// Longer float32 calls up to this many tokens project with dot_rows too (each slab's rows read
+// once per kMaxDotTokens tokens); beyond, ORT's Gemm, which packs the weights at every call
 // (converted SmolLM2, prefill of 16 tokens: 1.065 of the unfused graph's time through Gemm,
 // 1.023 through dot_rows; equal at 32; 64: 1.063 against 1.105).
 constexpr int64_t kProjectionGemvMaxTokens = 2 * kMaxDotTokens;
@@ -59,6 +66,133 @@ void RmsNorm(const float* s, const float* gamma, int64_t d, float eps, float* ou
   for (int64_t c = 0; c < d; ++c) out[c] = s[c] * inv * gamma[c];
 }
 
+// What the variants share of a call: sizes and the tensors around the projections and the FFN.
+struct Stream {
+  int64_t N = 0, d = 0, k = 0, p = 0;
+  float eps = 0.0f;
+  const float *a = nullptr, *skip = nullptr, *norm = nullptr, *out_norm = nullptr;
+  float *y = nullptr, *skip_out = nullptr;
+  bool* active = nullptr;
+};
+
+// The one pass (up to kOnePassMaxTokens tokens) for a variant's parts V:
+//   int64_t InSlabs(), OutSlabs();  void PrepareInput(ctx);  void ProjectIn(slab, s);
+//   int64_t PlanFfn(ctx, x) (routing, `active`, the decode plan: its task count);  void FfnTask(i);
+//   const Routing& routing;  const DecodePlan& plan;  const FfnDims& fd;
+//   void PrepareOutput(ctx, x2);  void ProjectOut(slab, y).
+template <typename V>
+void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
+  const int64_t N = c.N, d = c.d;
+  auto s = CallScratch<float>(ctx, N * d);  // S
+  auto x = CallScratch<float>(ctx, N * d);  // X, then the normalised S2
+  std::optional<DecodeSums> sums;
+  std::vector<double> squares;  // per (token, sum task): the sum of S2^2 over its columns
+  v.PrepareInput(ctx);
+  enum Phase { kInProjection, kFfn, kSums, kOutProjection };
+  auto task = [&](int phase, int64_t i) {
+    switch (phase) {
+      case kInProjection:
+        v.ProjectIn(i, s.get());
+        break;
+      case kFfn:
+        v.FfnTask(static_cast<size_t>(i));
+        break;
+      case kSums: {
+        sums->Run(static_cast<size_t>(i), c.skip_out);  // the FFN's output, then S2 in place
+        const int64_t t = i / sums->col_tasks, c0 = i % sums->col_tasks * kDecodeSumColumns;
+        const int64_t c1 = std::min(d, c0 + kDecodeSumColumns);
+        double sum = 0.0;
+        for (int64_t col = c0; col < c1; ++col) {
+          const float value = c.skip_out[t * d + col] + s[t * d + col];
+          c.skip_out[t * d + col] = value;
+          sum += static_cast<double>(value) * value;
+        }
+        squares[static_cast<size_t>(i)] = sum;
+        break;
+      }
+      default:
+        v.ProjectOut(i, c.y);
+    }
+  };
+  auto after = [&](int phase) -> int64_t {
+    switch (phase) {
+      case kInProjection:
+        for (int64_t t = 0; t < N; ++t) {
+          float* st = s.get() + t * d;
+          for (int64_t col = 0; col < d; ++col) st[col] += c.skip[t * d + col];
+          RmsNorm(st, c.norm, d, c.eps, x.get() + t * d);
+        }
+        return v.PlanFfn(ctx, x.get());  // N <= 16: routing runs inline
+      case kFfn:
+        sums.emplace(v.fd, v.routing, v.plan->sorted, v.plan->groups, v.plan->partial.get());
+        squares.assign(sums->Tasks(N), 0.0);
+        return static_cast<int64_t>(sums->Tasks(N));
+      case kSums:
+        for (int64_t t = 0; t < N; ++t) {
+          double sum = 0.0;
+          for (int64_t j = 0; j < sums->col_tasks; ++j) sum += squares[static_cast<size_t>(t * sums->col_tasks + j)];
+          const float inv = 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(d)) + c.eps);
+          for (int64_t col = 0; col < d; ++col) x[t * d + col] = c.skip_out[t * d + col] * inv * c.out_norm[col];
+        }
+        v.PrepareOutput(ctx, x.get());
+        return v.OutSlabs();
+      default:
+        return 0;
+    }
+  };
+  RunPhases(ctx, 4, v.InSlabs(), task, after);
+}
+
+// Longer calls, step by step, for a variant's parts V:
+//   void ProjectAllIn(ctx, s);  void Ffn(ctx, x, y, active);  void ProjectAllOut(ctx, x2, y).
+template <typename V>
+void ComputeInSteps(Ort::KernelContext& ctx, const Stream& c, V& v) {
+  const int64_t N = c.N, d = c.d;
+  auto s = CallScratch<float>(ctx, N * d);
+  auto x = CallScratch<float>(ctx, N * d);
+  v.ProjectAllIn(ctx, s.get());
+  const size_t norm_tasks = static_cast<size_t>(CeilDiv(N, kNormTokens));
+  ParallelFor(ctx, norm_tasks, [&](size_t task) {
+    for (int64_t t = task * kNormTokens; t < std::min<int64_t>(N, (task + 1) * kNormTokens); ++t) {
+      float* st = s.get() + t * d;
+      for (int64_t col = 0; col < d; ++col) st[col] += c.skip[t * d + col];
+      RmsNorm(st, c.norm, d, c.eps, x.get() + t * d);
+    }
+  });
+  v.Ffn(ctx, x.get(), c.skip_out, c.active);
+  ParallelFor(ctx, norm_tasks, [&](size_t task) {
+    for (int64_t t = task * kNormTokens; t < std::min<int64_t>(N, (task + 1) * kNormTokens); ++t) {
+      float* s2 = c.skip_out + t * d;
+      for (int64_t col = 0; col < d; ++col) s2[col] += s[t * d + col];
+      RmsNorm(s2, c.out_norm, d, c.eps, x.get() + t * d);
+    }
+  });
+  v.ProjectAllOut(ctx, x.get(), c.y);
+}
+
+template <typename V>
+void ComputeProjected(Ort::KernelContext& ctx, const Stream& c, V& v) {
+  if (c.N == 0) return;
+  if (c.N <= kOnePassMaxTokens) {
+    ComputeInOnePass(ctx, c, v);
+  } else {
+    ComputeInSteps(ctx, c, v);
+  }
+}
+
+// The outputs, sized; Stream's output pointers set.
+void GetProjectedOutputs(Ort::KernelContext& ctx, const std::vector<int64_t>& y_shape, const FfnDims& fd,
+                         size_t active_index, Stream& c) {
+  c.y = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
+  c.skip_out = ctx.GetOutput(1, fd.y_shape).GetTensorMutableData<float>();
+  if (ctx.GetOutputCount() > active_index) {
+    Ort::UnownedValue active = ctx.GetOutput(active_index, fd.active_shape);
+    if (active) c.active = active.GetTensorMutableData<bool>();
+  }
+}
+
+// ---------------------------------------------------------------------------- float32
+
 // out[t * ldo + r] = x[t] . w[r] for rows r of slab `slab` (kProjectionRows rows of w [rows, k]),
 // the slab's rows read once for every kMaxDotTokens tokens.
 void ProjectSlab(const KernelSet& ks, const float* w, int64_t rows, int64_t k, int64_t slab, const float* x,
@@ -72,16 +206,183 @@ void ProjectSlab(const KernelSet& ks, const float* w, int64_t rows, int64_t k, i
   }
 }
 
+struct FloatParts {
+  const KernelSet& ks;
+  const FfnAttributes& attrs;
+  const FfnDims& fd;
+  const Stream& c;
+  const Ort::Op& gemm;
+  const Ort::ConstValue &in_weight, &out_weight;
+  const float *in_proj, *out_proj;
+  FloatFfnWeights w;
+  const float *x = nullptr, *x2 = nullptr;
+  Routing routing{};
+  std::optional<DecodePlan> plan{};
+
+  int64_t InSlabs() const { return CeilDiv(c.d, kProjectionRows); }
+  int64_t OutSlabs() const { return CeilDiv(c.p, kProjectionRows); }
+  void PrepareInput(const Ort::KernelContext&) {}
+  void ProjectIn(int64_t slab, float* s) const { ProjectSlab(ks, in_proj, c.d, c.k, slab, c.a, c.N, s, c.d); }
+  int64_t PlanFfn(const Ort::KernelContext& ctx, const float* xx) {
+    x = xx;
+    routing = Route(ctx, ks, attrs, fd, x, w.router, w.bias);
+    WriteActive(routing, fd, c.active);
+    plan.emplace(PlanDecode(ctx, fd, routing, kDecodeRows));
+    return static_cast<int64_t>(plan->tasks.size());
+  }
+  void FfnTask(size_t i) const { plan->Run(i, FloatDecodeTask{ks, attrs, fd, x, w, routing}); }
+  void PrepareOutput(const Ort::KernelContext&, const float* xx) { x2 = xx; }
+  void ProjectOut(int64_t slab, float* y) const { ProjectSlab(ks, out_proj, c.p, c.d, slab, x2, c.N, y, c.p); }
+
+  void ProjectAllIn(Ort::KernelContext& ctx, float* s) const { Project(ctx, c.a, c.k, in_weight, in_proj, c.d, s); }
+  void Ffn(Ort::KernelContext& ctx, const float* xx, float* y, bool* active) const {
+    ComputeFloatFfn(ctx, ks, attrs, fd, xx, w, y, active);
+  }
+  void ProjectAllOut(Ort::KernelContext& ctx, const float* xx, float* y) const {
+    Project(ctx, xx, c.d, out_weight, out_proj, c.p, y);
+  }
+
+  // out [N, rows] = a [N, k] . weight [rows, k]^T (w: weight's data).
+  void Project(Ort::KernelContext& ctx, const float* a, int64_t k, const Ort::ConstValue& weight, const float* wt,
+               int64_t rows, float* out) const {
+    if (c.N > kProjectionGemvMaxTokens) return Gemm(ctx, a, k, weight, rows, out);
+    ParallelFor(ctx, static_cast<size_t>(CeilDiv(rows, kProjectionRows)),
+                [&](size_t slab) { ProjectSlab(ks, wt, rows, k, static_cast<int64_t>(slab), a, c.N, out, rows); });
+  }
+  void Gemm(Ort::KernelContext& ctx, const float* a, int64_t k, const Ort::ConstValue& weight, int64_t rows,
+            float* out) const {
+    const int64_t a_shape[] = {c.N, k}, out_shape[] = {c.N, rows};
+    // ORT reads A only; the C API's tensor wrapper takes a mutable pointer.
+    Ort::Value a_value = Ort::Value::CreateTensor<float>(&CpuMemory(), const_cast<float*>(a),
+                                                         static_cast<size_t>(c.N * k), a_shape, 2);
+    Ort::Value out_value =
+        Ort::Value::CreateTensor<float>(&CpuMemory(), out, static_cast<size_t>(c.N * rows), out_shape, 2);
+    const OrtValue* inputs[] = {a_value, weight};
+    OrtValue* outputs[] = {out_value};
+    const_cast<Ort::Op&>(gemm).Invoke(ctx.GetOrtKernelContext(), inputs, 2, outputs, 1);
+  }
+};
+
+// ---------------------------------------------------------------------------- int4
+
+// dst[32 c + m] = src[32 c + 2 m], dst[32 c + 16 + m] = src[32 c + 2 m + 1]: MatMulNBits' pair
+// order to the quantized kernel's (header comment). len is a multiple of 32.
+void PermuteForInt4(const float* src, int64_t len, float* dst) {
+  for (int64_t c0 = 0; c0 < len; c0 += 32) {
+    for (int m = 0; m < 16; ++m) {
+      dst[c0 + m] = src[c0 + 2 * m];
+      dst[c0 + 16 + m] = src[c0 + 2 * m + 1];
+    }
+  }
+}
+
+struct Int4Projection {
+  const uint8_t* weight;  // [rows, k / G, G / 2]
+  const float* scales;    // [rows, k / G]
+  int64_t rows, k;
+};
+
+struct Int4Parts {
+  const KernelSet& ks;
+  const QuantKernelSet& qk;
+  const FfnAttributes& attrs;
+  const QuantDims& qd;
+  const FfnDims& fd;
+  const Stream& c;
+  int64_t group;
+  Int4Projection in, out;
+  QWeights w;
+  // The one pass's permuted inputs of the projections and their group sums; the FFN's X sums.
+  std::optional<ScratchArray<float>> a_perm{}, a_sums{}, x2_perm{}, x2_sums{}, x_sums{};
+  Routing routing{};
+  std::optional<DecodePlan> plan{};
+
+  int64_t InSlabs() const { return CeilDiv(c.d, kProjectionRows); }
+  int64_t OutSlabs() const { return CeilDiv(c.p, kProjectionRows); }
+  void Permute(const float* x, int64_t k, float* perm, float* sums) const {
+    for (int64_t t = 0; t < c.N; ++t) {
+      PermuteForInt4(x + t * k, k, perm + t * k);
+      qk.group_sums(perm + t * k, k, group, sums + t * (k / group));
+    }
+  }
+  void PrepareInput(const Ort::KernelContext& ctx) {
+    a_perm.emplace(CallScratch<float>(ctx, c.N * c.k));
+    a_sums.emplace(CallScratch<float>(ctx, c.N * (c.k / group)));
+    Permute(c.a, c.k, a_perm->get(), a_sums->get());
+  }
+  // out[t * ldo + r] for the slab's rows, kMaxQuantDotTokens tokens a pass.
+  void ProjectSlab(const Int4Projection& m, int64_t slab, const float* x, const float* sums, float* o,
+                   int64_t ldo) const {
+    const int64_t r0 = slab * kProjectionRows, count = std::min(kProjectionRows, m.rows - r0);
+    const int64_t groups = m.k / group;
+    for (int64_t t0 = 0; t0 < c.N; t0 += kMaxQuantDotTokens) {
+      const int n = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, c.N - t0));
+      const float* xs[kMaxQuantDotTokens];
+      const float* ss[kMaxQuantDotTokens];
+      for (int t = 0; t < n; ++t) {
+        xs[t] = x + (t0 + t) * m.k;
+        ss[t] = sums + (t0 + t) * groups;
+      }
+      qk.dot_rows(WeightFormat::kInt4, m.weight + r0 * (m.k / 2), m.scales + r0 * groups, count, m.k, group, xs, ss,
+                  n, o + t0 * ldo + r0, ldo);
+    }
+  }
+  void ProjectIn(int64_t slab, float* s) const { ProjectSlab(in, slab, a_perm->get(), a_sums->get(), s, c.d); }
+  int64_t PlanFfn(const Ort::KernelContext& ctx, const float* x) {
+    w.x = x;
+    x_sums.emplace(CallScratch<float>(ctx, c.N * qd.row_groups));
+    QuantGroupSums(qk, w, c.N, c.d, x_sums->get());
+    routing = Route(ctx, ks, attrs, fd, x, w.router, w.bias);
+    WriteActive(routing, fd, c.active);
+    plan.emplace(PlanDecode(ctx, fd, routing, QuantDecodeSlabRows(w)));
+    return static_cast<int64_t>(plan->tasks.size());
+  }
+  void FfnTask(size_t i) const { plan->Run(i, QuantDecodeTask{ks, qk, attrs, qd, w, routing, x_sums->get()}); }
+  void PrepareOutput(const Ort::KernelContext& ctx, const float* x2) {
+    x2_perm.emplace(CallScratch<float>(ctx, c.N * c.d));
+    x2_sums.emplace(CallScratch<float>(ctx, c.N * (c.d / group)));
+    Permute(x2, c.d, x2_perm->get(), x2_sums->get());
+  }
+  void ProjectOut(int64_t slab, float* y) const { ProjectSlab(out, slab, x2_perm->get(), x2_sums->get(), y, c.p); }
+
+  // Longer calls: o [N, rows] = x [N, k] . W^T as float GEMM tiles over dequantized row tiles.
+  void ProjectAll(Ort::KernelContext& ctx, const Int4Projection& m, const float* x, float* o) const {
+    const int64_t N = c.N, k = m.k, P = ks.panel, panels = CeilDiv(N, P);
+    auto perm = CallScratch<float>(ctx, N * k);
+    for (int64_t t = 0; t < N; ++t) PermuteForInt4(x + t * k, k, perm.get() + t * k);
+    auto packed = CallScratch<float>(ctx, panels * k * P);
+    std::vector<int64_t> tokens(static_cast<size_t>(P));
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int count = static_cast<int>(std::min(P, N - pn * P));
+      for (int t = 0; t < count; ++t) tokens[static_cast<size_t>(t)] = pn * P + t;
+      ks.pack_panel(perm.get(), k, tokens.data(), count, packed.get() + pn * k * P);
+    }
+    ParallelFor(ctx, static_cast<size_t>(CeilDiv(m.rows, kProjectionRows)), [&](size_t task) {
+      const int64_t r0 = static_cast<int64_t>(task) * kProjectionRows, rows = std::min(kProjectionRows, m.rows - r0);
+      float* tile = ThreadBuffer(ThreadSlot::kGateTile, rows * k);  // the rows in the permuted order of x
+      qk.dequantize_rows(WeightFormat::kInt4, m.weight + r0 * (k / 2), m.scales + r0 * (k / group), rows, k, group,
+                         tile);
+      float* acc = ThreadBuffer(ThreadSlot::kUpTile, rows * P);
+      for (int64_t pn = 0; pn < panels; ++pn) {
+        ks.panel_dot(tile, rows, k, k, packed.get() + pn * k * P, acc);
+        const int64_t count = std::min(P, N - pn * P);
+        for (int64_t t = 0; t < count; ++t) {
+          for (int64_t r = 0; r < rows; ++r) o[(pn * P + t) * m.rows + r0 + r] = acc[r * P + t];
+        }
+      }
+    });
+  }
+  void ProjectAllIn(Ort::KernelContext& ctx, float* s) const { ProjectAll(ctx, in, c.a, s); }
+  void Ffn(Ort::KernelContext& ctx, const float* x, float* y, bool* active) {
+    w.x = x;
+    ComputeQuantFfn(ctx, ks, qk, attrs, qd, w, y, active);
+  }
+  void ProjectAllOut(Ort::KernelContext& ctx, const float* x2, float* y) const { ProjectAll(ctx, out, x2, y); }
+};
+
 }  // namespace
 
-struct ProjectedCpuKernel::Call {
-  ProjectedInputs in;
-  const float *a = nullptr, *skip = nullptr, *in_proj = nullptr, *norm = nullptr, *out_norm = nullptr,
-              *out_proj = nullptr;
-  FloatFfnWeights ffn{};
-  float *y = nullptr, *skip_out = nullptr;
-  bool* active = nullptr;
-};
+// ---------------------------------------------------------------------------- float32 kernel
 
 OpSignature ProjectedCpuKernel::Signature(NoVariant) {
   constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -108,150 +409,68 @@ void ProjectedCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
 }
 
 void ProjectedCpuKernel::Compute(Ort::KernelContext& ctx) const {
-  Call call;
-  call.in = GetProjectedInputs(ctx, attrs_);
-  const ProjectedDims& dims = call.in.dims;
-  call.y = ctx.GetOutput(kPY, dims.y_shape).GetTensorMutableData<float>();
-  call.skip_out = ctx.GetOutput(kPSkipOut, dims.ffn.y_shape).GetTensorMutableData<float>();
-  if (ctx.GetOutputCount() > kPActive) {
-    Ort::UnownedValue active = ctx.GetOutput(kPActive, dims.ffn.active_shape);
-    if (active) call.active = active.GetTensorMutableData<bool>();
-  }
-  if (dims.ffn.num_tokens == 0) return;
-  const ProjectedInputs& in = call.in;
-  call.a = in.a.GetTensorData<float>();
-  call.skip = in.skip.GetTensorData<float>();
-  call.in_proj = in.in_proj.GetTensorData<float>();
-  call.norm = in.norm.GetTensorData<float>();
-  call.out_norm = in.out_norm.GetTensorData<float>();
-  call.out_proj = in.out_proj.GetTensorData<float>();
-  call.ffn = {in.router_weight.GetTensorData<float>(), in.router_bias ? in.router_bias.GetTensorData<float>() : nullptr,
-              in.gate.GetTensorData<float>(), in.up.GetTensorData<float>(), in.down.GetTensorData<float>()};
-  if (dims.ffn.num_tokens <= kOnePassMaxTokens) {
-    ComputeInOnePass(ctx, call);
-  } else {
-    ComputeInSteps(ctx, call);
-  }
+  const ProjectedInputs in = GetProjectedInputs(ctx, attrs_);
+  const ProjectedDims& dims = in.dims;
+  Stream c;
+  GetProjectedOutputs(ctx, dims.y_shape, dims.ffn, kPActive, c);
+  c.N = dims.ffn.num_tokens, c.d = dims.ffn.hidden, c.k = dims.in_features, c.p = dims.out_features;
+  c.eps = attrs_.epsilon;
+  if (c.N == 0) return;
+  c.a = in.a.GetTensorData<float>();
+  c.skip = in.skip.GetTensorData<float>();
+  c.norm = in.norm.GetTensorData<float>();
+  c.out_norm = in.out_norm.GetTensorData<float>();
+  FloatParts parts{kernels_, attrs_.ffn, dims.ffn, c, gemm_, in.in_proj, in.out_proj,
+                   in.in_proj.GetTensorData<float>(), in.out_proj.GetTensorData<float>(),
+                   {in.router_weight.GetTensorData<float>(),
+                    in.router_bias ? in.router_bias.GetTensorData<float>() : nullptr, in.gate.GetTensorData<float>(),
+                    in.up.GetTensorData<float>(), in.down.GetTensorData<float>()}};
+  ComputeProjected(ctx, c, parts);
 }
 
-void ProjectedCpuKernel::ComputeInOnePass(Ort::KernelContext& ctx, const Call& c) const {
-  const ProjectedDims& dims = c.in.dims;
-  const FfnDims& fd = dims.ffn;
-  const int64_t N = fd.num_tokens, d = fd.hidden, k = dims.in_features, p = dims.out_features;
-  const float eps = attrs_.epsilon;
-  const KernelSet& ks = kernels_;
-  auto s = CallScratch<float>(ctx, N * d);  // S
-  auto x = CallScratch<float>(ctx, N * d);  // X, then the normalised S2
-  Routing routing;
-  std::optional<DecodePlan> plan;
-  std::optional<DecodeSums> sums;
-  std::vector<double> squares;  // per (token, sum task): the sum of S2^2 over its columns
-  enum Phase { kInProjection, kFfn, kSums, kOutProjection };
-  auto task = [&](int phase, int64_t i) {
-    switch (phase) {
-      case kInProjection:
-        ProjectSlab(ks, c.in_proj, d, k, i, c.a, N, s.get(), d);
-        break;
-      case kFfn:
-        plan->Run(static_cast<size_t>(i), FloatDecodeTask{ks, attrs_.ffn, fd, x.get(), c.ffn, routing});
-        break;
-      case kSums: {
-        sums->Run(static_cast<size_t>(i), c.skip_out);  // the FFN's output, then S2 in place
-        const int64_t t = i / sums->col_tasks, c0 = i % sums->col_tasks * kDecodeSumColumns;
-        const int64_t c1 = std::min(d, c0 + kDecodeSumColumns);
-        double sum = 0.0;
-        for (int64_t col = c0; col < c1; ++col) {
-          const float v = c.skip_out[t * d + col] + s[t * d + col];
-          c.skip_out[t * d + col] = v;
-          sum += static_cast<double>(v) * v;
-        }
-        squares[static_cast<size_t>(i)] = sum;
-        break;
-      }
-      default:
-        ProjectSlab(ks, c.out_proj, p, d, i, x.get(), N, c.y, p);
-    }
-  };
-  auto after = [&](int phase) -> int64_t {
-    switch (phase) {
-      case kInProjection:
-        for (int64_t t = 0; t < N; ++t) {
-          float* st = s.get() + t * d;
-          for (int64_t col = 0; col < d; ++col) st[col] += c.skip[t * d + col];
-          RmsNorm(st, c.norm, d, eps, x.get() + t * d);
-        }
-        routing = Route(ctx, ks, attrs_.ffn, fd, x.get(), c.ffn.router, c.ffn.bias);  // N <= 16: inline
-        WriteActive(routing, fd, c.active);
-        plan.emplace(PlanDecode(ctx, fd, routing, kDecodeRows));
-        return static_cast<int64_t>(plan->tasks.size());
-      case kFfn:
-        sums.emplace(fd, routing, plan->sorted, plan->groups, plan->partial.get());
-        squares.assign(sums->Tasks(N), 0.0);
-        return static_cast<int64_t>(sums->Tasks(N));
-      case kSums:
-        for (int64_t t = 0; t < N; ++t) {
-          double sum = 0.0;
-          for (int64_t j = 0; j < sums->col_tasks; ++j) sum += squares[static_cast<size_t>(t * sums->col_tasks + j)];
-          const float inv = 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(d)) + eps);
-          for (int64_t col = 0; col < d; ++col) x[t * d + col] = c.skip_out[t * d + col] * inv * c.out_norm[col];
-        }
-        return CeilDiv(p, kProjectionRows);
-      default:
-        return 0;
-    }
-  };
-  RunPhases(ctx, 4, CeilDiv(d, kProjectionRows), task, after);
+// ---------------------------------------------------------------------------- int4 kernel
+
+OpSignature ProjectedInt4CpuKernel::Signature(NoVariant) {
+  constexpr auto f32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, u8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  std::vector<ONNXTensorElementDataType> inputs(kNumProjectedInt4Inputs, f32);
+  for (const size_t i : {kQPInProj, kQPGate, kQPUp, kQPDown, kQPOutProj}) inputs[i] = u8;
+  return {kProjectedInt4OpName, "CPUExecutionProvider", inputs, kQPRouterBias,
+          {f32, f32, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL}, kPActive};
 }
 
-void ProjectedCpuKernel::ComputeInSteps(Ort::KernelContext& ctx, const Call& c) const {
-  const ProjectedDims& dims = c.in.dims;
-  const FfnDims& fd = dims.ffn;
-  const int64_t N = fd.num_tokens, d = fd.hidden;
-  const float eps = attrs_.epsilon;
-  auto s = CallScratch<float>(ctx, N * d);
-  auto x = CallScratch<float>(ctx, N * d);
-  Project(ctx, c.a, N, dims.in_features, c.in.in_proj, c.in_proj, d, s.get());
-  const size_t norm_tasks = static_cast<size_t>(CeilDiv(N, kNormTokens));
-  ParallelFor(ctx, norm_tasks, [&](size_t task) {
-    for (int64_t t = task * kNormTokens; t < std::min<int64_t>(N, (task + 1) * kNormTokens); ++t) {
-      float* st = s.get() + t * d;
-      for (int64_t col = 0; col < d; ++col) st[col] += c.skip[t * d + col];
-      RmsNorm(st, c.norm, d, eps, x.get() + t * d);
-    }
-  });
-  ComputeFloatFfn(ctx, kernels_, attrs_.ffn, fd, x.get(), c.ffn, c.skip_out, c.active);
-  ParallelFor(ctx, norm_tasks, [&](size_t task) {
-    for (int64_t t = task * kNormTokens; t < std::min<int64_t>(N, (task + 1) * kNormTokens); ++t) {
-      float* s2 = c.skip_out + t * d;
-      for (int64_t col = 0; col < d; ++col) s2[col] += s[t * d + col];
-      RmsNorm(s2, c.out_norm, d, eps, x.get() + t * d);
-    }
-  });
-  Project(ctx, x.get(), N, d, c.in.out_proj, c.out_proj, dims.out_features, c.y);
-}
+ProjectedInt4CpuKernel::ProjectedInt4CpuKernel(NoVariant, const Ort::ConstKernelInfo& info)
+    : attrs_(ParseProjectedInt4Attributes(info)), kernels_(SelectKernels()), quant_(SelectQuantKernels()) {}
 
-void ProjectedCpuKernel::Project(Ort::KernelContext& ctx, const float* a, int64_t rows, int64_t k,
-                                 const Ort::ConstValue& weight, const float* w, int64_t p, float* out) const {
-  if (rows > kProjectionGemvMaxTokens) return Gemm(ctx, a, rows, k, weight, p, out);
-  ParallelFor(ctx, static_cast<size_t>(CeilDiv(p, kProjectionRows)),
-              [&](size_t slab) { ProjectSlab(kernels_, w, p, k, static_cast<int64_t>(slab), a, rows, out, p); });
-}
-
-void ProjectedCpuKernel::Gemm(Ort::KernelContext& ctx, const float* a, int64_t rows, int64_t k,
-                              const Ort::ConstValue& weight, int64_t p, float* out) const {
-  const int64_t a_shape[] = {rows, k}, out_shape[] = {rows, p};
-  // ORT reads A only; the C API's tensor wrapper takes a mutable pointer.
-  Ort::Value a_value = Ort::Value::CreateTensor<float>(&CpuMemory(), const_cast<float*>(a),
-                                                       static_cast<size_t>(rows * k), a_shape, 2);
-  Ort::Value out_value = Ort::Value::CreateTensor<float>(&CpuMemory(), out, static_cast<size_t>(rows * p), out_shape, 2);
-  const OrtValue* inputs[] = {a_value, weight};
-  OrtValue* outputs[] = {out_value};
-  gemm_.Invoke(ctx.GetOrtKernelContext(), inputs, 2, outputs, 1);
+void ProjectedInt4CpuKernel::Compute(Ort::KernelContext& ctx) const {
+  const ProjectedInt4Inputs in = GetProjectedInt4Inputs(ctx, attrs_);
+  const ProjectedInt4Dims& dims = in.dims;
+  const QuantDims& qd = dims.quant;
+  Stream c;
+  GetProjectedOutputs(ctx, dims.y_shape, qd.base, kPActive, c);
+  c.N = qd.base.num_tokens, c.d = qd.base.hidden, c.k = dims.in_features, c.p = dims.out_features;
+  c.eps = attrs_.epsilon;
+  if (c.N == 0) return;
+  c.a = in.a.GetTensorData<float>();
+  c.skip = in.skip.GetTensorData<float>();
+  c.norm = in.norm.GetTensorData<float>();
+  c.out_norm = in.out_norm.GetTensorData<float>();
+  auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
+  auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
+  const int64_t G = attrs_.quant.group_size;
+  Int4Parts parts{kernels_, quant_, attrs_.quant.base, qd, qd.base, c, G,
+                  {bytes(in.in_proj), floats(in.in_scales), c.d, c.k},
+                  {bytes(in.out_proj), floats(in.out_scales), c.p, c.d},
+                  {WeightFormat::kInt4, G, nullptr, floats(in.router_weight), floats(in.router_bias), bytes(in.gate),
+                   bytes(in.up), bytes(in.down), floats(in.gate_scales), floats(in.up_scales), floats(in.down_scales),
+                   qd.row_bytes, qd.row_groups, qd.block_groups}};
+  ComputeProjected(ctx, c, parts);
 }
 
 void RegisterProjectedOps(Ort::CustomOpDomain& domain) {
   static const FfnOp<ProjectedCpuKernel> op;
+  static const FfnOp<ProjectedInt4CpuKernel> int4;
   domain.Add(&op);
+  domain.Add(&int4);
 }
 
 }  // namespace dsmoe::cpu

@@ -3,9 +3,9 @@ dense model onnxruntime-genai's model builder makes from the same weights (build
 Runtime: prefill of T tokens and token-by-token decode with the KV cache, per weight precision
 (float32, and with ``--e2e-precisions`` int4: weight-only int4 everywhere, as the builder's ``-p int4``).
 
-Where the float32 sparse export is the product's default ProjectedSparseFFN graph (o_proj, the
-norms and the next layer's QKV projection inside the FFN's node), a twin with the plain op
-(``--ffn-node plain``, variant "plain") is timed beside it; the FFN-level ratios below come from
+Where a sparse export is the product's default ProjectedSparseFFN graph (o_proj, the norms and
+the next layer's QKV projection inside the FFN's node), a twin with the plain op (``--ffn-node
+plain``, variant "plain", "plain-int4") is timed beside it; the FFN-level ratios below come from
 that twin, whose FFN is a node of its own.
 
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
@@ -127,19 +127,18 @@ def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...
     plan = [("attn", "attn", True, "fp32")]
     for p in precisions:
         plan += [(variant_name("sparse", p), "model", False, p), (variant_name("dense", p), "model", True, p)]
-    if "fp32" in precisions:
-        plan.append(("plain", "model", False, "fp32"))
+    plan += [(variant_name("plain", p), "model", False, p) for p in precisions]
     results = {}
     for name, folder, dense, precision in plan:
         if bar is not None:
             bar.set_description(f"e2e export {name}")
-        options = dict(PRECISION_OPTIONS[precision], ffn_node="plain" if name == "plain" else "auto")
+        plain = name.partition("-")[0] == "plain"
+        if plain and not _projected(results[variant_name("sparse", precision)].path):
+            continue  # the sparse export is plain already
+        options = dict(PRECISION_OPTIONS[precision], ffn_node="plain" if plain else "auto")
         (out / name).mkdir(exist_ok=True)
         results[name] = export(folders[folder], out / name / "model.onnx", dense=dense, validate=True,
                                progress=False, copy_tokenizer=True, genai=builder_python is not None, **options)
-        if name == "plain" and not _projected(results["sparse"].path):
-            del results[name]  # the sparse export is plain already
-            continue
         if builder_python is not None and threads:
             builder.set_threads(out / name, threads)
         if bar is not None:
@@ -255,8 +254,11 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports
     # (of the plain-op export for the float32 sparse one when the product's graph is projected).
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
-    if "plain" in paths:
-        twins["sparse"] = paths["plain"]
+    for k in twins:
+        kind, _, precision = k.partition("-")
+        plain = variant_name("plain", precision or "fp32")
+        if kind == "sparse" and plain in paths:
+            twins[k] = paths[plain]
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])
@@ -364,10 +366,8 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
     for name, samples in res.items():
         kind, _, precision = name.partition("-")
         precision = precision or "fp32"
-        if kind == "sparse" and precision == "fp32" and "plain" in res:
-            ffn_samples = res["plain"]  # FFN-level ratios from the plain op's twin (module docstring)
-        else:
-            ffn_samples = samples
+        plain = res.get(variant_name("plain", precision)) if kind == "sparse" else None
+        ffn_samples = plain if plain is not None else samples  # FFN-level ratios from the plain op's twin
         dn = res[variant_name("dense", precision)] if kind != "attn" else res["dense"]
         row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "precision": precision,
                "variant": name, "model": shape.label, **samples.summary(), "rounds": len(samples.ms),
@@ -382,9 +382,6 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
                 row.update(act)
                 row["ffn_ratio_min"] = ffn_ms / (dn.min - at.min)
                 row["ffn_ratio_median"] = (ffn_samples.median - at.median) / (dn.median - at.median)
-                if "plain" in res:
-                    row["vs_plain_min"] = samples.min / res["plain"].min
-                    row["vs_plain_median"] = samples.median / res["plain"].median
                 row["target"] = target_ratio(T, act["r"])
                 union, pairs = act["union"], act["mean_k"] * T
             else:
@@ -393,5 +390,8 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
             row.update(ffn_ms=ffn_ms, ffn_bytes=L * bytes_, ffn_flops=L * flops)
         elif kind in ("sparse", "plain"):
             row.update(act)
+        if plain is not None:
+            row["vs_plain_min"] = samples.min / plain.min
+            row["vs_plain_median"] = samples.median / plain.median
         rows.append(row)
     return rows

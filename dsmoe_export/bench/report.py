@@ -179,10 +179,11 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
                       f"**{_f(d['vs_builder_min'], 3)}**" if d else "-",
                       f"{_f(s['ms_min'])} / {_f(s['ms_median'])}" if s else "-",
                       f"**{_f(s['vs_builder_min'], 3)}**" if s else "-", _f(s["vs_builder_median"], 3) if s else "-",
-                      _f(s.get("r"), 3) if s else "-", _f(bound, 3)])
+                      _f(s.get("r"), 3) if s else "-", _f(bound, 3),
+                      _f(s.get("vs_plain_min"), 3) if s else "-"])
     lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder",
-                     "our sparse ms", "sparse/builder (min)", "(median)", "r", "decode bound 1 - s(1 - r) + 0.05"],
-                    table)
+                     "our sparse ms", "sparse/builder (min)", "(median)", "r", "decode bound 1 - s(1 - r) + 0.05",
+                     "sparse / plain-op export"], table)
     lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
               + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ".", ""]
     gen = [r for r in rows if r["phase"] == "generate"]

@@ -9,8 +9,8 @@ Per decoder layer (docs/exporting.md has the picture and the reasons):
     SkipSimplifiedLayerNormalization   residual add + RMSNorm
     GatedBlockSparseFFN                the sparse FFN (--dense: MatMul, Sigmoid, Mul, MatMul, Mul, MatMul)
 
-With `projected_ffn` (float32 sparse graphs for the CPU EP), one ProjectedSparseFFN node per layer
-but the last replaces the layer's o_proj, both norms around its FFN, the FFN and the next layer's
+With `projected_ffn` (sparse graphs for the CPU EP, float32 or int4 weights), one
+ProjectedSparseFFN(Int4) node per layer but the last replaces the layer's o_proj, both norms around its FFN, the FFN and the next layer's
 QKV projection: per layer then GroupQueryAttention + ProjectedSparseFFN.
 
 Positions are cache slots: token j of a call with past length P sits at position P + j in every
@@ -33,7 +33,7 @@ from ..errors import ExportError
 from ..modeling import rope_inv_freq
 from . import interface
 from .builder import MS_DOMAIN, GraphBuilder
-from .ffn import add_sparse_ffn_node, array, dense_ffn, set_values, sparse_ffn
+from .ffn import add_quant_sparse_ffn_node, add_sparse_ffn_node, array, dense_ffn, set_values, sparse_ffn
 from .weights import gather, matmul, store_matrix, store_table
 
 # Added to the attention scores of padding slots. Finite, so that a row of padding only (a
@@ -100,9 +100,8 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
                                    pasts[2 * i + 1], interface.present_names(n)[2 * i:2 * i + 2])
         active = interface.active_names(n)[i] if opts.sparse and opts.active_outputs else ""
         if opts.projected_ffn and i + 1 < n:
-            packed, residual = projected_sparse_ffn(
-                g, a, residual, prefix, layer, layers[i + 1], f"model.layers.{i + 1}", eps=cfg.rms_norm_eps,
-                down_tile=opts.down_tile, active=active)
+            packed, residual = projected_sparse_ffn(g, a, residual, layer, layers[i + 1], i, eps=cfg.rms_norm_eps,
+                                                    opts=opts, active=active)
             continue
         packed = None
         a = _o_projection(g, a, layer.self_attn, f"{prefix}.self_attn", opts, i)
@@ -126,19 +125,25 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
 
 
 def projected_ffn_applies(model, opts: GraphOptions) -> str | None:
-    """None when ProjectedSparseFFN can replace the layers' projections, norms and FFN, else why not:
-    its kernel is float32 (CPU EP) and its projections have no bias."""
+    """None when ProjectedSparseFFN(Int4) can replace the layers' projections, norms and FFN, else
+    why not: its kernels are float32 with float32 or int4 weights (CPU EP), its projections have
+    no bias, and the int4 form needs whole blocks of the group size."""
     if not opts.sparse:
         return "the dense export has no sparse FFN"
     if next(model.parameters()).dtype != torch.float32:
         return "the graph is float16 (the op's kernel is float32, for the CPU EP)"
-    if opts.ffn_weights != "float32" or opts.matmul_weights != "float32":
-        return "the FFN or attention weights are quantized (the op takes float32 weights)"
+    if (opts.ffn_weights, opts.matmul_weights) not in (("float32", "float32"), ("int4", "int4")):
+        return "the FFN and attention weights are not both float32 or both int4 (the op's two forms)"
     if model.cfg.num_hidden_layers < 2:
         return "the model has one layer (the op spans two)"
     attn = model.model.layers[0].self_attn
     if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
         return "the attention projections have biases (the op's projections have none)"
+    if opts.ffn_weights == "int4":
+        widths = {"hidden_size": model.cfg.hidden_size, "the attention output": attn.o_proj.weight.shape[1]}
+        for what, width in widths.items():
+            if width % opts.group_size:
+                return f"{what} ({width}) is not a multiple of the group size {opts.group_size} (whole int4 blocks)"
     return None
 
 
@@ -265,19 +270,37 @@ def _o_projection(g, x, attn, prefix, opts, layer: int) -> str:
     return matmul(g, x, o, f"/{prefix.replace('.', '/')}/o_proj", accuracy_level=opts.accuracy_level, bias=o_bias)
 
 
-def projected_sparse_ffn(g, a, residual, prefix, layer, next_layer, next_prefix, *, eps, down_tile, active):
-    """One ProjectedSparseFFN node: layer's o_proj, post-attention norm and sparse FFN, next_layer's
-    input norm and QKV projection. Returns (the next layer's packed Q, K, V; the residual stream)."""
-    attn = layer.self_attn
-    in_proj = g.initializer(f"{prefix}.self_attn.o_proj.weight", array(attn.o_proj.weight))
+def projected_sparse_ffn(g, a, residual, layer, next_layer, i: int, *, eps, opts, active):
+    """One ProjectedSparseFFN node (ProjectedSparseFFNInt4 for int4 weights): layer i's o_proj,
+    post-attention norm and sparse FFN, layer i + 1's input norm and QKV projection. Returns (the
+    next layer's packed Q, K, V; the residual stream)."""
+    prefix, next_prefix = f"model.layers.{i}", f"model.layers.{i + 1}"
+    fmt = opts.ffn_weights
+    attn, nxt = layer.self_attn, next_layer.self_attn
     norm = g.initializer(f"{prefix}.post_attention_layernorm.weight", array(layer.post_attention_layernorm.weight))
     out_norm = g.initializer(f"{next_prefix}.input_layernorm.weight", array(next_layer.input_layernorm.weight))
-    out_proj = g.initializer(f"{next_prefix}.self_attn.qkv_proj.weight", _qkv_weight(next_layer.self_attn, "float32"))
     name = g.fresh(f"/{prefix.replace('.', '/')}/{projected_op.OP_TYPE}")
     outputs = [f"{name}/Y", f"{name}/skip_out", active]
-    add_sparse_ffn_node(g, lambda ffn_inputs, attrs: projected_op.make_node(
-        [a, residual, in_proj, norm, *ffn_inputs[1:5], out_norm, out_proj, *ffn_inputs[5:]], outputs,
-        epsilon=float(eps), name=name, **attrs), layer.mlp, f"{prefix}.mlp", down_tile=down_tile)
+    if fmt == "float32":
+        in_proj = g.initializer(f"{prefix}.self_attn.o_proj.weight", array(attn.o_proj.weight))
+        out_proj = g.initializer(f"{next_prefix}.self_attn.qkv_proj.weight", _qkv_weight(nxt, fmt))
+        add_sparse_ffn_node(g, lambda ffn, attrs: projected_op.make_node(
+            [a, residual, in_proj, norm, *ffn[1:5], out_norm, out_proj, *ffn[5:]], outputs, epsilon=float(eps),
+            name=name, **attrs), layer.mlp, f"{prefix}.mlp", down_tile=opts.down_tile)
+        return outputs[0], outputs[1]
+    # int4: the projections stored as the plain graph's MatMulNBits would hold them (op-spec)
+    o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.self_attn.o_proj",
+                     group_size=opts.group_size, hessian=opts.hessian(f"layers.{i}.o_proj"))
+    set_values(attn.o_proj.weight, o.values)
+    qkv = store_matrix(g, _qkv_weight(nxt, fmt), fmt, f"{next_prefix}.self_attn.qkv_proj", group_size=opts.group_size,
+                       hessian=opts.hessian(f"layers.{i + 1}.attn"))
+    rows = np.cumsum([0] + [p.weight.shape[0] for p in (nxt.q_proj, nxt.k_proj, nxt.v_proj)])
+    for j, p in enumerate((nxt.q_proj, nxt.k_proj, nxt.v_proj)):
+        set_values(p.weight, qkv.values[rows[j]:rows[j + 1]])
+    add_quant_sparse_ffn_node(g, lambda ffn, attrs: projected_op.make_node(
+        [a, residual, o.weight, o.scales, norm, *ffn[1:8], out_norm, qkv.weight, qkv.scales, *ffn[8:]], outputs,
+        epsilon=float(eps), name=name, **attrs), layer.mlp, f"{prefix}.mlp", fmt=fmt, group_size=opts.group_size,
+        hessians=opts.hessians, layer=i)
     return outputs[0], outputs[1]
 
 

@@ -43,22 +43,17 @@ def add_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, down_tile: i
     g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
 
 
-def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
-               active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
-    """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
-    optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
+def add_quant_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, fmt: str, group_size: int,
+                              hessians: gptq.Hessians | None = None, layer: int = 0, x: str = "") -> None:
+    """Stores the FFN's blocks in quantized `fmt` (GPTQ with `hessians` for int8/int4), writes the
+    stored values back into `mlp` (the export's reference) and appends make(inputs, attrs):
+    inputs in the order of quant.QUANT_INPUTS (F16_INPUTS for float16), attrs the op's (with
+    group_size for int8/int4)."""
     moe = mlp.moe
-    n = moe.num_experts
-    outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
-    name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
-    if fmt == "float32":  # the graph's element type: values unchanged
-        add_sparse_ffn_node(g, lambda inputs, attrs: onnx_op.make_node(inputs, outputs, name=g.fresh(name), **attrs),
-                            mlp, prefix, down_tile=down_tile, x=x)
-        return outputs[0]
     inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
     bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
     gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
-                                                array(mlp.down_proj.weight), n)
+                                                array(mlp.down_proj.weight), moe.num_experts)
     if hessians is not None and fmt in quant.BITS:
         stored = gptq.quantize_block_weights(gate, up, down, fmt, group_size, hessians, layer)
     else:
@@ -66,13 +61,28 @@ def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_siz
     gate, up, down = quant.dequantize_block_weights(stored, fmt, group_size)
     order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
     names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
-    g.nodes.append(quant.make_node(fmt, inputs + names + [bias], outputs, name=g.fresh(f"{name}{fmt.title()}"),
-                                   group_size=group_size if fmt in quant.BITS else None, **_op_attrs(moe)))
+    attrs = _op_attrs(moe) | ({"group_size": group_size} if fmt in quant.BITS else {})
+    g.nodes.append(make(inputs + names + [bias], attrs))
     g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
     D, d = mlp.gate_proj.weight.shape
     set_values(mlp.gate_proj.weight, gate.reshape(D, d))
     set_values(mlp.up_proj.weight, up.reshape(D, d))
     set_values(mlp.down_proj.weight, down.reshape(D, d).T)
+
+
+def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
+               active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
+    """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
+    optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
+    outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
+    name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
+    if fmt == "float32":  # the graph's element type: values unchanged
+        add_sparse_ffn_node(g, lambda inputs, attrs: onnx_op.make_node(inputs, outputs, name=g.fresh(name), **attrs),
+                            mlp, prefix, down_tile=down_tile, x=x)
+    else:
+        add_quant_sparse_ffn_node(g, lambda inputs, attrs: quant.make_node(
+            fmt, inputs, outputs, name=g.fresh(f"{name}{fmt.title()}"), **attrs), mlp, prefix, fmt=fmt,
+            group_size=group_size, hessians=hessians, layer=layer, x=x)
     return outputs[0]
 
 
