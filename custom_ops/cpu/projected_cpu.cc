@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu/decode.h"
@@ -55,6 +56,10 @@ constexpr int64_t kProjectionRows = 32;
 // (converted SmolLM2, prefill of 16 tokens: 1.065 of the unfused graph's time through Gemm,
 // 1.023 through dot_rows; equal at 32; 64: 1.063 against 1.105).
 constexpr int64_t kProjectionGemvMaxTokens = 2 * kMaxDotTokens;
+// Longer int4 calls up to this many tokens project with the GEMV, beyond with GEMM tiles over
+// dequantized rows (converted SmolLM2's int4 export, prefill against the plain graph: 16 tokens
+// 1.057-1.071 through the GEMV, 1.089 through the tiles; 32 tokens 1.071 against 0.963-0.967).
+constexpr int64_t kInt4GemvMaxTokens = 16;
 // Tokens per task of the longer calls' residual adds and norms.
 constexpr int64_t kNormTokens = 16;
 
@@ -83,8 +88,12 @@ struct Stream {
 template <typename V>
 void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
   const int64_t N = c.N, d = c.d;
-  auto s = CallScratch<float>(ctx, N * d);  // S
-  auto x = CallScratch<float>(ctx, N * d);  // X, then the normalised S2
+  // At most kOnePassMaxTokens x d floats each: from the heap, not ORT's arena (one lock fewer a
+  // buffer; the int4 parts' five buffers as well: 0.93-0.96 of the plain graph's step against
+  // 0.96-0.97 with arena buffers, in two interleaved runs).
+  std::vector<float> buffers(static_cast<size_t>(2 * N * d));
+  float* const s = buffers.data();          // S
+  float* const x = buffers.data() + N * d;  // X, then the normalised S2
   std::optional<DecodeSums> sums;
   std::vector<double> squares;  // per (token, sum task): the sum of S2^2 over its columns
   v.PrepareInput(ctx);
@@ -92,7 +101,7 @@ void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
   auto task = [&](int phase, int64_t i) {
     switch (phase) {
       case kInProjection:
-        v.ProjectIn(i, s.get());
+        v.ProjectIn(i, s);
         break;
       case kFfn:
         v.FfnTask(static_cast<size_t>(i));
@@ -118,11 +127,11 @@ void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
     switch (phase) {
       case kInProjection:
         for (int64_t t = 0; t < N; ++t) {
-          float* st = s.get() + t * d;
+          float* st = s + t * d;
           for (int64_t col = 0; col < d; ++col) st[col] += c.skip[t * d + col];
-          RmsNorm(st, c.norm, d, c.eps, x.get() + t * d);
+          RmsNorm(st, c.norm, d, c.eps, x + t * d);
         }
-        return v.PlanFfn(ctx, x.get());  // N <= 16: routing runs inline
+        return v.PlanFfn(ctx, x);  // N <= 16: routing runs inline
       case kFfn:
         sums.emplace(v.fd, v.routing, v.plan->sorted, v.plan->groups, v.plan->partial.get());
         squares.assign(sums->Tasks(N), 0.0);
@@ -134,7 +143,7 @@ void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
           const float inv = 1.0f / std::sqrt(static_cast<float>(sum / static_cast<double>(d)) + c.eps);
           for (int64_t col = 0; col < d; ++col) x[t * d + col] = c.skip_out[t * d + col] * inv * c.out_norm[col];
         }
-        v.PrepareOutput(ctx, x.get());
+        v.PrepareOutput(ctx, x);
         return v.OutSlabs();
       default:
         return 0;
@@ -292,8 +301,10 @@ struct Int4Parts {
   int64_t group;
   Int4Projection in, out;
   QWeights w;
-  // The one pass's permuted inputs of the projections and their group sums; the FFN's X sums.
-  std::optional<ScratchArray<float>> a_perm{}, a_sums{}, x2_perm{}, x2_sums{}, x_sums{};
+  // The one pass's permuted inputs of the projections and their group sums, the FFN's X sums:
+  // one heap buffer (ComputeInOnePass says why).
+  std::vector<float> pass_buffer{};
+  float *a_perm = nullptr, *a_sums = nullptr, *x_sums = nullptr, *x2_perm = nullptr, *x2_sums = nullptr;
   Routing routing{};
   std::optional<DecodePlan> plan{};
 
@@ -305,10 +316,16 @@ struct Int4Parts {
       qk.group_sums(perm + t * k, k, group, sums + t * (k / group));
     }
   }
-  void PrepareInput(const Ort::KernelContext& ctx) {
-    a_perm.emplace(CallScratch<float>(ctx, c.N * c.k));
-    a_sums.emplace(CallScratch<float>(ctx, c.N * (c.k / group)));
-    Permute(c.a, c.k, a_perm->get(), a_sums->get());
+  void PrepareInput(const Ort::KernelContext&) {
+    const int64_t sizes[] = {c.N * c.k, c.N * (c.k / group), c.N * qd.row_groups, c.N * c.d, c.N * (c.d / group)};
+    pass_buffer.resize(static_cast<size_t>(sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]));
+    float* next = pass_buffer.data();
+    for (auto [ptr, size] : {std::pair{&a_perm, sizes[0]}, std::pair{&a_sums, sizes[1]}, std::pair{&x_sums, sizes[2]},
+                             std::pair{&x2_perm, sizes[3]}, std::pair{&x2_sums, sizes[4]}}) {
+      *ptr = next;
+      next += size;
+    }
+    Permute(c.a, c.k, a_perm, a_sums);
   }
   // out[t * ldo + r] for the slab's rows, kMaxQuantDotTokens tokens a pass.
   void ProjectSlab(const Int4Projection& m, int64_t slab, const float* x, const float* sums, float* o,
@@ -327,29 +344,35 @@ struct Int4Parts {
                   n, o + t0 * ldo + r0, ldo);
     }
   }
-  void ProjectIn(int64_t slab, float* s) const { ProjectSlab(in, slab, a_perm->get(), a_sums->get(), s, c.d); }
+  void ProjectIn(int64_t slab, float* s) const { ProjectSlab(in, slab, a_perm, a_sums, s, c.d); }
   int64_t PlanFfn(const Ort::KernelContext& ctx, const float* x) {
     w.x = x;
-    x_sums.emplace(CallScratch<float>(ctx, c.N * qd.row_groups));
-    QuantGroupSums(qk, w, c.N, c.d, x_sums->get());
+    QuantGroupSums(qk, w, c.N, c.d, x_sums);
     routing = Route(ctx, ks, attrs, fd, x, w.router, w.bias);
     WriteActive(routing, fd, c.active);
     plan.emplace(PlanDecode(ctx, fd, routing, QuantDecodeSlabRows(w)));
     return static_cast<int64_t>(plan->tasks.size());
   }
-  void FfnTask(size_t i) const { plan->Run(i, QuantDecodeTask{ks, qk, attrs, qd, w, routing, x_sums->get()}); }
-  void PrepareOutput(const Ort::KernelContext& ctx, const float* x2) {
-    x2_perm.emplace(CallScratch<float>(ctx, c.N * c.d));
-    x2_sums.emplace(CallScratch<float>(ctx, c.N * (c.d / group)));
-    Permute(x2, c.d, x2_perm->get(), x2_sums->get());
-  }
-  void ProjectOut(int64_t slab, float* y) const { ProjectSlab(out, slab, x2_perm->get(), x2_sums->get(), y, c.p); }
+  void FfnTask(size_t i) const { plan->Run(i, QuantDecodeTask{ks, qk, attrs, qd, w, routing, x_sums}); }
+  void PrepareOutput(const Ort::KernelContext&, const float* x2) { Permute(x2, c.d, x2_perm, x2_sums); }
+  void ProjectOut(int64_t slab, float* y) const { ProjectSlab(out, slab, x2_perm, x2_sums, y, c.p); }
 
-  // Longer calls: o [N, rows] = x [N, k] . W^T as float GEMM tiles over dequantized row tiles.
+  // Longer calls: o [N, rows] = x [N, k] . W^T; up to kInt4GemvMaxTokens tokens by the GEMV (the
+  // rows read once per kMaxQuantDotTokens tokens), beyond as float GEMM tiles over dequantized row
+  // tiles (each row dequantized once a call).
   void ProjectAll(Ort::KernelContext& ctx, const Int4Projection& m, const float* x, float* o) const {
-    const int64_t N = c.N, k = m.k, P = ks.panel, panels = CeilDiv(N, P);
+    const int64_t N = c.N, k = m.k;
     auto perm = CallScratch<float>(ctx, N * k);
+    if (N <= kInt4GemvMaxTokens) {
+      auto sums = CallScratch<float>(ctx, N * (k / group));
+      Permute(x, k, perm.get(), sums.get());
+      ParallelFor(ctx, static_cast<size_t>(CeilDiv(m.rows, kProjectionRows)), [&](size_t slab) {
+        ProjectSlab(m, static_cast<int64_t>(slab), perm.get(), sums.get(), o, m.rows);
+      });
+      return;
+    }
     for (int64_t t = 0; t < N; ++t) PermuteForInt4(x + t * k, k, perm.get() + t * k);
+    const int64_t P = ks.panel, panels = CeilDiv(N, P);
     auto packed = CallScratch<float>(ctx, panels * k * P);
     std::vector<int64_t> tokens(static_cast<size_t>(P));
     for (int64_t pn = 0; pn < panels; ++pn) {
