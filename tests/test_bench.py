@@ -255,13 +255,13 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     assert results["e2e_info"]["model"].startswith("my-model: 2 layers, d=64 D=192 n=8")
     assert results["e2e_info"]["prompt"] == "the text of prompt.txt, 42 tokens"
     rows = {(r["phase"], r["kind"]): r for r in results["e2e"]}
-    # The product's float32 sparse export is the ProjectedSparseFFN graph; its plain-op twin is timed beside it.
-    assert set(rows) == {(p, k) for p in ("prefill", "decode") for k in ("sparse", "dense", "attn", "plain")}
+    # The --ffn-node projected export is timed beside the sparse one.
+    assert set(rows) == {(p, k) for p in ("prefill", "decode") for k in ("sparse", "dense", "attn", "projected")}
     assert rows[("prefill", "sparse")]["tokens"] == 7 and 0 <= rows[("prefill", "sparse")]["r"] <= 1
     for phase in ("prefill", "decode"):
-        s, plain = rows[(phase, "sparse")], rows[(phase, "plain")]
-        assert s["vs_plain_min"] == pytest.approx(s["ms_min"] / plain["ms_min"])
-        assert plain["r"] == s["r"]
+        s, projected = rows[(phase, "sparse")], rows[(phase, "projected")]
+        assert s["projected_vs_sparse_min"] == pytest.approx(projected["ms_min"] / s["ms_min"])
+        assert projected["r"] == s["r"]
     assert "my-model: " in (out / "results.md").read_text()
     # The FFN's node time from the profiled twins: every sparse and dense row has it, the ratio
     # is the sparse row's over its dense twin's, and the other nodes took time too.

@@ -108,19 +108,23 @@ def check_against_reference(onnx_path, model_dir, *, sparse: bool, threshold: fl
     assert _rel_err(got2[0], r2.logits.numpy()) < REL_TOL
 
 
-@pytest.mark.parametrize("ffn_node", ["auto", "plain"])
+@pytest.mark.parametrize("ffn_node", ["auto", "projected"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_sparse_export_matches_float64_reference(tmp_path, case, ffn_node, rng, seed):
-    """Both FFN nodes: with `auto`, ProjectedSparseFFN in every layer but the last, except where
-    the attention projections have biases (the case with attention_bias keeps the plain op)."""
+def test_sparse_export_matches_float64_reference(tmp_path, case, ffn_node, rng, seed, capsys):
+    """Both FFN nodes: `auto` (plain) GatedBlockSparseFFN per layer; `projected` ProjectedSparseFFN in
+    every layer but the last, and an error naming why where the attention projections have biases."""
     c = CASES[case]
     folder = make_model_folder(tmp_path / "model", c["spec"], seed=seed, router_scale=c["router_scale"])
     out = tmp_path / "model.onnx"
+    if ffn_node == "projected" and c["spec"].attention_bias:
+        assert main([str(folder), str(out), "-q", "--ffn-node", ffn_node]) == 1
+        assert "the attention projections have biases" in capsys.readouterr().err and not out.exists()
+        return
     assert main([str(folder), str(out), "-q", "--ffn-node", ffn_node]) == 0
     model = onnx.load(str(out))
     ffn_nodes = [n for n in model.graph.node if n.domain == onnx_op.DOMAIN]
     layers = c["spec"].num_hidden_layers
-    projected = ffn_node == "auto" and not c["spec"].attention_bias
+    projected = ffn_node == "projected"
     types = [n.op_type for n in ffn_nodes]
     assert types == ([projected_op.OP_TYPE] * (layers - 1) + [onnx_op.OP_TYPE] if projected
                      else [onnx_op.OP_TYPE] * layers)
@@ -249,7 +253,7 @@ LAYER_OPS = ["SkipSimplifiedLayerNormalization", "MatMul", "GroupQueryAttention"
 DENSE_FFN_OPS = ["MatMul", "Sigmoid", "Mul", "MatMul", "Mul", "MatMul"]
 
 
-@pytest.mark.parametrize("kind", ["dense", "plain", "projected"])
+@pytest.mark.parametrize("kind", ["dense", "auto", "plain", "projected"])
 def test_graph_is_the_fused_layout(tmp_path, seed, kind):
     folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=3), seed=seed)
     out = tmp_path / "m.onnx"

@@ -30,19 +30,19 @@ def _logits(path, vocab, sparse=True):
     return s.run(["logits"], feeds)[0]
 
 
-@pytest.mark.parametrize("ffn_node", ["auto", "plain"])
+@pytest.mark.parametrize("ffn_node", ["projected", "auto", "plain"])
 def test_sparse_int4_projected_export(tmp_path, seed, ffn_node):
-    """--ffn-weights int4: the default graph has ProjectedSparseFFNInt4 in every layer but the last,
-    reading the int4 projections as MatMulNBits would (which the plain graph keeps); both exact
-    against the PyTorch model holding the stored values, and with the same logits up to the
-    activations' precision (the projected node's projections use float32 activations)."""
+    """--ffn-weights int4 --ffn-node projected: ProjectedSparseFFNInt4 in every layer but the last,
+    reading the int4 projections as MatMulNBits would (which the plain graph keeps); `auto` keeps
+    the plain graph for int4 (exporting.md). Both exact against the PyTorch model holding the
+    stored values."""
     spec = TinySpec(tie_word_embeddings=True, hidden_size=64, intermediate_size=256, num_hidden_layers=3)
     folder = make_model_folder(tmp_path / "m", spec, seed=seed % 1000, router_scale=3.0)
     q4 = export(folder, tmp_path / "int4.onnx", ffn_weights="int4", group_size=32, progress=False,
                 copy_tokenizer=False, ffn_node=ffn_node, accuracy_level=0)
     assert q4.validation.max_rel_error <= 1e-3
     ops = _ops(tmp_path / "int4.onnx")
-    projected = ffn_node == "auto"
+    projected = ffn_node == "projected"
     assert ops[("org.dsmoe", "ProjectedSparseFFNInt4")] == (2 if projected else 0)
     assert ops[("org.dsmoe", "GatedBlockSparseFFNInt4")] == (1 if projected else 3)
     # plain: packed qkv and o_proj per layer + the lm_head; projected: layer 0's qkv, the last o_proj, the lm_head

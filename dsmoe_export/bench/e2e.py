@@ -3,10 +3,9 @@ dense model onnxruntime-genai's model builder makes from the same weights (build
 Runtime: prefill of T tokens and token-by-token decode with the KV cache, per weight precision
 (float32, and with ``--e2e-precisions`` int4: weight-only int4 everywhere, as the builder's ``-p int4``).
 
-Where a sparse export is the product's default ProjectedSparseFFN graph (o_proj, the norms and
-the next layer's QKV projection inside the FFN's node), a twin with the plain op (``--ffn-node
-plain``, variant "plain", "plain-int4") is timed beside it; the FFN-level ratios below come from
-that twin, whose FFN is a node of its own.
+Beside the sparse export, its twin with ``--ffn-node projected`` (variants "projected",
+"projected-int4": o_proj, the norms and the next layer's QKV projection inside the FFN's node,
+docs/exporting.md) is timed where the option applies.
 
 A third export isolates the FFN: the same model with a negligible FFN (D = n, one row per
 block), exported dense. Its time is the attention, embedding, norms and LM head of the other
@@ -33,21 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from ..checkpoint import load_state_dict, write_folder
 from ..config import CONFIG_NAME, load_config
 from ..exporter import export
-from .. import projected_op
+from ..errors import ExportError
 from ..graph import interface
 from ..loader import load_model
 from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
 from . import builder, fixed_cost, generation, graph_stats, graphs, metrics, node_times, timing
 from .op import Shape, target_ratio
 
-KINDS = ("sparse", "dense", "attn", "plain")
+KINDS = ("sparse", "dense", "attn", "projected")
 # Export options per precision: "int4" = int4 FFN blocks / MatMulNBits and int4 attention, lm_head and
 # embedding, MatMulNBits at accuracy_level 4 (the builder's -p int4 -e cpu).
 PRECISION_OPTIONS = {"fp32": {}, "int4": {"ffn_weights": "int4", "matmul_weights": "int4"}}
@@ -127,18 +125,21 @@ def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...
     plan = [("attn", "attn", True, "fp32")]
     for p in precisions:
         plan += [(variant_name("sparse", p), "model", False, p), (variant_name("dense", p), "model", True, p)]
-    plan += [(variant_name("plain", p), "model", False, p) for p in precisions]
+    plan += [(variant_name("projected", p), "model", False, p) for p in precisions]
     results = {}
     for name, folder, dense, precision in plan:
         if bar is not None:
             bar.set_description(f"e2e export {name}")
-        plain = name.partition("-")[0] == "plain"
-        if plain and not _projected(results[variant_name("sparse", precision)].path):
-            continue  # the sparse export is plain already
-        options = dict(PRECISION_OPTIONS[precision], ffn_node="plain" if plain else "auto")
+        projected = name.partition("-")[0] == "projected"
+        options = dict(PRECISION_OPTIONS[precision], ffn_node="projected" if projected else "auto")
         (out / name).mkdir(exist_ok=True)
-        results[name] = export(folders[folder], out / name / "model.onnx", dense=dense, validate=True,
-                               progress=False, copy_tokenizer=True, genai=builder_python is not None, **options)
+        try:
+            results[name] = export(folders[folder], out / name / "model.onnx", dense=dense, validate=True,
+                                   progress=False, copy_tokenizer=True, genai=builder_python is not None, **options)
+        except ExportError:
+            if not projected:
+                raise
+            continue  # --ffn-node projected does not apply to this model (the error says why)
         if builder_python is not None and threads:
             builder.set_threads(out / name, threads)
         if bar is not None:
@@ -153,13 +154,8 @@ def build(out: Path, shape: ModelShape, *, seed: int, precisions: tuple[str, ...
     return {"folders": folders, "exports": results, "builder": built}
 
 
-def _projected(path: Path) -> bool:
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return meta.get("dsmoe_export.ffn_node") == projected_op.OP_TYPE
-
-
 def uses_library(variant: str) -> bool:
-    return variant.partition("-")[0] in ("sparse", "plain")
+    return variant.partition("-")[0] in ("sparse", "projected")
 
 
 def _session(path: Path, threads: int, library: str | None) -> ort.InferenceSession:
@@ -251,14 +247,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
     sessions = {k: _session(p, threads, library if uses_library(k) else None) for k, p in paths.items()}
-    # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports
-    # (of the plain-op export for the float32 sparse one when the product's graph is projected).
+    # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
-    for k in twins:
-        kind, _, precision = k.partition("-")
-        plain = variant_name("plain", precision or "fp32")
-        if kind == "sparse" and plain in paths:
-            twins[k] = paths[plain]
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])
@@ -366,8 +356,7 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
     for name, samples in res.items():
         kind, _, precision = name.partition("-")
         precision = precision or "fp32"
-        plain = res.get(variant_name("plain", precision)) if kind == "sparse" else None
-        ffn_samples = plain if plain is not None else samples  # FFN-level ratios from the plain op's twin
+        ffn_samples = samples
         dn = res[variant_name("dense", precision)] if kind != "attn" else res["dense"]
         row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "precision": precision,
                "variant": name, "model": shape.label, **samples.summary(), "rounds": len(samples.ms),
@@ -388,10 +377,13 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
                 union, pairs = n, n * T
             bytes_, flops = metrics.call_cost(kind, d=d, n=n, B=B, tokens=T, union=union, pairs=pairs)
             row.update(ffn_ms=ffn_ms, ffn_bytes=L * bytes_, ffn_flops=L * flops)
-        elif kind in ("sparse", "plain"):
+        elif kind in ("sparse", "projected"):
             row.update(act)
-        if plain is not None:
-            row["vs_plain_min"] = samples.min / plain.min
-            row["vs_plain_median"] = samples.median / plain.median
+        projected = res.get(variant_name("projected", precision)) if kind == "sparse" else None
+        if projected is not None:
+            row["projected_vs_sparse_min"] = projected.min / samples.min
+            row["projected_vs_sparse_median"] = projected.median / samples.median
+            if ref is not None:
+                row["projected_vs_builder_min"] = projected.min / ref.min
         rows.append(row)
     return rows

@@ -41,15 +41,15 @@ def run(paths: dict[str, Path], prompt: list[int], new: int, *, threads: int, li
     runners = {}
     for name, path in paths.items():
         kind = name.partition("-")[0]
-        if kind in ("sparse", "dense"):
-            s = DSMoESession(path, threads=threads, library=library if kind == "sparse" else False,
+        if kind in ("sparse", "dense", "projected"):
+            s = DSMoESession(path, threads=threads, library=library if kind != "dense" else False,
                              allow_dense=kind == "dense", providers=["CPUExecutionProvider"])
             runners[(name, "dsmoe_runtime")] = lambda s=s: _session_generate(s, prompt, new)
     worker = builder_mod.GenaiWorker(builder_python) if builder_python else None
     try:
         if worker is not None:
             for name, path in paths.items():
-                if name.partition("-")[0] in ("builder", "sparse"):
+                if name.partition("-")[0] in ("builder", "sparse", "projected"):
                     def call(folder=path.parent):
                         reply = worker.generate(folder, prompt, new)
                         if len(reply["new"]) != new:

@@ -72,8 +72,7 @@ class ProfiledSessions:
         self._dir = Path(tempfile.mkdtemp(prefix="dsmoe-profile-"))
         self.sessions, self._segments = {}, {}
         for name, path in self.paths.items():
-            opts = graphs.session_options(self.threads, self.library if name.partition("-")[0] in ("sparse", "plain")
-                                          else None,
+            opts = graphs.session_options(self.threads, self.library if name.partition("-")[0] == "sparse" else None,
                                           str(self._dir / name))
             self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             self._segments[name] = []

@@ -139,17 +139,16 @@ def e2e_table(rows: list[dict]) -> list[str]:
                       _f(s["target"], 3),
                       f"{_f(s.get('ffn_gb_s'), 1)} / {_f(d.get('ffn_gb_s'), 1)}",
                       f"{_f(s.get('ffn_gflop_s'), 0)} / {_f(d.get('ffn_gflop_s'), 0)}",
-                      f"{_f(s.get('vs_plain_min'), 3)} / {_f(s.get('vs_plain_median'), 3)}"])
+                      f"{_f(s.get('projected_vs_sparse_min'), 3)} / {_f(s.get('projected_vs_sparse_median'), 3)}"])
     lines += _table(["phase", "r", "union", "sparse ms (min / med)", "dense ms (min / med)", "attn-only ms",
                      "model sparse/dense", "FFN sparse/dense (min)", "FFN (median)",
                      "FFN node time sparse/dense (min / med)", "FFN node ms sparse / dense",
                      "op fixed cost, us a call (share of the sparse FFN)", "target",
                      "FFN GB/s sparse / dense", "FFN GFLOP/s sparse / dense",
-                     "sparse / plain-op export (min / med)"], table)
+                     "--ffn-node projected export / sparse (min / med)"], table)
     return lines + ["FFN sparse/dense: (model - attn-only export) per variant; FFN node time: the FFN nodes' "
-                    "kernel time in profiled calls of the same exports (bench/node_times.py); where the sparse "
-                    "export is the ProjectedSparseFFN graph, both are taken from its twin with the plain op "
-                    "(GatedBlockSparseFFN nodes only), timed beside it (last column); op fixed cost: "
+                    "kernel time in profiled calls of the same exports (bench/node_times.py); last column: "
+                    "the export with ProjectedSparseFFN nodes (docs/exporting.md), timed beside them; op fixed cost: "
                     "one call of the op at this shape with no block active, times the layers as a share of "
                     "the sparse FFN's node time (bench/fixed_cost.py).", ""]
 
@@ -180,10 +179,10 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
                       f"{_f(s['ms_min'])} / {_f(s['ms_median'])}" if s else "-",
                       f"**{_f(s['vs_builder_min'], 3)}**" if s else "-", _f(s["vs_builder_median"], 3) if s else "-",
                       _f(s.get("r"), 3) if s else "-", _f(bound, 3),
-                      _f(s.get("vs_plain_min"), 3) if s else "-"])
+                      _f(s.get("projected_vs_builder_min"), 3) if s else "-"])
     lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder",
                      "our sparse ms", "sparse/builder (min)", "(median)", "r", "decode bound 1 - s(1 - r) + 0.05",
-                     "sparse / plain-op export"], table)
+                     "--ffn-node projected / builder"], table)
     lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
               + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ".", ""]
     gen = [r for r in rows if r["phase"] == "generate"]
