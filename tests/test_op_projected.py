@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
@@ -13,6 +12,7 @@ from dsmoe_export import onnx_op, projected_op
 from dsmoe_export.graph.builder import IR_VERSION, OPSET
 from dsmoe_export.testing.cases import RTOL, rel_err
 from dsmoe_export.testing.reference import projected_reference
+from op_graph import session
 
 NO_LIBRARY = None
 
@@ -52,15 +52,6 @@ def make_model(feeds: dict, *, active: bool = True, with_function: bool = True, 
     else:
         model.opset_import.append(helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION))
     return model
-
-
-def session(model, library, threads=1):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if library is not None:
-        options.register_custom_ops_library(library)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def check(feeds, outputs, *, epsilon, down_tile=0, **ffn_attrs):

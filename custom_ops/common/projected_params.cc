@@ -12,11 +12,16 @@ constexpr const char* kNames[kNumProjectedInputs] = {
     "A", "skip", "in_proj_weight", "norm_weight", "router_weight", "gate_weight", "up_weight", "down_weight",
     "out_norm_weight", "out_proj_weight", "router_bias"};
 
-void Expect(ProjectedInput input, const Shape& actual, const Shape& expected, const char* symbolic) {
+// The one shape message of both ops' inputs.
+void ExpectShape(const char* name, const Shape& actual, const Shape& expected, const char* symbolic) {
   if (actual != expected) {
-    ThrowInvalidArgument(std::string("input '") + kNames[input] + "' must have shape " + symbolic + " = " +
+    ThrowInvalidArgument(std::string("input '") + name + "' must have shape " + symbolic + " = " +
                          ShapeToString(expected) + ", got " + ShapeToString(actual));
   }
+}
+
+void Expect(ProjectedInput input, const Shape& actual, const Shape& expected, const char* symbolic) {
+  ExpectShape(kNames[input], actual, expected, symbolic);
 }
 
 }  // namespace
@@ -110,10 +115,7 @@ constexpr const char* kInt4Names[kNumProjectedInt4Inputs] = {
     "router_bias"};
 
 void ExpectInt4(ProjectedInt4Input input, const Shape& actual, const Shape& expected, const char* symbolic) {
-  if (actual != expected) {
-    ThrowInvalidArgument(std::string("input '") + kInt4Names[input] + "' must have shape " + symbolic + " = " +
-                         ShapeToString(expected) + ", got " + ShapeToString(actual));
-  }
+  ExpectShape(kInt4Names[input], actual, expected, symbolic);
 }
 
 }  // namespace

@@ -74,6 +74,17 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
 
 }  // namespace
 
+QWeights QuantWeightsOf(WeightFormat format, int64_t group, const QuantDims& qd, const Ort::ConstValue& router,
+                        const Ort::ConstValue& bias, const Ort::ConstValue& gate, const Ort::ConstValue& gate_scales,
+                        const Ort::ConstValue& up, const Ort::ConstValue& up_scales, const Ort::ConstValue& down,
+                        const Ort::ConstValue& down_scales) {
+  auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
+  auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
+  return {format,       group,      nullptr,           floats(router),    floats(bias),       bytes(gate),
+          bytes(up),    bytes(down), floats(gate_scales), floats(up_scales), floats(down_scales), qd.row_bytes,
+          qd.row_groups, qd.block_groups};
+}
+
 int64_t QuantDecodeSlabRows(const QWeights& w) {
   return w.format == WeightFormat::kF16 ? kDecodeRows : std::max(kDecodeRows, w.group);
 }
@@ -158,13 +169,9 @@ class QuantCpuKernel {
     const QuantDims& qd = in.dims;
     const Outputs out = GetOutputs(ctx, qd.base);
     if (qd.base.num_tokens == 0) return;
-    auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
-    auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
-    const QWeights w{FormatOf(kind_),           attrs_.group_size,      in.x.GetTensorData<float>(),
-                     floats(in.router_weight),  floats(in.router_bias), bytes(in.gate),
-                     bytes(in.up),              bytes(in.down),         floats(in.gate_scales),
-                     floats(in.up_scales),      floats(in.down_scales), qd.row_bytes,
-                     qd.row_groups,             qd.block_groups};
+    QWeights w = QuantWeightsOf(FormatOf(kind_), attrs_.group_size, qd, in.router_weight, in.router_bias, in.gate,
+                                in.gate_scales, in.up, in.up_scales, in.down, in.down_scales);
+    w.x = in.x.GetTensorData<float>();
     ComputeQuantFfn(ctx, kernels_, quant_, attrs_.base, qd, w, out.y, out.active);
   }
 

@@ -25,6 +25,13 @@ struct QWeights {
   int64_t row_bytes, row_groups, block_groups;
 };
 
+// The weights of a quantized op's tensors (router_bias and, for float16, the scales may be
+// empty); x is the caller's to set.
+QWeights QuantWeightsOf(WeightFormat format, int64_t group, const QuantDims& qd, const Ort::ConstValue& router,
+                        const Ort::ConstValue& bias, const Ort::ConstValue& gate, const Ort::ConstValue& gate_scales,
+                        const Ort::ConstValue& up, const Ort::ConstValue& up_scales, const Ort::ConstValue& down,
+                        const Ort::ConstValue& down_scales);
+
 // Decode slab rows: whole scale groups of the down rows (the group size is a power of two).
 int64_t QuantDecodeSlabRows(const QWeights& w);
 // xsum[t * row_groups + g]: the sum of x[t] over scale group g (integer formats; none for float16).

@@ -63,16 +63,14 @@ void RunPhases(const Ort::KernelContext& ctx, int phases, int64_t first_tasks, c
   state[0].count.store(first_tasks, std::memory_order_relaxed);
   // Enough members for every thread of the pool; the surplus find nothing to claim.
   constexpr size_t kMembers = 64;
-  bool finished_before = false;
-  if (first_tasks == 0) {
+  if (first_tasks == 0) {  // no member would finish phase 0: its step runs here
     try {
       finish(0);
     } catch (...) {
       fail();
     }
-    finished_before = true;
   }
-  if (!failed.load() && !(finished_before && phases == 1)) {
+  if (!failed.load()) {
     ParallelFor(ctx, kMembers, [&](size_t) {
       for (int p = 0; p < phases && !failed.load(std::memory_order_relaxed); ++p) {
         int64_t count;

@@ -6,9 +6,10 @@
 // Why one node: at one token every parallel node of a decode step pays the pool's wake-up of
 // its sleeping worker (~40 us on the development VM) and ORT's float32 MatMul splits its
 // columns into two fixed halves, so the thread that wakes late delays the node by that much.
-// Measured on the converted SmolLM2 (cpu-kernel-notes #37): o_proj, the two
-// SkipSimplifiedLayerNormalization nodes, the op and the next layer's QKV projection as one
-// node took 0.93-0.95 of the plain graph's decode step.
+// Measured on the converted SmolLM2 (cpu-kernel-notes #37): as one node, o_proj, the two
+// SkipSimplifiedLayerNormalization nodes, the op and the next layer's QKV projection decode in
+// 0.90-0.97 of the plain graph's step while idle workers sleep, but 1.03-1.04x (int4: 1.14-1.21x)
+// with onnxruntime's default spinning, where the workers are awake between nodes anyway.
 //
 //   up to kOnePassMaxTokens tokens (decode): one pass of the pool in four phases
 //     (cpu/phases.h): the input projection's row slabs, the FFN's decode tasks (cpu/decode.h),
@@ -189,15 +190,25 @@ void ComputeProjected(Ort::KernelContext& ctx, const Stream& c, V& v) {
   }
 }
 
-// The outputs, sized; Stream's output pointers set.
-void GetProjectedOutputs(Ort::KernelContext& ctx, const std::vector<int64_t>& y_shape, const FfnDims& fd,
-                         size_t active_index, Stream& c) {
-  c.y = ctx.GetOutput(0, y_shape).GetTensorMutableData<float>();
-  c.skip_out = ctx.GetOutput(1, fd.y_shape).GetTensorMutableData<float>();
-  if (ctx.GetOutputCount() > active_index) {
-    Ort::UnownedValue active = ctx.GetOutput(active_index, fd.active_shape);
+// The call's stream: outputs sized, sizes and the shared inputs' data (In: ProjectedInputs or
+// ProjectedInt4Inputs); no data pointers for zero tokens.
+template <typename In>
+Stream MakeStream(Ort::KernelContext& ctx, const In& in, const std::vector<int64_t>& y_shape, const FfnDims& fd,
+                  int64_t k, int64_t p, float eps) {
+  Stream c;
+  c.y = ctx.GetOutput(kPY, y_shape).GetTensorMutableData<float>();
+  c.skip_out = ctx.GetOutput(kPSkipOut, fd.y_shape).GetTensorMutableData<float>();
+  if (ctx.GetOutputCount() > kPActive) {
+    Ort::UnownedValue active = ctx.GetOutput(kPActive, fd.active_shape);
     if (active) c.active = active.GetTensorMutableData<bool>();
   }
+  c.N = fd.num_tokens, c.d = fd.hidden, c.k = k, c.p = p, c.eps = eps;
+  if (c.N == 0) return c;
+  c.a = in.a.template GetTensorData<float>();
+  c.skip = in.skip.template GetTensorData<float>();
+  c.norm = in.norm.template GetTensorData<float>();
+  c.out_norm = in.out_norm.template GetTensorData<float>();
+  return c;
 }
 
 // ---------------------------------------------------------------------------- float32
@@ -220,7 +231,7 @@ struct FloatParts {
   const FfnAttributes& attrs;
   const FfnDims& fd;
   const Stream& c;
-  const Ort::Op& gemm;
+  Ort::Op& gemm;
   const Ort::ConstValue &in_weight, &out_weight;
   const float *in_proj, *out_proj;
   FloatFfnWeights w;
@@ -268,7 +279,7 @@ struct FloatParts {
         Ort::Value::CreateTensor<float>(&CpuMemory(), out, static_cast<size_t>(c.N * rows), out_shape, 2);
     const OrtValue* inputs[] = {a_value, weight};
     OrtValue* outputs[] = {out_value};
-    const_cast<Ort::Op&>(gemm).Invoke(ctx.GetOrtKernelContext(), inputs, 2, outputs, 1);
+    gemm.Invoke(ctx.GetOrtKernelContext(), inputs, 2, outputs, 1);
   }
 };
 
@@ -434,15 +445,8 @@ void ProjectedCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
 void ProjectedCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const ProjectedInputs in = GetProjectedInputs(ctx, attrs_);
   const ProjectedDims& dims = in.dims;
-  Stream c;
-  GetProjectedOutputs(ctx, dims.y_shape, dims.ffn, kPActive, c);
-  c.N = dims.ffn.num_tokens, c.d = dims.ffn.hidden, c.k = dims.in_features, c.p = dims.out_features;
-  c.eps = attrs_.epsilon;
+  const Stream c = MakeStream(ctx, in, dims.y_shape, dims.ffn, dims.in_features, dims.out_features, attrs_.epsilon);
   if (c.N == 0) return;
-  c.a = in.a.GetTensorData<float>();
-  c.skip = in.skip.GetTensorData<float>();
-  c.norm = in.norm.GetTensorData<float>();
-  c.out_norm = in.out_norm.GetTensorData<float>();
   FloatParts parts{kernels_, attrs_.ffn, dims.ffn, c, gemm_, in.in_proj, in.out_proj,
                    in.in_proj.GetTensorData<float>(), in.out_proj.GetTensorData<float>(),
                    {in.router_weight.GetTensorData<float>(),
@@ -468,24 +472,15 @@ void ProjectedInt4CpuKernel::Compute(Ort::KernelContext& ctx) const {
   const ProjectedInt4Inputs in = GetProjectedInt4Inputs(ctx, attrs_);
   const ProjectedInt4Dims& dims = in.dims;
   const QuantDims& qd = dims.quant;
-  Stream c;
-  GetProjectedOutputs(ctx, dims.y_shape, qd.base, kPActive, c);
-  c.N = qd.base.num_tokens, c.d = qd.base.hidden, c.k = dims.in_features, c.p = dims.out_features;
-  c.eps = attrs_.epsilon;
+  const Stream c = MakeStream(ctx, in, dims.y_shape, qd.base, dims.in_features, dims.out_features, attrs_.epsilon);
   if (c.N == 0) return;
-  c.a = in.a.GetTensorData<float>();
-  c.skip = in.skip.GetTensorData<float>();
-  c.norm = in.norm.GetTensorData<float>();
-  c.out_norm = in.out_norm.GetTensorData<float>();
   auto bytes = [](const Ort::ConstValue& v) { return static_cast<const uint8_t*>(v.GetTensorRawData()); };
-  auto floats = [](const Ort::ConstValue& v) { return v ? v.GetTensorData<float>() : nullptr; };
   const int64_t G = attrs_.quant.group_size;
   Int4Parts parts{kernels_, quant_, attrs_.quant.base, qd, qd.base, c, G,
-                  {bytes(in.in_proj), floats(in.in_scales), c.d, c.k},
-                  {bytes(in.out_proj), floats(in.out_scales), c.p, c.d},
-                  {WeightFormat::kInt4, G, nullptr, floats(in.router_weight), floats(in.router_bias), bytes(in.gate),
-                   bytes(in.up), bytes(in.down), floats(in.gate_scales), floats(in.up_scales), floats(in.down_scales),
-                   qd.row_bytes, qd.row_groups, qd.block_groups}};
+                  {bytes(in.in_proj), in.in_scales.GetTensorData<float>(), c.d, c.k},
+                  {bytes(in.out_proj), in.out_scales.GetTensorData<float>(), c.p, c.d},
+                  QuantWeightsOf(WeightFormat::kInt4, G, qd, in.router_weight, in.router_bias, in.gate,
+                                 in.gate_scales, in.up, in.up_scales, in.down, in.down_scales)};
   ComputeProjected(ctx, c, parts);
 }
 

@@ -22,7 +22,7 @@ class ProjectedCpuKernel {
  private:
   ProjectedAttributes attrs_;
   const KernelSet& kernels_;
-  Ort::Op gemm_{nullptr};  // ORT's Gemm (transB = 1), for the projections of longer calls
+  mutable Ort::Op gemm_{nullptr};  // ORT's Gemm (transB = 1), for the projections of longer calls
 };
 
 class ProjectedInt4CpuKernel {
