@@ -493,6 +493,17 @@ def test_genai_config_names_the_library_beside_the_model(exported, tmp_path):
     assert list(decoder["inputs"]) == ["input_ids", "attention_mask", "past_key_names", "past_value_names"]
     assert config["search"]["past_present_share_buffer"] is True
     assert decoder["num_hidden_layers"] == 2 and decoder["head_size"] == 16
+    assert decoder["session_options"]["intra_op_num_threads"] == 0  # genai's own default is one thread
+    write_genai_config(out / path.name, model_dir=folder, threads=3)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+        "intra_op_num_threads"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / path.name).write_bytes(path.read_bytes())
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            write_genai_config(empty / path.name, model_dir=folder, threads=bad)
+    assert sorted(p.name for p in empty.iterdir()) == [path.name]  # nothing written
     (out / name).write_bytes(b"stale")
     set_library(out)
     assert (out / name).read_bytes() == open(lib, "rb").read()

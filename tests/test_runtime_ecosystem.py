@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +138,28 @@ def test_onnxruntime_genai_generates_the_same_tokens(genai_python, eco_export, r
     assert (bad / lib.name).is_file()
     proc = _run(genai_python, "genai_generate.py", bad, json.dumps(ids.tolist()), 2, cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _genai_intra_op_pool(genai_python, folder: Path, session_options: dict, cwd: Path) -> str:
+    """onnxruntime's intra-op pool size as onnxruntime-genai's session reports it (verbose log)."""
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"] = {**session_options, "log_severity_level": 0}
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    proc = _run(genai_python, "genai_generate.py", folder, "[[5, 6, 7]]", 1, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pools = re.findall(r"intra_op_param:OrtThreadPoolParams \{ thread_pool_size: (-?\d+)", proc.stdout + proc.stderr)
+    assert pools, "no session options in genai's verbose log: " + (proc.stderr[-2000:] or proc.stdout[-2000:])
+    return pools[0]
+
+
+def test_genai_config_gives_onnxruntime_genai_every_core(genai_python, eco_export, tmp_path):
+    """Without intra_op_num_threads genai 0.18 runs the model on one thread (half the decode
+    speed on 2 cores); the written config asks for onnxruntime's default (0: one per core)."""
+    path, _ = eco_export
+    folder = tmp_path / "threads"
+    shutil.copytree(path.parent, folder)
+    written = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert written["intra_op_num_threads"] == 0
+    assert _genai_intra_op_pool(genai_python, folder, written, tmp_path) == "0"
+    without = {k: v for k, v in written.items() if k != "intra_op_num_threads"}
+    assert _genai_intra_op_pool(genai_python, folder, without, tmp_path) == "1"
