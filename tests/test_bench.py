@@ -280,6 +280,27 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     assert not (out / "e2e").exists()                          # exports removed without --keep-exports
 
 
+def test_runtime_worker_generates_as_dsmoe_session(op_library, tmp_path, rng):
+    """The generation benchmark's DSMoESession runner, a process of its own: the tokens of
+    DSMoESession.generate in this process, its own timings, errors named and survived."""
+    from dsmoe_export.bench.workers import RuntimeWorker
+    from dsmoe_export.exporter import export
+    from dsmoe_runtime import DSMoESession
+
+    folder = _tiny_folder(tmp_path / "model")
+    path = tmp_path / "export" / "model.onnx"
+    path.parent.mkdir()
+    export(folder, path, progress=False, validate=False)
+    prompt = rng.integers(3, 256, 9).tolist()
+    want = DSMoESession(path, threads=2, library=op_library).generate([prompt], 6)[0, 9:].tolist()
+    with RuntimeWorker() as worker:
+        reply = worker.generate(path, prompt, 6, threads=2, library=op_library, dense=False)
+        assert reply["new"] == want and reply["prefill_ms"] > 0 and reply["decode_ms"] > 0
+        with pytest.raises(RuntimeError, match=r"DSMoESession worker on .*nowhere\.onnx: ModelError"):
+            worker.generate(tmp_path / "nowhere.onnx", prompt, 2, threads=2, library=op_library, dense=False)
+        assert worker.generate(path, prompt, 1, threads=2, library=op_library, dense=False)["new"] == want[:1]
+
+
 def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     """With onnxruntime-genai's builder available (scripts/setup-ecosystem.sh genai), its models of the
     same weights join the run, at both precisions: prefill, decode, generation in genai's generator

@@ -68,42 +68,6 @@ def set_threads(folder: Path, threads: int) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-class GenaiWorker:
-    """onnxruntime-genai's generator in the side interpreter, driven over a pipe: one process for
-    the whole run (models load once), timing measured inside it."""
-
-    def __init__(self, python: str):
-        script = Path(__file__).with_name("genai_worker.py")
-        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)
-
-    def generate(self, folder: Path, prompt: list[int], new_tokens: int) -> dict:
-        """{"prefill_ms", "decode_ms", "new"}: greedy generation of `new_tokens` after `prompt`."""
-        self.proc.stdin.write(json.dumps({"folder": str(folder), "prompt": prompt, "new": new_tokens}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the genai worker died: {self.proc.stderr.read()[-2000:]}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"onnxruntime-genai on {folder}: {reply['error']}")
-        return reply
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 if __name__ == "__main__":  # python -m dsmoe_export.bench.builder: is the builder available here?
     found, why = find_python(sys.argv[1] if len(sys.argv) > 1 else None)
     print(found or why)
