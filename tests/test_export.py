@@ -136,6 +136,39 @@ def test_sparse_export_matches_float64_reference(tmp_path, case, ffn_node, rng, 
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
 
 
+@pytest.mark.parametrize("ffn_node", ["plain", "projected"])
+def test_active_outputs_are_the_reference_routing(tmp_path, ffn_node, rng, seed):
+    """--active-outputs with either FFN node: active.{i} of every layer (those inside
+    ProjectedSparseFFN nodes included) is the float64 reference's score > threshold."""
+    spec = TinySpec(num_hidden_layers=3)
+    folder = make_model_folder(tmp_path / "model", spec, seed=seed, router_scale=2.0)
+    out = tmp_path / "model.onnx"
+    assert main([str(folder), str(out), "-q", "--ffn-node", ffn_node, "--active-outputs"]) == 0
+    model = onnx.load(str(out), load_external_data=False)
+    assert [n.op_type for n in model.graph.node if n.domain == onnx_op.DOMAIN] == (
+        [projected_op.OP_TYPE] * 2 + [onnx_op.OP_TYPE] if ffn_node == "projected" else [onnx_op.OP_TYPE] * 3)
+    ref = hf_reference(folder, sparse=True)
+    session = make_session(out, custom_ops=True)
+    names = [o.name for o in session.get_outputs()]
+    threshold = spec.dsmoe["threshold"]
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    kv_shape = (spec.num_hidden_layers, 1, spec.num_key_value_heads, 0, head_dim)
+    checked = 0
+    for _ in range(8):
+        ids = torch.from_numpy(rng.integers(3, spec.vocab_size, (1, 9)))
+        with torch.no_grad():
+            ref(input_ids=ids)
+        scores = [layer.mlp.scores[-1][0] for layer in ref.model.layers]
+        if min_threshold_margin(ref, threshold) < 1e-4:
+            continue  # float32 may pick another block for a token this close to the threshold
+        got = dict(zip(names, session.run(None, _ort_feeds(ids, torch.ones_like(ids), [], kv_shape))))
+        for i, score in enumerate(scores):
+            assert got[f"active.{i}"].shape == (1, 9, spec.dsmoe["num_experts"])
+            assert np.array_equal(got[f"active.{i}"][0], score > threshold), f"layer {i}"
+        checked += 1
+    assert checked >= 4
+
+
 def _check_down_layout(model, ffn_nodes, spec, *, tiled: bool) -> None:
     inits = {t.name: t for t in model.graph.initializer}
     n = spec.dsmoe["num_experts"]
