@@ -330,6 +330,10 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     assert nodes["sparse"]["per_layer"] == 6 and nodes["dense"]["per_layer"] == nodes["builder"]["per_layer"] == 10
     table = (out / "results.md").read_text()
     assert "against onnxruntime-genai's model builder" in table and "| int4 | decode (past 16) |" in table
+    # the generation table's decode step against the builder's: 1.000 on the builder's own rows
+    assert "decode step / builder's" in table and "| builder | genai |" in table
+    builder_row = next(line for line in table.splitlines() if line.startswith("| builder | genai |"))
+    assert builder_row.split("|")[8].strip() == "1.000"
 
 
 def test_model_option_errors(tmp_path, op_library, monkeypatch):
