@@ -55,6 +55,22 @@ def test_thresholds(op_library, rng, threshold, tokens):
         assert k[0] == 8 and k[1] == 0
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routing_of_a_token_does_not_depend_on_the_call(op_library, rng, threads):
+    """A token's active blocks are the same bits whether it comes alone (decode) or among others
+    (the router's logits are computed several tokens at a time): scores right at the threshold
+    included, where any difference in the logits' sums would show."""
+    case = make_case(rng, (53,), d=40, n=16, B=4, threshold=0.5)
+    # logits of ~1e-4: a shift of 1e-6 in them flips a few percent of the 848 decisions
+    case.x = rng.standard_normal(case.x.shape).astype(np.float32) * 1e-4
+    sess = session(make_model(case), op_library, threads)
+    feeds = case.feeds()
+    together = sess.run(None, feeds)[1]
+    alone = np.concatenate([sess.run(None, {**feeds, "X": feeds["X"][t:t + 1]})[1] for t in range(53)])
+    assert np.array_equal(together, alone)
+    assert 0 < together.mean() < 1
+
+
 @pytest.mark.parametrize("lead", [(), (1,), (6,), (2, 3), (3, 1, 4), (0,), (2, 0), (3, 0, 2), (4, 5, 3)])
 def test_leading_dims(op_library, rng, lead):
     case = make_case(rng, lead, d=12, n=4, B=6, bias=True)

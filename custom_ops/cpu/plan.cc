@@ -45,11 +45,17 @@ Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttri
   ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
     const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
     const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
+    // The logits, kMaxDotTokens tokens per pass over the router's rows (dot_rows' sums do not
+    // depend on the count: the same bits as one token at a time).
+    for (int64_t tb = t0; tb < t1; tb += kMaxDotTokens) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, t1 - tb));
+      const float* xs[kMaxDotTokens];
+      for (int c = 0; c < count; ++c) xs[c] = x + (tb + c) * d;
+      ks.dot_rows(router, d, n, xs, count, d, coef + tb * n, n);  // turned into coefficients in place
+    }
     for (int64_t t = t0; t < t1; ++t) {
       float* ct = coef + t * n;
       bool* at = active + t * n;
-      const float* xt = x + t * d;
-      ks.dot_rows(router, d, n, &xt, 1, d, ct, n);  // logits, turned into coefficients in place
       int64_t k = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float logit = ct[i] + (bias ? bias[i] : 0.0f);
