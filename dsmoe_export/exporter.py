@@ -191,7 +191,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     int4 weights; op-spec.md; every layer but the last): a float32 sparse graph with float32 or
     int4 FFN and attention weights and no projection biases, for the CPU EP (float32: decode
     0.90-0.97 of the plain graph's step on the converted SmolLM2 with idle workers asleep, but
-    1.03-1.04 with onnxruntime's default spinning; int4 0.91-0.97 and 1.14-1.21); "plain" (and
+    0.95-1.04 with onnxruntime's default spinning; int4 0.91-0.97 and 1.10-1.21); "plain" (and
     "auto", the default) keeps GatedBlockSparseFFN between ONNX Runtime's nodes."""
     accuracy_level, matmul_weights, lm_head_weights = _checked_options(
         out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)

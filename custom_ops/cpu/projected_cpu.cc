@@ -8,7 +8,7 @@
 // columns into two fixed halves, so the thread that wakes late delays the node by that much.
 // Measured on the converted SmolLM2 (cpu-kernel-notes #37): as one node, o_proj, the two
 // SkipSimplifiedLayerNormalization nodes, the op and the next layer's QKV projection decode in
-// 0.90-0.97 of the plain graph's step while idle workers sleep, but 1.03-1.04x (int4: 1.14-1.21x)
+// 0.90-0.97 of the plain graph's step while idle workers sleep, but 0.95-1.04x (int4: 1.10-1.21x)
 // with onnxruntime's default spinning, where the workers are awake between nodes anyway.
 //
 //   up to kOnePassMaxTokens tokens (decode): one pass of the pool in four phases
