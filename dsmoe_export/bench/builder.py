@@ -4,7 +4,7 @@ The builder and onnxruntime-genai's generator live in a side environment (they p
 `onnxruntime` package, which clashes with onnxruntime-gpu, and the builder needs `onnx_ir`):
 `bash scripts/setup-ecosystem.sh genai` makes `.venv-genai`. The builder's models are plain ONNX
 that this process's onnxruntime runs side by side with ours; only the building and the genai
-generator run in the side interpreter (the generator as a worker process, genai_worker.py).
+generator run in the side interpreter (the generator as a worker process: workers.py).
 """
 from __future__ import annotations
 
