@@ -127,11 +127,14 @@ def _copy_library(folder: Path, library_path: str | None) -> Path:
 
 def set_library(folder: str | Path, library_path: str | None = None) -> Path:
     """Copy this machine's op library (or `library_path`) into the model folder and point its
-    genai_config.json at the copy."""
+    genai_config.json at the copy; a config without `intra_op_num_threads` (written before it was
+    set) gets 0, onnxruntime's one thread per physical core (module docstring), one with it keeps it."""
     path = Path(folder) / GENAI_CONFIG
     content = json.loads(path.read_text())
     lib = _copy_library(Path(folder), library_path)
-    content["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = lib.name
+    options = content["model"]["decoder"].setdefault("session_options", {})
+    options["custom_ops_library"] = lib.name
+    options.setdefault("intra_op_num_threads", 0)
     path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
@@ -139,7 +142,8 @@ def set_library(folder: str | Path, library_path: str | None = None) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsmoe_runtime.genai",
                                 description="Copy the op library into a model folder and point its "
-                                            "genai_config.json at it.")
+                                            "genai_config.json at it (and give a config without "
+                                            "intra_op_num_threads onnxruntime's default, 0).")
     p.add_argument("folder")
     p.add_argument("--library", help="library path (default: the installed one, or $DSMOE_OPS_LIBRARY)")
     args = p.parse_args(argv)
@@ -148,7 +152,9 @@ def main(argv=None) -> int:
     except (OSError, KeyError, ValueError) as e:
         print(f"dsmoe_runtime.genai: error: {e}", file=sys.stderr)
         return 1
-    print(f"{path}: custom_ops_library = {json.loads(path.read_text())['model']['decoder']['session_options']['custom_ops_library']}")
+    options = json.loads(path.read_text())["model"]["decoder"]["session_options"]
+    print(f"{path}: custom_ops_library = {options['custom_ops_library']}, "
+          f"intra_op_num_threads = {options['intra_op_num_threads']}")
     return 0
 
 

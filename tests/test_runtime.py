@@ -507,6 +507,24 @@ def test_genai_config_names_the_library_beside_the_model(exported, tmp_path):
     (out / name).write_bytes(b"stale")
     set_library(out)
     assert (out / name).read_bytes() == open(lib, "rb").read()
+    # A config written before the thread entry gets it on refresh; an explicit count stays.
+    config = json.loads((out / "genai_config.json").read_text())
+    del config["model"]["decoder"]["session_options"]["intra_op_num_threads"]
+    (out / "genai_config.json").write_text(json.dumps(config))
+    set_library(out)
+    options = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["intra_op_num_threads"] == 0 and options["custom_ops_library"] == name
+    options["intra_op_num_threads"] = 2
+    config["model"]["decoder"]["session_options"] = options
+    (out / "genai_config.json").write_text(json.dumps(config))
+    set_library(out)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+        "intra_op_num_threads"] == 2
+    # The refresh command: what it set, and an error naming the file when there is no config.
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_runtime.genai", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0 and f"custom_ops_library = {name}, intra_op_num_threads = 2" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "dsmoe_runtime.genai", str(empty)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "genai_config.json" in proc.stderr
 
 
 def test_forward_keeps_the_last_logits_on_request(session, rng):
