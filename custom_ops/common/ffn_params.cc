@@ -189,25 +189,21 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   return dims;
 }
 
-namespace {
-
-Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index) {
+Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index, const char* name) {
   Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) ThrowInvalidArgument(std::string("input '") + kInputNames[index] + "' is required");
+  if (!v) ThrowInvalidArgument(std::string("input '") + name + "' is required");
   return v;
 }
 
 Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
 
-}  // namespace
-
 FfnInputs GetInputs(const Ort::KernelContext& ctx, const FfnAttributes& attrs) {
   FfnInputs in;
-  in.x = RequiredInput(ctx, kX);
-  in.router_weight = RequiredInput(ctx, kRouterWeight);
-  in.gate_weight = RequiredInput(ctx, kGateWeight);
-  in.up_weight = RequiredInput(ctx, kUpWeight);
-  in.down_weight = RequiredInput(ctx, kDownWeight);
+  in.x = RequiredInput(ctx, kX, kInputNames[kX]);
+  in.router_weight = RequiredInput(ctx, kRouterWeight, kInputNames[kRouterWeight]);
+  in.gate_weight = RequiredInput(ctx, kGateWeight, kInputNames[kGateWeight]);
+  in.up_weight = RequiredInput(ctx, kUpWeight, kInputNames[kUpWeight]);
+  in.down_weight = RequiredInput(ctx, kDownWeight, kInputNames[kDownWeight]);
   if (ctx.GetInputCount() > kRouterBias) in.router_bias = ctx.GetInput(kRouterBias);
   const Shape bias_shape = in.router_bias ? ShapeOf(in.router_bias) : Shape{};
   in.dims = CheckShapes(attrs, ShapeOf(in.x), ShapeOf(in.router_weight), ShapeOf(in.gate_weight),

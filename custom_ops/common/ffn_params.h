@@ -88,6 +88,9 @@ struct InvalidArgument : std::runtime_error {
 // another type (ORT's schemas of custom ops declare no attributes).
 int64_t RequiredIntAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* expected);
 std::string ShapeToString(const Shape& shape);
+// Input `index` of the call, or an error naming it (`name`) when the node leaves it out.
+Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index, const char* name);
+Shape ShapeOf(const Ort::ConstValue& v);
 
 // a * b, or an InvalidArgument naming `what` when the product does not fit the int64 sizes
 // the kernels use (tensors that exist fit, but products such as N * n need not).

@@ -101,18 +101,6 @@ QuantDims CheckQuantShapes(QuantKind kind, const QuantAttributes& attrs, const S
   return q;
 }
 
-namespace {
-
-Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
-
-Ort::ConstValue Required(const Ort::KernelContext& ctx, size_t index, const char* name) {
-  Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) ThrowInvalidArgument(std::string("input '") + name + "' is required");
-  return v;
-}
-
-}  // namespace
-
 QuantInputs GetQuantInputs(QuantKind kind, const Ort::KernelContext& ctx, const QuantAttributes& attrs) {
   QuantInputs in;
   if (kind == QuantKind::kF16) {
@@ -127,14 +115,14 @@ QuantInputs GetQuantInputs(QuantKind kind, const Ort::KernelContext& ctx, const 
     in.dims.row_bytes = 2 * f.dims.hidden;
     return in;
   }
-  in.x = Required(ctx, kQX, "X");
-  in.router_weight = Required(ctx, kQRouterWeight, "router_weight");
-  in.gate = Required(ctx, kQGateWeight, "gate_weight");
-  in.gate_scales = Required(ctx, kQGateScales, "gate_scales");
-  in.up = Required(ctx, kQUpWeight, "up_weight");
-  in.up_scales = Required(ctx, kQUpScales, "up_scales");
-  in.down = Required(ctx, kQDownWeight, "down_weight");
-  in.down_scales = Required(ctx, kQDownScales, "down_scales");
+  in.x = RequiredInput(ctx, kQX, kQuantInputNames[kQX]);
+  in.router_weight = RequiredInput(ctx, kQRouterWeight, kQuantInputNames[kQRouterWeight]);
+  in.gate = RequiredInput(ctx, kQGateWeight, kQuantInputNames[kQGateWeight]);
+  in.gate_scales = RequiredInput(ctx, kQGateScales, kQuantInputNames[kQGateScales]);
+  in.up = RequiredInput(ctx, kQUpWeight, kQuantInputNames[kQUpWeight]);
+  in.up_scales = RequiredInput(ctx, kQUpScales, kQuantInputNames[kQUpScales]);
+  in.down = RequiredInput(ctx, kQDownWeight, kQuantInputNames[kQDownWeight]);
+  in.down_scales = RequiredInput(ctx, kQDownScales, kQuantInputNames[kQDownScales]);
   if (ctx.GetInputCount() > kQRouterBias) in.router_bias = ctx.GetInput(kQRouterBias);
   const Shape gs = ShapeOf(in.gate_scales), us = ShapeOf(in.up_scales), ds = ShapeOf(in.down_scales);
   const Shape bias = in.router_bias ? ShapeOf(in.router_bias) : Shape{};

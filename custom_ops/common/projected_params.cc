@@ -75,30 +75,18 @@ ProjectedDims CheckProjectedShapes(const ProjectedAttributes& attrs, const Shape
   return dims;
 }
 
-namespace {
-
-Ort::ConstValue Required(const Ort::KernelContext& ctx, size_t index) {
-  Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) ThrowInvalidArgument(std::string("input '") + kNames[index] + "' is required");
-  return v;
-}
-
-Shape ShapeOf(const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); }
-
-}  // namespace
-
 ProjectedInputs GetProjectedInputs(const Ort::KernelContext& ctx, const ProjectedAttributes& attrs) {
   ProjectedInputs in;
-  in.a = Required(ctx, kPA);
-  in.skip = Required(ctx, kPSkip);
-  in.in_proj = Required(ctx, kPInProj);
-  in.norm = Required(ctx, kPNorm);
-  in.router_weight = Required(ctx, kPRouterWeight);
-  in.gate = Required(ctx, kPGate);
-  in.up = Required(ctx, kPUp);
-  in.down = Required(ctx, kPDown);
-  in.out_norm = Required(ctx, kPOutNorm);
-  in.out_proj = Required(ctx, kPOutProj);
+  in.a = RequiredInput(ctx, kPA, kNames[kPA]);
+  in.skip = RequiredInput(ctx, kPSkip, kNames[kPSkip]);
+  in.in_proj = RequiredInput(ctx, kPInProj, kNames[kPInProj]);
+  in.norm = RequiredInput(ctx, kPNorm, kNames[kPNorm]);
+  in.router_weight = RequiredInput(ctx, kPRouterWeight, kNames[kPRouterWeight]);
+  in.gate = RequiredInput(ctx, kPGate, kNames[kPGate]);
+  in.up = RequiredInput(ctx, kPUp, kNames[kPUp]);
+  in.down = RequiredInput(ctx, kPDown, kNames[kPDown]);
+  in.out_norm = RequiredInput(ctx, kPOutNorm, kNames[kPOutNorm]);
+  in.out_proj = RequiredInput(ctx, kPOutProj, kNames[kPOutProj]);
   if (ctx.GetInputCount() > kPRouterBias) in.router_bias = ctx.GetInput(kPRouterBias);
   const Shape bias = in.router_bias ? ShapeOf(in.router_bias) : Shape{};
   in.dims = CheckProjectedShapes(attrs, ShapeOf(in.a), ShapeOf(in.skip), ShapeOf(in.in_proj), ShapeOf(in.norm),
@@ -132,10 +120,7 @@ ProjectedInt4Inputs GetProjectedInt4Inputs(const Ort::KernelContext& ctx, const 
   Ort::ConstValue* required[] = {&in.a, &in.skip, &in.in_proj, &in.in_scales, &in.norm, &in.router_weight, &in.gate,
                                  &in.gate_scales, &in.up, &in.up_scales, &in.down, &in.down_scales, &in.out_norm,
                                  &in.out_proj, &in.out_scales};
-  for (size_t i = 0; i < kQPRouterBias; ++i) {
-    *required[i] = ctx.GetInput(i);
-    if (!*required[i]) ThrowInvalidArgument(std::string("input '") + kInt4Names[i] + "' is required");
-  }
+  for (size_t i = 0; i < kQPRouterBias; ++i) *required[i] = RequiredInput(ctx, i, kInt4Names[i]);
   if (ctx.GetInputCount() > kQPRouterBias) in.router_bias = ctx.GetInput(kQPRouterBias);
   const Shape a = ShapeOf(in.a), skip = ShapeOf(in.skip), router = ShapeOf(in.router_weight);
   if (skip.empty()) ThrowInvalidArgument("input 'skip' must have rank >= 1 ([..., d]), got a scalar");
