@@ -60,8 +60,10 @@ void CopyTile(const float* src, int64_t ld, int64_t rows, int64_t width, float* 
   }
 }
 
+// routed: the call's routing, or null to route in the prefill's pass (and write `active`).
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
-                    const FfnDims& dims, const float* x, const Weights& w, const Routing& routing, float* y) {
+                    const FfnDims& dims, const float* x, const Weights& w, const Routing* routed, bool* active,
+                    float* y) {
   const int64_t d = dims.hidden, B = dims.block_size;
   auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t) {
     return std::pair{w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d};
@@ -95,9 +97,7 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
       return PrefetchStream::Rows(w.down + i * B * d + c0, B, width * kF, d * kF);
     }
   } prefetch{w, dims};
-  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first, const int64_t* first_block) {
-    PrefillChunk(ctx, ks, attrs.activation, dims, x, routing, pairs, first, first_block, y, gate_up_rows, down_tile, prefetch);
-  });
+  RunPrefill(ctx, ks, attrs, dims, x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile, prefetch);
 }
 
 }  // namespace
@@ -156,12 +156,13 @@ void FloatDecodeTask::operator()(const DecodeTask& t) const {
 void ComputeFloatFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs,
                      const FfnDims& dims, const float* x, const FloatFfnWeights& w, float* y, bool* active) {
   if (dims.num_tokens == 0) return;
+  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, attrs, dims, x, w, nullptr, active, y);
   const Routing routing = Route(ctx, ks, attrs, dims, x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
     DecodeSlabs(ctx, dims, routing, kDecodeRows, FloatDecodeTask{ks, attrs, dims, x, w, routing}, y);
   } else {
-    ComputePrefill(ctx, ks, attrs, dims, x, w, routing, y);
+    ComputePrefill(ctx, ks, attrs, dims, x, w, &routing, active, y);
   }
 }
 

@@ -44,9 +44,10 @@ WeightFormat FormatOf(QuantKind kind) {
 }
 
 
+// routed: the call's routing, or null to route in the prefill's pass (and write `active`).
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing& routing,
-                    float* y) {
+                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing* routed,
+                    bool* active, float* y) {
   const FfnDims& dims = qd.base;
   const int64_t d = dims.hidden, B = dims.block_size, rb = w.row_bytes;
   // The tile's gate and up rows dequantized into per-thread float32 tiles.
@@ -65,11 +66,8 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
                           B, d, w.group, c0, width, tile);
     return std::pair<const float*, int64_t>{tile, width};
   };
-  ForEachPrefillChunk(routing, dims, [&](const PairsByBlock& pairs, bool first, const int64_t* first_block) {
-    // No prefetch: the dequantizers read the (4-8x smaller) weights in order, which the hardware follows.
-    PrefillChunk(ctx, ks, attrs.activation, dims, w.x, routing, pairs, first, first_block, y, gate_up_rows, down_tile,
-                 NoPrefetch{});
-  });
+  // No prefetch: the dequantizers read the (4-8x smaller) weights in order, which the hardware follows.
+  RunPrefill(ctx, ks, attrs, dims, w.x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile, NoPrefetch{});
 }
 
 }  // namespace
@@ -141,6 +139,7 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
   const FfnDims& dims = qd.base;
   const int64_t N = dims.num_tokens;
   if (N == 0) return;
+  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, nullptr, active, y);
   const Routing routing = Route(ctx, ks, attrs, dims, w.x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
@@ -150,7 +149,7 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
     DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w), QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get()}, y);
     return;
   }
-  ComputePrefill(ctx, ks, qk, attrs, qd, w, routing, y);
+  ComputePrefill(ctx, ks, qk, attrs, qd, w, &routing, active, y);
 }
 
 namespace {

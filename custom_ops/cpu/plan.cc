@@ -36,37 +36,49 @@ float* ThreadBuffer(ThreadSlot slot, int64_t count) {
   return b.data();
 }
 
-Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
-              const float* x, const float* router, const float* bias) {
+Routing NewRouting(const FfnDims& dims) {
+  const int64_t cells = dims.num_tokens * dims.num_blocks;
+  return Routing{HeapArray<float>(cells), HeapArray<bool>(cells)};
+}
+
+int64_t RoutingTasks(const FfnDims& dims) { return CeilDiv(dims.num_tokens, kRoutingTokensPerTask); }
+
+void RouteTask(const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims, const float* x,
+               const float* router, const float* bias, int64_t task, Routing& r) {
   const int64_t n = dims.num_blocks, d = dims.hidden, N = dims.num_tokens;
-  Routing r{HeapArray<float>(N * n), HeapArray<bool>(N * n)};
   float* coef = r.coef.get();
   bool* active = r.active.get();
-  ParallelFor(ctx, static_cast<size_t>(CeilDiv(N, kRoutingTokensPerTask)), [&](size_t task) {
-    const int64_t t0 = static_cast<int64_t>(task) * kRoutingTokensPerTask;
-    const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
-    // The logits, kMaxDotTokens tokens per pass over the router's rows (dot_rows' sums do not
-    // depend on the count: the same bits as one token at a time).
-    for (int64_t tb = t0; tb < t1; tb += kMaxDotTokens) {
-      const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, t1 - tb));
-      const float* xs[kMaxDotTokens];
-      for (int c = 0; c < count; ++c) xs[c] = x + (tb + c) * d;
-      ks.dot_rows(router, d, n, xs, count, d, coef + tb * n, n);  // turned into coefficients in place
+  const int64_t t0 = task * kRoutingTokensPerTask;
+  const int64_t t1 = std::min(N, t0 + kRoutingTokensPerTask);
+  // The logits, kMaxDotTokens tokens per pass over the router's rows (dot_rows' sums do not
+  // depend on the count: the same bits as one token at a time).
+  for (int64_t tb = t0; tb < t1; tb += kMaxDotTokens) {
+    const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, t1 - tb));
+    const float* xs[kMaxDotTokens];
+    for (int c = 0; c < count; ++c) xs[c] = x + (tb + c) * d;
+    ks.dot_rows(router, d, n, xs, count, d, coef + tb * n, n);  // turned into coefficients in place
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    float* ct = coef + t * n;
+    bool* at = active + t * n;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float logit = ct[i] + (bias ? bias[i] : 0.0f);
+      const float s = 1.0f / (1.0f + std::exp(-logit));
+      at[i] = s > attrs.threshold;  // false for a NaN logit
+      ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
+      k += at[i];
     }
-    for (int64_t t = t0; t < t1; ++t) {
-      float* ct = coef + t * n;
-      bool* at = active + t * n;
-      int64_t k = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float logit = ct[i] + (bias ? bias[i] : 0.0f);
-        const float s = 1.0f / (1.0f + std::exp(-logit));
-        at[i] = s > attrs.threshold;  // false for a NaN logit
-        ct[i] = attrs.weighting == Weighting::kScore ? s : 1.0f;
-        k += at[i];
-      }
-      const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
-      for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
-    }
+    const float c = attrs.rescale && k > 0 ? static_cast<float>(n) / static_cast<float>(k) : 1.0f;
+    for (int64_t i = 0; i < n; ++i) ct[i] = at[i] ? ct[i] * c : 0.0f;
+  }
+}
+
+Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+              const float* x, const float* router, const float* bias) {
+  Routing r = NewRouting(dims);
+  ParallelFor(ctx, static_cast<size_t>(RoutingTasks(dims)), [&](size_t task) {
+    RouteTask(ks, attrs, dims, x, router, bias, static_cast<int64_t>(task), r);
   });
   return r;
 }
@@ -75,7 +87,7 @@ bool UsesDecodePath(const FfnDims& dims, const Routing& routing, const DecodeBou
   const int64_t N = dims.num_tokens, n = dims.num_blocks;
   const int64_t max_pairs_per_block = dims.block_size <= kSmallBlockRows ? bounds.small_blocks : bounds.large_blocks;
   if (N <= kDecodeMaxTokens) return true;
-  if (N > kDecodeRoutedMaxTokens) return false;
+  if (!MayUseDecodePath(dims)) return false;
   int64_t pairs = 0, blocks = 0;
   for (int64_t i = 0; i < n; ++i) {
     int64_t count = 0;
@@ -160,10 +172,29 @@ void SumDecodePartials(const Ort::KernelContext& ctx, const FfnDims& dims, const
   }
 }
 
+namespace {
+int64_t MaxChunkPairs(const FfnDims& dims) {
+  return std::max(kPrefillMinPairs, kPrefillMaxFloats / std::max<int64_t>(1, std::max(dims.hidden, dims.block_size)));
+}
+}  // namespace
+
+int64_t MaxPrefillChunks(const FfnDims& dims) {
+  return 2 * dims.num_blocks + CeilDiv(dims.num_tokens * dims.num_blocks, MaxChunkPairs(dims)) + 1;
+}
+
+PrefillChunking::PrefillChunking(const Routing& routing, const FfnDims& dims)
+    : all(SortPairsByBlock(routing.active.get(), dims.num_blocks, dims.num_tokens)),
+      first_block(HeapArray<int64_t>(dims.num_tokens)),
+      chunks(PrefillChunks(all, dims)) {
+  std::fill(first_block.get(), first_block.get() + dims.num_tokens, int64_t{-1});
+  for (int64_t i = dims.num_blocks - 1; i >= 0; --i) {  // descending: the lowest block is written last
+    for (int64_t p = all.block_start[i]; p < all.block_start[i + 1]; ++p) first_block[all.pair_token[p]] = i;
+  }
+}
+
 std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorted, const FfnDims& dims) {
   const int64_t n = dims.num_blocks, total = sorted.pairs;
-  const int64_t max_pairs =
-      std::max(kPrefillMinPairs, kPrefillMaxFloats / std::max<int64_t>(1, std::max(dims.hidden, dims.block_size)));
+  const int64_t max_pairs = MaxChunkPairs(dims);
   const int64_t* start = sorted.block_start.get();
   std::vector<std::pair<int64_t, int64_t>> out;
   int64_t p0 = 0;

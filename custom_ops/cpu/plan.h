@@ -98,11 +98,20 @@ struct Routing {
 
 Routing Route(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
               const float* x, const float* router, const float* bias);
+// The same in parts, for a pass of several phases (cpu/prefill.h): a routing to fill, and its
+// RoutingTasks(dims) tasks of consecutive tokens.
+Routing NewRouting(const FfnDims& dims);
+int64_t RoutingTasks(const FfnDims& dims);
+void RouteTask(const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims, const float* x,
+               const float* router, const float* bias, int64_t task, Routing& r);
 
 // Whether the call takes the GEMV (decode) path, from its token count and routing (above);
 // bounds: the kernel's bound on the active blocks' mean tokens (kFloatDecodeBounds,
 // kQuantDecodeBounds).
 bool UsesDecodePath(const FfnDims& dims, const Routing& routing, const DecodeBounds& bounds);
+// Whether UsesDecodePath can be true for a call of this many tokens (else the prefill path
+// routes in its own pass).
+inline bool MayUseDecodePath(const FfnDims& dims) { return dims.num_tokens <= kDecodeRoutedMaxTokens; }
 
 // The op's outputs: Y, and `active` where the node has that optional output (else nullptr).
 struct Outputs {
@@ -156,24 +165,20 @@ std::vector<std::pair<int64_t, int64_t>> PrefillChunks(const PairsByBlock& sorte
 // Pairs [p0, p1) of `sorted` as a PairsByBlock of their own.
 PairsByBlock SliceOfPairs(const PairsByBlock& sorted, int64_t n, int64_t p0, int64_t p1);
 
-// run(pairs, first, first_block) for each prefill chunk of the call, in order; `first` is
-// true once (that chunk zeroes the outputs of tokens with no active block); first_block[t]:
-// the lowest active block of token t (-1: none), whose down GEMM stores token t's output
-// instead of adding to it, so the output needs no zeroing pass (chunks run in block order).
-template <typename F>
-void ForEachPrefillChunk(const Routing& routing, const FfnDims& dims, const F& run) {
-  const PairsByBlock all = SortPairsByBlock(routing.active.get(), dims.num_blocks, dims.num_tokens);
-  auto first_block = HeapArray<int64_t>(dims.num_tokens);
-  std::fill(first_block.get(), first_block.get() + dims.num_tokens, int64_t{-1});
-  for (int64_t i = dims.num_blocks - 1; i >= 0; --i) {  // descending: the lowest block is written last
-    for (int64_t p = all.block_start[i]; p < all.block_start[i + 1]; ++p) first_block[all.pair_token[p]] = i;
-  }
-  bool first = true;
-  for (const auto& [p0, p1] : PrefillChunks(all, dims)) {
-    run(SliceOfPairs(all, dims.num_blocks, p0, p1), first, first_block.get());
-    first = false;
-  }
-}
+// A prefill call's pairs sorted by block and cut into chunks (PrefillChunks), which run in
+// order; first_block[t]: the lowest active block of token t (-1: none), whose down GEMM
+// stores token t's output instead of adding to it, so the output needs no zeroing pass
+// (chunks run in block order; the first chunk zeroes the outputs of tokens with no block).
+struct PrefillChunking {
+  PrefillChunking(const Routing& routing, const FfnDims& dims);
+  PairsByBlock all;
+  std::unique_ptr<int64_t[]> first_block;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+};
+
+// At most this many chunks for a call of these dimensions (sizes a pass before routing): at
+// most one ending at each block's end, plus the cuts of the blocks over the chunk bound.
+int64_t MaxPrefillChunks(const FfnDims& dims);
 
 // A panel: `count` consecutive pairs of one block (from pair `first`), packed
 // `width` tokens wide (full or narrow panel; count <= width, the rest padding);

@@ -1,4 +1,4 @@
-// The prefill path of one chunk of pairs, shared by the float32 kernel
+// The prefill path of a call, shared by the float32 kernel
 // (ffn_cpu.cc) and the quantized one (ffn_cpu_quant.cc). They differ only in
 // where a task's weights come from, which the caller passes in:
 //
@@ -15,25 +15,29 @@
 //       std::pair<PrefetchStream, PrefetchStream> and prefetch.down(i, c0, width)
 //       -> PrefetchStream; NoPrefetch where there is nothing to gain.
 //
-// Plan: per (block, row tile) task the fused gate/up GEMM of every panel of the
-// block with act(g) * u * g_i * c in its epilogue, X packed into the block's
-// panels (full and narrow, cpu/plan.h) by the thread that runs it (PackedBlock);
-// per output column tile the down GEMMs of all panels added into Y, a token's first
-// block storing instead, so Y is not zeroed first (each task owns
-// its columns: no write conflicts, no reduction, the same order at any thread
-// count). While a gate/up task runs it prefetches the weights of the task after it
-// (ORT's pool gives each thread a contiguous range of tasks first), a column task
-// those of its next block.
+// Plan, in one pass of ORT's pool (cpu/phases.h): the routing (unless the caller has routed
+// already), then per chunk of pairs (PrefillChunking) two phases. Gate/up: per (block, row
+// tile) task the fused gate/up GEMM of every panel of the block with act(g) * u * g_i * c in
+// its epilogue, X packed into the block's panels (full and narrow, cpu/plan.h) by the thread
+// that runs it (PackedBlock); a thread takes a block's row tasks in order (TaskRanges) and
+// prefetches the weights of its next task. Down: per output column tile the down GEMMs of all
+// panels added into Y, a token's first block storing instead, so Y is not zeroed first (each
+// task owns its columns: no write conflicts, no reduction, the same order at any thread
+// count); a column task prefetches its next block's tile. The pool's workers wake once a
+// call, not twice per chunk plus once for the routing (cpu-kernel-notes #39).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/phases.h"
 #include "cpu/plan.h"
 #include "cpu/prefetch.h"
 
@@ -80,52 +84,90 @@ struct NoPrefetch {
   PrefetchStream down(int64_t, int64_t, int64_t) const { return {}; }
 };
 
-template <typename GateUpRows, typename DownTile, typename Prefetch>
-void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation activation, const FfnDims& dims,
-                  const float* x, const Routing& routing, const PairsByBlock& sorted, bool first,
-                  const int64_t* first_block, float* y,
-                  const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch) {
-  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
-  const int64_t* pair_token = sorted.pair_token.get();
-  const std::vector<Panel> panels = CutPanels(sorted, n, ks);
-  const int64_t slots = PanelSlots(panels);
-  const std::vector<int64_t> panel_start = PanelStarts(panels, n);
+// One chunk's panels and h (hp: panel q is [B][width] at hp + offset * B: h of the panel's
+// tokens, already scaled by g_i * c); its gate/up tasks are row_tasks per block of task_block.
+struct PrefillChunkPlan {
+  PrefillChunkPlan(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnDims& dims,
+                   const PrefillChunking& chunking, size_t c)
+      : pairs(SliceOfPairs(chunking.all, dims.num_blocks, chunking.chunks[c].first, chunking.chunks[c].second)),
+        panels(CutPanels(pairs, dims.num_blocks, ks)),
+        panel_start(PanelStarts(panels, dims.num_blocks)),
+        task_block(BlocksWithPanels(panel_start, dims.num_blocks)),
+        hp(CallScratch<float>(ctx, PanelSlots(panels) * dims.block_size)),
+        first(c == 0),
+        id(NextPrefillChunkId()) {}
 
-  // hp: panel q is [B][width] at hp + offset * B: h of the panel's tokens, already scaled by g_i * c.
-  auto hp = CallScratch<float>(ctx, slots * B);
+  PairsByBlock pairs;
+  std::vector<Panel> panels;
+  std::vector<int64_t> panel_start, task_block;
+  ScratchArray<float> hp;
+  bool first;  // the call's first chunk: it zeroes the outputs of tokens with no active block
+  uint64_t id;
+};
+
+// One prefill call (more tokens than the decode path takes). `routed`: the call's routing
+// when the caller has it (then it has written the active output); null: the pass routes
+// first and writes `active` (when not null).
+template <typename GateUpRows, typename DownTile, typename Prefetch>
+void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
+                const float* x, const float* router, const float* bias, const Routing* routed, bool* active, float* y,
+                const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch) {
+  const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
+  Routing own;
+  if (routed == nullptr) own = NewRouting(dims);
+  const Routing& routing = routed ? *routed : own;
   const int64_t task_rows = PrefillRowsPerTask(d);
   const int64_t row_tasks = CeilDiv(B, task_rows);
-  const std::vector<int64_t> task_block = BlocksWithPanels(panel_start, n);
-  const size_t gate_up_tasks = task_block.size() * static_cast<size_t>(row_tasks);
-  const uint64_t chunk_id = NextPrefillChunkId();
-  auto task_rows_of = [&](size_t task) {  // (block, first row, rows) of a gate/up task
-    const int64_t r0 = static_cast<int64_t>(task % static_cast<size_t>(row_tasks)) * task_rows;
-    return std::tuple{task_block[task / static_cast<size_t>(row_tasks)], r0, std::min(task_rows, B - r0)};
-  };
-  ParallelFor(ctx, gate_up_tasks, [&](size_t task) {
-    const auto [i, r0, rows] = task_rows_of(task);
-    PrefetchStreams pf;
-    if (task + 1 < gate_up_tasks) {
-      const auto [i2, r2, rows2] = task_rows_of(task + 1);
-      std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
-    }
-    const auto [xb, cb] = PackedBlock(ks, panels, panel_start, i, x, d, pair_token, routing, n, chunk_id);
-    const int64_t base = panels[panel_start[i]].offset;
-    const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels
-    for (int64_t q = panel_start[i]; q < panel_start[i + 1]; ++q) {
-      const Panel& pn = panels[q];
-      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
-      gate_up(activation, gate, up, rows, d, xb + (pn.offset - base) * d, cb + (pn.offset - base),
-              hp.get() + pn.offset * B + r0 * pn.width, pf);
-    }
-  });
-
   const int64_t cols = PrefillColsPerTask(dims);
   const int64_t col_tasks = CeilDiv(d, cols);
-  ParallelFor(ctx, static_cast<size_t>(col_tasks), [&](size_t task) {
-    const int64_t c0 = static_cast<int64_t>(task) * cols;
+  std::optional<PrefillChunking> chunking;
+  std::optional<PrefillChunkPlan> chunk;
+  // Each chunk's gate/up tasks in ranges of one block's row tasks; kept until the pass ends, as
+  // a thread done claiming may still read its phase's while the next chunk is planned.
+  std::vector<std::unique_ptr<TaskRanges>> ranges;
+  size_t next_chunk = 0;
+
+  auto begin_chunk = [&]() -> PhaseTasks {
+    if (next_chunk == chunking->chunks.size()) return PhaseTasks::kEndPass;
+    chunk.reset();  // its scratch back to the arena first
+    chunk.emplace(ctx, ks, dims, *chunking, next_chunk++);
+    const int64_t blocks = static_cast<int64_t>(chunk->task_block.size());
+    std::vector<int64_t> starts(static_cast<size_t>(blocks + 1));
+    for (int64_t j = 0; j <= blocks; ++j) starts[static_cast<size_t>(j)] = j * row_tasks;
+    ranges.push_back(std::make_unique<TaskRanges>());
+    ranges.back()->Reset(starts);
+    return {blocks * row_tasks, ranges.back().get()};
+  };
+  auto task_rows_of = [&](int64_t task) {  // (block, first row, rows) of a gate/up task
+    const int64_t r0 = task % row_tasks * task_rows;
+    return std::tuple{chunk->task_block[static_cast<size_t>(task / row_tasks)], r0, std::min(task_rows, B - r0)};
+  };
+  auto gate_up_task = [&](int64_t task, int64_t next) {
+    const PrefillChunkPlan& c = *chunk;
+    const auto [i, r0, rows] = task_rows_of(task);
+    PrefetchStreams pf;
+    if (next >= 0) {
+      const auto [i2, r2, rows2] = task_rows_of(next);
+      std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
+    }
+    const int64_t* pair_token = c.pairs.pair_token.get();
+    const auto [xb, cb] = PackedBlock(ks, c.panels, c.panel_start, i, x, d, pair_token, routing, n, c.id);
+    const int64_t base = c.panels[c.panel_start[i]].offset;
+    const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels
+    for (int64_t q = c.panel_start[i]; q < c.panel_start[i + 1]; ++q) {
+      const Panel& pn = c.panels[q];
+      const auto gate_up = pn.width == ks.panel ? ks.panel_gate_up : ks.narrow_panel_gate_up;
+      gate_up(attrs.activation, gate, up, rows, d, xb + (pn.offset - base) * d, cb + (pn.offset - base),
+              c.hp.get() + pn.offset * B + r0 * pn.width, pf);
+    }
+  };
+  auto down_task = [&](int64_t task) {
+    const PrefillChunkPlan& c = *chunk;
+    const int64_t* pair_token = c.pairs.pair_token.get();
+    const int64_t* first_block = chunking->first_block.get();
+    const int64_t c0 = task * cols;
     const int64_t width = std::min(cols, d - c0);
-    if (first) {  // the others' first down GEMM stores their outputs (first_block)
+    if (c.first) {  // the others' first down GEMM stores their outputs (first_block)
       for (int64_t t = 0; t < N; ++t) {
         if (first_block[t] < 0) std::fill(y + t * d + c0, y + t * d + c0 + width, 0.0f);
       }
@@ -136,12 +178,12 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
     bool fresh[64];   // whether this block is the token's first: store instead of add
     int64_t tile_block = -1;
     PrefetchStreams pf;
-    for (const Panel& pn : panels) {
+    for (const Panel& pn : c.panels) {
       if (pn.block != tile_block) {  // once per block: the panels are in block order
         vp = down_tile(pn.block, c0, width, buffer);
         tile_block = pn.block;
-        const size_t next = static_cast<size_t>(panel_start[pn.block + 1]);  // the next block's first panel
-        pf.down = next < panels.size() ? prefetch.down(panels[next].block, c0, width) : PrefetchStream{};
+        const size_t next = static_cast<size_t>(c.panel_start[pn.block + 1]);  // the next block's first panel
+        pf.down = next < c.panels.size() ? prefetch.down(c.panels[next].block, c0, width) : PrefetchStream{};
       }
       for (int t = 0; t < pn.count; ++t) {
         const int64_t token = pair_token[pn.first + t];
@@ -149,9 +191,30 @@ void PrefillChunk(const Ort::KernelContext& ctx, const KernelSet& ks, Activation
         fresh[t] = first_block[token] == pn.block;
       }
       const auto down = pn.width == ks.panel ? ks.panel_down : ks.narrow_panel_down;
-      down(hp.get() + pn.offset * B, vp.first, B, vp.second, width, rows, fresh, pn.count, pf);
+      down(c.hp.get() + pn.offset * B, vp.first, B, vp.second, width, rows, fresh, pn.count, pf);
     }
-  });
+  };
+
+  // Phase 0 routes; then chunk k's gate/up is phase 2k + 1 and its down phase 2k + 2.
+  auto task = [&](int phase, int64_t i, int64_t next) {
+    if (phase == 0) {
+      RouteTask(ks, attrs, dims, x, router, bias, i, own);
+    } else if (phase % 2 == 1) {
+      gate_up_task(i, next);
+    } else {
+      down_task(i);
+    }
+  };
+  auto after = [&](int phase) -> PhaseTasks {
+    if (phase == 0) {
+      if (routed == nullptr) WriteActive(own, dims, active);
+      chunking.emplace(routing, dims);
+      return begin_chunk();
+    }
+    return phase % 2 == 1 ? PhaseTasks(col_tasks) : begin_chunk();
+  };
+  const int phases = static_cast<int>(1 + 2 * MaxPrefillChunks(dims));
+  RunPhases(ctx, phases, routed ? 0 : RoutingTasks(dims), task, after);
 }
 
 }  // namespace dsmoe::cpu

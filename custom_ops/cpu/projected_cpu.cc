@@ -99,7 +99,7 @@ void ComputeInOnePass(Ort::KernelContext& ctx, const Stream& c, V& v) {
   std::vector<double> squares;  // per (token, sum task): the sum of S2^2 over its columns
   v.PrepareInput(ctx);
   enum Phase { kInProjection, kFfn, kSums, kOutProjection };
-  auto task = [&](int phase, int64_t i) {
+  auto task = [&](int phase, int64_t i, int64_t /*next*/) {
     switch (phase) {
       case kInProjection:
         v.ProjectIn(i, s);
