@@ -11,9 +11,9 @@
 //           (3 * kDecodeRows * d contiguous floats) once for the block's tokens,
 //           computes h for those rows and a partial output h . V_slab per token.
 //           A second pass sums the partials per token in a fixed order.
-//   prefill (more tokens): compute-bound. A counting sort of the active pairs
-//           by block, cut into chunks of whole blocks (bounded scratch); per
-//           chunk, cpu/prefill.h: X packed into panels, per (block, row tile)
+//   prefill (more tokens): compute-bound, in one pass of the pool (cpu/prefill.h).
+//           A counting sort of the active pairs by block, cut into chunks of
+//           whole blocks (bounded scratch); per chunk: X packed into panels, per (block, row tile)
 //           the fused gate/up GEMM of all the block's panels, per output column
 //           tile the down GEMMs added into Y. The weights are read in place
 //           (V's [B, 64] column tiles too in the tiled layout, down_tile = 64;
