@@ -142,6 +142,22 @@ def test_thread_counts_agree(op_library, rng, tokens, down_tile):
 
 
 @pytest.mark.parametrize("down_tile", [0, 64])
+def test_prefill_pass_over_several_chunks(op_library, rng, down_tile):
+    """A prefill call runs in one pass of the pool: the routing, then each chunk's gate/up and down
+    phases, the threads claiming a block's 86 row tasks in order and the last ones from the back
+    of another thread's block. Three chunks here (about 1400 active pairs, 1024 a chunk at
+    B = 2048): every thread count gives the reference's result and the same bits."""
+    case = make_case(rng, (350,), d=72, n=8, B=2048, bias=True, down_tile=down_tile)
+    model = make_model(case)
+    results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2, 3, 4)]
+    assert 1024 < results[0][1].sum() < 2048
+    assert_matches_reference(case, results[0])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other[0], results[0][0])
+        np.testing.assert_array_equal(other[1], results[0][1])
+
+
+@pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("tokens", [7, 10, 12, 16, 17])
 def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
