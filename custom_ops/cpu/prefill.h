@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -205,15 +206,18 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
       down_task(i);
     }
   };
+  const int64_t max_chunks = MaxPrefillChunks(dims);
   auto after = [&](int phase) -> PhaseTasks {
     if (phase == 0) {
       if (routed == nullptr) WriteActive(own, dims, active);
       chunking.emplace(routing, dims);
+      // The pass has room for max_chunks; more would leave chunks unrun.
+      if (static_cast<int64_t>(chunking->chunks.size()) > max_chunks) throw std::logic_error("prefill: too many chunks");
       return begin_chunk();
     }
     return phase % 2 == 1 ? PhaseTasks(col_tasks) : begin_chunk();
   };
-  const int phases = static_cast<int>(1 + 2 * MaxPrefillChunks(dims));
+  const int phases = static_cast<int>(1 + 2 * max_chunks);
   RunPhases(ctx, phases, routed ? 0 : RoutingTasks(dims), task, after);
 }
 
