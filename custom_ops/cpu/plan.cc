@@ -3,8 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "cpu/parallel.h"
+#include "cpu/phases.h"
 
 namespace dsmoe::cpu {
 namespace {
@@ -22,6 +27,14 @@ constexpr int64_t kPrefillMinPairs = 256;
 constexpr int64_t kPrefillMaxFloats = int64_t{2} << 20;
 
 }  // namespace
+
+int AvailableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
 
 const OrtMemoryInfo& CpuMemory() {
   // Created once and never released: releasing it at exit could run after ONNX Runtime's teardown.
