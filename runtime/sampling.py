@@ -41,7 +41,7 @@ def probabilities(logits: np.ndarray, **kw) -> np.ndarray:
 
 
 def greedy_tokens(logits: np.ndarray) -> np.ndarray:
-    return np.argmax(np.asarray(logits), axis=-1).astype(np.int64)
+    return np.asarray(logits).argmax(axis=-1).astype(np.int64, copy=False)
 
 
 def sample_tokens(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0, top_k: int = 0,

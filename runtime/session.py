@@ -365,7 +365,8 @@ class DSMoESession:
                 finished |= np.isin(tokens, list(eos))
                 if finished.all():
                     return
-            valid = ~finished[:, None]
+            if stats is not None:
+                valid = ~finished[:, None]
 
     def generate(self, input_ids, max_new_tokens: int = 32, *, attention_mask=None, do_sample: bool | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
