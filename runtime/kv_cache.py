@@ -19,9 +19,12 @@ def _direct_run(session, binding):
     binding where the Python wrappers expose them (between two decode calls there are ~35 us of
     Python and binding work, on caches the step's weights have evicted: the wrapper's frame was
     ~15 us more); the public method where they do not, or where the session's method has been
-    replaced (a wrapper that counts or times calls)."""
-    run, c_binding = getattr(getattr(session, "_sess", None), "run_with_iobinding", None), getattr(binding, "_iobinding", None)
-    if run is None or c_binding is None or "run_with_iobinding" in vars(session):
+    replaced (a wrapper that counts or times calls), or where the wrapper has work of its own (its
+    bookkeeping of WebGPU graph capture)."""
+    c_session = getattr(session, "_sess", None)
+    run, c_binding = getattr(c_session, "run_with_iobinding", None), getattr(binding, "_iobinding", None)
+    capture = getattr(c_session, "is_webgpu_graph_capture_enabled", lambda: False)
+    if run is None or c_binding is None or "run_with_iobinding" in vars(session) or capture():
         return lambda: session.run_with_iobinding(binding)
     return lambda: run(c_binding, None)
 

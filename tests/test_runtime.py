@@ -571,3 +571,43 @@ def test_cache_step_continues_like_forward(session, rng):
         assert np.array_equal(got, want), i
     with pytest.raises(InputError, match="no slot left"):
         stepped.step(np.array([1, 2]))
+
+
+def test_decode_run_call_takes_the_public_method_where_the_direct_one_would_skip_work():
+    """KVCache's decode steps call onnxruntime's C-level run_with_iobinding on the C-level binding,
+    unless the session has no such parts, its method has been replaced, or WebGPU graph capture
+    (the public method's own bookkeeping) is on."""
+    from dsmoe_runtime.kv_cache import _direct_run
+
+    class CSession:
+        def __init__(self, capture):
+            self.capture, self.calls = capture, []
+
+        def is_webgpu_graph_capture_enabled(self):
+            return self.capture
+
+        def run_with_iobinding(self, c_binding, run_options):
+            self.calls.append(c_binding)
+
+    class Session:
+        def __init__(self, c_session):
+            self._sess, self.calls = c_session, []
+
+        def run_with_iobinding(self, binding):
+            self.calls.append(binding)
+
+    class Binding:
+        _iobinding = "c-binding"
+
+    binding = Binding()
+    direct = Session(CSession(capture=False))
+    _direct_run(direct, binding)()
+    assert direct._sess.calls == ["c-binding"] and direct.calls == []
+    for session in (Session(CSession(capture=True)), Session(None)):
+        _direct_run(session, binding)()
+        assert session.calls == [binding]
+    replaced = Session(CSession(capture=False))
+    counted = []
+    replaced.run_with_iobinding = lambda b: counted.append(b)  # an instance attribute, as monkeypatch sets it
+    _direct_run(replaced, binding)()
+    assert counted == [binding] and replaced._sess.calls == []
