@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "[n, B, d]; 'auto' picks tiled from hidden size 2048 on, rows below it, where rows decodes "
                         "6-20 %% faster at equal prefill speed, and rows for --dtype float16 (the CUDA EP's "
                         "CUTLASS GEMMs read rows) (default: %(default)s)")
+    p.add_argument("--gate-up-layout", choices=("auto", "slabs", "rows"), default="auto",
+                   help="layout of the sparse op's gate and up weights (docs/op-spec.md, attribute gate_up_tile): "
+                        "'slabs' stores each block's rows in k-major slabs of 32 that the CPU kernel reads in place "
+                        "(no packing of the tokens, no padding), 'rows' the plain [n, B, d]; 'auto' picks slabs "
+                        "for float32 graphs and rows for --dtype float16 (the CUDA EP's kernels read rows) "
+                        "(default: %(default)s)")
     p.add_argument("--ffn-node", choices=("auto", "projected", "plain"), default="auto",
                    help="'projected': one ProjectedSparseFFN node per layer (but the last) for o_proj, the norms "
                         "around the FFN, the FFN and the next layer's QKV projection (float32 graphs for the CPU "
@@ -113,6 +119,7 @@ def _run(args) -> int:
                         hf_config=args.hf_config, genai=args.genai, dtype=args.dtype,
                         ffn_weights=args.ffn_weights, matmul_weights=args.matmul_weights,
                         group_size=args.group_size, down_layout=args.down_layout,
+                        gate_up_layout=args.gate_up_layout,
                         accuracy_level=args.int4_accuracy_level, lm_head_weights=args.lm_head_weights,
                         calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
                         ffn_node=args.ffn_node)

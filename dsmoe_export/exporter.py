@@ -130,6 +130,7 @@ def _check_output_path(out: Path) -> None:
 
 
 DOWN_LAYOUT_CHOICES = ("auto", *onnx_op.DOWN_LAYOUTS)
+GATE_UP_LAYOUT_CHOICES = ("auto", *onnx_op.GATE_UP_LAYOUTS)
 FFN_NODE_CHOICES = ("auto", "projected", "plain")
 # "auto" stores the column tiles from this hidden size on. Below it the rows layout decodes
 # faster and prefills as fast (converted SmolLM2, d = 576, end to end: decode 0.94-0.97 of the
@@ -150,11 +151,21 @@ def choose_down_layout(layout: str, hidden_size: int, dtype: str = "float32") ->
     return "tiled" if hidden_size >= AUTO_TILED_MIN_HIDDEN else "rows"
 
 
+def choose_gate_up_layout(layout: str, dtype: str = "float32") -> str:
+    """The gate/up layout `layout` names: itself, or for "auto" slabs in float32 graphs (the CPU
+    kernel's prefill reads them in place: cpu-kernel-notes #40) and rows in float16 graphs (the
+    CUDA EP's kernels read rows only)."""
+    if layout != "auto":
+        return layout
+    return "slabs" if dtype == "float32" else "rows"
+
+
 def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, validate: bool = True,
            tolerance: float = 1e-3, external_data: bool | None = None, progress: bool = True,
            active_outputs: bool = False, copy_tokenizer: bool = True, hf_config: bool = False,
            genai: bool = False, dtype: str = "float32", ffn_weights: str = "float32",
            matmul_weights: str | None = None, group_size: int = 32, down_layout: str = "auto",
+           gate_up_layout: str = "auto",
            accuracy_level: int | None = None, lm_head_weights: str | None = None,
            calibration_text: str | Path | None = None, calibration_tokens: int = 2048,
            ffn_node: str = "auto") -> ExportResult:
@@ -183,8 +194,10 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
 
     `down_layout` is the sparse op's down_weight layout (op-spec.md, attribute down_tile):
     "tiled" ([n, ceil(d / 64), B, 64] column tiles, read in place by the CPU kernel's prefill),
-    "rows" ([n, B, d]) or "auto" (:func:`choose_down_layout`). The quantized FFN ops always
-    store rows.
+    "rows" ([n, B, d]) or "auto" (:func:`choose_down_layout`). `gate_up_layout` is its gate_weight
+    and up_weight layout (attribute gate_up_tile): "slabs" ([n, ceil(B / 32), d, 32], k-major slabs
+    of 32 rows, read in place by the CPU kernel; the CUDA kernel refuses them), "rows" or "auto"
+    (:func:`choose_gate_up_layout`). The quantized FFN ops always store rows.
 
     `ffn_node`: "projected" replaces each layer's o_proj, the norms around its FFN, the FFN and
     the next layer's QKV projection with one ProjectedSparseFFN node (ProjectedSparseFFNInt4 for
@@ -194,7 +207,8 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
     0.95-1.04 with onnxruntime's default spinning; int4 0.91-0.97 and 1.10-1.21); "plain" (and
     "auto", the default) keeps GatedBlockSparseFFN between ONNX Runtime's nodes."""
     accuracy_level, matmul_weights, lm_head_weights = _checked_options(
-        out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size)
+        out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights, group_size,
+        gate_up_layout)
     if ffn_node not in FFN_NODE_CHOICES:
         raise ExportError(f"ffn_node must be one of {', '.join(FFN_NODE_CHOICES)}, got {ffn_node!r}", file=out)
     if dtype == "float16":
@@ -216,6 +230,7 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
                            lm_head_weights=lm_head_weights,
                            group_size=group_size, accuracy_level=accuracy_level,
                            down_tile=onnx_op.DOWN_LAYOUTS[choose_down_layout(down_layout, cfg.hidden_size, dtype)],
+                           gate_up_tile=onnx_op.GATE_UP_LAYOUTS[choose_gate_up_layout(gate_up_layout, dtype)],
                            active_outputs=active_outputs)
     why_not = projected_ffn_applies(model, options)
     if ffn_node == "projected" and why_not:
@@ -246,12 +261,18 @@ def export(model_dir: str | Path, out: str | Path, *, dense: bool = False, valid
 
 
 def _checked_options(out, dtype, down_layout, accuracy_level, ffn_weights, matmul_weights, lm_head_weights,
-                     group_size):
+                     group_size, gate_up_layout="auto"):
     """Option errors before anything is loaded; the accuracy level and the weight formats resolved."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}", file=out)
     if down_layout not in DOWN_LAYOUT_CHOICES:
         raise ExportError(f"down_layout must be one of {', '.join(DOWN_LAYOUT_CHOICES)}, got {down_layout!r}", file=out)
+    if gate_up_layout not in GATE_UP_LAYOUT_CHOICES:
+        raise ExportError(f"gate_up_layout must be one of {', '.join(GATE_UP_LAYOUT_CHOICES)}, "
+                          f"got {gate_up_layout!r}", file=out)
+    if gate_up_layout == "slabs" and dtype != "float32":
+        raise ExportError("--gate-up-layout slabs is for float32 graphs (the CPU kernel's layout); "
+                          f"--dtype {dtype} graphs are for the CUDA EP, whose kernel reads rows", file=out)
     if accuracy_level is None:
         accuracy_level = DEFAULT_ACCURACY_LEVEL[dtype]
     if isinstance(accuracy_level, bool) or accuracy_level not in range(5):

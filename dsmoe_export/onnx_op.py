@@ -2,7 +2,8 @@
 
 - :func:`pack_block_weights` turns a SwiGLU FFN's Hugging Face weights into the
   op's packed block layout; :func:`tile_down` / :func:`untile_down` convert
-  ``down_weight`` between its two layouts (attribute ``down_tile``);
+  ``down_weight`` between its two layouts (attribute ``down_tile``), :func:`tile_gate_up` /
+  :func:`untile_gate_up` ``gate_weight`` and ``up_weight`` (attribute ``gate_up_tile``);
 - :func:`make_node` builds the op's node;
 - :func:`function_proto` / :func:`add_function_to_model` give a model a
   model-local function of the same domain and name whose body uses standard
@@ -33,22 +34,67 @@ MIN_FUNCTION_OPSET = 19
 # down_weight's layouts: 0 = [n, B, d] rows; DOWN_TILE = [n, ceil(d / 64), B, 64] column tiles.
 DOWN_TILE = 64
 DOWN_LAYOUTS = {"rows": 0, "tiled": DOWN_TILE}
+# gate_weight's and up_weight's layouts: 0 = [n, B, d] rows; GATE_UP_SLAB = [n, ceil(B / 32), d, 32]
+# k-major slabs of 32 rows.
+GATE_UP_SLAB = 32
+GATE_UP_LAYOUTS = {"rows": 0, "slabs": GATE_UP_SLAB}
+# The attributes that choose the float32 op's weight layouts (the quantized ops have neither).
+LAYOUT_ATTRIBUTES = ("down_tile", "gate_up_tile")
 
-_DEFAULTS = {"threshold": 0.5, "rescale": 1, "weighting": "score", "activation": "silu", "down_tile": 0}
+_DEFAULTS = {"threshold": 0.5, "rescale": 1, "weighting": "score", "activation": "silu", "down_tile": 0,
+             "gate_up_tile": 0}
 
 
 # --------------------------------------------------------------------------- weights
 
-def pack_block_weights(gate_proj, up_proj, down_proj, num_experts: int, *, down_tile: int = 0):
+def pack_block_weights(gate_proj, up_proj, down_proj, num_experts: int, *, down_tile: int = 0,
+                       gate_up_tile: int = 0):
     """(gate [n, B, d], up [n, B, d], down [n, B, d]) from gate/up ``[D, d]`` and down ``[d, D]``.
 
     Block i holds rows ``[i*B, (i+1)*B)`` of gate/up and columns of down (transposed).
-    ``down_tile`` = DOWN_TILE gives down in column tiles instead (:func:`tile_down`).
+    ``down_tile`` = DOWN_TILE gives down in column tiles instead (:func:`tile_down`),
+    ``gate_up_tile`` = GATE_UP_SLAB gate and up in slabs (:func:`tile_gate_up`).
     The results are contiguous and of the inputs' array library (torch or numpy).
     """
     _check_down_tile(down_tile)
+    _check_gate_up_tile(gate_up_tile)
     gate, up, down = _pack_rows(gate_proj, up_proj, down_proj, num_experts)
+    if gate_up_tile:
+        gate, up = tile_gate_up(gate), tile_gate_up(up)
     return gate, up, (tile_down(down) if down_tile else down)
+
+
+def _check_gate_up_tile(gate_up_tile) -> None:
+    if isinstance(gate_up_tile, bool) or gate_up_tile not in GATE_UP_LAYOUTS.values():
+        raise ValueError(f"gate_up_tile must be 0 (gate_weight, up_weight [n, B, d]) or {GATE_UP_SLAB} "
+                         f"([n, ceil(B / {GATE_UP_SLAB}), d, {GATE_UP_SLAB}]), got {gate_up_tile!r}")
+
+
+def tile_gate_up(w):
+    """``[n, B, d]`` -> ``[n, ceil(B / 32), d, 32]``: slab s of block i holds rows ``[32s, 32s + 32)``
+    k-major (``[i, s, k, r]`` = row 32s + r, column k); rows past B are 0."""
+    if len(w.shape) != 3:
+        raise ValueError(f"gate/up must be [n, B, d], got shape {tuple(w.shape)}")
+    n, B, d = w.shape
+    slabs = -(-B // GATE_UP_SLAB)
+    pad = slabs * GATE_UP_SLAB - B
+    if isinstance(w, np.ndarray):
+        padded = np.pad(w, ((0, 0), (0, pad), (0, 0))) if pad else w
+        return np.ascontiguousarray(padded.reshape(n, slabs, GATE_UP_SLAB, d).transpose(0, 1, 3, 2))
+    import torch
+    padded = torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
+    return padded.reshape(n, slabs, GATE_UP_SLAB, d).permute(0, 1, 3, 2).contiguous()
+
+
+def untile_gate_up(w, block_size: int):
+    """The inverse of :func:`tile_gate_up`: ``[n, ceil(B / 32), d, 32]`` -> ``[n, B, d]``."""
+    if len(w.shape) != 4 or w.shape[3] != GATE_UP_SLAB or w.shape[1] != -(-block_size // GATE_UP_SLAB):
+        raise ValueError(f"gate/up must be [n, ceil(B / {GATE_UP_SLAB}), d, {GATE_UP_SLAB}] with B = {block_size}, "
+                         f"got shape {tuple(w.shape)}")
+    n, slabs, d, _ = w.shape
+    if isinstance(w, np.ndarray):
+        return np.ascontiguousarray(w.transpose(0, 1, 3, 2).reshape(n, slabs * GATE_UP_SLAB, d)[:, :block_size])
+    return w.permute(0, 1, 3, 2).reshape(n, slabs * GATE_UP_SLAB, d)[:, :block_size].contiguous()
 
 
 def _check_down_tile(down_tile) -> None:
@@ -108,7 +154,7 @@ def _pack_rows(gate_proj, up_proj, down_proj, num_experts: int):
 
 # --------------------------------------------------------------------------- node
 
-def _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile=0) -> None:
+def _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile=0, gate_up_tile=0) -> None:
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
@@ -120,6 +166,7 @@ def _check_attributes(num_experts, threshold, rescale, weighting, activation, do
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_down_tile(down_tile)
+    _check_gate_up_tile(gate_up_tile)
 
 
 def _strip_trailing_empty(names: Sequence[str]) -> list[str]:
@@ -131,21 +178,22 @@ def _strip_trailing_empty(names: Sequence[str]) -> list[str]:
 
 def make_node(inputs: list[str], outputs: list[str], *, num_experts: int, threshold: float = 0.5,
               rescale: bool = True, weighting: str = "score", activation: str = "silu",
-              down_tile: int = 0, name: str | None = None) -> onnx.NodeProto:
+              down_tile: int = 0, gate_up_tile: int = 0, name: str | None = None) -> onnx.NodeProto:
     """The op's node. ``inputs``: X, router_weight, gate_weight, up_weight, down_weight[, router_bias];
     ``outputs``: Y[, active]. Empty names mark absent optional ones. ``down_tile`` (0 or
-    DOWN_TILE) is down_weight's layout; the attribute is written only when it is not 0.
+    DOWN_TILE) is down_weight's layout, ``gate_up_tile`` (0 or GATE_UP_SLAB) gate_weight's and
+    up_weight's; each attribute is written only when it is not 0.
 
     The node always lists two outputs (``""`` when ``active`` is not wanted):
     expanding the function body needs every output slot of the function.
     """
-    _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile)
+    _check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile, gate_up_tile)
     inputs = _strip_trailing_empty(inputs)
     if not 5 <= len(inputs) <= 6 or not all(inputs[:5]):
         raise ValueError(f"inputs must name {INPUTS[:5]} and optionally router_bias, got {inputs}")
     if not 1 <= len(outputs) <= 2 or not outputs[0]:
         raise ValueError(f"outputs must name Y and optionally active, got {outputs}")
-    layout = {"down_tile": int(down_tile)} if down_tile else {}
+    layout = {k: int(v) for k, v in (("down_tile", down_tile), ("gate_up_tile", gate_up_tile)) if v}
     return helper.make_node(
         OP_TYPE, inputs, _pad_outputs(outputs), name=name, domain=DOMAIN,
         num_experts=int(num_experts), threshold=float(threshold), rescale=int(bool(rescale)),
@@ -231,11 +279,16 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     weighting = b.attr("value_string", "weighting")
     activation = b.attr("value_string", "activation")
     down_tile = b.attr("value_int", "down_tile")
+    gate_up_tile = b.attr("value_int", "gate_up_tile")
 
-    # Sizes: n, B, d from the weights; tokens flattened to [N, d].
+    # Sizes: n, B, d from the weights (B from down_weight: gate_weight's slabs round it up);
+    # tokens flattened to [N, d].
+    zero_i64 = b.const(0, TensorProto.INT64)
     n = b.op("Shape", gate_weight, start=0, end=1)
-    block = b.op("Shape", gate_weight, start=1, end=2)
-    d = b.op("Shape", gate_weight, start=2)
+    d = b.op("Shape", gate_weight, start=2, end=3)
+    b_axis = b.op("Where", b.op("Equal", down_tile, zero_i64), b.const(1, TensorProto.INT64, [1]),
+                  b.const(2, TensorProto.INT64, [1]))
+    block = b.op("Gather", b.op("Shape", down_weight), b_axis)
     minus_one = b.const(-1, TensorProto.INT64, [1])
     x2 = b.op("Reshape", X, b.op("Concat", minus_one, d, axis=0))                     # [N, d]  T
     rows = b.op("Concat", minus_one, d, axis=0)
@@ -256,8 +309,8 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
     # Dense FFN over all blocks, in float32.
     xf = b.op("Cast", x2, to=f32)
-    gate2 = b.op("Reshape", b.op("Cast", gate_weight, to=f32), rows)                   # [n*B, d]
-    up2 = b.op("Reshape", b.op("Cast", up_weight, to=f32), rows)
+    gate2 = _gate_up_rows(b, gate_weight, gate_up_tile, n, block, d, rows)             # [n*B, d]
+    up2 = _gate_up_rows(b, up_weight, gate_up_tile, n, block, d, rows)
     down2 = _down_rows(b, down_weight, down_tile, n, block, d, rows)                   # [n*B, d]
     z = b.op("Gemm", xf, gate2, transB=1)                                             # [N, n*B]
     h = b.op("Mul", b.select(activation, _activations(b, z), nan), b.op("Gemm", xf, up2, transB=1))
@@ -279,6 +332,21 @@ def function_proto(opset: int) -> onnx.FunctionProto:
         attributes=["num_experts"],
         attribute_protos=[helper.make_attribute(k, v) for k, v in _DEFAULTS.items()],
         doc_string=f"{DOMAIN}::{OP_TYPE} v{OP_VERSION} (docs/op-spec.md), dense-then-mask fallback body.")
+
+
+def _gate_up_rows(b: "_Body", w, gate_up_tile, n, block, d, rows):
+    """gate_weight or up_weight in either layout (attribute gate_up_tile) as float32 [n*B, d]."""
+    # As [n, slabs, d, h]: h = 1, slabs = B for the rows layout (a plain view), h = 32 for slabs;
+    # to [n, slabs * h, d], then the rows past B (slab padding) cut off.
+    zero_i64 = b.const(0, TensorProto.INT64)
+    height = b.op("Where", b.op("Equal", gate_up_tile, zero_i64), b.const(1, TensorProto.INT64), gate_up_tile)
+    height1 = b.op("Unsqueeze", height, b.const(0, TensorProto.INT64, [1]))
+    slabs = b.op("Div", b.op("Sub", b.op("Add", block, height1), b.const(1, TensorProto.INT64, [1])), height1)
+    w4 = b.op("Reshape", b.op("Cast", w, to=TensorProto.FLOAT), b.op("Concat", n, slabs, d, height1, axis=0))
+    w3 = b.op("Reshape", b.op("Transpose", w4, perm=[0, 1, 3, 2]),
+              b.op("Concat", n, b.op("Mul", slabs, height1), d, axis=0))
+    w3 = b.op("Slice", w3, b.const(0, TensorProto.INT64, [1]), block, b.const(1, TensorProto.INT64, [1]))
+    return b.op("Reshape", w3, rows)
 
 
 def _down_rows(b: "_Body", down_weight, down_tile, n, block, d, rows):

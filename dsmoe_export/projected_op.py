@@ -33,16 +33,17 @@ INT4_INPUTS = ("A", "skip", "in_proj_weight", "in_proj_scales", "norm_weight", "
                "out_proj_weight", "out_proj_scales", "router_bias")
 _FFN_ATTRS = (("num_experts", onnx.AttributeProto.INT), ("threshold", onnx.AttributeProto.FLOAT),
               ("rescale", onnx.AttributeProto.INT), ("weighting", onnx.AttributeProto.STRING),
-              ("activation", onnx.AttributeProto.STRING), ("down_tile", onnx.AttributeProto.INT))
+              ("activation", onnx.AttributeProto.STRING), ("down_tile", onnx.AttributeProto.INT),
+              ("gate_up_tile", onnx.AttributeProto.INT))
 
 
 def make_node(inputs: list[str], outputs: list[str], *, num_experts: int, epsilon: float, threshold: float = 0.5,
               rescale: bool = True, weighting: str = "score", activation: str = "silu", down_tile: int = 0,
-              group_size: int | None = None, name: str | None = None) -> onnx.NodeProto:
+              gate_up_tile: int = 0, group_size: int | None = None, name: str | None = None) -> onnx.NodeProto:
     """The op's node: ProjectedSparseFFN, or with `group_size` ProjectedSparseFFNInt4. ``inputs``:
     those of INPUTS (INT4_INPUTS) before router_bias, then optionally router_bias; ``outputs``: Y,
     skip_out, optionally active (empty names mark absent optional ones)."""
-    onnx_op._check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile)
+    onnx_op._check_attributes(num_experts, threshold, rescale, weighting, activation, down_tile, gate_up_tile)
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     names = INPUTS if group_size is None else INT4_INPUTS
@@ -55,11 +56,11 @@ def make_node(inputs: list[str], outputs: list[str], *, num_experts: int, epsilo
     attrs = dict(num_experts=int(num_experts), epsilon=float(epsilon), threshold=float(threshold),
                  rescale=int(bool(rescale)), weighting=weighting, activation=activation)
     if group_size is not None:
-        if down_tile:
-            raise ValueError("the int4 op keeps its blocks in rows (down_tile 0)")
+        if down_tile or gate_up_tile:
+            raise ValueError("the int4 op keeps its blocks in rows (down_tile 0, gate_up_tile 0)")
         attrs["group_size"] = quant.check_group_size(group_size)
-    elif down_tile:
-        attrs["down_tile"] = int(down_tile)
+    else:
+        attrs.update({k: int(v) for k, v in (("down_tile", down_tile), ("gate_up_tile", gate_up_tile)) if v})
     return helper.make_node(OP_TYPE if group_size is None else INT4_OP_TYPE, inputs, outputs, name=name,
                             domain=onnx_op.DOMAIN, **attrs)
 
@@ -127,7 +128,7 @@ def int4_function_proto(opset: int) -> onnx.FunctionProto:
     inner = helper.make_node(quant.OP_TYPES["int4"], [x, "router_weight", "gate_weight", "gate_scales", "up_weight",
                                                      "up_scales", "down_weight", "down_scales", "router_bias"],
                              [f, "active"], domain=onnx_op.DOMAIN)
-    for attr, kind in _FFN_ATTRS[:-1] + (("group_size", onnx.AttributeProto.INT),):
+    for attr, kind in [a for a in _FFN_ATTRS if a[0] not in onnx_op.LAYOUT_ATTRIBUTES] + [("group_size", onnx.AttributeProto.INT)]:
         inner.attribute.append(onnx.AttributeProto(name=attr, ref_attr_name=attr, type=kind))
     b.nodes.append(inner)
     b.nodes.append(helper.make_node("Add", [f, s], ["skip_out"]))
@@ -138,7 +139,8 @@ def int4_function_proto(opset: int) -> onnx.FunctionProto:
         onnx_op.DOMAIN, INT4_OP_TYPE, list(INT4_INPUTS), list(OUTPUTS), b.nodes,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)],
         attributes=["num_experts", "epsilon", "group_size"],
-        attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items() if k != "down_tile"],
+        attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items()
+                          if k not in onnx_op.LAYOUT_ATTRIBUTES],
         doc_string=f"{onnx_op.DOMAIN}::{INT4_OP_TYPE} v{onnx_op.OP_VERSION} (docs/op-spec.md): dequantized "
                    f"projections, residual adds and RMSNorms around {quant.OP_TYPES['int4']}.")
 

@@ -236,7 +236,8 @@ def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
         onnx_op.DOMAIN, OP_TYPES[fmt], list(names), list(onnx_op.OUTPUTS), b.nodes,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)],
         attributes=["num_experts"] + (["group_size"] if fmt in BITS else []),
-        attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items() if k != "down_tile"],
+        attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items()
+                          if k not in onnx_op.LAYOUT_ATTRIBUTES],
         doc_string=f"{onnx_op.DOMAIN}::{OP_TYPES[fmt]} v{onnx_op.OP_VERSION} (docs/op-spec.md): dequantize, "
                    f"then {onnx_op.OP_TYPE}.")
 

@@ -141,3 +141,21 @@ def test_bad_down_layout_is_refused(tmp_path, capsys):
     with pytest.raises(ExportError, match=r"model\.onnx.*down_layout must be one of auto, rows, tiled, got 'columns'"):
         export(tmp_path / "no-such-folder", out, down_layout="columns")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_gate_up_layout_is_refused(tmp_path, capsys):
+    """An unknown gate/up layout, and slabs for a float16 graph (the CUDA EP's kernel reads rows):
+    the CLI's choices, and the API's ExportError naming the output file, before anything is
+    loaded or written."""
+    from dsmoe_export.errors import ExportError
+    from dsmoe_export.exporter import export
+
+    out = tmp_path / "model.onnx"
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), str(out), "--gate-up-layout", "columns"])
+    assert "--gate-up-layout" in capsys.readouterr().err
+    with pytest.raises(ExportError, match=r"model\.onnx.*gate_up_layout must be one of auto, rows, slabs, got 'cols'"):
+        export(tmp_path / "no-such-folder", out, gate_up_layout="cols")
+    with pytest.raises(ExportError, match=r"model\.onnx.*--gate-up-layout slabs is for float32 graphs.*float16"):
+        export(tmp_path / "no-such-folder", out, gate_up_layout="slabs", dtype="float16")
+    assert list(tmp_path.iterdir()) == []

@@ -196,6 +196,40 @@ def test_explicit_down_layout(tmp_path, rng, seed, layout):
     check_against_reference(out, folder, sparse=True, threshold=c["spec"].dsmoe["threshold"], rng=rng)
 
 
+@pytest.mark.parametrize("layout", ["slabs", "rows"])
+def test_explicit_gate_up_layout(tmp_path, rng, seed, layout):
+    """--gate-up-layout slabs writes gate/up in k-major slabs (gate_up_tile = 32, the last slab
+    padded: B is not a multiple of 32 here), rows as [n, B, d] without the attribute; both match
+    the PyTorch reference."""
+    c = CASES["n1_odd_sizes"]
+    spec = c["spec"]
+    folder = make_model_folder(tmp_path / "model", spec, seed=seed, router_scale=c["router_scale"])
+    out = tmp_path / "model.onnx"
+    assert main([str(folder), str(out), "-q", "--gate-up-layout", layout]) == 0
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    n = spec.dsmoe["num_experts"]
+    B, d = spec.intermediate_size // n, spec.hidden_size
+    assert B % 32 != 0
+    nodes = [node for node in model.graph.node if node.domain == onnx_op.DOMAIN]
+    assert nodes
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("gate_up_tile", 0) == (32 if layout == "slabs" else 0)
+        for name in ("gate_weight", "up_weight"):
+            want = [n, -(-B // 32), d, 32] if layout == "slabs" else [n, B, d]
+            assert list(inits[node.input[onnx_op.INPUTS.index(name)]].dims) == want
+    check_against_reference(out, folder, sparse=True, threshold=spec.dsmoe["threshold"], rng=rng)
+
+
+def test_auto_gate_up_layout():
+    from dsmoe_export.exporter import choose_gate_up_layout
+
+    assert choose_gate_up_layout("auto") == "slabs"
+    assert choose_gate_up_layout("auto", "float16") == "rows"  # the CUDA EP's kernels read rows
+    assert choose_gate_up_layout("rows") == "rows"
+
+
 def test_auto_down_layout_follows_hidden_size():
     from dsmoe_export.exporter import AUTO_TILED_MIN_HIDDEN, choose_down_layout
 

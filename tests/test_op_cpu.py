@@ -20,6 +20,9 @@ from op_graph import assert_matches_reference, make_model, run, session
 
 DECODE_TOKENS = (1, 2, 5, 6)
 PREFILL_TOKENS = (7, 8, 37)
+# The float32 op's weight layouts (op-spec: down_tile, gate_up_tile), each combination.
+LAYOUTS = (dict(), dict(down_tile=64), dict(gate_up_tile=32), dict(down_tile=64, gate_up_tile=32))
+LAYOUT_IDS = ("rows", "down-tiles", "gate-up-slabs", "both")
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 64])
@@ -77,15 +80,15 @@ def test_leading_dims(op_library, rng, lead):
     assert_matches_reference(case, run(case, op_library))
 
 
-@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("d,n,B", [(7, 5, 3), (1, 1, 1), (17, 3, 33), (130, 2, 9), (64, 6, 65), (200, 3, 40)])
 @pytest.mark.parametrize("tokens", [1, 2, 9, 70])
-def test_odd_sizes(op_library, rng, d, n, B, tokens, down_tile):
+def test_odd_sizes(op_library, rng, d, n, B, tokens, layout):
     # d % 16 / d % 8 tails, B % 32 row tails, panels of 8 tokens partly filled; in the tiled down
     # layout: one partial tile (d < 64), whole tiles only (64), whole tiles and a partial one (130, 200).
     case = make_case(rng, (tokens,), d=d, n=n, B=B, bias=bool(rng.integers(2)),
                      threshold=float(rng.uniform(0.3, 0.7)), activation=str(rng.choice(["silu", "gelu"])),
-                     down_tile=down_tile)
+                     **layout)
     assert_matches_reference(case, run(case, op_library))
 
 
@@ -107,13 +110,13 @@ def test_one_block_over_the_chunk_bound(op_library, rng):
     assert_matches_reference(case, outputs)
 
 
-@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("lead,B", [((70,), 40), ((2, 250), 2048)])
-def test_every_output_element_is_written(op_library, rng, lead, B, down_tile):
+def test_every_output_element_is_written(op_library, rng, lead, B, layout):
     """The prefill path writes Y without zeroing it first (each token's first active block stores,
     tokens with no active block get zeros): an output buffer full of NaN, bound with I/O binding,
     must come back all finite and equal to the reference, in one chunk and in several."""
-    case = make_case(rng, lead, d=72, n=8, B=B, bias=True, down_tile=down_tile)
+    case = make_case(rng, lead, d=72, n=8, B=B, bias=True, **layout)
     sess = session(make_model(case), op_library, threads=2)
     binding = sess.io_binding()
     for name, value in case.feeds().items():
@@ -129,10 +132,10 @@ def test_every_output_element_is_written(op_library, rng, lead, B, down_tile):
         y[...] = np.nan
 
 
-@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("tokens", [1, 3, 50])
-def test_thread_counts_agree(op_library, rng, tokens, down_tile):
-    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, down_tile=down_tile)
+def test_thread_counts_agree(op_library, rng, tokens, layout):
+    case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, **layout)
     model = make_model(case)
     results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2, 3)]
     assert_matches_reference(case, results[0])
@@ -141,13 +144,13 @@ def test_thread_counts_agree(op_library, rng, tokens, down_tile):
         np.testing.assert_array_equal(other[1], results[0][1])
 
 
-@pytest.mark.parametrize("down_tile", [0, 64])
-def test_prefill_pass_over_several_chunks(op_library, rng, down_tile):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_prefill_pass_over_several_chunks(op_library, rng, layout):
     """A prefill call runs in one pass of the pool: the routing, then each chunk's gate/up and down
     phases, the threads claiming a block's 86 row tasks in order and the last ones from the back
     of another thread's block. Three chunks here (about 1400 active pairs, 1024 a chunk at
     B = 2048): every thread count gives the reference's result and the same bits."""
-    case = make_case(rng, (350,), d=72, n=8, B=2048, bias=True, down_tile=down_tile)
+    case = make_case(rng, (350,), d=72, n=8, B=2048, bias=True, **layout)
     model = make_model(case)
     results = [session(model, op_library, threads).run(None, case.feeds()) for threads in (1, 2, 3, 4)]
     assert 1024 < results[0][1].sum() < 2048
@@ -157,10 +160,10 @@ def test_prefill_pass_over_several_chunks(op_library, rng, down_tile):
         np.testing.assert_array_equal(other[1], results[0][1])
 
 
-@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("tokens", [7, 10, 12, 16, 17])
-def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
+def test_few_tokens_a_block(op_library, rng, tokens, sparse, layout):
     """7-16 tokens take the GEMV path when the active blocks average few tokens (at most 12 for
     these blocks of 40 rows) and the GEMM path otherwise; 17 always the GEMM path. Sparse: tokens
     from the seventh on route to no block (at most 5 a block: GEMV); not sparse: threshold 0,
@@ -168,7 +171,7 @@ def test_few_tokens_a_block(op_library, rng, tokens, sparse, down_tile):
     17: GEMM).
     Each against the reference, the same bits with 1 and 2 threads."""
     case = make_case(rng, (tokens,), d=72, n=8, B=40, bias=True, threshold=0.5 if sparse else 0.0,
-                     down_tile=down_tile)
+                     **layout)
     if sparse:
         case.x[6:] = case.x[1]  # make_case's token with no block active
     model = make_model(case)
@@ -252,6 +255,9 @@ GOOD_ATTRS = dict(num_experts=4, threshold=0.5, rescale=1, weighting="score", ac
     (dict(down_tile=-64), "down_tile"),
     (dict(down_tile=64.0), "down_tile"),
     (dict(down_tile="tiled"), "down_tile"),
+    (dict(gate_up_tile=16), "gate_up_tile"),
+    (dict(gate_up_tile=64), "gate_up_tile"),
+    (dict(gate_up_tile=32.0), "gate_up_tile"),
 ])
 def test_bad_attributes(op_library, rng, change, expected):
     case = make_case(rng, (3,), d=8, n=4, B=2)
@@ -309,6 +315,50 @@ def test_bad_tiled_down_shapes(op_library, rng, down):
     sess = session(model, op_library)
     with pytest.raises(ORT_ERRORS, match=r"down_weight.*\[n, ceil\(d / 64\), B, 64\].*\[4, 3, 3, 64\]"):
         sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("gate", ["rows", "slab16", "slabs-short", "slabs-long", "d"])
+def test_bad_gate_up_slab_shapes(op_library, rng, gate):
+    """gate_up_tile = 32 with gate_weight not [n, ceil(B / 32), d, 32] (B from down_weight): an
+    error that names the input and the expected shape, not a read past the tensor."""
+    n, B, d = 4, 40, 24
+    case = make_case(rng, (5,), d=d, n=n, B=B, bias=True, gate_up_tile=32)
+    feeds = case.feeds()
+    assert feeds["gate_weight"].shape == (n, 2, d, 32)
+    bad = {"rows": case.gate, "slab16": np.zeros((n, 3, d, 16), np.float32),
+           "slabs-short": np.zeros((n, 1, d, 32), np.float32), "slabs-long": np.zeros((n, 3, d, 32), np.float32),
+           "d": np.zeros((n, 2, d + 1, 32), np.float32)}[gate]
+    feeds["gate_weight"], feeds["up_weight"] = bad, bad.copy()
+    model = make_model(case, with_function=False, x_rank=0)
+    for i in model.graph.input:
+        if i.name in ("gate_weight", "up_weight"):
+            i.type.tensor_type.ClearField("shape")
+    sess = session(model, op_library)
+    expected = r"'gate_weight' must have shape \[n, ceil\(B / 32\), d, 32\]"
+    if gate == "d":  # gate's d disagrees with down's
+        expected = r"'down_weight' must have shape \[n, B, d\] = \[4, 40, 25\], got \[4, 40, 24\]"
+    with pytest.raises(ORT_ERRORS, match=expected):
+        sess.run(None, feeds)
+
+
+def test_quantized_ops_refuse_gate_up_slabs(op_library, rng):
+    """The quantized ops keep gate/up in rows: gate_up_tile = 32 is an error at session creation."""
+    from dsmoe_export import quant
+    case = make_case(rng, (3,), d=64, n=2, B=32)
+    node = quant.make_node("int4", ["X", "r", "g", "gs", "u", "us", "dn", "ds"], ["Y"], num_experts=2,
+                           group_size=32)
+    node.attribute.append(__import__("onnx").helper.make_attribute("gate_up_tile", 32))
+    from onnx import helper
+    from dsmoe_export.graph.builder import IR_VERSION, OPSET
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT if name in ("X", "r") or name.endswith("s")
+                                            else TensorProto.UINT8, None)
+              for name in ("X", "r", "g", "gs", "u", "us", "dn", "ds")]
+    graph = helper.make_graph([node], "q", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(
+        "org.dsmoe", 1)], ir_version=IR_VERSION)
+    with pytest.raises(ORT_ERRORS, match=r"gate_up_tile.*must be 0.*quantized.*got 32"):
+        session(model, op_library)
+    del case
 
 
 def test_weights_disagree_with_num_experts(op_library, rng):
@@ -369,6 +419,26 @@ def test_down_layouts_agree(op_library, rng, monkeypatch, isa, tokens, d):
     assert_matches_reference(case, tiled)
     np.testing.assert_array_equal(tiled[0], rows[0])
     np.testing.assert_array_equal(tiled[1], rows[1])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("tokens", [1, 5, 12, 13, 45, 300])
+@pytest.mark.parametrize("d,B", [(67, 37), (192, 96), (600, 64), (1088, 17)])
+def test_gate_up_slabs_every_instruction_set(op_library, rng, monkeypatch, isa, tokens, d, B):
+    """gate/up in k-major slabs (gate_up_tile = 32) on each instruction set: the decode path's slab
+    dots (1-12 tokens) and the prefill's slab tiles (6 / 3 tokens, remainders of 1-5 / 1-2, token
+    groups of 18-48 and more), over k slices of 144 / 288 / 576 steps (d = 600, 1088: several, the
+    last partial), a partial last slab (B = 37: 5 rows; B = 17: one slab of 17), against the
+    reference and the same bits with 1 and 2 threads."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    case = make_case(rng, (tokens,), d=d, n=4, B=B, bias=True, threshold=0.3, gate_up_tile=32)
+    assert case.feeds()["gate_weight"].shape == (4, -(-B // 32), d, 32)
+    outputs = [run(case, op_library, threads=t) for t in (1, 2)]
+    assert_matches_reference(case, outputs[0])
+    np.testing.assert_array_equal(outputs[1][0], outputs[0][0])
+    np.testing.assert_array_equal(outputs[1][1], outputs[0][1])
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])

@@ -45,6 +45,17 @@ def test_function_body_tiled_down(rng, d, tokens):
     assert_matches_reference(case, run(case, NO_LIBRARY))
 
 
+@pytest.mark.parametrize("down_tile", [0, 64])
+@pytest.mark.parametrize("B", [1, 5, 32, 40, 70])
+@pytest.mark.parametrize("tokens", [0, 1, 12])
+def test_function_body_gate_up_slabs(rng, B, tokens, down_tile):
+    """gate_up_tile = 32: the body undoes the slabs (and their zero rows past B, with B taken from
+    down_weight in either of its layouts)."""
+    case = make_case(rng, (tokens,), d=9, n=3, B=B, bias=True, gate_up_tile=32, down_tile=down_tile)
+    assert case.feeds()["gate_weight"].shape == (3, -(-B // 32), 9, 32)
+    assert_matches_reference(case, run(case, NO_LIBRARY))
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_function_body_thresholds(rng, threshold):
     case = make_case(rng, (13,), d=12, n=16, B=2, threshold=threshold)
@@ -130,6 +141,8 @@ def test_function_proto_needs_opset_19():
     (dict(num_experts=4, activation="relu"), "activation"),
     (dict(num_experts=4, down_tile=32), "down_tile"),
     (dict(num_experts=4, down_tile=True), "down_tile"),
+    (dict(num_experts=4, gate_up_tile=64), "gate_up_tile"),
+    (dict(num_experts=4, gate_up_tile=True), "gate_up_tile"),
 ])
 def test_make_node_rejects_bad_attributes(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -190,6 +203,33 @@ def test_tile_down(rng, lib, d):
     np.testing.assert_array_equal(np.asarray(packed_down), t)
     with pytest.raises(ValueError, match="ceil"):
         onnx_op.untile_down(tiled, d + 64)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("B", [1, 32, 45])
+def test_gate_up_slabs_round_trip(rng, lib, B):
+    """tile_gate_up puts row 32s + r of block i at [i, s, :, r] (k-major), zero rows past B;
+    untile_gate_up inverts it; pack_block_weights(gate_up_tile=32) gives the same."""
+    import torch
+    n, d = 3, 7
+    w = rng.standard_normal((n, B, d)).astype(np.float32)
+    t = np.asarray(onnx_op.tile_gate_up(w if lib == "numpy" else torch.from_numpy(w)))
+    slabs = -(-B // 32)
+    assert t.shape == (n, slabs, d, 32)
+    for i, j, k in [(0, 0, 0), (n - 1, B - 1, d - 1), (1, B // 2, 3)]:
+        assert t[i, j // 32, k, j % 32] == w[i, j, k]
+    assert not t[:, -1, :, B - 32 * (slabs - 1):].any()
+    back = onnx_op.untile_gate_up(t if lib == "numpy" else torch.from_numpy(t), B)
+    np.testing.assert_array_equal(np.asarray(back), w)
+    proj = (w.reshape(n * B, d), 2 * w.reshape(n * B, d), rng.standard_normal((d, n * B)).astype(np.float32))
+    gate, up, _ = onnx_op.pack_block_weights(*(a if lib == "numpy" else torch.from_numpy(a) for a in proj), n,
+                                             gate_up_tile=32)
+    np.testing.assert_array_equal(np.asarray(gate), t)
+    np.testing.assert_array_equal(np.asarray(up), 2 * t)
+    with pytest.raises(ValueError, match="ceil"):
+        onnx_op.untile_gate_up(t, B + 32)
+    with pytest.raises(ValueError, match="gate_up_tile"):
+        onnx_op.pack_block_weights(*proj, n, gate_up_tile=16)
 
 
 def test_pack_block_weights_rejects_bad_sizes(rng):

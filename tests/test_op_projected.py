@@ -54,10 +54,13 @@ def make_model(feeds: dict, *, active: bool = True, with_function: bool = True, 
     return model
 
 
-def check(feeds, outputs, *, epsilon, down_tile=0, **ffn_attrs):
+def check(feeds, outputs, *, epsilon, down_tile=0, gate_up_tile=0, **ffn_attrs):
     ref = dict(feeds)
     if down_tile:
         ref["down_weight"] = onnx_op.untile_down(feeds["down_weight"], feeds["gate_weight"].shape[2])
+    if gate_up_tile:
+        B = ref["down_weight"].shape[1]
+        ref["gate_weight"], ref["up_weight"] = (onnx_op.untile_gate_up(feeds[k], B) for k in ("gate_weight", "up_weight"))
     y_ref, s2_ref, active_ref = projected_reference(*(ref[name] for name in projected_op.INPUTS if name in ref),
                                                     epsilon=epsilon, **ffn_attrs)
     y, s2 = outputs[0], outputs[1]
@@ -81,17 +84,22 @@ def test_kernel_matches_reference(op_library, rng, lead, threads):
         assert 0 < active.mean() < 1  # some blocks on, some off
 
 
+@pytest.mark.parametrize("gate_up_tile", [0, 32])
 @pytest.mark.parametrize("down_tile", [0, 64])
 @pytest.mark.parametrize("tokens", [1, 5, 9, 30])
-def test_attributes_and_layouts(op_library, rng, down_tile, tokens):
-    """gelu, binary weighting, no rescale, no router bias, the tiled down layout, odd sizes."""
+def test_attributes_and_layouts(op_library, rng, down_tile, gate_up_tile, tokens):
+    """gelu, binary weighting, no rescale, no router bias, the tiled down layout, gate/up in slabs
+    (B = 7: one partial slab), odd sizes."""
     feeds = make_feeds(rng, (tokens,), d=70, k=33, p=17, n=5, B=7, bias=False)
     if down_tile:
         feeds["down_weight"] = onnx_op.tile_down(feeds["down_weight"])
+    if gate_up_tile:
+        feeds["gate_weight"], feeds["up_weight"] = (onnx_op.tile_gate_up(feeds[k]) for k in ("gate_weight", "up_weight"))
     attrs = dict(threshold=0.45, rescale=False, weighting="binary", activation="gelu_tanh")
-    model = make_model(feeds, num_experts=5, epsilon=1e-6, down_tile=down_tile, **attrs)
+    layouts = dict(down_tile=down_tile, gate_up_tile=gate_up_tile)
+    model = make_model(feeds, num_experts=5, epsilon=1e-6, **layouts, **attrs)
     for library in (op_library, NO_LIBRARY):
-        check(feeds, session(model, library, 2).run(None, feeds), epsilon=1e-6, down_tile=down_tile, **attrs)
+        check(feeds, session(model, library, 2).run(None, feeds), epsilon=1e-6, **layouts, **attrs)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.0])

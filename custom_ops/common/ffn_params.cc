@@ -109,7 +109,22 @@ FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info) {
                          std::to_string(kDownTileWidth) + "), B, " + std::to_string(kDownTileWidth) +
                          "]), got " + std::to_string(a.down_tile));
   }
+  if (GetOptionalAttribute(info, "gate_up_tile", "int", a.gate_up_tile) && a.gate_up_tile != 0 &&
+      a.gate_up_tile != kGateUpSlabRows) {
+    static_assert(kGateUpSlabRows == 32, "the message below names the slab height");
+    ThrowInvalidArgument("attribute 'gate_up_tile' must be 0 (gate_weight and up_weight [n, B, d]) or 32 "
+                         "([n, ceil(B / 32), d, 32]), got " + std::to_string(a.gate_up_tile));
+  }
   return a;
+}
+
+FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel) {
+  if (attrs.gate_up_tile != 0) {
+    ThrowInvalidArgument(std::string("attribute 'gate_up_tile' must be 0 for ") + kernel +
+                         " (gate_weight and up_weight [n, B, d]; the slab layout is the float32 CPU kernel's), got " +
+                         std::to_string(attrs.gate_up_tile));
+  }
+  return attrs;
 }
 
 namespace {
@@ -147,20 +162,41 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
                     const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
                     const Shape* router_bias) {
   FfnDims dims;
-  // The weights define n, B and d; X and the attribute are checked against them.
-  if (gate_weight.size() != 3 || gate_weight[0] < 1 || gate_weight[1] < 1 || gate_weight[2] < 1) {
-    ThrowInvalidArgument("input 'gate_weight' must have shape [n, B, d] with n, B, d >= 1, got " +
-                         ShapeToString(gate_weight));
+  // The weights define n, B and d (B from down_weight when gate/up are in slabs, which round it
+  // up); X and the attributes are checked against them.
+  const bool slabs = attrs.gate_up_tile != 0;
+  const char* gate_form = slabs ? "[n, ceil(B / 32), d, 32] (attribute 'gate_up_tile' = 32)" : "[n, B, d]";
+  if (gate_weight.size() != (slabs ? 4u : 3u) || gate_weight[0] < 1 || gate_weight[1] < 1 || gate_weight[2] < 1 ||
+      (slabs && gate_weight[3] != kGateUpSlabRows)) {
+    ThrowInvalidArgument(std::string("input 'gate_weight' must have shape ") + gate_form +
+                         " with n, B, d >= 1, got " + ShapeToString(gate_weight));
   }
   dims.num_blocks = gate_weight[0];
-  dims.block_size = gate_weight[1];
   dims.hidden = gate_weight[2];
+  dims.block_size = gate_weight[1];
   const int64_t n = dims.num_blocks, d = dims.hidden;
   const int64_t tiles = DownTileCount(d);
-  ExpectShape(kUpWeight, up_weight, gate_weight, "[n, B, d] (as gate_weight)");
+  ExpectShape(kUpWeight, up_weight, gate_weight, slabs ? "[n, ceil(B / 32), d, 32] (as gate_weight)" : "[n, B, d] (as gate_weight)");
   dims.down_tile = attrs.down_tile;
+  dims.gate_up_tile = attrs.gate_up_tile;
+  if (slabs) {  // B from down_weight: its rows, then gate's slabs checked against it
+    const size_t b_dim = attrs.down_tile == 0 ? 1 : 2;
+    if (down_weight.size() != (attrs.down_tile == 0 ? 3u : 4u) || down_weight[b_dim] < 1) {
+      ThrowInvalidArgument(std::string("input 'down_weight' must have shape ") +
+                           (attrs.down_tile == 0 ? "[n, B, d]" : "[n, ceil(d / 64), B, 64] (attribute 'down_tile' = 64)") +
+                           " with B >= 1, got " + ShapeToString(down_weight));
+    }
+    dims.block_size = down_weight[b_dim];
+    if (GateUpSlabCount(dims.block_size) != gate_weight[1]) {
+      ThrowInvalidArgument("input 'gate_weight' must have shape [n, ceil(B / 32), d, 32] = " +
+                           ShapeToString({n, GateUpSlabCount(dims.block_size), d, kGateUpSlabRows}) +
+                           " (B = " + std::to_string(dims.block_size) + " from down_weight), got " +
+                           ShapeToString(gate_weight));
+    }
+  }
+  const Shape rows_shape{n, dims.block_size, d};
   if (attrs.down_tile == 0) {
-    ExpectShape(kDownWeight, down_weight, gate_weight, "[n, B, d] (as gate_weight)");
+    ExpectShape(kDownWeight, down_weight, rows_shape, slabs ? "[n, B, d]" : "[n, B, d] (as gate_weight)");
   } else {
     static_assert(kDownTileWidth == 64, "the message below names the width");
     ExpectShape(kDownWeight, down_weight, {n, tiles, dims.block_size, kDownTileWidth},
@@ -182,6 +218,8 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   CheckedMul(CheckedMul(CheckedMul(n, dims.block_size, "n * B"), tiles, "n * B * ceil(d / 64)"), kDownTileWidth,
              "n * B * ceil(d / 64) * 64");
   CheckedMul(CheckedMul(tokens, n, "N * n"), dims.block_size, "N * n * B");
+  CheckedMul(CheckedMul(CheckedMul(n, GateUpSlabCount(dims.block_size), "n * ceil(B / 32)"), kGateUpSlabRows,
+                        "n * ceil(B / 32) * 32"), d, "n * ceil(B / 32) * 32 * d");
 
   dims.y_shape = x;
   dims.active_shape.assign(x.begin(), x.end() - 1);

@@ -26,6 +26,11 @@ enum class Weighting { kScore, kBinary };
 // contiguously.
 inline constexpr int64_t kDownTileWidth = 64;
 
+// The slab height of gate_weight's and up_weight's slab layout (op-spec "gate_up_tile"): each
+// block's rows in slabs of 32 stored k-major ([d, 32]), so that the CPU kernel's register tiles
+// hold 32 rows in their lanes and broadcast the tokens' values (no padding, no packing of X).
+inline constexpr int64_t kGateUpSlabRows = 32;
+
 // The node's attributes, validated (op-spec "Attributes").
 struct FfnAttributes {
   int64_t num_experts = 0;
@@ -34,6 +39,7 @@ struct FfnAttributes {
   Weighting weighting = Weighting::kScore;
   Activation activation = Activation::kSilu;
   int64_t down_tile = 0;  // 0: down_weight [n, B, d]; kDownTileWidth: [n, ceil(d / 64), B, 64]
+  int64_t gate_up_tile = 0;  // 0: gate/up_weight [n, B, d]; kGateUpSlabRows: [n, ceil(B / 32), d, 32]
 };
 
 // Sizes of one call, validated against each other and the attributes.
@@ -43,6 +49,7 @@ struct FfnDims {
   int64_t num_blocks = 0;  // n
   int64_t block_size = 0;  // B
   int64_t down_tile = 0;   // as the attribute
+  int64_t gate_up_tile = 0;  // as the attribute
   bool has_bias = false;
   std::vector<int64_t> y_shape;       // X's shape
   std::vector<int64_t> active_shape;  // X.shape[:-1] + [n]
@@ -60,9 +67,24 @@ inline int64_t DownOffset(const FfnDims& dims, int64_t i, int64_t j, int64_t c) 
   return ((i * DownTileCount(d) + c / w) * B + j) * w + c % w;
 }
 
+// ceil(B / 32): the slabs of a block in the slab layout.
+inline int64_t GateUpSlabCount(int64_t B) { return B / kGateUpSlabRows + (B % kGateUpSlabRows != 0); }
+
+// Offset in gate_weight (and up_weight) of block i's row r0, where the rows from r0 on lie: in
+// the rows layout row r0 of [B, d]; in the slab layout (r0 a multiple of 32) the start of the
+// slab of rows [r0, r0 + 32) (its [d, 32] values: column r of the slab is row r0 + r).
+inline int64_t GateUpOffset(const FfnDims& dims, int64_t i, int64_t r0) {
+  const int64_t B = dims.block_size, d = dims.hidden;
+  if (dims.gate_up_tile == 0) return (i * B + r0) * d;
+  return (i * GateUpSlabCount(B) * kGateUpSlabRows + r0) * d;
+}
+
 // Throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the attribute / input, the
 // expected and the actual value.
 FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info);
+// `attrs`, for a kernel that reads gate/up in rows only (`kernel` names it in the error):
+// gate_up_tile != 0 is an InvalidArgument.
+FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel);
 FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& router_weight,
                     const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
                     const Shape* router_bias);

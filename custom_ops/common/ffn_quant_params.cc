@@ -30,7 +30,7 @@ const char* QuantOpName(QuantKind kind) {
 
 QuantAttributes ParseQuantAttributes(QuantKind kind, const Ort::ConstKernelInfo& info) {
   QuantAttributes a;
-  a.base = ParseAttributes(info);
+  a.base = RequireGateUpRows(ParseAttributes(info), "the quantized ops (their gate/up are [n, B, row_bytes])");
   if (a.base.down_tile != 0) {
     ThrowInvalidArgument("attribute 'down_tile' must be 0: its down_weight is [n, B, row_bytes] (the tiled layout is "
                "the float32 op's), got " + std::to_string(a.base.down_tile));

@@ -48,7 +48,8 @@ ProjectedDims CheckProjectedShapes(const ProjectedAttributes& attrs, const Shape
                                    const Shape& out_proj, const Shape* router_bias) {
   // skip is the FFN's X: named here before the FFN's checks would call it X.
   if (skip.empty()) ThrowInvalidArgument("input 'skip' must have rank >= 1 ([..., d]), got a scalar");
-  if (gate.size() == 3 && skip.back() != gate[2]) {
+  // d is dim 2 of gate_weight in both of its layouts
+  if (gate.size() >= 3 && skip.back() != gate[2]) {
     ThrowInvalidArgument("input 'skip' must have last dim d = " + std::to_string(gate[2]) +
                          " (from gate_weight), got " + ShapeToString(skip));
   }

@@ -65,8 +65,9 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
                     const FfnDims& dims, const float* x, const Weights& w, const Routing* routed, bool* active,
                     float* y) {
   const int64_t d = dims.hidden, B = dims.block_size;
-  auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t) {
-    return std::pair{w.gate + (i * B + r0) * d, w.up + (i * B + r0) * d};
+  auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t) {  // rows of d, or slabs (r0 a multiple of 32)
+    const int64_t offset = GateUpOffset(dims, i, r0);
+    return std::pair{w.gate + offset, w.up + offset};
   };
   // V_i[:, c0:c0 + width]: in place in the tiled layout; in the rows layout copied
   // to a contiguous tile (read in place, every row would start a new page: stride d).
@@ -85,8 +86,10 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
     bool on = PrefillShortRows(dims.hidden);
     std::pair<PrefetchStream, PrefetchStream> gate_up(int64_t i, int64_t r0, int64_t rows) const {
       if (!on) return {};
-      const int64_t offset = (i * dims.block_size + r0) * dims.hidden;
-      const int64_t bytes = rows * dims.hidden * static_cast<int64_t>(sizeof(float));
+      const int64_t offset = GateUpOffset(dims, i, r0);
+      // a slab holds 32 rows' values, the last one's padding too
+      const int64_t stored = dims.gate_up_tile != 0 ? CeilDiv(rows, kSlabRows) * kSlabRows : rows;
+      const int64_t bytes = stored * dims.hidden * static_cast<int64_t>(sizeof(float));
       return {PrefetchStream::Range(w.gate + offset, bytes), PrefetchStream::Range(w.up + offset, bytes)};
     }
     PrefetchStream down(int64_t i, int64_t c0, int64_t width) const {
@@ -120,13 +123,18 @@ void FloatDecodeTask::operator()(const DecodeTask& t) const {
   float g[kMaxDotTokens * kDecodeRows], u[kMaxDotTokens * kDecodeRows], h[kMaxDotTokens * kDecodeRows];
   for (int64_t s = t.slab_begin; s < t.slab_end; ++s) {
     const int64_t r0 = s * kDecodeRows, rows = std::min(kDecodeRows, B - r0);
-    const int64_t offset = (i * B + r0) * d;
+    const int64_t offset = (i * B + r0) * d;  // of the down rows
+    const int64_t gu_offset = GateUpOffset(dims, i, r0);
     for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxDotTokens) {
       const int count = static_cast<int>(std::min<int64_t>(kMaxDotTokens, last_pair - p0));
       const float* xs[kMaxDotTokens];
       for (int c = 0; c < count; ++c) xs[c] = x + pair_token[p0 + c] * d;
-      ks.dot_rows(w.gate + offset, d, rows, xs, count, d, g, kDecodeRows);
-      ks.dot_rows(w.up + offset, d, rows, xs, count, d, u, kDecodeRows);
+      if (dims.gate_up_tile != 0) {
+        ks.slab_dots(w.gate + gu_offset, w.up + gu_offset, rows, d, xs, count, g, u, kDecodeRows);
+      } else {
+        ks.dot_rows(w.gate + gu_offset, d, rows, xs, count, d, g, kDecodeRows);
+        ks.dot_rows(w.up + gu_offset, d, rows, xs, count, d, u, kDecodeRows);
+      }
       const float* hs[kMaxDotTokens];
       float* outs[kMaxDotTokens];
       for (int c = 0; c < count; ++c) {

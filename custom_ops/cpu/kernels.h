@@ -19,6 +19,9 @@ namespace dsmoe::cpu {
 // AVX-512, 1.09 -> 0.98 with AVX2).
 inline constexpr int kMaxDotTokens = 12;
 
+// Rows of a slab of the gate/up slab layout (op-spec gate_up_tile).
+inline constexpr int64_t kSlabRows = kGateUpSlabRows;
+
 struct KernelSet {
   const char* name;
   // Tokens per packed panel of the prefill path (two vector registers wide).
@@ -72,6 +75,21 @@ struct KernelSet {
                                const float* panel, const float* coef, float* h, PrefetchStreams& pf);
   void (*narrow_panel_down)(const float* h, const float* v, int64_t rows, int64_t ld, int64_t width,
                             float* const* y, const bool* fresh, int count, PrefetchStreams& pf);
+
+  // The slab layout (op-spec gate_up_tile = 32): a slab is kSlabRows rows of gate (and of up)
+  // stored k-major, w[k * kSlabRows + r], of which the first `rows` are the block's.
+  // Fused gate/up of one slab for `count` tokens read in place (x[t]: token t's row of d):
+  //   h[t][r * ldh[t]] = act(gate_slab[:, r] . x[t]) * (up_slab[:, r] . x[t]) * coef[t], r < rows
+  // (h[t]: the token's column in its panel, at the slab's first row). Any count: the tokens are
+  // the broadcast operand and the rows the lanes, so there is no padding and no packing of X.
+  // Steps pf.gate and pf.up once every 16 steps of k.
+  void (*slab_gate_up)(Activation act, const float* gate, const float* up, int64_t rows, int64_t d,
+                       const float* const* x, const float* coef, int count, float* const* h, const int64_t* ldh,
+                       PrefetchStreams& pf);
+  // The decode path's dots over one slab: g[t * ldo + r] = gate_slab[:, r] . x[t] and the same
+  // for u, r < rows, t < count <= kMaxDotTokens.
+  void (*slab_dots)(const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x, int count,
+                    float* g, float* u, int64_t ldo);
 
   // A plain GEMM of a full packed panel (pack_panel's layout, `panel` tokens wide):
   //   out[r * panel + t] = w[r] . panel[:, t] for r < rows (rows of k floats, stride ld).

@@ -438,6 +438,115 @@ void PanelDot(const float* w, int64_t rows, int64_t k, int64_t ld, const float* 
   }
 }
 
+// The slab layout's gate/up: sub-tiles of 2 vectors of rows (the whole 32-row slab with
+// AVX-512) x T tokens x 2 matrices = 4T accumulators; per step of k, 4 weight loads and T
+// broadcasts of x for 4T FMAs (the packed panels' tiles: 2 + 2R loads for 4R FMAs). k in
+// slices whose gate and up columns (2 x kSlabKc x 2 vectors: 36 KB) stay in L1 while the
+// token tiles of a group pass over them; a group's sums wait in `acc` between slices.
+constexpr int kSlabSub = 2 * kVL;               // rows per sub-tile
+constexpr int kSlabTokens = kWideRegs ? 6 : 3;  // tokens per register tile
+constexpr int kSlabGroup = 8 * kSlabTokens;     // tokens per group
+constexpr int64_t kSlabKc = 4608 / kSlabSub;    // steps of k per slice (144 with AVX-512)
+static_assert(kSlabRows % kSlabSub == 0, "a slab is whole sub-tiles");
+
+// acc[t] = [gate: 2 vectors, up: 2 vectors] of token t (+)= over k in [k0, k0 + kc) of the
+// sub-tile whose first column is gate / up.
+template <int T>
+inline void SlabGateUpTile(const float* gate, const float* up, int64_t k0, int64_t kc, const float* const* x,
+                           bool first, float* acc, PrefetchStreams& pf) {
+  Vec ag[T][2], au[T][2];
+  for (int t = 0; t < T; ++t) {
+    for (int v = 0; v < 2; ++v) {
+      ag[t][v] = first ? Vec{} : Load(acc + (4 * t + v) * kVL);
+      au[t][v] = first ? Vec{} : Load(acc + (4 * t + 2 + v) * kVL);
+    }
+  }
+  const float* xt[T];
+  for (int t = 0; t < T; ++t) xt[t] = x[t] + k0;
+  const float* g = gate + k0 * kSlabRows;
+  const float* u = up + k0 * kSlabRows;
+  for (int64_t s0 = 0; s0 < kc; s0 += 16) {
+    pf.gate.Step();
+    pf.up.Step();
+    const int64_t s1 = std::min<int64_t>(kc, s0 + 16);
+#pragma GCC unroll 4  // as in GateUpTile
+    for (int64_t k = s0; k < s1; ++k) {
+      const Vec g0 = Load(g + k * kSlabRows), g1 = Load(g + k * kSlabRows + kVL);
+      const Vec u0 = Load(u + k * kSlabRows), u1 = Load(u + k * kSlabRows + kVL);
+      for (int t = 0; t < T; ++t) {
+        const Vec a = Splat(xt[t][k]);
+        ag[t][0] += a * g0;
+        ag[t][1] += a * g1;
+        au[t][0] += a * u0;
+        au[t][1] += a * u1;
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    for (int v = 0; v < 2; ++v) {
+      Store(acc + (4 * t + v) * kVL, ag[t][v]);
+      Store(acc + (4 * t + 2 + v) * kVL, au[t][v]);
+    }
+  }
+}
+
+// SlabGateUpTile<m> for a run-time 1 <= m <= kSlabTokens.
+template <int M = kSlabTokens>
+inline void SlabGateUpTiles(int m, const float* gate, const float* up, int64_t k0, int64_t kc,
+                            const float* const* x, bool first, float* acc, PrefetchStreams& pf) {
+  if constexpr (M >= 1) {
+    if (m == M) return SlabGateUpTile<M>(gate, up, k0, kc, x, first, acc, pf);
+    SlabGateUpTiles<M - 1>(m, gate, up, k0, kc, x, first, acc, pf);
+  }
+}
+
+// The sums of `count` <= kSlabGroup tokens over all of k for the sub-tile at gate / up, into acc.
+inline void SlabSums(const float* gate, const float* up, int64_t d, const float* const* x, int count, float* acc,
+                     PrefetchStreams& pf) {
+  for (int64_t k0 = 0; k0 < d; k0 += kSlabKc) {
+    const int64_t kc = std::min(kSlabKc, d - k0);
+    for (int t = 0; t < count; t += kSlabTokens) {
+      SlabGateUpTiles(std::min(kSlabTokens, count - t), gate, up, k0, kc, x + t, k0 == 0, acc + 4 * t * kVL, pf);
+    }
+  }
+}
+
+void SlabGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x,
+                const float* coef, int count, float* const* h, const int64_t* ldh, PrefetchStreams& pf) {
+  alignas(64) float acc[kSlabGroup * 4 * kVL];
+  for (int t0 = 0; t0 < count; t0 += kSlabGroup) {
+    const int group = std::min(kSlabGroup, count - t0);
+    for (int r0 = 0; r0 < rows; r0 += kSlabSub) {
+      SlabSums(gate + r0, up + r0, d, x + t0, group, acc, pf);
+      const int64_t nr = std::min<int64_t>(kSlabSub, rows - r0);
+      for (int t = 0; t < group; ++t) {
+        const Vec c = Splat(coef[t0 + t]);
+        float* ht = h[t0 + t] + r0 * ldh[t0 + t];
+        const int64_t ld = ldh[t0 + t];
+        for (int v = 0; v < 2; ++v) {
+          const Vec hv = GatedVec(act, Load(acc + (4 * t + v) * kVL), Load(acc + (4 * t + 2 + v) * kVL), c);
+          for (int l = 0; l < kVL && v * kVL + l < nr; ++l) ht[(v * kVL + l) * ld] = hv[l];
+        }
+      }
+    }
+  }
+}
+
+void SlabDots(const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x, int count, float* g,
+              float* u, int64_t ldo) {
+  static_assert(kMaxDotTokens <= kSlabGroup, "one group of sums");
+  alignas(64) float acc[kSlabGroup * 4 * kVL];
+  PrefetchStreams none;
+  for (int r0 = 0; r0 < rows; r0 += kSlabSub) {
+    SlabSums(gate + r0, up + r0, d, x, count, acc, none);
+    const int64_t nr = std::min<int64_t>(kSlabSub, rows - r0);
+    for (int t = 0; t < count; ++t) {
+      std::memcpy(g + t * ldo + r0, acc + 4 * t * kVL, sizeof(float) * nr);
+      std::memcpy(u + t * ldo + r0, acc + (4 * t + 2) * kVL, sizeof(float) * nr);
+    }
+  }
+}
+
 // M tokens x kDownCols columns (2 vectors); h rows are P = NV vectors wide.
 constexpr int kDownNV = 2;
 constexpr int kDownCols = kDownNV * kVL;
@@ -528,7 +637,7 @@ const KernelSet& Kernels() {
 #define DSMOE_STR(x) DSMOE_STR2(x)
       DSMOE_STR(DSMOE_ISA), kPanel, DotRows, GatedActivation, AccumulateRows, AccumulateTiles, PackPanel<kWideNV>,
       PanelGateUp<kWideNV>, PanelDown<kWideNV>, kNarrowPanel, PackPanel<1>, PanelGateUp<1>, PanelDown<1>,
-      PanelDot<kWideNV>,
+      SlabGateUp, SlabDots, PanelDot<kWideNV>,
   };
   return set;
 }

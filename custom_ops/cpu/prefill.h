@@ -106,6 +106,42 @@ struct PrefillChunkPlan {
   uint64_t id;
 };
 
+// A gate/up task of the slab layout: rows [r0, r0 + rows) of block i (slabs of kSlabRows rows,
+// gate_up at the first) for all the block's tokens in the chunk, read in place; h goes to the
+// tokens' columns of their panels as in the rows layout, so the down phase is the same.
+inline void SlabGateUpTask(const KernelSet& ks, const FfnAttributes& attrs, const PrefillChunkPlan& c, int64_t i,
+                           std::pair<const float*, const float*> gate_up, int64_t rows, const float* x, int64_t d,
+                           const Routing& routing, int64_t n, int64_t B, int64_t r0, PrefetchStreams& pf) {
+  constexpr int kGroup = 96;  // tokens per kernel call
+  const float* xs[kGroup];
+  float* hs[kGroup];
+  float cs[kGroup];
+  int64_t ld[kGroup];
+  int m = 0;
+  auto run = [&]() {
+    for (int64_t s = 0; s < rows; s += kSlabRows) {
+      float* h[kGroup];
+      for (int j = 0; j < m; ++j) h[j] = hs[j] + s * ld[j];
+      ks.slab_gate_up(attrs.activation, gate_up.first + s * d, gate_up.second + s * d, std::min(kSlabRows, rows - s),
+                      d, xs, cs, m, h, ld, pf);
+    }
+    m = 0;
+  };
+  const int64_t* pair_token = c.pairs.pair_token.get();
+  for (int64_t q = c.panel_start[i]; q < c.panel_start[i + 1]; ++q) {
+    const Panel& pn = c.panels[q];
+    for (int t = 0; t < pn.count; ++t) {
+      const int64_t token = pair_token[pn.first + t];
+      xs[m] = x + token * d;
+      cs[m] = routing.coef[token * n + i];
+      hs[m] = c.hp.get() + pn.offset * B + r0 * pn.width + t;
+      ld[m] = pn.width;
+      if (++m == kGroup) run();
+    }
+  }
+  if (m > 0) run();
+}
+
 // One prefill call (more tokens than the decode path takes). `routed`: the call's routing
 // when the caller has it (then it has written the active output); null: the pass routes
 // first and writes `active` (when not null).
@@ -117,7 +153,8 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
   Routing own;
   if (routed == nullptr) own = NewRouting(dims);
   const Routing& routing = routed ? *routed : own;
-  const int64_t task_rows = PrefillRowsPerTask(d);
+  const bool slabs = dims.gate_up_tile != 0;  // gate/up in k-major slabs: no packed panels
+  const int64_t task_rows = slabs ? kSlabRows : PrefillRowsPerTask(d);
   const int64_t row_tasks = CeilDiv(B, task_rows);
   const int64_t cols = PrefillColsPerTask(dims);
   const int64_t col_tasks = CeilDiv(d, cols);
@@ -152,6 +189,7 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
       std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
     }
     const int64_t* pair_token = c.pairs.pair_token.get();
+    if (slabs) return SlabGateUpTask(ks, attrs, c, i, gate_up_rows(i, r0, rows), rows, x, d, routing, n, B, r0, pf);
     const auto [xb, cb] = PackedBlock(ks, c.panels, c.panel_start, i, x, d, pair_token, routing, n, c.id);
     const int64_t base = c.panels[c.panel_start[i]].offset;
     const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels

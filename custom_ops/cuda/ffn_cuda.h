@@ -15,7 +15,7 @@ class FfnCudaKernel {
   using Variant = NoVariant;
   static OpSignature Signature(NoVariant) { return FloatOpSignature("CUDAExecutionProvider", kType); }
 
-  FfnCudaKernel(NoVariant, const Ort::ConstKernelInfo& info) : attrs_(ParseAttributes(info)) {}
+  FfnCudaKernel(NoVariant, const Ort::ConstKernelInfo& info) : attrs_(RequireGateUpRows(ParseAttributes(info), "the CUDA kernel")) {}
   void Compute(Ort::KernelContext& ctx) const;
 
  private:

@@ -95,6 +95,16 @@ class Experts:
         """down in the op's column-tile layout (down_tile = 64), made once for all sessions."""
         return onnx_op.tile_down(self.down)
 
+    @functools.cached_property
+    def gate_up_slabs(self) -> tuple[np.ndarray, np.ndarray]:
+        """gate and up in the op's slab layout (gate_up_tile = 32), made once for all sessions."""
+        return onnx_op.tile_gate_up(self.gate), onnx_op.tile_gate_up(self.up)
+
+    def op_weights(self, down_tile: int, gate_up_tile: int) -> dict[str, np.ndarray]:
+        """The op's gate_weight, up_weight and down_weight in those layouts."""
+        gate, up = self.gate_up_slabs if gate_up_tile else (self.gate, self.up)
+        return {"gate_weight": gate, "up_weight": up, "down_weight": self.down_tiled if down_tile else self.down}
+
     # Layouts of the other graphs (fresh contiguous copies).
     def dense_layout(self):
         """(W_gate [d, D], W_up [d, D], W_down [D, d]): x @ W, the layout ORT's MatMul pre-packs."""
@@ -148,12 +158,19 @@ def default_layout(d: int) -> str:
     return choose_down_layout("auto", d)
 
 
+def default_gate_up_layout() -> str:
+    """The gate/up layout the exporter writes by default in float32 graphs."""
+    from ..exporter import choose_gate_up_layout
+
+    return choose_gate_up_layout("auto")
+
+
 def sparse_graph(e: Experts, *, active_output: bool = False, **attrs):
-    """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given; down_weight
-    in the layout the exporter writes for this hidden size unless down_tile is given)."""
-    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_LAYOUTS[default_layout(e.d)], **attrs}
-    down = e.down_tiled if attrs["down_tile"] else e.down
-    weights = {"gate_weight": e.gate, "up_weight": e.up, "down_weight": down}
+    """The product: one GatedBlockSparseFFN node (attributes: OP_ATTRS unless given; weights in
+    the layouts the exporter writes for this hidden size unless down_tile / gate_up_tile are given)."""
+    attrs = {**OP_ATTRS, "down_tile": onnx_op.DOWN_LAYOUTS[default_layout(e.d)],
+             "gate_up_tile": onnx_op.GATE_UP_LAYOUTS[default_gate_up_layout()], **attrs}
+    weights = e.op_weights(attrs["down_tile"], attrs["gate_up_tile"])
     inputs, outputs = _xy(e.d)
     if active_output:
         outputs.append(_value_info("active", ["T", e.n], TensorProto.BOOL))

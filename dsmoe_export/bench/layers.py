@@ -66,8 +66,9 @@ def _layer(model, arrays: dict, i: int, nodes: list, weights: dict) -> None:
 
 
 def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "float32",
-                 group_size: int = quant.DEFAULT_GROUP_SIZE):
-    """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled); with
+                 group_size: int = quant.DEFAULT_GROUP_SIZE, gate_up_layout: str | None = None):
+    """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled), gate/up in
+    `gate_up_layout` (rows | slabs; None: the exporter's default); with
     `weights` int4 / int8 / float16 the quantized op of that format (graphs.quant_sparse_graph:
     its own layout) instead."""
     d = w.experts[0].d
@@ -76,10 +77,10 @@ def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "fl
     for i, (router, e) in enumerate(zip(w.routers, w.experts)):
         if weights == "float32":
             names = [f"router{i}", f"gate{i}", f"up{i}", f"down{i}"]
-            down = e.down_tiled if layout == "tiled" else e.down
-            arrays.update(zip(names, (router, e.gate, e.up, down)))
-            nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n, **attrs,
-                                           down_tile=onnx_op.DOWN_LAYOUTS[layout]))
+            tiles = dict(down_tile=onnx_op.DOWN_LAYOUTS[layout],
+                         gate_up_tile=onnx_op.GATE_UP_LAYOUTS[gate_up_layout or graphs.default_gate_up_layout()])
+            arrays.update(zip(names, (router, *e.op_weights(**tiles).values())))
+            nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n, **attrs, **tiles))
             continue
         model, layer_arrays = graphs.quant_sparse_graph(e, weights, group_size, threshold=threshold)
         _layer(model, {**layer_arrays, "router_weight": router}, i, nodes, arrays)
@@ -131,14 +132,20 @@ def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
 
 def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
         rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0,
-        weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0) -> list[dict]:
+        weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0,
+        gate_up_layout: str | list[str] = "auto") -> list[dict]:
     """Rows {tokens, r, variant, library, layout, ms_min, ms_median, ratio_min, ratio_median} (ratios
-    against dense): one sparse variant per library and down layout (`layout`: one or several; the
-    quantized `weights` have one layout of their own)."""
+    against dense): one sparse variant per library, down layout (`layout`: one or several) and
+    gate/up layout (`gate_up_layout`: likewise; the layout column says "down/gate_up" then); the
+    quantized `weights` have one layout of their own."""
     rng = np.random.default_rng(seed)
     w = Layers.random(rng, shape, layers)
     layouts = [graphs.default_layout(shape.d) if name == "auto" else name
                for name in ([layout] if isinstance(layout, str) else layout)]
+    gate_ups = [graphs.default_gate_up_layout() if name == "auto" else name
+                for name in ([gate_up_layout] if isinstance(gate_up_layout, str) else gate_up_layout)]
+    if len(gate_ups) > 1:
+        layouts = [f"{down}/{gu}" for down in layouts for gu in gate_ups]
     if weights != "float32":
         layouts = ["quantized"]
     sessions = {"dense": graphs.Runner(*dense_model(w, weights=weights, group_size=group_size,
@@ -148,8 +155,10 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
         for name in layouts:
             variant = f"sparse{i}" if len(layouts) == 1 else f"sparse{i}-{name}"
             variants[variant] = (lib, name)
-            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=name, weights=weights,
-                                                            group_size=group_size),
+            down, _, gu = name.partition("/")
+            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=down, weights=weights,
+                                                            group_size=group_size,
+                                                            gate_up_layout=gu or gate_ups[0]),
                                               threads=threads, library=lib)
     rows = []
     for T in tokens:
@@ -218,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-layout", default="auto",
                    help="down_weight layout: auto, rows or tiled, or several comma-separated (a variant each; "
                    "default: the exporter's for this d)")
+    p.add_argument("--gate-up-layout", default="auto",
+                   help="gate/up layout: auto, rows or slabs, or both comma-separated (a variant each, named "
+                   "down/gate_up; default: the exporter's)")
     p.add_argument("--weights", choices=WEIGHTS, default="float32",
                    help="the op's weights: float32 (default) or a quantized op's format (int4, int8, float16)")
     p.add_argument("--group-size", type=int, default=quant.DEFAULT_GROUP_SIZE,
@@ -250,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"(auto is {graphs.default_layout(args.shape.d)} at d = {args.shape.d})")
     if args.weights != "float32" and args.down_layout != "auto":
         p.error(f"--down-layout applies to float32 weights; the {args.weights} op has one layout")
+    gate_up = [name.strip() for name in args.gate_up_layout.split(",") if name.strip()]
+    gate_up = [graphs.default_gate_up_layout() if name == "auto" else name for name in gate_up]
+    if not gate_up or any(name not in onnx_op.GATE_UP_LAYOUTS for name in gate_up) or len(set(gate_up)) < len(gate_up):
+        p.error(f"--gate-up-layout: expected auto, rows or slabs, comma-separated, each layout once; "
+                f"got {args.gate_up_layout!r}")
+    if args.weights != "float32" and args.gate_up_layout != "auto":
+        p.error(f"--gate-up-layout applies to float32 weights; the {args.weights} op has one layout")
     if args.weights in quant.BITS:
         try:
             quant.check_group_size(args.group_size)
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--group-size: {e}")
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
                rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed, weights=args.weights,
-               group_size=args.group_size, accuracy_level=args.accuracy_level)
+               group_size=args.group_size, accuracy_level=args.accuracy_level, gate_up_layout=gate_up)
     dense = (f"MatMulNBits, {quant.BITS[args.weights]} bits, accuracy_level {args.accuracy_level}"
              if args.weights in quant.BITS else "three MatMuls")
     print(markdown(rows, args.shape, args.layers, layout, args.weights, dense))

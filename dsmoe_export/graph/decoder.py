@@ -51,6 +51,7 @@ class GraphOptions:
     group_size: int = quant.DEFAULT_GROUP_SIZE
     accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
     down_tile: int = onnx_op.DOWN_TILE
+    gate_up_tile: int = 0            # the float32 sparse op's gate/up layout (onnx_op.GATE_UP_LAYOUTS)
     active_outputs: bool = False
     projected_ffn: bool = False      # ProjectedSparseFFN nodes (projected_ffn_applies says where it can)
     hessians: gptq.Hessians | None = None  # calibration inputs: GPTQ for the int8/int4 weights
@@ -109,7 +110,8 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
                             cfg.rms_norm_eps)
         if opts.sparse:
             ffn_out = sparse_ffn(g, h, layer.mlp, f"{prefix}.mlp", fmt=opts.ffn_weights, group_size=opts.group_size,
-                                 down_tile=opts.down_tile, active=active, hessians=opts.hessians, layer=i)
+                                 down_tile=opts.down_tile, gate_up_tile=opts.gate_up_tile, active=active,
+                                 hessians=opts.hessians, layer=i)
         else:
             ffn_out = dense_ffn(g, h, layer.mlp, f"{prefix}.mlp", activation=_activation(cfg), fmt=opts.ffn_weights,
                                 group_size=opts.group_size, accuracy_level=opts.accuracy_level,
@@ -286,7 +288,8 @@ def projected_sparse_ffn(g, a, residual, layer, next_layer, i: int, *, eps, opts
         out_proj = g.initializer(f"{next_prefix}.self_attn.qkv_proj.weight", _qkv_weight(nxt, fmt))
         add_sparse_ffn_node(g, lambda ffn, attrs: projected_op.make_node(
             [a, residual, in_proj, norm, *ffn[1:5], out_norm, out_proj, *ffn[5:]], outputs, epsilon=float(eps),
-            name=name, **attrs), layer.mlp, f"{prefix}.mlp", down_tile=opts.down_tile)
+            name=name, **attrs), layer.mlp, f"{prefix}.mlp", down_tile=opts.down_tile,
+            gate_up_tile=opts.gate_up_tile)
         return outputs[0], outputs[1]
     # int4: the projections stored as the plain graph's MatMulNBits would hold them (op-spec)
     o = store_matrix(g, _weight_array(attn.o_proj.weight, fmt), fmt, f"{prefix}.self_attn.o_proj",

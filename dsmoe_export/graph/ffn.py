@@ -28,18 +28,21 @@ def _op_attrs(moe) -> dict:
                 weighting=moe.weighting, activation=moe.activation)
 
 
-def add_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, down_tile: int, x: str = "") -> None:
-    """Stores the float32 sparse FFN's weights (router, packed blocks, down in `down_tile`'s layout)
-    and appends make(inputs, attrs): inputs = [x, router_weight, gate, up, down, router_bias or ""],
-    attrs = the op's attributes (with down_tile)."""
+def add_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, down_tile: int, gate_up_tile: int,
+                        x: str = "") -> None:
+    """Stores the float32 sparse FFN's weights (router, packed blocks: gate/up in `gate_up_tile`'s
+    layout, down in `down_tile`'s) and appends make(inputs, attrs): inputs = [x, router_weight, gate,
+    up, down, router_bias or ""], attrs = the op's attributes (with the two layouts)."""
     moe = mlp.moe
     gate, up, down = onnx_op.pack_block_weights(array(mlp.gate_proj.weight), array(mlp.up_proj.weight),
-                                                array(mlp.down_proj.weight), moe.num_experts)
+                                                array(mlp.down_proj.weight), moe.num_experts,
+                                                down_tile=down_tile, gate_up_tile=gate_up_tile)
     router = g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))
     bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
     names = [g.initializer(f"{prefix}.{k}", w) for k, w in
-             (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", onnx_op.tile_down(down) if down_tile else down))]
-    g.nodes.append(make([x, router, *names, bias], {**_op_attrs(moe), "down_tile": down_tile}))
+             (("gate_blocks", gate), ("up_blocks", up), ("down_blocks", down))]
+    g.nodes.append(make([x, router, *names, bias], {**_op_attrs(moe), "down_tile": down_tile,
+                                                    "gate_up_tile": gate_up_tile}))
     g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
 
 
@@ -71,14 +74,14 @@ def add_quant_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, fmt: s
 
 
 def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
-               active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
+               gate_up_tile: int = 0, active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
     """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
     optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
     outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
     name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
     if fmt == "float32":  # the graph's element type: values unchanged
         add_sparse_ffn_node(g, lambda inputs, attrs: onnx_op.make_node(inputs, outputs, name=g.fresh(name), **attrs),
-                            mlp, prefix, down_tile=down_tile, x=x)
+                            mlp, prefix, down_tile=down_tile, gate_up_tile=gate_up_tile, x=x)
     else:
         add_quant_sparse_ffn_node(g, lambda inputs, attrs: quant.make_node(
             fmt, inputs, outputs, name=g.fresh(f"{name}{fmt.title()}"), **attrs), mlp, prefix, fmt=fmt,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..onnx_op import tile_down
+from ..onnx_op import LAYOUT_ATTRIBUTES, tile_down, tile_gate_up
 from .reference import ffn_reference, router_scores
 
 # fp32 kernel vs float64 reference: max |Y - Y_ref| <= RTOL * max(1, max |Y_ref|).
@@ -34,15 +34,18 @@ class Case:
         return self.gate.shape[0]
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """The op's inputs: down in the layout attribute down_tile names (self.down is [n, B, d])."""
-        down = self.down
+        """The op's inputs: down in the layout attribute down_tile names, gate and up in gate_up_tile's
+        (self.gate, self.up, self.down are [n, B, d])."""
+        down, gate, up = self.down, self.gate, self.up
         if self.attrs.get("down_tile") and self.down.shape == self.gate.shape:
             down = tile_down(self.down)
-        arrays = (self.x, self.router_weight, self.gate, self.up, down, self.router_bias)
+        if self.attrs.get("gate_up_tile") and self.gate.ndim == 3:
+            gate, up = tile_gate_up(self.gate), tile_gate_up(self.up)
+        arrays = (self.x, self.router_weight, gate, up, down, self.router_bias)
         return {k: v for k, v in zip(INPUT_NAMES, arrays) if v is not None}
 
     def reference(self):
-        attrs = {k: v for k, v in self.attrs.items() if k != "down_tile"}  # a layout, not semantics
+        attrs = {k: v for k, v in self.attrs.items() if k not in LAYOUT_ATTRIBUTES}  # layouts, not semantics
         return ffn_reference(self.x, self.router_weight, self.gate, self.up, self.down, self.router_bias,
                              **attrs)
 
