@@ -13,8 +13,9 @@
 //           A second pass sums the partials per token in a fixed order.
 //   prefill (more tokens): compute-bound, in one pass of the pool (cpu/prefill.h).
 //           A counting sort of the active pairs by block, cut into chunks of
-//           whole blocks (bounded scratch); per chunk: X packed into panels, per (block, row tile)
-//           the fused gate/up GEMM of all the block's panels, per output column
+//           whole blocks (bounded scratch); per chunk: per (block, row tile) the fused gate/up
+//           GEMM of all the block's tokens (gate/up in rows: X packed into the block's panels;
+//           in k-major slabs, op-spec gate_up_tile: X's rows read in place), per output column
 //           tile the down GEMMs added into Y. The weights are read in place
 //           (V's [B, 64] column tiles too in the tiled layout, down_tile = 64;
 //           the rows layout copies each tile first: about 3 % of a 256-token

@@ -5,7 +5,8 @@
 //   gate_up_rows(i, r0, rows) -> std::pair<const float*, const float*>: rows
 //       [r0, r0 + rows) of block i's gate and up weights as float32 rows of d
 //       values (row stride d): the weights in place, or a per-thread
-//       dequantized tile;
+//       dequantized tile; with gate/up in slabs (float32 only), the slabs from row r0 on
+//       (r0 a multiple of kSlabRows, each slab [d][kSlabRows]);
 //   down_tile(i, c0, width, tile) -> (const float* v, int64_t ld): block i's
 //       V[:, c0:c0 + width] as B rows ld floats apart (ld <= 64): in place when
 //       the weights are stored in column tiles, else written to `tile` (a
@@ -19,7 +20,9 @@
 // already), then per chunk of pairs (PrefillChunking) two phases. Gate/up: per (block, row
 // tile) task the fused gate/up GEMM of every panel of the block with act(g) * u * g_i * c in
 // its epilogue, X packed into the block's panels (full and narrow, cpu/plan.h) by the thread
-// that runs it (PackedBlock); a thread takes a block's row tasks in order (TaskRanges) and
+// that runs it (PackedBlock), or with gate/up in k-major slabs (dims.gate_up_tile) a slab's
+// GEMM over all the block's tokens read in place (SlabGateUpTask); h lands in the panels'
+// layout either way. A thread takes a block's row tasks in order (TaskRanges) and
 // prefetches the weights of its next task. Down: per output column tile the down GEMMs of all
 // panels added into Y, a token's first block storing instead, so Y is not zeroed first (each
 // task owns its columns: no write conflicts, no reduction, the same order at any thread
