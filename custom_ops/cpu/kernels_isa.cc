@@ -438,27 +438,43 @@ void PanelDot(const float* w, int64_t rows, int64_t k, int64_t ld, const float* 
   }
 }
 
-// The slab layout's gate/up: sub-tiles of 2 vectors of rows (the whole 32-row slab with
-// AVX-512) x T tokens x 2 matrices = 4T accumulators; per step of k, 4 weight loads and T
-// broadcasts of x for 4T FMAs (the packed panels' tiles: 2 + 2R loads for 4R FMAs). k in
-// slices whose gate and up columns (2 x kSlabKc x 2 vectors: 36 KB) stay in L1 while the
-// token tiles of a group pass over them; a group's sums wait in `acc` between slices.
-constexpr int kSlabSub = 2 * kVL;               // rows per sub-tile
-constexpr int kSlabTokens = kWideRegs ? 6 : 3;  // tokens per register tile
-constexpr int kSlabGroup = 8 * kSlabTokens;     // tokens per group
-constexpr int64_t kSlabKc = 4608 / kSlabSub;    // steps of k per slice (144 with AVX-512)
-static_assert(kSlabRows % kSlabSub == 0, "a slab is whole sub-tiles");
+// The slab layout's gate/up: register tiles of T tokens x NV vectors of rows x gate and up
+// (2 T NV accumulators). Full tiles are 6 tokens: with AVX-512 x 2 vectors (the whole 32-row
+// slab; 24 accumulators), with the 16-register sets x 1 vector (12; 2 vectors and their weights
+// would need 17 registers): per step of k, 2 NV weight loads and 6 broadcasts of x for 12 NV
+// FMAs (the packed panels' tiles: 2 + 2R loads for 4R FMAs, plus packing X and padding the
+// tokens). Fewer tokens take wider tiles (SlabNV), so that there are enough accumulators to
+// hide the FMA latency: the decode path's one token is 8 accumulators over the whole slab with
+// AVX2 (1 vector: 2, and 12 % slower than the rows layout's GEMV). k runs in slices of kSlabKc
+// steps whose 2 x kSlabKc x 32 floats of gate and up (36 KB) stay in L1 while every tile of a
+// group passes over them; the group's sums wait in `acc` between slices.
+constexpr int kSlabTokens = 6;                    // tokens per full register tile
+constexpr int kSlabVectors = kSlabRows / kVL;     // vectors per slab row: 2 / 4 / 8
+constexpr int kSlabGroup = 8 * kSlabTokens;       // tokens per group
+constexpr int64_t kSlabKc = 144;                  // steps of k per slice
+constexpr int kSlabAcc = 2 * kSlabRows;           // floats of sums per token: gate's 32, then up's
+static_assert(kSlabRows % kVL == 0, "a slab row is whole vectors");
 
-// acc[t] = [gate: 2 vectors, up: 2 vectors] of token t (+)= over k in [k0, k0 + kc) of the
-// sub-tile whose first column is gate / up.
+// Vectors of rows per tile of T tokens: the most (a power of two, at most the slab's) whose
+// accumulators, plus the weights they share when T > 1 and a broadcast, fit the registers.
 template <int T>
+constexpr int SlabNV() {
+  constexpr int regs = kWideRegs ? 32 : 16;
+  int nv = kSlabVectors;
+  while (nv > 1 && 2 * T * nv + (T > 1 ? 2 * nv : 0) + 1 > regs - (kWideRegs ? 3 : 0)) nv /= 2;
+  return nv;
+}
+
+// acc[t * kSlabAcc + {0, kSlabRows} + r] (+)= over k in [k0, k0 + kc) for the NV vectors of rows from
+// gate / up (the tile's first column of the slab) and T tokens.
+template <int T, int NV>
 inline void SlabGateUpTile(const float* gate, const float* up, int64_t k0, int64_t kc, const float* const* x,
                            bool first, float* acc, PrefetchStreams& pf) {
-  Vec ag[T][2], au[T][2];
+  Vec ag[T][NV], au[T][NV];
   for (int t = 0; t < T; ++t) {
-    for (int v = 0; v < 2; ++v) {
-      ag[t][v] = first ? Vec{} : Load(acc + (4 * t + v) * kVL);
-      au[t][v] = first ? Vec{} : Load(acc + (4 * t + 2 + v) * kVL);
+    for (int v = 0; v < NV; ++v) {
+      ag[t][v] = first ? Vec{} : Load(acc + t * kSlabAcc + v * kVL);
+      au[t][v] = first ? Vec{} : Load(acc + t * kSlabAcc + kSlabRows + v * kVL);
     }
   }
   const float* xt[T];
@@ -471,62 +487,86 @@ inline void SlabGateUpTile(const float* gate, const float* up, int64_t k0, int64
     const int64_t s1 = std::min<int64_t>(kc, s0 + 16);
 #pragma GCC unroll 4  // as in GateUpTile
     for (int64_t k = s0; k < s1; ++k) {
-      const Vec g0 = Load(g + k * kSlabRows), g1 = Load(g + k * kSlabRows + kVL);
-      const Vec u0 = Load(u + k * kSlabRows), u1 = Load(u + k * kSlabRows + kVL);
+      Vec gv[NV], uv[NV];
+      for (int v = 0; v < NV; ++v) {
+        gv[v] = Load(g + k * kSlabRows + v * kVL);
+        uv[v] = Load(u + k * kSlabRows + v * kVL);
+      }
       for (int t = 0; t < T; ++t) {
         const Vec a = Splat(xt[t][k]);
-        ag[t][0] += a * g0;
-        ag[t][1] += a * g1;
-        au[t][0] += a * u0;
-        au[t][1] += a * u1;
+        for (int v = 0; v < NV; ++v) {
+          ag[t][v] += a * gv[v];
+          au[t][v] += a * uv[v];
+        }
       }
     }
   }
   for (int t = 0; t < T; ++t) {
-    for (int v = 0; v < 2; ++v) {
-      Store(acc + (4 * t + v) * kVL, ag[t][v]);
-      Store(acc + (4 * t + 2 + v) * kVL, au[t][v]);
+    for (int v = 0; v < NV; ++v) {
+      Store(acc + t * kSlabAcc + v * kVL, ag[t][v]);
+      Store(acc + t * kSlabAcc + kSlabRows + v * kVL, au[t][v]);
     }
   }
 }
 
-// SlabGateUpTile<m> for a run-time 1 <= m <= kSlabTokens.
+// The tiles of m tokens (1 <= m <= kSlabTokens, run-time) over the slab's first `rows` rows.
 template <int M = kSlabTokens>
-inline void SlabGateUpTiles(int m, const float* gate, const float* up, int64_t k0, int64_t kc,
+inline void SlabGateUpTiles(int m, const float* gate, const float* up, int64_t rows, int64_t k0, int64_t kc,
                             const float* const* x, bool first, float* acc, PrefetchStreams& pf) {
   if constexpr (M >= 1) {
-    if (m == M) return SlabGateUpTile<M>(gate, up, k0, kc, x, first, acc, pf);
-    SlabGateUpTiles<M - 1>(m, gate, up, k0, kc, x, first, acc, pf);
+    if (m == M) {
+      constexpr int64_t kRows = SlabNV<M>() * kVL;
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        SlabGateUpTile<M, SlabNV<M>()>(gate + r0, up + r0, k0, kc, x, first, acc + r0, pf);
+      }
+      return;
+    }
+    SlabGateUpTiles<M - 1>(m, gate, up, rows, k0, kc, x, first, acc, pf);
   }
 }
 
-// The sums of `count` <= kSlabGroup tokens over all of k for the sub-tile at gate / up, into acc.
-inline void SlabSums(const float* gate, const float* up, int64_t d, const float* const* x, int count, float* acc,
-                     PrefetchStreams& pf) {
+// The sums of `count` <= kSlabGroup tokens over all of k for the slab's first `rows` rows, into
+// acc, in tiles of at most MaxT tokens; steps pf once every 16 steps of k of each register tile.
+template <int MaxT = kSlabTokens>
+inline void SlabSums(const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x, int count,
+                     float* acc, PrefetchStreams& pf) {
   for (int64_t k0 = 0; k0 < d; k0 += kSlabKc) {
     const int64_t kc = std::min(kSlabKc, d - k0);
-    for (int t = 0; t < count; t += kSlabTokens) {
-      SlabGateUpTiles(std::min(kSlabTokens, count - t), gate, up, k0, kc, x + t, k0 == 0, acc + 4 * t * kVL, pf);
+    for (int t = 0; t < count; t += MaxT) {
+      SlabGateUpTiles<MaxT>(std::min(MaxT, count - t), gate, up, rows, k0, kc, x + t, k0 == 0, acc + t * kSlabAcc,
+                            pf);
     }
+  }
+}
+
+// Tokens per tile of the decode path's dots: the most whose tile still spans the whole slab
+// (one pass over its rows), at least one. Weights streamed from memory: a tile over part of the
+// rows reads every other line of the slab first and the rest in a second pass, which the
+// hardware prefetchers follow poorly (AVX2, 30 layers of d = 576: 4 and 16 tokens 11-12 %
+// slower than the rows layout with 6-token tiles of one vector, equal with 1-token tiles).
+template <int T = kSlabTokens>
+constexpr int SlabDotTokens() {
+  if constexpr (T == 1) {
+    return 1;
+  } else {
+    return SlabNV<T>() == kSlabVectors ? T : SlabDotTokens<T - 1>();
   }
 }
 
 void SlabGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x,
                 const float* coef, int count, float* const* h, const int64_t* ldh, PrefetchStreams& pf) {
-  alignas(64) float acc[kSlabGroup * 4 * kVL];
+  alignas(64) float acc[kSlabGroup * kSlabAcc];
   for (int t0 = 0; t0 < count; t0 += kSlabGroup) {
     const int group = std::min(kSlabGroup, count - t0);
-    for (int r0 = 0; r0 < rows; r0 += kSlabSub) {
-      SlabSums(gate + r0, up + r0, d, x + t0, group, acc, pf);
-      const int64_t nr = std::min<int64_t>(kSlabSub, rows - r0);
-      for (int t = 0; t < group; ++t) {
-        const Vec c = Splat(coef[t0 + t]);
-        float* ht = h[t0 + t] + r0 * ldh[t0 + t];
-        const int64_t ld = ldh[t0 + t];
-        for (int v = 0; v < 2; ++v) {
-          const Vec hv = GatedVec(act, Load(acc + (4 * t + v) * kVL), Load(acc + (4 * t + 2 + v) * kVL), c);
-          for (int l = 0; l < kVL && v * kVL + l < nr; ++l) ht[(v * kVL + l) * ld] = hv[l];
-        }
+    SlabSums(gate, up, rows, d, x + t0, group, acc, pf);
+    for (int t = 0; t < group; ++t) {
+      const Vec c = Splat(coef[t0 + t]);
+      const float* at = acc + t * kSlabAcc;
+      float* ht = h[t0 + t];
+      const int64_t ld = ldh[t0 + t];
+      for (int64_t r0 = 0; r0 < rows; r0 += kVL) {
+        const Vec hv = GatedVec(act, Load(at + r0), Load(at + kSlabRows + r0), c);
+        for (int l = 0; l < kVL && r0 + l < rows; ++l) ht[(r0 + l) * ld] = hv[l];
       }
     }
   }
@@ -535,15 +575,12 @@ void SlabGateUp(Activation act, const float* gate, const float* up, int64_t rows
 void SlabDots(const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x, int count, float* g,
               float* u, int64_t ldo) {
   static_assert(kMaxDotTokens <= kSlabGroup, "one group of sums");
-  alignas(64) float acc[kSlabGroup * 4 * kVL];
+  alignas(64) float acc[kSlabGroup * kSlabAcc];
   PrefetchStreams none;
-  for (int r0 = 0; r0 < rows; r0 += kSlabSub) {
-    SlabSums(gate + r0, up + r0, d, x, count, acc, none);
-    const int64_t nr = std::min<int64_t>(kSlabSub, rows - r0);
-    for (int t = 0; t < count; ++t) {
-      std::memcpy(g + t * ldo + r0, acc + 4 * t * kVL, sizeof(float) * nr);
-      std::memcpy(u + t * ldo + r0, acc + (4 * t + 2) * kVL, sizeof(float) * nr);
-    }
+  SlabSums<SlabDotTokens()>(gate, up, rows, d, x, count, acc, none);
+  for (int t = 0; t < count; ++t) {
+    std::memcpy(g + t * ldo, acc + t * kSlabAcc, sizeof(float) * rows);
+    std::memcpy(u + t * ldo, acc + t * kSlabAcc + kSlabRows, sizeof(float) * rows);
   }
 }
 
