@@ -77,13 +77,8 @@ def tile_gate_up(w):
         raise ValueError(f"gate/up must be [n, B, d], got shape {tuple(w.shape)}")
     n, B, d = w.shape
     slabs = -(-B // GATE_UP_SLAB)
-    pad = slabs * GATE_UP_SLAB - B
-    if isinstance(w, np.ndarray):
-        padded = np.pad(w, ((0, 0), (0, pad), (0, 0))) if pad else w
-        return np.ascontiguousarray(padded.reshape(n, slabs, GATE_UP_SLAB, d).transpose(0, 1, 3, 2))
-    import torch
-    padded = torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
-    return padded.reshape(n, slabs, GATE_UP_SLAB, d).permute(0, 1, 3, 2).contiguous()
+    padded = _zero_pad(w, axis=1, size=slabs * GATE_UP_SLAB)
+    return _contiguous(_permute(padded.reshape(n, slabs, GATE_UP_SLAB, d), (0, 1, 3, 2)))
 
 
 def untile_gate_up(w, block_size: int):
@@ -92,9 +87,8 @@ def untile_gate_up(w, block_size: int):
         raise ValueError(f"gate/up must be [n, ceil(B / {GATE_UP_SLAB}), d, {GATE_UP_SLAB}] with B = {block_size}, "
                          f"got shape {tuple(w.shape)}")
     n, slabs, d, _ = w.shape
-    if isinstance(w, np.ndarray):
-        return np.ascontiguousarray(w.transpose(0, 1, 3, 2).reshape(n, slabs * GATE_UP_SLAB, d)[:, :block_size])
-    return w.permute(0, 1, 3, 2).reshape(n, slabs * GATE_UP_SLAB, d)[:, :block_size].contiguous()
+    rows = _contiguous(_permute(w, (0, 1, 3, 2))).reshape(n, slabs * GATE_UP_SLAB, d)
+    return _contiguous(rows[:, :block_size])
 
 
 def _check_down_tile(down_tile) -> None:
@@ -110,13 +104,8 @@ def tile_down(down):
         raise ValueError(f"down must be [n, B, d], got shape {tuple(down.shape)}")
     n, B, d = down.shape
     tiles = -(-d // DOWN_TILE)
-    pad = tiles * DOWN_TILE - d
-    if isinstance(down, np.ndarray):
-        padded = np.pad(down, ((0, 0), (0, 0), (0, pad))) if pad else down
-        return np.ascontiguousarray(padded.reshape(n, B, tiles, DOWN_TILE).transpose(0, 2, 1, 3))
-    import torch
-    padded = torch.nn.functional.pad(down, (0, pad)) if pad else down
-    return padded.reshape(n, B, tiles, DOWN_TILE).permute(0, 2, 1, 3).contiguous()
+    padded = _zero_pad(down, axis=2, size=tiles * DOWN_TILE)
+    return _contiguous(_permute(padded.reshape(n, B, tiles, DOWN_TILE), (0, 2, 1, 3)))
 
 
 def untile_down(down, d: int):
@@ -125,9 +114,28 @@ def untile_down(down, d: int):
         raise ValueError(f"down must be [n, ceil(d / {DOWN_TILE}), B, {DOWN_TILE}] with d = {d}, "
                          f"got shape {tuple(down.shape)}")
     n, tiles, B, _ = down.shape
-    if isinstance(down, np.ndarray):
-        return np.ascontiguousarray(down.transpose(0, 2, 1, 3).reshape(n, B, tiles * DOWN_TILE)[..., :d])
-    return down.permute(0, 2, 1, 3).reshape(n, B, tiles * DOWN_TILE)[..., :d].contiguous()
+    rows = _contiguous(_permute(down, (0, 2, 1, 3))).reshape(n, B, tiles * DOWN_TILE)
+    return _contiguous(rows[..., :d])
+
+
+# The layouts' conversions for numpy arrays and torch tensors alike.
+def _zero_pad(a, *, axis: int, size: int):
+    """`a` with zeros appended along `axis` up to `size` (itself when it is that long)."""
+    pad = size - a.shape[axis]
+    if not pad:
+        return a
+    if isinstance(a, np.ndarray):
+        return np.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)])
+    import torch
+    return torch.nn.functional.pad(a, [0, 0] * (a.dim() - 1 - axis) + [0, pad])
+
+
+def _permute(a, perm):
+    return a.transpose(*perm) if isinstance(a, np.ndarray) else a.permute(*perm)
+
+
+def _contiguous(a):
+    return np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a.contiguous()
 
 
 def _pack_rows(gate_proj, up_proj, down_proj, num_experts: int):
