@@ -119,7 +119,8 @@ class DSMoESession:
                     raise
                 warnings.warn("op library not found: running the op's ONNX function body (dense speed)")
         self.device_id = device_id
-        if providers is None:
+        chosen = providers is None
+        if chosen:
             providers = default_providers()
             if provider_options is None and providers[0] == CUDA_EP:
                 provider_options = [{"device_id": device_id}, {}]
@@ -127,7 +128,18 @@ class DSMoESession:
             self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers),
                                                 provider_options=provider_options)
         except Exception as e:
-            raise self._load_error(e) from e
+            if not (chosen and providers[0] == CUDA_EP and "gate_up_tile" in str(e)):
+                raise self._load_error(e) from e
+            # A float32 export with gate/up in the CPU kernel's slabs (the exporter's default):
+            # the CUDA kernel reads rows only, so the GPU picked by default cannot run it.
+            warnings.warn(f"{self.path} stores the sparse op's gate/up weights in the CPU kernel's slab layout "
+                          "(gate_up_tile = 32, the float32 default), which the CUDA kernel does not read: running "
+                          "on the CPU EP. For the GPU, export with --gate-up-layout rows or --dtype float16.")
+            providers, provider_options = [CPU_EP], None
+            try:
+                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            except Exception as e2:
+                raise self._load_error(e2) from e2
         self.providers = self.session.get_providers()
         if list(providers)[0] == CUDA_EP and self.providers[0] != CUDA_EP:
             warnings.warn(f"CUDAExecutionProvider was asked for but onnxruntime chose {self.providers}: "
@@ -141,6 +153,11 @@ class DSMoESession:
     # ------------------------------------------------------------------ set-up
     def _load_error(self, e: Exception) -> Exception:
         msg = str(e)
+        if "gate_up_tile" in msg:
+            return ModelError(f"{self.path}: the sparse op's gate/up weights are in the CPU kernel's slab layout "
+                              "(gate_up_tile = 32, the float32 export's default), which the CUDA kernel does not "
+                              "read: run it on the CPU EP, or export with --gate-up-layout rows (or --dtype "
+                              f"float16) for the CUDA EP ({msg.strip()[:300]})")
         if OP_TYPE in msg or OP_DOMAIN in msg:
             how = ("the op library is not registered (library=False)" if self.library_path is None
                    else f"the op library {self.library_path} did not provide a kernel for it")

@@ -126,9 +126,10 @@ def ort_op_timing(library: str, tokens_list=(1, 8, 512, 4096), ks=(1, 2, 4, 8), 
 
     def make(kind, k=None, cuda_graph=False):
         if kind == "sparse":
-            m, w = graphs.sparse_graph(e, down_tile=64)  # the tiled layout, against the rows one below
+            # gate/up in rows: the CUDA kernel reads no other layout (gate_up_tile 0)
+            m, w = graphs.sparse_graph(e, down_tile=64, gate_up_tile=0)  # the tiled layout, against rows below
         elif kind == "sparse_rows":
-            m, w = graphs.sparse_graph(e, down_tile=0)
+            m, w = graphs.sparse_graph(e, down_tile=0, gate_up_tile=0)
         elif kind == "dense":
             m, w = graphs.dense_graph(e)
         else:

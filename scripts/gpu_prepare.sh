@@ -4,7 +4,7 @@
 # (git-ignored), to be carried by the device tool:
 #   build/ort-headers/  ONNX Runtime's C/C++ headers (the op library's build needs them)
 #   build/gpu-models/   small exports for the end-to-end CUDA EP check (scripts/gpu_e2e.py):
-#                       sparse.onnx (float32, tiled down layout), sparse_rows.onnx,
+#                       sparse.onnx (float32, gate/up in rows), sparse_rows.onnx,
 #                       sparse_fp16.onnx, dense.onnx, dense_fp16.onnx
 #   build/ort-gpu/      onnxruntime-gpu (pinned) repacked as tar.xz parts of at most
 #                       PART_MIB MiB (default 44: the first call also carries the two
@@ -40,7 +40,9 @@ from dsmoe_export.synthetic import TinySpec, make_model_folder
 make_model_folder("build/gpu-models/src", TinySpec(vocab_size=512, hidden_size=256, intermediate_size=704,
                                                    num_attention_heads=8, num_key_value_heads=4))
 EOF
-    for spec in "sparse:" "sparse_rows:--down-layout rows" "sparse_fp16:--dtype float16" "dense:--dense" \
+    # float32 graphs for the CUDA EP store gate/up in rows (the exporter's default is the CPU's slabs)
+    for spec in "sparse:--gate-up-layout rows" "sparse_rows:--down-layout rows --gate-up-layout rows" \
+                "sparse_fp16:--dtype float16" "dense:--dense" \
                 "dense_fp16:--dense --dtype float16"; do
       name=${spec%%:*}; flags=${spec#*:}
       # shellcheck disable=SC2086

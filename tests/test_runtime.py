@@ -470,6 +470,34 @@ def test_provider_choice_on_this_machine(session):
                                           in ort.get_available_providers() else "CPUExecutionProvider")
 
 
+def test_slab_export_on_a_default_gpu_falls_back_to_the_cpu_ep(exported, monkeypatch):
+    """A float32 export stores gate/up in the CPU kernel's slabs, which the CUDA kernel refuses at
+    session creation. Where DSMoESession chose the CUDA EP itself (a GPU found), it warns and runs
+    on the CPU EP; where the caller asked for the CUDA EP, the error says what to export instead.
+    (No GPU here: onnxruntime's session creation is replaced by one that fails as the CUDA
+    kernel does whenever the CUDA EP comes first.)"""
+    import onnxruntime as ort
+
+    from dsmoe_runtime import session as session_module
+
+    real = ort.InferenceSession
+    calls = []
+
+    def fake_session(path, opts, providers, provider_options=None):
+        calls.append(list(providers))
+        if providers[0] == "CUDAExecutionProvider":
+            raise RuntimeError("GatedBlockSparseFFN: attribute 'gate_up_tile' must be 0 for the CUDA kernel (...)")
+        return real(path, opts, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    monkeypatch.setattr(session_module, "default_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning, match="slab layout.*running on the CPU EP.*--gate-up-layout rows"):
+        s = DSMoESession(exported[1], threads=1)
+    assert s.device == "cpu" and calls == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    with pytest.raises(ModelError, match="slab layout.*--gate-up-layout rows.*gate_up_tile' must be 0"):
+        DSMoESession(exported[1], providers=["CUDAExecutionProvider", "CPUExecutionProvider"], threads=1)
+
+
 # ---------------------------------------------------------------------------- genai_config.json
 
 def test_genai_config_names_the_library_beside_the_model(exported, tmp_path):
