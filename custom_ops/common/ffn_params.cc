@@ -118,11 +118,11 @@ FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info) {
   return a;
 }
 
-FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel) {
+FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel, const char* hint) {
   if (attrs.gate_up_tile != 0) {
     ThrowInvalidArgument(std::string("attribute 'gate_up_tile' must be 0 for ") + kernel +
                          " (gate_weight and up_weight [n, B, d]; the slab layout is the float32 CPU kernel's), got " +
-                         std::to_string(attrs.gate_up_tile));
+                         std::to_string(attrs.gate_up_tile) + hint);
   }
   return attrs;
 }

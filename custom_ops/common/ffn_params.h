@@ -82,9 +82,9 @@ inline int64_t GateUpOffset(const FfnDims& dims, int64_t i, int64_t r0) {
 // Throw Ort::Exception(ORT_INVALID_ARGUMENT) naming the attribute / input, the
 // expected and the actual value.
 FfnAttributes ParseAttributes(const Ort::ConstKernelInfo& info);
-// `attrs`, for a kernel that reads gate/up in rows only (`kernel` names it in the error):
-// gate_up_tile != 0 is an InvalidArgument.
-FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel);
+// `attrs`, for a kernel that reads gate/up in rows only (`kernel` names it in the error, `hint`
+// says what to do instead): gate_up_tile != 0 is an InvalidArgument.
+FfnAttributes RequireGateUpRows(const FfnAttributes& attrs, const char* kernel, const char* hint = "");
 FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& router_weight,
                     const Shape& gate_weight, const Shape& up_weight, const Shape& down_weight,
                     const Shape* router_bias);

@@ -15,7 +15,9 @@ class FfnCudaKernel {
   using Variant = NoVariant;
   static OpSignature Signature(NoVariant) { return FloatOpSignature("CUDAExecutionProvider", kType); }
 
-  FfnCudaKernel(NoVariant, const Ort::ConstKernelInfo& info) : attrs_(RequireGateUpRows(ParseAttributes(info), "the CUDA kernel")) {}
+  FfnCudaKernel(NoVariant, const Ort::ConstKernelInfo& info)
+      : attrs_(RequireGateUpRows(ParseAttributes(info), "the CUDA kernel",
+                                 ": export float32 graphs for the CUDA EP with --gate-up-layout rows")) {}
   void Compute(Ort::KernelContext& ctx) const;
 
  private:
