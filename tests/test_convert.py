@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -271,6 +272,20 @@ def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, cap
     with pytest.raises(RuntimeError, match="must not run"):
         demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", other, root, progress=False)
     assert [p.name for p in root.iterdir()] == [art.folder.name]
+
+    # The exporter changed (another fingerprint): the cached conversion is exported again, the
+    # record keeps its conversion fields and takes the new exports' (and the new fingerprint).
+    mtime = art.sparse.stat().st_mtime_ns
+    assert art.info["exporter"] == demo.exporter_fingerprint() and re.fullmatch("[0-9a-f]{16}", art.info["exporter"])
+    monkeypatch.setattr(demo, "exporter_fingerprint", lambda: "changed")
+    redone = demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", s, root, progress=False)
+    assert redone.cached and redone.info["exporter"] == "changed"
+    assert redone.sparse.stat().st_mtime_ns > mtime
+    assert redone.info["calibrated"] == art.info["calibrated"]
+    assert redone.info["seconds"]["convert"] == art.info["seconds"]["convert"]
+    assert json.loads((art.folder / "demo.json").read_text()) == redone.info
+    assert sorted(p.name for p in art.folder.iterdir() if p.name.startswith("demo.json")) == ["demo.json"]
+    assert demo.prepare(src, tmp_path / "train.txt", tmp_path / "held.txt", s, root, progress=False).info == redone.info
 
     gens = demo.generate_all(art, ("To be, or not",), 5, 1)
     assert all(gens[0][k]["tokens"] == 5 for k in demo.GENERATED_BY)
