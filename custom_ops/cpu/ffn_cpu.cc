@@ -116,6 +116,8 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
 // the rows layout's per-slab reads: 1-4 % slower at T = 1 (d = 2048 and 4096), equal
 // at T = 4; tile after tile (one stream at a time) was 5-6 % slower, a second pass
 // over whole tiles after all of the block's gate/up 4-6 %.
+static_assert(kDecodeRows == kSlabRows, "a decode slab is one slab of the gate/up slab layout");
+
 void FloatDecodeTask::operator()(const DecodeTask& t) const {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
   const bool tiled = dims.down_tile != 0;
