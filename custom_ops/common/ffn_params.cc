@@ -165,10 +165,11 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   // The weights define n, B and d (B from down_weight when gate/up are in slabs, which round it
   // up); X and the attributes are checked against them.
   const bool slabs = attrs.gate_up_tile != 0;
-  const char* gate_form = slabs ? "[n, ceil(B / 32), d, 32] (attribute 'gate_up_tile' = 32)" : "[n, B, d]";
+  const std::string gate_shape = slabs ? "[n, ceil(B / 32), d, 32]" : "[n, B, d]";
+  const std::string gate_form = slabs ? gate_shape + " (attribute 'gate_up_tile' = 32)" : gate_shape;
   if (gate_weight.size() != (slabs ? 4u : 3u) || gate_weight[0] < 1 || gate_weight[1] < 1 || gate_weight[2] < 1 ||
       (slabs && gate_weight[3] != kGateUpSlabRows)) {
-    ThrowInvalidArgument(std::string("input 'gate_weight' must have shape ") + gate_form +
+    ThrowInvalidArgument("input 'gate_weight' must have shape " + gate_form +
                          " with n, B, d >= 1, got " + ShapeToString(gate_weight));
   }
   dims.num_blocks = gate_weight[0];
@@ -176,7 +177,7 @@ FfnDims CheckShapes(const FfnAttributes& attrs, const Shape& x, const Shape& rou
   dims.block_size = gate_weight[1];
   const int64_t n = dims.num_blocks, d = dims.hidden;
   const int64_t tiles = DownTileCount(d);
-  ExpectShape(kUpWeight, up_weight, gate_weight, slabs ? "[n, ceil(B / 32), d, 32] (as gate_weight)" : "[n, B, d] (as gate_weight)");
+  ExpectShape(kUpWeight, up_weight, gate_weight, (gate_shape + " (as gate_weight)").c_str());
   dims.down_tile = attrs.down_tile;
   dims.gate_up_tile = attrs.gate_up_tile;
   if (slabs) {  // B from down_weight: its rows, then gate's slabs checked against it

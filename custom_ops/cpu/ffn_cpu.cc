@@ -90,8 +90,8 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
     std::pair<PrefetchStream, PrefetchStream> gate_up(int64_t i, int64_t r0, int64_t rows) const {
       if (!on) return {};
       const int64_t offset = GateUpOffset(dims, i, r0);
-      // a slab holds 32 rows' values, the last one's padding too
-      const int64_t stored = dims.gate_up_tile != 0 ? CeilDiv(rows, kSlabRows) * kSlabRows : rows;
+      // a task of the slab layout is one whole slab (the last one's padding rows too)
+      const int64_t stored = dims.gate_up_tile != 0 ? kSlabRows : rows;
       const int64_t bytes = stored * dims.hidden * static_cast<int64_t>(sizeof(float));
       return {PrefetchStream::Range(w.gate + offset, bytes), PrefetchStream::Range(w.up + offset, bytes)};
     }

@@ -109,8 +109,8 @@ struct PrefillChunkPlan {
   uint64_t id;
 };
 
-// A gate/up task of the slab layout: rows [r0, r0 + rows) of block i (slabs of kSlabRows rows,
-// gate_up at the first) for all the block's tokens in the chunk, read in place; h goes to the
+// A gate/up task of the slab layout: one slab, rows [r0, r0 + rows) of block i (rows <= kSlabRows;
+// gate_up: the slab), for all the block's tokens in the chunk, read in place; h goes to the
 // tokens' columns of their panels as in the rows layout, so the down phase is the same.
 inline void SlabGateUpTask(const KernelSet& ks, const FfnAttributes& attrs, const PrefillChunkPlan& c, int64_t i,
                            std::pair<const float*, const float*> gate_up, int64_t rows, const float* x, int64_t d,
@@ -122,12 +122,7 @@ inline void SlabGateUpTask(const KernelSet& ks, const FfnAttributes& attrs, cons
   int64_t ld[kGroup];
   int m = 0;
   auto run = [&]() {
-    for (int64_t s = 0; s < rows; s += kSlabRows) {
-      float* h[kGroup];
-      for (int j = 0; j < m; ++j) h[j] = hs[j] + s * ld[j];
-      ks.slab_gate_up(attrs.activation, gate_up.first + s * d, gate_up.second + s * d, std::min(kSlabRows, rows - s),
-                      d, xs, cs, m, h, ld, pf);
-    }
+    ks.slab_gate_up(attrs.activation, gate_up.first, gate_up.second, rows, d, xs, cs, m, hs, ld, pf);
     m = 0;
   };
   const int64_t* pair_token = c.pairs.pair_token.get();
