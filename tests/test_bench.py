@@ -381,15 +381,19 @@ def test_timed_sessions_do_not_spin():
     assert opts.intra_op_num_threads == 2
 
 
+@pytest.mark.parametrize("gate_up", ["rows", "slabs"])
 @pytest.mark.parametrize("layout", ["rows", "tiled"])
-def test_layer_chain_graphs_compute_each_layer(op_library, rng, layout):
+def test_layer_chain_graphs_compute_each_layer(op_library, rng, layout, gate_up):
     """bench.layers' graphs: layer i's output is the FFN of layer i's own weights (sparse: the op
-    with its router, in either down layout; dense: the full FFN), for every layer."""
+    with its router, in either down layout and either gate/up layout; dense: the full FFN), for
+    every layer."""
     from dsmoe_export.bench import layers, op
 
     w = layers.Layers.random(rng, op.Shape(d=70, D=48, n=4), 3)
     x = rng.standard_normal((9, 70)).astype(np.float32)
-    sparse = graphs.Runner(*layers.sparse_model(w, threshold=0.45, layout=layout), threads=2, library=op_library)
+    model, arrays = layers.sparse_model(w, threshold=0.45, layout=layout, gate_up_layout=gate_up)
+    assert arrays["gate0"].ndim == (4 if gate_up == "slabs" else 3)
+    sparse = graphs.Runner(model, arrays, threads=2, library=op_library)
     dense = graphs.Runner(*layers.dense_model(w), threads=1)
     ys, yd = sparse.session.run(None, {"X": x}), dense.session.run(None, {"X": x})
     for i, (router, e) in enumerate(zip(w.routers, w.experts)):

@@ -186,9 +186,12 @@ def bound(tokens: int, r: float) -> float:
 
 
 def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[str], weights: str = "float32",
-             dense: str = "three MatMuls") -> str:
+             dense: str = "three MatMuls", gate_up_layout: str | list[str] = "auto") -> str:
     layout = layout if isinstance(layout, str) else " and ".join(layout)
-    what = f"down layout {layout}" if weights == "float32" else f"{weights} weights"
+    gate_up = gate_up_layout if isinstance(gate_up_layout, str) else " and ".join(gate_up_layout)
+    if gate_up == "auto":
+        gate_up = graphs.default_gate_up_layout()
+    what = f"down layout {layout}, gate/up {gate_up}" if weights == "float32" else f"{weights} weights"
     lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, {what}: sparse/dense ({dense}), "
              "min / median over interleaved rounds", "",
              "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                group_size=args.group_size, accuracy_level=args.accuracy_level, gate_up_layout=gate_up)
     dense = (f"MatMulNBits, {quant.BITS[args.weights]} bits, accuracy_level {args.accuracy_level}"
              if args.weights in quant.BITS else "three MatMuls")
-    print(markdown(rows, args.shape, args.layers, layout, args.weights, dense))
+    print(markdown(rows, args.shape, args.layers, layout, args.weights, dense, gate_up))
     return 0
 
 
