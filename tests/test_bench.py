@@ -258,6 +258,10 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     # The --ffn-node projected export is timed beside the sparse one.
     assert set(rows) == {(p, k) for p in ("prefill", "decode") for k in ("sparse", "dense", "attn", "projected")}
     assert rows[("prefill", "sparse")]["tokens"] == 7 and 0 <= rows[("prefill", "sparse")]["r"] <= 1
+    # decode rows get DECODE_ROUND_FACTOR x the rounds (each sample a sequence of cheap steps)
+    from dsmoe_export.bench import e2e
+    assert {r["rounds"] for r in results["e2e"] if r["phase"] == "prefill"} == {1}
+    assert {r["rounds"] for r in results["e2e"] if r["phase"] == "decode"} == {e2e.DECODE_ROUND_FACTOR}
     for phase in ("prefill", "decode"):
         s, projected = rows[(phase, "sparse")], rows[(phase, "projected")]
         assert s["projected_vs_sparse_min"] == pytest.approx(projected["ms_min"] / s["ms_min"])
