@@ -313,6 +313,34 @@ def test_validation_skips_prompts_with_routing_ties(tmp_path):
     assert main([str(folder), str(tmp_path / "m.onnx"), "-q"]) == 0
 
 
+def test_validation_counts_top1_agreement_of_the_logits(tmp_path):
+    """The report's logits error and top-1 agreement: all positions for the model's own export, and
+    for another model's export the count numpy gets from the two sets of prefill logits."""
+    from dsmoe_export import loader, validate
+
+    spec = TinySpec()
+    folders = [make_model_folder(tmp_path / name, spec, seed=seed, router_scale=2.0)
+               for name, seed in (("a", 11), ("b", 12))]
+    assert main([str(folders[0]), str(tmp_path / "a.onnx"), "-q", "--no-validate"]) == 0
+    own = validate.validate_export(loader.load_model(folders[0])[0], tmp_path / "a.onnx")
+    # batch 2 of 8 tokens, row 0 left-padded by 2: 14 prefill positions, then one step per row
+    assert own.top1_positions == 16 and own.top1_agreed == 16 and own.logits_rel_error < REL_TOL
+    other_model = loader.load_model(folders[1])[0]
+    other = validate.validate_export(other_model, tmp_path / "a.onnx")
+    assert other.top1_positions == 16 and other.logits_rel_error > 0.1
+    ids, mask, pos = validate.prompt_inputs(spec.vocab_size, seed=0)
+    with torch.no_grad():
+        want = other_model(ids, mask, pos, other_model.empty_past(2, dtype=torch.float32))[0].numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for name in interface.past_names(spec.num_hidden_layers):
+        feeds[name] = np.zeros((2, spec.num_key_value_heads, 0, spec.hidden_size // spec.num_attention_heads),
+                               np.float32)
+    got = make_session(tmp_path / "a.onnx").run(["logits"], feeds)[0]
+    valid = mask.bool().numpy()
+    prefill_agreed = int((got[valid].argmax(-1) == want[valid].argmax(-1)).sum())
+    assert prefill_agreed <= other.top1_agreed <= prefill_agreed + 2 < 16
+
+
 # The per-layer op sequence of the lean graph (docs/exporting.md), as ONNX Runtime's model builder
 # lays out a LLaMA layer; layer 0 starts with a plain SimplifiedLayerNormalization.
 LAYER_OPS = ["SkipSimplifiedLayerNormalization", "MatMul", "GroupQueryAttention", "MatMul",

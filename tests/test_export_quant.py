@@ -62,6 +62,9 @@ def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
     # accuracy_level 4) is measured too.
     assert q4.validation.max_rel_error <= 1e-3
     assert q4.validation.as_written is not None and q4.validation.as_written.max_rel_error > 1e-5
+    assert q4.validation.top1_agreed == q4.validation.top1_positions == 16
+    assert 0 < q4.validation.as_written.logits_rel_error and q4.validation.as_written.top1_positions == 16
+    assert "the same top-1 token at" in q4.validation.summary()
     ops = _ops(tmp_path / "int4.onnx")
     assert ops[("org.dsmoe", "GatedBlockSparseFFNInt4")] == 2 and ops[("org.dsmoe", "GatedBlockSparseFFN")] == 0
     assert ops[("com.microsoft", "MatMulNBits")] == 2 * 2 + 1  # packed qkv and o per layer + the lm_head
