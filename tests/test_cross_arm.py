@@ -1,6 +1,7 @@
 """The CPU kernels built for 64-bit ARM (their NEON baseline), run inside ONNX Runtime's own aarch64
 build under qemu's user-mode emulator, against the float64 reference: the same cases and checks
-as the x86 tests, on the instruction set this machine cannot run natively.
+as the x86 tests, on the instruction set this machine cannot run natively; and whole exports
+(sparse, projected, int4, dense) against this machine's ONNX Runtime.
 
 Needs qemu-aarch64-static, the aarch64 cross compilers, `unshare` with mount rights and PyPI (ONNX
 Runtime's aarch64 wheel, the version this venv runs); skipped otherwise. `bash scripts/arm_check.sh`
@@ -134,3 +135,37 @@ def test_bad_shape_is_an_error_not_a_crash_on_aarch64(arm, rng):
     feeds["gate_weight"] = feeds["gate_weight"][:, :, :48].copy()  # d = 48, X has 64
     code, out, err = arm(make_model(case, with_function=False), feeds)
     assert code == 2 and "gate_weight" in err, err
+
+
+@pytest.mark.parametrize("variant", ["sparse", "projected", "int4", "int4-projected", "dense"])
+def test_exported_model_on_aarch64(arm, tmp_path, variant):
+    """A whole export (GroupQueryAttention, the norms, MatMulNBits, the op) in ONNX Runtime's aarch64
+    build: the logits of the exporter's own validation prompt (a left-padded batch), against this
+    machine's ONNX Runtime on the same file (which the export validated against PyTorch). int4 at
+    accuracy_level 0: the int8-activation kernels of the two CPUs round differently."""
+    from dsmoe_export.exporter import export
+    from dsmoe_export.graph import interface
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+    from dsmoe_export.validate import make_session, prompt_inputs
+
+    spec = TinySpec()
+    folder = make_model_folder(tmp_path / "model", spec, seed=7, router_scale=2.0)
+    options = dict(dense=variant == "dense", ffn_node="projected" if variant.endswith("projected") else "auto")
+    if variant.startswith("int4"):
+        options.update(ffn_weights="int4", matmul_weights="int4", accuracy_level=0)
+    path = tmp_path / "model.onnx"
+    export(folder, path, progress=False, copy_tokenizer=False, **options)
+    ids, mask, _ = prompt_inputs(spec.vocab_size, seed=0)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    head = spec.hidden_size // spec.num_attention_heads
+    for name in interface.past_names(spec.num_hidden_layers):
+        feeds[name] = np.zeros((2, spec.num_key_value_heads, 0, head), np.float32)
+    want = make_session(path, custom_ops=variant != "dense").run(None, feeds)
+    code, got, err = arm(onnx.load(str(path)), feeds, threads=2)
+    assert code == 0, err
+    valid = mask.bool().numpy()
+    logits, want_logits = got[0][valid], want[0][valid]
+    assert np.abs(logits - want_logits).max() <= 1e-4 * max(1.0, np.abs(want_logits).max())
+    for g, w in zip(got[1:], want[1:]):  # presents, at the valid positions
+        g, w = g.transpose(0, 2, 1, 3)[valid], w.transpose(0, 2, 1, 3)[valid]
+        assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max())
