@@ -1,19 +1,11 @@
 #!/usr/bin/env bash
 # The CPU kernels on 64-bit ARM, without an ARM machine: installs qemu's user-mode emulator and
-# the aarch64 cross compilers (Debian packages; needs root or sudo), then runs
-# tests/test_cross_arm.py, which cross-builds the op library and a small ONNX Runtime driver,
-# fetches ONNX Runtime's aarch64 wheel from PyPI and checks the NEON kernels against the float64
-# reference inside that ONNX Runtime. Correctness only: emulated time says nothing about speed.
-# Extra arguments go to pytest.
+# the aarch64 cross compilers (scripts/arm_tools.sh), then runs tests/test_cross_arm.py, which
+# cross-builds the op library and a small ONNX Runtime driver, fetches ONNX Runtime's aarch64
+# wheel from PyPI and checks the NEON kernels against the float64 reference inside that ONNX
+# Runtime. Correctness only: emulated time says nothing about speed. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-packages=()
-command -v qemu-aarch64-static > /dev/null || packages+=(qemu-user-static)
-command -v aarch64-linux-gnu-g++ > /dev/null || packages+=(g++-aarch64-linux-gnu)
-if [ ${#packages[@]} -gt 0 ]; then
-  sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
-fi
+bash scripts/arm_tools.sh
 exec .venv/bin/pytest tests/test_cross_arm.py -rs "$@"

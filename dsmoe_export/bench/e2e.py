@@ -46,9 +46,9 @@ from . import builder, fixed_cost, generation, graph_stats, graphs, metrics, nod
 from .op import Shape, target_ratio
 
 # Decode samples get this many times the rounds: one is a handful of single-token steps, cheap
-# beside a prefill, and the decode rows carry the tightest bound while their minimum over few
-# rounds moved most between runs (converted SmolLM2, 8 rounds: the builder's fp32 step 23.9 /
-# 25.7 / 29.4 ms in three runs, the medians within 3 %).
+# beside a prefill, and the decode rows carry the tightest bound. More rounds steady a session's
+# minimum; sessions of one model still differ by up to 25 % on the development VM (docs/benchmarks.md,
+# "How far one run's ratios move").
 DECODE_ROUND_FACTOR = 3
 
 KINDS = ("sparse", "dense", "attn", "projected")
