@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, default=None, help="exact active-block counts k (default: 1..n)")
     p.add_argument("--rounds", type=int, default=None,
                    help=f"timed rounds per group (default 5; calls under {op.SHORT_CALL_MS:g} ms get "
-                        f"{op.SHORT_CALL_FACTOR}x, end-to-end decode {e2e.DECODE_ROUND_FACTOR}x)")
+                        f"{op.SHORT_CALL_FACTOR}x; end to end, each of {e2e.SESSIONS} sessions per variant)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed rounds per group (a shape and token count): fewer rounds when they "
                         "would take longer, but at least 2 (default: 30; --quick: 5)")
@@ -294,8 +294,9 @@ def _meta(args, argv: list[str], library: str, flush) -> dict:
         "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
                   if flush.enabled else "warm (--no-flush)"),
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
-                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}, end-to-end decode "
-                       f"{args.rounds * e2e.DECODE_ROUND_FACTOR}; fewer (at least 2) "
+                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; end to end, {e2e.SESSIONS} "
+                       f"sessions per variant, each timed in every round, a variant's min the median of its "
+                       f"sessions' minima; fewer (at least 2) "
                        f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
         "quick": args.quick}
 
@@ -309,8 +310,8 @@ def _planned_steps(args, run: _Run) -> int:
             steps += op.planned_quant_calls(args.shapes, args.tokens, run.ks_for, args.rounds, args.precisions)
     if run.do_e2e:
         variants = 1 + len(args.e2e_precisions) * (3 if run.builder_python else 2)
-        decode = e2e.DECODE_ROUND_FACTOR if args.decode_steps else 0
-        steps += variants + args.rounds * variants * (len(run.prefill) + decode)
+        phases = len(run.prefill) + (1 if args.decode_steps else 0)
+        steps += variants + args.rounds * variants * e2e.SESSIONS * phases
     return steps
 
 

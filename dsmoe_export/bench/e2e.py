@@ -45,11 +45,10 @@ from ..synthetic import TinySpec, make_model_folder, write_byte_tokenizer
 from . import builder, fixed_cost, generation, graph_stats, graphs, metrics, node_times, timing
 from .op import Shape, target_ratio
 
-# Decode samples get this many times the rounds: one is a handful of single-token steps, cheap
-# beside a prefill, and the decode rows carry the tightest bound. More rounds steady a session's
-# minimum; sessions of one model still differ by up to 25 % on the development VM (docs/benchmarks.md,
-# "How far one run's ratios move").
-DECODE_ROUND_FACTOR = 3
+# Sessions timed per variant: on the development VM sessions of one model differ by up to 25 %,
+# each keeping its level over a run (docs/benchmarks.md, "How far one run's ratios move"), so a
+# variant's time is the median over its sessions of each one's minimum (timing.SessionSamples).
+SESSIONS = 3
 
 KINDS = ("sparse", "dense", "attn", "projected")
 # Export options per precision: "int4" = int4 FFN blocks / MatMulNBits and int4 attention, lm_head and
@@ -252,7 +251,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "builder": sorted(built["builder"]) or None,
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
-    sessions = {k: _session(p, threads, library if uses_library(k) else None) for k, p in paths.items()}
+    sessions = {timing.session_key(k, i): _session(p, threads, library if uses_library(k) else None)
+                for i in range(SESSIONS) for k, p in paths.items()}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
@@ -276,9 +276,10 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                 bar.set_description(f"e2e prefill T={T}")
             feeds = _prefill_feeds(prompt[:, :T], shape)
             calls = {k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}
-            res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T, budget_s=budget_s,
-                                     on_call=on_call)
+            res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
+                                     budget_s=budget_s and budget_s * SESSIONS, on_call=on_call)
             _skip_unused(bar, res, rounds)
+            res = timing.by_variant(res)
             profiled.measure(("prefill", T), lambda s, feeds=feeds: (lambda: s.run(["logits"], feeds)), rounds,
                              flush=flush, gate=gate, seed=seed + T)
             acts = reference_activity(reference, prompt[:, :T], steps[:0])
@@ -293,18 +294,17 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             for d in decoders.values():
                 d.prime(prompt[:, :decode_past])
             calls = {k: (lambda d=d: d(steps)) for k, d in decoders.items()}
-            decode_rounds = rounds * DECODE_ROUND_FACTOR
-            res = timing.interleaved(calls, decode_rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1,
-                                     budget_s=budget_s and budget_s * DECODE_ROUND_FACTOR, on_call=on_call)
-            _skip_unused(bar, res, decode_rounds)
-            res = {k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()}
+            res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1,
+                                     budget_s=budget_s and budget_s * SESSIONS, on_call=on_call)
+            _skip_unused(bar, res, rounds)
+            res = timing.by_variant({k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()})
 
             def profiled_decoder(s):
                 dec = Decoder(s, shape, decode_past + decode_steps)
                 dec.prime(prompt[:, :decode_past])
                 return lambda: dec(steps)
 
-            profiled.measure(("decode", 1), profiled_decoder, decode_rounds, runs_per_call=decode_steps, prep_runs=1,
+            profiled.measure(("decode", 1), profiled_decoder, rounds * SESSIONS, runs_per_call=decode_steps, prep_runs=1,
                              flush=flush, gate=gate, seed=seed + 1)
             acts = reference_activity(reference, prompt[:, :decode_past], steps)
             mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
@@ -366,7 +366,8 @@ def _rows(phase: str, T: int, past: int, res: dict, act: dict, shape: ModelShape
         ffn_samples = samples
         dn = res[variant_name("dense", precision)] if kind != "attn" else res["dense"]
         row = {"level": "e2e", "phase": phase, "tokens": T, "past": past, "kind": kind, "precision": precision,
-               "variant": name, "model": shape.label, **samples.summary(), "rounds": len(samples.ms),
+               "variant": name, "model": shape.label, **samples.summary(), "sessions": len(samples.per_session),
+               "rounds": len(samples.ms) // len(samples.per_session),
                "ratio_min": samples.min / dn.min, "ratio_median": samples.median / dn.median}
         ref = res.get(variant_name("builder", precision))
         if ref is not None:

@@ -256,7 +256,8 @@ def markdown(results: dict) -> str:
 
 LEGEND = [
     "Legend. Times in ms, min (and median) over interleaved rounds; ratios are min / min within the same "
-    "rounds. r = mean active blocks per token / n. union = blocks active for at least one token of the call "
+    "rounds; end to end, each variant runs as several sessions (rows' `sessions`), its min the median of their "
+    "minima. r = mean active blocks per token / n. union = blocks active for at least one token of the call "
     "(the weights a call must read). target = the issue's bound: r + 0.05 for T = 1, 1.15 r + 0.05 for prefill. "
     "MoE = com.microsoft.MoE (CPU EP, swiglu) fed the same blocks per token; MoE/sparse > 1 means the sparse op "
     "is faster. GB/s counts the weights read (union of active blocks; all for dense); GFLOP/s counts 6 B d per "

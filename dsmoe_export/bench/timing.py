@@ -113,6 +113,30 @@ class Samples:
         return {"ms_min": self.min, "ms_median": self.median, "samples": len(self.ms)}
 
 
+@dataclass
+class SessionSamples(Samples):
+    """One variant's samples from several sessions of it. On a shared VM a session keeps a level of
+    its own (where its weights landed), so the minimum is the median over the sessions of each
+    one's minimum; the median is over all samples."""
+    per_session: list[list[float]]
+
+    @property
+    def min(self) -> float:
+        return statistics.median(min(ms) for ms in self.per_session)
+
+
+def session_key(name: str, index: int) -> str:
+    return f"{name}#{index}"
+
+
+def by_variant(res: dict[str, Samples]) -> dict[str, SessionSamples]:
+    """Samples keyed session_key(variant, i) -> SessionSamples per variant, in first-seen order."""
+    groups: dict[str, list[list[float]]] = {}
+    for key, samples in res.items():
+        groups.setdefault(key.rpartition("#")[0], []).append(samples.ms)
+    return {k: SessionSamples([t for ms in v for t in ms], v) for k, v in groups.items()}
+
+
 def interleaved(calls: dict[str, Callable[[], None]], rounds: int, *, flush: Flusher | None = None,
                 gate: QuietGate | None = None, warmup: int = 1, seed: int = 0, budget_s: float | None = None,
                 min_rounds: int = 2, on_call: Callable[[], None] | None = None) -> dict[str, Samples]:
