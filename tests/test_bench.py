@@ -261,6 +261,8 @@ def test_quick_e2e_run_on_a_model_folder(op_library, tmp_path, monkeypatch):
     # every variant timed in e2e.SESSIONS sessions, each in every round
     from dsmoe_export.bench import e2e
     assert {(r["sessions"], r["rounds"], r["samples"]) for r in results["e2e"]} == {(e2e.SESSIONS, 1, e2e.SESSIONS)}
+    for r in results["e2e"]:
+        assert r["ms_min"] == pytest.approx(float(np.median(r["ms_session_mins"])))
     for phase in ("prefill", "decode"):
         s, projected = rows[(phase, "sparse")], rows[(phase, "projected")]
         assert s["projected_vs_sparse_min"] == pytest.approx(projected["ms_min"] / s["ms_min"])
@@ -317,9 +319,11 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "out"
     assert cli.main(["e2e", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "1,7",
-                     "--e2e-precisions", "fp32,int4", "--gen-tokens", "4", "--out", str(out)]) == 0
+                     "--e2e-precisions", "fp32,int4", "--gen-tokens", "4", "--e2e-sessions", "2",
+                     "--out", str(out)]) == 0
     results = _check_outputs(out, "e2e")
     info = results["e2e_info"]
+    assert {(r["sessions"], len(r["ms_session_mins"])) for r in results["e2e"] if r["phase"] != "generate"} == {(2, 2)}
     assert info["builder"] == ["builder", "builder-int4"]
     timed = {(r["phase"], r["variant"]) for r in results["e2e"] if r["phase"] != "generate"}
     variants = {"attn", "sparse", "dense", "builder", "sparse-int4", "dense-int4", "builder-int4"}
@@ -354,6 +358,8 @@ def test_model_option_errors(tmp_path, op_library, monkeypatch):
         cli.main(["e2e", "--quick", "--model", str(folder), "--text", str(short), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--text needs --model"):
         cli.main(["e2e", "--quick", "--text", str(short), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--e2e-sessions: expected at least 1, got 0"):
+        cli.main(["e2e", "--quick", "--e2e-sessions", "0", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 

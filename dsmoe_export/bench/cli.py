@@ -57,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_ints, default=None, help="exact active-block counts k (default: 1..n)")
     p.add_argument("--rounds", type=int, default=None,
                    help=f"timed rounds per group (default 5; calls under {op.SHORT_CALL_MS:g} ms get "
-                        f"{op.SHORT_CALL_FACTOR}x; end to end, each of {e2e.SESSIONS} sessions per variant)")
+                        f"{op.SHORT_CALL_FACTOR}x; end to end, each of --e2e-sessions sessions per variant)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed rounds per group (a shape and token count): fewer rounds when they "
                         "would take longer, but at least 2 (default: 30; --quick: 5)")
@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                         "tokenizer (default: random token ids)")
     p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
+    p.add_argument("--e2e-sessions", type=int, default=e2e.SESSIONS,
+                   help=f"sessions timed per end-to-end variant, all held at once (default: {e2e.SESSIONS}; "
+                        "1 on a machine short of memory)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
     p.add_argument("--e2e-kv-heads", type=int, default=None, help="KV heads (default: 4)")
     p.add_argument("--e2e-vocab", type=int, default=None, help="vocabulary (default: 2048)")
@@ -269,6 +272,8 @@ def _resolve(args) -> _Run:
                                          heads=args.e2e_heads, kv_heads=args.e2e_kv_heads, vocab=args.e2e_vocab)
     elif args.model is not None:
         raise SystemExit("--model applies to the end-to-end benchmark (e2e or all), not to op")
+    if args.e2e_sessions < 1:
+        raise SystemExit(f"--e2e-sessions: expected at least 1, got {args.e2e_sessions}")
     bad = [p for p in args.e2e_precisions if p not in e2e.PRECISION_OPTIONS]
     if bad:
         raise SystemExit(f"--e2e-precisions: {', '.join(bad)} (expected {', '.join(e2e.PRECISION_OPTIONS)})")
@@ -294,8 +299,8 @@ def _meta(args, argv: list[str], library: str, flush) -> dict:
         "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
                   if flush.enabled else "warm (--no-flush)"),
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
-                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; end to end, {e2e.SESSIONS} "
-                       f"sessions per variant, each timed in every round, a variant's min the median of its "
+                       f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; end to end, "
+                       f"{args.e2e_sessions} sessions per variant, each timed in every round, a variant's min the median of its "
                        f"sessions' minima; fewer (at least 2) "
                        f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
         "quick": args.quick}
@@ -311,7 +316,7 @@ def _planned_steps(args, run: _Run) -> int:
     if run.do_e2e:
         variants = 1 + len(args.e2e_precisions) * (3 if run.builder_python else 2)
         phases = len(run.prefill) + (1 if args.decode_steps else 0)
-        steps += variants + args.rounds * variants * e2e.SESSIONS * phases
+        steps += variants + args.rounds * variants * args.e2e_sessions * phases
     return steps
 
 
@@ -339,7 +344,7 @@ def _run_e2e(args, run: _Run, library, flush, gate, bar, results: dict, before: 
                          rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
                          bar=bar, token_ids=run.token_ids, precisions=tuple(args.e2e_precisions),
                          builder_python=run.builder_python, gen_tokens=args.gen_tokens,
-                         gen_rounds=args.gen_rounds)
+                         gen_rounds=args.gen_rounds, sessions_per_variant=args.e2e_sessions)
     if args.text is not None:
         info["prompt"] = f"the text of {args.text.name}, {len(run.token_ids)} tokens"
     results["e2e"], results["e2e_info"] = rows, info

@@ -235,11 +235,13 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
         threads: int, library: str, rounds: int, flush: timing.Flusher, seed: int,
         gate: timing.QuietGate | None = None, budget_s: float | None = None, bar=None,
         token_ids: np.ndarray | None = None, precisions: tuple[str, ...] = ("fp32",),
-        builder_python: str | None = None, gen_tokens: int = 0, gen_rounds: int = 3) -> tuple[list[dict], dict]:
+        builder_python: str | None = None, gen_tokens: int = 0, gen_rounds: int = 3,
+        sessions_per_variant: int = SESSIONS) -> tuple[list[dict], dict]:
     """Rows and run info. ``token_ids`` (1-D, at least tokens_needed() long): real text for the
     prompts and decode steps instead of random ids. ``builder_python``: the interpreter of
     onnxruntime-genai's model builder (builder.find_python), whose models join the comparison.
-    ``gen_tokens`` > 0 adds generation throughput (generation.py)."""
+    ``gen_tokens`` > 0 adds generation throughput (generation.py). ``sessions_per_variant``:
+    sessions timed per variant, all held at once (SESSIONS)."""
     built = build(out, shape, seed=seed, precisions=precisions, builder_python=builder_python, threads=threads,
                   bar=bar)
     exports = built["exports"]
@@ -252,7 +254,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
     sessions = {timing.session_key(k, i): _session(p, threads, library if uses_library(k) else None)
-                for i in range(SESSIONS) for k, p in paths.items()}
+                for i in range(sessions_per_variant) for k, p in paths.items()}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
@@ -277,7 +279,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             feeds = _prefill_feeds(prompt[:, :T], shape)
             calls = {k: (lambda s=s: s.run(["logits"], feeds)) for k, s in sessions.items()}
             res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + T,
-                                     budget_s=budget_s and budget_s * SESSIONS, on_call=on_call)
+                                     budget_s=budget_s and budget_s * sessions_per_variant, on_call=on_call)
             _skip_unused(bar, res, rounds)
             res = timing.by_variant(res)
             profiled.measure(("prefill", T), lambda s, feeds=feeds: (lambda: s.run(["logits"], feeds)), rounds,
@@ -295,7 +297,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                 d.prime(prompt[:, :decode_past])
             calls = {k: (lambda d=d: d(steps)) for k, d in decoders.items()}
             res = timing.interleaved(calls, rounds, flush=flush, gate=gate, warmup=1, seed=seed + 1,
-                                     budget_s=budget_s and budget_s * SESSIONS, on_call=on_call)
+                                     budget_s=budget_s and budget_s * sessions_per_variant, on_call=on_call)
             _skip_unused(bar, res, rounds)
             res = timing.by_variant({k: timing.Samples([t / decode_steps for t in v.ms]) for k, v in res.items()})
 
@@ -304,8 +306,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                 dec.prime(prompt[:, :decode_past])
                 return lambda: dec(steps)
 
-            profiled.measure(("decode", 1), profiled_decoder, rounds * SESSIONS, runs_per_call=decode_steps, prep_runs=1,
-                             flush=flush, gate=gate, seed=seed + 1)
+            profiled.measure(("decode", 1), profiled_decoder, rounds * sessions_per_variant, runs_per_call=decode_steps,
+                             prep_runs=1, flush=flush, gate=gate, seed=seed + 1)
             acts = reference_activity(reference, prompt[:, :decode_past], steps)
             mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
             stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}

@@ -124,6 +124,9 @@ class SessionSamples(Samples):
     def min(self) -> float:
         return statistics.median(min(ms) for ms in self.per_session)
 
+    def summary(self) -> dict:
+        return super().summary() | {"ms_session_mins": [min(ms) for ms in self.per_session]}
+
 
 def session_key(name: str, index: int) -> str:
     return f"{name}#{index}"
