@@ -85,7 +85,9 @@ def arm(tmp_path_factory):
         cmd = (HIDE_CACHES + f"QEMU_LD_PREFIX={SYSROOT} exec qemu-aarch64-static {driver} {library} "
                f"{case_dir / 'model.onnx'} {case_dir} {threads}")
         done = _run(["unshare", "-m", "sh", "-c", cmd], timeout=600)
-        outputs = [np.load(case_dir / f"out_{o.name}.npy") for o in model.graph.output] if done.returncode == 0 else None
+        outputs = None
+        if done.returncode == 0:
+            outputs = [np.load(case_dir / f"out_{o.name}.npy") for o in model.graph.output]
         return done.returncode, outputs, done.stderr
 
     return run

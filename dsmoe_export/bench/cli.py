@@ -300,8 +300,8 @@ def _meta(args, argv: list[str], library: str, flush) -> dict:
                   if flush.enabled else "warm (--no-flush)"),
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
                        f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; end to end, "
-                       f"{args.e2e_sessions} sessions per variant, each timed in every round, a variant's min the median of its "
-                       f"sessions' minima; fewer (at least 2) "
+                       f"{args.e2e_sessions} sessions per variant, each timed in every round, a variant's min the "
+                       f"median of its sessions' minima; fewer (at least 2) "
                        f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
         "quick": args.quick}
 

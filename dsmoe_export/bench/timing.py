@@ -116,8 +116,8 @@ class Samples:
 @dataclass
 class SessionSamples(Samples):
     """One variant's samples from several sessions of it. On a shared VM a session keeps a level of
-    its own (where its weights landed), so the minimum is the median over the sessions of each
-    one's minimum; the median is over all samples."""
+    its own (up to 25 % apart for one model), so the minimum is the median over the sessions of
+    each one's minimum; the median is over all samples."""
     per_session: list[list[float]]
 
     @property
