@@ -12,5 +12,5 @@ if [ "$(id -u)" -ne 0 ]; then
   sudo -n true 2> /dev/null || { echo "arm_tools: installing ${packages[*]} needs root or sudo" >&2; exit 1; }
   sudo_cmd=(sudo -n)
 fi
-install() { "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /dev/null; }
-install || { "${sudo_cmd[@]}" apt-get update -q > /dev/null && install; }
+apt_install() { "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" > /dev/null; }
+apt_install || { "${sudo_cmd[@]}" apt-get update -q > /dev/null && apt_install; }
