@@ -9,7 +9,8 @@ held-out plays never seen), exports it sparse (the custom op) and dense (the bas
 both against the PyTorch reference, generates a few sentences with each and prints a latency
 comparison. The converted folder and the exports are cached, keyed by the settings
 (~/.cache/dsmoe-export/demo/KEY, or $DSMOE_CACHE/demo/KEY): a second run only generates and
-times, unless the exporter's sources changed since (then it exports the cached model again). synthetic: a small random DSMoE model made on the spot (no download, no calibration).
+times, unless the exporter's sources changed since (then it exports the cached model again).
+synthetic: a small random DSMoE model made on the spot (no download, no calibration).
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ installs the Debian packages and runs this file. Emulation checks results, not s
 """
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def arm(tmp_path_factory):
     compiled = _run(["aarch64-linux-gnu-g++", "-O1", "-std=c++17", "-I", include, str(ROOT / "tests/cross/ort_run.cc"),
                      "-L", str(lib), "-lonnxruntime", "-Wl,-rpath,$ORIGIN", "-o", str(driver)])
     assert compiled.returncode == 0, compiled.stderr
-    counter = iter(range(10**6))
+    counter = itertools.count()
 
     def run(model: onnx.ModelProto, feeds: dict, threads: int = 1):
         case_dir = work / f"case{next(counter)}"

@@ -306,8 +306,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
                 dec.prime(prompt[:, :decode_past])
                 return lambda: dec(steps)
 
-            profiled.measure(("decode", 1), profiled_decoder, rounds * sessions_per_variant, runs_per_call=decode_steps,
-                             prep_runs=1, flush=flush, gate=gate, seed=seed + 1)
+            profiled.measure(("decode", 1), profiled_decoder, rounds, runs_per_call=decode_steps, prep_runs=1,
+                             flush=flush, gate=gate, seed=seed + 1)
             acts = reference_activity(reference, prompt[:, :decode_past], steps)
             mean_k = float(acts["decode"].sum(-1).mean())       # [steps, layers, n]: one token per call
             stats = {"mean_k": mean_k, "r": mean_k / shape.ffn.n, "union": mean_k}
