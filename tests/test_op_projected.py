@@ -77,11 +77,12 @@ def check(feeds, outputs, *, epsilon, down_tile=0, gate_up_tile=0, **ffn_attrs):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_matches_reference(op_library, rng, lead, threads):
     feeds = make_feeds(rng, lead)
+    # block 0 leans on, block 1 off (|logit| <~ 3 otherwise), so a mix is certain whatever the draw
+    feeds["router_bias"][:2] = (4.0, -4.0)
     attrs = dict(num_experts=4, epsilon=1e-5, threshold=float(rng.uniform(0.3, 0.7)))
     active = check(feeds, session(make_model(feeds, **attrs), op_library, threads).run(None, feeds),
                    epsilon=1e-5, threshold=attrs["threshold"])
-    if active.size >= 24:
-        assert 0 < active.mean() < 1  # some blocks on, some off
+    assert active[..., 0].any() and not active[..., 1].all()  # some blocks on, some off
 
 
 @pytest.mark.parametrize("gate_up_tile", [0, 32])
