@@ -331,6 +331,9 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     assert all(0 < r["vs_builder_min"] < 100 for r in results["e2e"]
                if r["kind"] in ("sparse", "dense") and r["phase"] != "generate")
     gen = {(r["variant"], r["runner"]) for r in results["e2e"] if r["phase"] == "generate"}
+    # each runner in --e2e-sessions processes, every variant timed in each
+    assert {(r["processes"], len(r["ms_process_mins"]), r["rounds"]) for r in results["e2e"]
+            if r["phase"] == "generate"} == {(2, 2, 1)}
     assert gen == {(v, "dsmoe_runtime") for v in ("sparse", "dense", "sparse-int4", "dense-int4")} | \
         {(v, "genai") for v in ("sparse", "sparse-int4", "builder", "builder-int4")}
     nodes = info["nodes"]
@@ -341,6 +344,25 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     assert "decode step / builder's" in table and "| builder | genai |" in table
     builder_row = next(line for line in table.splitlines() if line.startswith("| builder | genai |"))
     assert builder_row.split("|")[8].strip() == "1.000"
+
+
+def test_generation_row_takes_the_median_of_each_process_best(rng):
+    """A generation row from several processes: best = median over the processes of each one's
+    minimum (of prefill + decode; prefill and decode steps likewise), median over all samples."""
+    from dsmoe_export.bench import generation
+
+    per_process = [[(float(p), float(d)) for p, d in rng.uniform(1, 100, (4, 2))] for _ in range(3)]
+    row = generation._row("sparse-int4", "genai", per_process, 9, 128)
+    totals = np.array([[p + d for p, d in times] for times in per_process])
+    best = np.sort(totals.min(axis=1))[1]
+    assert row["ms_process_mins"] == pytest.approx(totals.min(axis=1).tolist())
+    assert row["ms_min"] == pytest.approx(best) and row["tokens_s"] == pytest.approx(9e3 / best)
+    assert row["ms_median"] == pytest.approx(np.median(totals)) and row["tokens_s_median"] == pytest.approx(9e3 / np.median(totals))
+    decode = np.sort([min(d for _, d in times) for times in per_process])[1]
+    assert row["decode_tokens_s"] == pytest.approx(8e3 / decode)
+    assert row["prefill_ms_min"] == pytest.approx(np.sort([min(p for p, _ in times) for times in per_process])[1])
+    assert (row["processes"], row["rounds"], row["precision"], row["kind"], row["past"]) == (3, 4, "int4", "sparse", 128)
+    assert generation._row("dense", "dsmoe_runtime", per_process[:1], 1, 5)["decode_tokens_s"] is None
 
 
 def test_model_option_errors(tmp_path, op_library, monkeypatch):

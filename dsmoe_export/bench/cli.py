@@ -80,8 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-shape", default=None, help="end-to-end model FFN shape dxD[xn] (default: 2048x5632x8)")
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
     p.add_argument("--e2e-sessions", type=int, default=e2e.SESSIONS,
-                   help=f"sessions timed per end-to-end variant, all held at once (default: {e2e.SESSIONS}; "
-                        "1 on a machine short of memory)")
+                   help=f"sessions timed per end-to-end variant, all held at once, and processes per generation "
+                        f"runner (default: {e2e.SESSIONS}; 1 on a machine short of memory)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
     p.add_argument("--e2e-kv-heads", type=int, default=None, help="KV heads (default: 4)")
     p.add_argument("--e2e-vocab", type=int, default=None, help="vocabulary (default: 2048)")
@@ -301,7 +301,8 @@ def _meta(args, argv: list[str], library: str, flush) -> dict:
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "
                        f"under {op.SHORT_CALL_MS:g} ms get {args.rounds * op.SHORT_CALL_FACTOR}; end to end, "
                        f"{args.e2e_sessions} sessions per variant, each timed in every round, a variant's min the "
-                       f"median of its sessions' minima; fewer (at least 2) "
+                       f"median of its sessions' minima (generation: of its runner's {args.e2e_sessions} processes' "
+                       f"best); fewer (at least 2) "
                        f"where a group's rounds would take over {args.budget:g} s (each row says how many)",
         "quick": args.quick}
 

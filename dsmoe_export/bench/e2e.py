@@ -241,7 +241,7 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     prompts and decode steps instead of random ids. ``builder_python``: the interpreter of
     onnxruntime-genai's model builder (builder.find_python), whose models join the comparison.
     ``gen_tokens`` > 0 adds generation throughput (generation.py). ``sessions_per_variant``:
-    sessions timed per variant, all held at once (SESSIONS)."""
+    sessions timed per variant, all held at once, and processes per generation runner (SESSIONS)."""
     built = build(out, shape, seed=seed, precisions=precisions, builder_python=builder_python, threads=threads,
                   bar=bar)
     exports = built["exports"]
@@ -332,7 +332,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
         if bar is not None:
             bar.set_description(f"e2e generation ({gen_tokens} tokens)")
         rows += generation.run(paths, prompt[0, :decode_past].tolist(), gen_tokens, threads=threads,
-                               library=library, rounds=gen_rounds, builder_python=builder_python, seed=seed)
+                               library=library, rounds=gen_rounds, builder_python=builder_python, seed=seed,
+                               processes=sessions_per_variant)
     return rows, info
 
 

@@ -1,43 +1,50 @@
 """Generation throughput: greedy generation of N tokens after a prompt, as an app runs it.
 
 Our exports run in dsmoe_runtime's DSMoESession; the builder's models and our sparse ones also
-run in onnxruntime-genai's generator. Each runner is a process of its own (workers.py) holding
-its models for the whole run, so neither shares a process with the benchmark's other sessions.
-Every variant generates once per round, in a fresh random order each round; the sessions keep
+run in onnxruntime-genai's generator. Each runner is ``processes`` processes of its own (workers.py),
+each holding its models for the whole run, so no runner shares a process with the benchmark's
+other sessions; as with the timed sessions (timing.SessionSamples), a variant's best time is the
+median over those processes of each one's best, since one session of a model keeps a level of its
+own on a shared VM. Every variant generates once per round in each process, in a fresh random
+order each round; the sessions keep
 ONNX Runtime's default thread spinning (one session doing one thing, as deployed), so each
 generation waits SETTLE_S first: a pool that spins after its last call would otherwise take the
 cores from the next variant.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .timing import Samples
+from .timing import SessionSamples
 from .workers import GenaiWorker, RuntimeWorker
 
 SETTLE_S = 0.05
 
 
 def run(paths: dict[str, Path], prompt: list[int], new: int, *, threads: int, library: str, rounds: int,
-        builder_python: str | None, seed: int = 0) -> list[dict]:
+        builder_python: str | None, seed: int = 0, processes: int = 1) -> list[dict]:
     """Rows {"phase": "generate", "variant", "runner", tokens_s, ...} for every variant: ours in
-    DSMoESession ("dsmoe_runtime"), the builder's and our sparse ones in genai ("genai")."""
-    runtime = RuntimeWorker()
-    genai = GenaiWorker(builder_python) if builder_python else None
+    DSMoESession ("dsmoe_runtime"), the builder's and our sparse ones in genai ("genai"), each
+    runner in `processes` processes."""
+    runtimes = [RuntimeWorker() for _ in range(processes)]
+    genais = [GenaiWorker(builder_python) for _ in range(processes)] if builder_python else []
     try:
         runners = {}
-        for name, path in paths.items():
-            kind = name.partition("-")[0]
-            if kind in ("sparse", "dense", "projected"):
-                def call(path=path, dense=kind == "dense"):
-                    return runtime.generate(path, prompt, new, threads=threads, library=None if dense else library,
-                                            dense=dense)
-                runners[(name, "dsmoe_runtime")] = call
-            if genai is not None and kind in ("builder", "sparse", "projected"):
-                runners[(name, "genai")] = lambda folder=path.parent: genai.generate(folder, prompt, new)
+        for i in range(processes):
+            for name, path in paths.items():
+                kind = name.partition("-")[0]
+                if kind in ("sparse", "dense", "projected"):
+                    def call(path=path, dense=kind == "dense", worker=runtimes[i]):
+                        return worker.generate(path, prompt, new, threads=threads,
+                                               library=None if dense else library, dense=dense)
+                    runners[(name, "dsmoe_runtime", i)] = call
+                if genais and kind in ("builder", "sparse", "projected"):
+                    runners[(name, "genai", i)] = lambda folder=path.parent, worker=genais[i]: \
+                        worker.generate(folder, prompt, new)
         samples = {key: [] for key in runners}
         for fn in runners.values():
             fn()  # warm-up: sessions, caches, the workers' model loading
@@ -52,17 +59,24 @@ def run(paths: dict[str, Path], prompt: list[int], new: int, *, threads: int, li
                                        f"not {new}")
                 samples[keys[i]].append((reply["prefill_ms"], reply["decode_ms"]))
     finally:
-        runtime.close()
-        if genai is not None:
-            genai.close()
-    rows = []
-    for (name, runner), times in samples.items():
-        total = Samples([p + d for p, d in times])
-        kind, _, precision = name.partition("-")
-        rows.append({"level": "e2e", "phase": "generate", "tokens": new, "past": len(prompt), "kind": kind,
-                     "precision": precision or "fp32", "variant": name, "runner": runner,
-                     "ms_min": total.min, "ms_median": total.median, "rounds": len(times),
-                     "tokens_s": new / (total.min / 1e3), "tokens_s_median": new / (total.median / 1e3),
-                     "prefill_ms_min": min(p for p, _ in times),
-                     "decode_tokens_s": (new - 1) / (min(d for _, d in times) / 1e3) if new > 1 else None})
-    return rows
+        for worker in runtimes + genais:
+            worker.close()
+    grouped: dict[tuple[str, str], list[list[tuple[float, float]]]] = {}
+    for (name, runner, _), times in samples.items():
+        grouped.setdefault((name, runner), []).append(times)
+    return [_row(name, runner, per_process, new, len(prompt)) for (name, runner), per_process in grouped.items()]
+
+
+def _row(name: str, runner: str, per_process: list[list[tuple[float, float]]], new: int, past: int) -> dict:
+    """One variant's row from its (prefill ms, decode ms) samples in each process."""
+    total = SessionSamples([p + d for times in per_process for p, d in times],
+                           [[p + d for p, d in times] for times in per_process])
+    best_decode = statistics.median(min(d for _, d in times) for times in per_process)
+    kind, _, precision = name.partition("-")
+    return {"level": "e2e", "phase": "generate", "tokens": new, "past": past, "kind": kind,
+            "precision": precision or "fp32", "variant": name, "runner": runner,
+            "ms_min": total.min, "ms_median": total.median, "rounds": len(per_process[0]),
+            "processes": len(per_process), "ms_process_mins": [min(ms) for ms in total.per_session],
+            "tokens_s": new / (total.min / 1e3), "tokens_s_median": new / (total.median / 1e3),
+            "prefill_ms_min": statistics.median(min(p for p, _ in times) for times in per_process),
+            "decode_tokens_s": (new - 1) / (best_decode / 1e3) if new > 1 else None}

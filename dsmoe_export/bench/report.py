@@ -197,11 +197,13 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
                     if ref and ref.get("decode_tokens_s") and r.get("decode_tokens_s") else None)
             table.append([r["variant"], r["runner"], f"**{_f(r['tokens_s'], 1)}**", _f(r["tokens_s_median"], 1),
                           _f(r["tokens_s"] / ref["tokens_s"], 3) if ref else "-", _f(r["prefill_ms_min"], 1),
-                          _f(r.get("decode_tokens_s"), 1), _f(step, 3) if step else "-", str(r["rounds"])])
+                          _f(r.get("decode_tokens_s"), 1), _f(step, 3) if step else "-",
+                          f"{r['rounds']} x {r.get('processes', 1)}"])
         lines += [f"Greedy generation of {gen[0]['tokens']} tokens after a prompt of {gen[0]['past']} "
-                  "(whole call: the prompt's prefill included), batch 1:", ""]
+                  "(whole call: the prompt's prefill included), batch 1; each runner in processes of its own, "
+                  "best: the median over the processes of each one's best:", ""]
         lines += _table(["variant", "runner", "tokens/s (best)", "tokens/s (median)", "vs builder in genai",
-                         "prefill ms", "decode tokens/s", "decode step / builder's", "rounds"], table)
+                         "prefill ms", "decode tokens/s", "decode step / builder's", "rounds x processes"], table)
         lines.append("")
     nodes = info.get("nodes") or {}
     if nodes:
@@ -264,7 +266,8 @@ LEGEND = [
     "(token, block) pair computed; percentages are of the probed ceilings; % of roofline = "
     "max(bytes / bandwidth, FLOPs / GEMM rate) / time. End to end: FFN sparse/dense = (sparse - attn-only) / "
     "(dense - attn-only), the attn-only export being the same model with a negligible FFN. Generation: "
-    "each runner (DSMoESession, onnxruntime-genai) in a process of its own, onnxruntime's default thread "
+    "each runner (DSMoESession, onnxruntime-genai) in --e2e-sessions processes of its own (its best: the median "
+    "of the processes' bests), onnxruntime's default thread "
     "spinning; decode step / builder's = the builder's decode tokens/s in genai over the row's (< 1: a "
     "shorter step than the builder's, with the workers spinning, where the timed rows' sleep).",
 ]
