@@ -1,7 +1,13 @@
-# dsmoe_add_cpu_kernels(target source ort_include_dir): builds `source` once per
-# instruction set as an object library (namespace dsmoe::cpu::<isa>) and adds
-# the objects and DSMOE_HAVE_<ISA> definitions to `target`.
+# dsmoe_add_cpu_kernels(target source ort_include_dir [OPS_DIR dir] [OPTIONS opt...]):
+# builds `source` once per instruction set as an object library (namespace
+# dsmoe::cpu::<isa>) and adds the objects and DSMOE_HAVE_<ISA> definitions to
+# `target`. OPS_DIR: the custom_ops/ folder the sources include from (default: this
+# project's); OPTIONS: extra compile options (the fuzz target's sanitizers).
 function(dsmoe_add_cpu_kernels target source ort_include_dir)
+  cmake_parse_arguments(PARSE_ARGV 3 _arg "" "OPS_DIR" "OPTIONS")
+  if(NOT _arg_OPS_DIR)
+    set(_arg_OPS_DIR "${CMAKE_CURRENT_SOURCE_DIR}/custom_ops")
+  endif()
   set(_isas baseline)
   set(_flags_baseline "")
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
@@ -13,7 +19,7 @@ function(dsmoe_add_cpu_kernels target source ort_include_dir)
   foreach(_isa IN LISTS _isas)
     set(_obj ${target}_${_stem}_${_isa})
     add_library(${_obj} OBJECT ${source})
-    target_include_directories(${_obj} PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/custom_ops")
+    target_include_directories(${_obj} PRIVATE "${_arg_OPS_DIR}")
     target_include_directories(${_obj} SYSTEM PRIVATE "${ort_include_dir}")
     target_compile_features(${_obj} PRIVATE cxx_std_17)
     target_compile_definitions(${_obj} PRIVATE DSMOE_ISA=${_isa} ORT_API_MANUAL_INIT)
@@ -22,7 +28,7 @@ function(dsmoe_add_cpu_kernels target source ort_include_dir)
     if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
       # ISO C++ mode turns off FMA contraction in GCC; the kernels are written for it.
       target_compile_options(${_obj} PRIVATE -Wall -Wextra -ffp-contract=fast ${_flags_${_isa}}
-                             $<$<CONFIG:Release>:-O3>)
+                             $<$<CONFIG:Release>:-O3> ${_arg_OPTIONS})
     endif()
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:${_obj}>)
     string(TOUPPER ${_isa} _ISA)

@@ -1,6 +1,7 @@
 // The library's one exported entry point, called by ONNX Runtime from
 // SessionOptions.register_custom_ops_library: creates the "org.dsmoe" domain
 // and lets each device add its kernels.
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -8,6 +9,7 @@
 
 #include "common/ffn_params.h"
 #include "common/status.h"
+#include "cpu/cache_blocking.h"
 #include "cpu/ffn_cpu.h"
 #include "cpu/ffn_cpu_quant.h"
 #include "cpu/projected_cpu.h"
@@ -42,6 +44,18 @@ extern "C" DSMOE_EXPORT int DsmoeOpsOrtApiVersion(void) { return ORT_API_VERSION
 // The library's own API level (dsmoe_runtime/_library.py): what the runtime may rely on (op
 // versions, optional outputs, registration behaviour). Raise it when that changes.
 extern "C" DSMOE_EXPORT int DsmoeOpsApiVersion(void) { return 1; }
+
+// The CPU kernels' cache blocking as sized on this machine (cpu/cache_blocking.h), for the
+// benchmark's run info and tests: 0, or -1 when DSMOE_CPU_L1D_BYTES is malformed.
+extern "C" DSMOE_EXPORT int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps) {
+  try {
+    *l1d_bytes = dsmoe::cpu::L1DataCacheBytes();
+    *slab_slice_steps = dsmoe::cpu::SlabSliceSteps();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
 
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                   const OrtApiBase* api_base) {

@@ -36,6 +36,12 @@ MAX_LIBRARY_API = 1   # the newest level it knows; newer libraries still load (t
 ORT_API_SYMBOL = "DsmoeOpsOrtApiVersion"
 
 
+# The CPU kernels' cache blocking as the library sizes it on this machine (its L1d, the slab
+# layout's k-slice depth; DSMOE_CPU_L1D_BYTES overrides the L1d):
+#     extern "C" int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps);
+CACHE_BLOCKING_SYMBOL = "DsmoeOpsCpuCacheBlocking"
+
+
 def _library_name() -> str:
     return _NAMES.get(sys.platform, _NAMES["linux"])
 
@@ -68,6 +74,25 @@ def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
         return None
     fn.restype, fn.argtypes = ctypes.c_int, []
     return int(fn())
+
+
+def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
+    """{"l1d_bytes", "slab_slice_steps"} of the library at `path` in this process (None: a library
+    that does not say). LibraryError when DSMOE_CPU_L1D_BYTES is not a positive size."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise LibraryError(f"{path}: cannot load the op library: {e}") from e
+    fn = getattr(lib, CACHE_BLOCKING_SYMBOL, None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+    l1d, steps = ctypes.c_int64(0), ctypes.c_int64(0)
+    if fn(ctypes.byref(l1d), ctypes.byref(steps)) != 0:
+        raise LibraryError(f"DSMOE_CPU_L1D_BYTES={os.environ.get('DSMOE_CPU_L1D_BYTES')!r}: expected a positive "
+                           f"number of bytes (e.g. 32768 or 32K)")
+    return {"l1d_bytes": l1d.value, "slab_slice_steps": steps.value}
 
 
 def library_api_version(path: str | os.PathLike) -> int:

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/cache_blocking.h"
 #include "cpu/kernels.h"
 #include "cpu/simd.h"
 
@@ -445,13 +446,13 @@ void PanelDot(const float* w, int64_t rows, int64_t k, int64_t ld, const float* 
 // FMAs (the packed panels' tiles: 2 + 2R loads for 4R FMAs, plus packing X and padding the
 // tokens). Fewer tokens take wider tiles (SlabNV), so that there are enough accumulators to
 // hide the FMA latency: the decode path's one token is 8 accumulators over the whole slab with
-// AVX2 (1 vector: 2, and 12 % slower than the rows layout's GEMV). k runs in slices of kSlabKc
-// steps whose 2 x kSlabKc x 32 floats of gate and up (36 KB) stay in L1 while every tile of a
-// group passes over them; the group's sums wait in `acc` between slices.
+// AVX2 (1 vector: 2, and 12 % slower than the rows layout's GEMV). k runs in slices of
+// SlabSliceSteps() steps whose 2 x steps x 32 floats of gate and up (36 KB of a 48 KB L1)
+// stay in L1 while every tile of a group passes over them; the group's sums wait in `acc`
+// between slices, so the slice depth does not change the order of any sum.
 constexpr int kSlabTokens = 6;                    // tokens per full register tile
 constexpr int kSlabVectors = kSlabRows / kVL;     // vectors per slab row: 2 / 4 / 8
 constexpr int kSlabGroup = 8 * kSlabTokens;       // tokens per group
-constexpr int64_t kSlabKc = 144;                  // steps of k per slice
 constexpr int kSlabAcc = 2 * kSlabRows;           // floats of sums per token: gate's 32, then up's
 static_assert(kSlabRows % kVL == 0, "a slab row is whole vectors");
 
@@ -533,8 +534,9 @@ inline void SlabGateUpTiles(int m, const float* gate, const float* up, int64_t r
 template <int MaxT = kSlabTokens>
 inline void SlabSums(const float* gate, const float* up, int64_t rows, int64_t d, const float* const* x, int count,
                      float* acc, PrefetchStreams& pf) {
-  for (int64_t k0 = 0; k0 < d; k0 += kSlabKc) {
-    const int64_t kc = std::min(kSlabKc, d - k0);
+  const int64_t slice = SlabSliceSteps();
+  for (int64_t k0 = 0; k0 < d; k0 += slice) {
+    const int64_t kc = std::min(slice, d - k0);
     for (int t = 0; t < count; t += MaxT) {
       SlabGateUpTiles<MaxT>(std::min(MaxT, count - t), gate, up, rows, k0, kc, x + t, k0 == 0, acc + t * kSlabAcc,
                             pf);

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <string>
 
+#include "cpu/cache_blocking.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_quant.h"
 
@@ -82,7 +83,10 @@ constexpr QuantKernels kAvx512Quant = nullptr;
 
 }  // namespace
 
-const KernelSet& SelectKernels() { return Select<KernelSet>(&baseline::Kernels, kAvx2, kAvx512); }
+const KernelSet& SelectKernels() {
+  (void)SlabSliceSteps();  // DSMOE_CPU_L1D_BYTES checked at the kernel's creation, not its first run
+  return Select<KernelSet>(&baseline::Kernels, kAvx2, kAvx512);
+}
 
 const QuantKernelSet& SelectQuantKernels() {
   return Select<QuantKernelSet>(&baseline::QuantKernels, kAvx2Quant, kAvx512Quant);

@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-layers", type=int, default=None, help="end-to-end model layers (default: 2)")
     p.add_argument("--e2e-sessions", type=int, default=e2e.SESSIONS,
                    help=f"sessions timed per end-to-end variant, all held at once, and processes per generation "
-                        f"runner (default: {e2e.SESSIONS}; 1 on a machine short of memory)")
+                        f"runner, one after the other (default: {e2e.SESSIONS}; 1 on a machine short of memory)")
     p.add_argument("--e2e-heads", type=int, default=None, help="attention heads (default: 32)")
     p.add_argument("--e2e-kv-heads", type=int, default=None, help="KV heads (default: 4)")
     p.add_argument("--e2e-vocab", type=int, default=None, help="vocabulary (default: 2048)")
@@ -131,15 +131,13 @@ def _defaults(args) -> None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def find_library(explicit: str | None) -> str:
-    """--library, else DSMOE_OPS_LIBRARY / the installed dsmoe_runtime, else the source tree's lookup."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise SystemExit(f"--library {explicit}: no such file")
-        return str(Path(explicit).resolve())
+def _library_module():
+    """dsmoe_runtime's library lookup (runtime/_library.py): the installed package's, else the
+    source tree's, by path."""
     try:
-        from dsmoe_runtime import get_library_path
-    except ImportError:  # a source checkout without `pip install .`: the same lookup, by path
+        from dsmoe_runtime import _library
+        return _library
+    except ImportError:  # a source checkout without `pip install .`
         import importlib.util
 
         path = Path(__file__).resolve().parents[2] / "runtime" / "_library.py"
@@ -148,10 +146,26 @@ def find_library(explicit: str | None) -> str:
         spec = importlib.util.spec_from_file_location("_dsmoe_runtime_library", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        get_library_path = module.get_library_path
+        return module
+
+
+def find_library(explicit: str | None) -> str:
+    """--library, else DSMOE_OPS_LIBRARY / the installed dsmoe_runtime, else the source tree's lookup."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise SystemExit(f"--library {explicit}: no such file")
+        return str(Path(explicit).resolve())
     try:
-        return get_library_path()
+        return _library_module().get_library_path()
     except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+
+
+def cache_blocking(library: str) -> dict | None:
+    """How the library's CPU kernels block for this machine's caches (None: it does not say)."""
+    try:
+        return _library_module().cpu_cache_blocking(library)
+    except RuntimeError as e:  # LibraryError: a malformed DSMOE_CPU_L1D_BYTES
         raise SystemExit(str(e)) from None
 
 
@@ -295,7 +309,7 @@ def _meta(args, argv: list[str], library: str, flush) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
         "thread_pool": graphs.THREAD_POOL, "versions": _versions(),
-        "library": library, "platform": platform.platform(),
+        "library": library, "cpu_cache_blocking": cache_blocking(library), "platform": platform.platform(),
         "cache": (f"evicted before each timed call (read of {flush.bytes / 2**20:.0f} MiB = 3 x last-level cache)"
                   if flush.enabled else "warm (--no-flush)"),
         "rounds_note": f"{args.rounds} timed rounds after 1 warm-up round; op-level groups whose dense call takes "

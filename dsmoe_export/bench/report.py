@@ -213,6 +213,13 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
     return lines
 
 
+def _blocking(blocking: dict | None) -> str:
+    if not blocking:
+        return ""
+    return (f", CPU kernels blocked for a {blocking['l1d_bytes'] / 1024:g} KiB L1d (slab layout's k-slices of "
+            f"{blocking['slab_slice_steps']} steps)")
+
+
 def markdown(results: dict) -> str:
     meta, ceil = results["meta"], results.get("ceilings") or {}
     lines = ["# dsmoe-export benchmark", "",
@@ -221,7 +228,7 @@ def markdown(results: dict) -> str:
              f"- CPU: {meta['cpu']} ({meta['cores']} cores visible), {meta['threads']} ORT intra-op threads"
              + (f" ({meta['thread_pool']})" if meta.get("thread_pool") else ""),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-             f"- op library: `{meta['library']}`",
+             f"- op library: `{meta['library']}`" + _blocking(meta.get("cpu_cache_blocking")),
              f"- cache: {meta['cache']}", f"- rounds: {meta['rounds_note']}"]
     gate = meta.get("quiet_gate")
     if gate and gate["enabled"]:
@@ -266,8 +273,8 @@ LEGEND = [
     "(token, block) pair computed; percentages are of the probed ceilings; % of roofline = "
     "max(bytes / bandwidth, FLOPs / GEMM rate) / time. End to end: FFN sparse/dense = (sparse - attn-only) / "
     "(dense - attn-only), the attn-only export being the same model with a negligible FFN. Generation: "
-    "each runner (DSMoESession, onnxruntime-genai) in --e2e-sessions processes of its own (its best: the median "
-    "of the processes' bests), onnxruntime's default thread "
+    "each runner (DSMoESession, onnxruntime-genai) in a process of its own, --e2e-sessions times over with fresh "
+    "processes (a variant's best: the median of the processes' bests), onnxruntime's default thread "
     "spinning; decode step / builder's = the builder's decode tokens/s in genai over the row's (< 1: a "
     "shorter step than the builder's, with the workers spinning, where the timed rows' sleep).",
 ]
