@@ -63,13 +63,18 @@ def get_library_path() -> str:
     return str(path)
 
 
-def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
-    """The int returned by the library's `symbol()` (None when it does not export it)."""
+def _symbol(path: str | os.PathLike, symbol: str):
+    """The library's exported C function `symbol` (None when it does not export it)."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise LibraryError(f"{path}: cannot load the op library: {e}") from e
-    fn = getattr(lib, symbol, None)
+    return getattr(lib, symbol, None)
+
+
+def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
+    """The int returned by the library's `symbol()` (None when it does not export it)."""
+    fn = _symbol(path, symbol)
     if fn is None:
         return None
     fn.restype, fn.argtypes = ctypes.c_int, []
@@ -79,11 +84,7 @@ def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
 def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
     """{"l1d_bytes", "slab_slice_steps"} of the library at `path` in this process (None: a library
     that does not say). LibraryError when DSMOE_CPU_L1D_BYTES is not a positive size."""
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise LibraryError(f"{path}: cannot load the op library: {e}") from e
-    fn = getattr(lib, CACHE_BLOCKING_SYMBOL, None)
+    fn = _symbol(path, CACHE_BLOCKING_SYMBOL)
     if fn is None:
         return None
     fn.restype = ctypes.c_int
