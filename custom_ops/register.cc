@@ -47,10 +47,12 @@ extern "C" DSMOE_EXPORT int DsmoeOpsApiVersion(void) { return 1; }
 
 // The CPU kernels' cache blocking as sized on this machine (cpu/cache_blocking.h), for the
 // benchmark's run info and tests: 0, or -1 when DSMOE_CPU_L1D_BYTES is malformed.
-extern "C" DSMOE_EXPORT int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps) {
+extern "C" DSMOE_EXPORT int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps,
+                                                     int64_t* panel_slice_floats) {
   try {
     *l1d_bytes = dsmoe::cpu::L1DataCacheBytes();
     *slab_slice_steps = dsmoe::cpu::SlabSliceSteps();
+    *panel_slice_floats = dsmoe::cpu::PanelSliceFloats();
     return 0;
   } catch (...) {
     return -1;

@@ -37,8 +37,9 @@ ORT_API_SYMBOL = "DsmoeOpsOrtApiVersion"
 
 
 # The CPU kernels' cache blocking as the library sizes it on this machine (its L1d, the slab
-# layout's k-slice depth; DSMOE_CPU_L1D_BYTES overrides the L1d):
-#     extern "C" int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps);
+# layout's k-slice depth, the packed panels' k-slice; DSMOE_CPU_L1D_BYTES overrides the L1d):
+#     extern "C" int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t* slab_slice_steps,
+#                                             int64_t* panel_slice_floats);
 CACHE_BLOCKING_SYMBOL = "DsmoeOpsCpuCacheBlocking"
 
 
@@ -82,18 +83,19 @@ def _int_symbol(path: str | os.PathLike, symbol: str) -> int | None:
 
 
 def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
-    """{"l1d_bytes", "slab_slice_steps"} of the library at `path` in this process (None: a library
-    that does not say). LibraryError when DSMOE_CPU_L1D_BYTES is not a positive size."""
+    """{"l1d_bytes", "slab_slice_steps", "panel_slice_floats"} of the library at `path` in this
+    process (None: a library that does not say). LibraryError when DSMOE_CPU_L1D_BYTES is not a
+    positive size."""
     fn = _symbol(path, CACHE_BLOCKING_SYMBOL)
     if fn is None:
         return None
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
-    l1d, steps = ctypes.c_int64(0), ctypes.c_int64(0)
-    if fn(ctypes.byref(l1d), ctypes.byref(steps)) != 0:
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int64)] * 3
+    l1d, steps, floats = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int64(0)
+    if fn(ctypes.byref(l1d), ctypes.byref(steps), ctypes.byref(floats)) != 0:
         raise LibraryError(f"DSMOE_CPU_L1D_BYTES={os.environ.get('DSMOE_CPU_L1D_BYTES')!r}: expected a positive "
                            f"number of bytes (e.g. 32768 or 32K)")
-    return {"l1d_bytes": l1d.value, "slab_slice_steps": steps.value}
+    return {"l1d_bytes": l1d.value, "slab_slice_steps": steps.value, "panel_slice_floats": floats.value}
 
 
 def library_api_version(path: str | os.PathLike) -> int:

@@ -81,4 +81,12 @@ int64_t SlabSliceSteps() {
   return steps;
 }
 
+int64_t PanelSliceFloats() {
+  static const int64_t floats = [] {
+    const int64_t slice = L1DataCacheBytes() * 2 / 3 / static_cast<int64_t>(sizeof(float));
+    return std::clamp<int64_t>(slice / 512 * 512, 2048, 8192);
+  }();
+  return floats;
+}
+
 }  // namespace dsmoe::cpu

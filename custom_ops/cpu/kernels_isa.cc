@@ -372,15 +372,15 @@ template <int NV>
 void PanelGateUp(Activation act, const float* gate, const float* up, int64_t rows, int64_t d, const float* panel,
                  const float* coef, float* h, PrefetchStreams& pf) {
   constexpr int kNV = NV, kPanel = NV * kVL, kRows = kGateUpRows<NV>;
-  // k is cut into slices of kKc so that the panel's slice ([kKc][kPanel], 16-32 KB)
-  // stays in L1 while every row tile of this call passes over it.
-  constexpr int64_t kKc = 8192 / kPanel;
+  // k is cut into slices of kc steps so that the panel's slice ([kc][kPanel], 2/3 of L1:
+  // PanelSliceFloats) stays in L1 while every row tile of this call passes over it.
+  const int64_t slice = PanelSliceFloats() / kPanel;
   constexpr int64_t kMaxRows = 64;
   float acc[kMaxRows * 2 * kPanel];
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t nr = std::min(kMaxRows, rows - r0);
-    for (int64_t k0 = 0; k0 < d; k0 += kKc) {
-      const int64_t kc = std::min(kKc, d - k0);
+    for (int64_t k0 = 0; k0 < d; k0 += slice) {
+      const int64_t kc = std::min(slice, d - k0);
       const float* pk = panel + k0 * kPanel;
       int64_t r = 0;
       for (; r + kRows <= nr; r += kRows) {
@@ -429,9 +429,9 @@ inline void DotPanelTile(const float* w, int64_t ld, int64_t kc, const float* pa
 template <int NV>
 void PanelDot(const float* w, int64_t rows, int64_t k, int64_t ld, const float* panel, float* out) {
   constexpr int kPanelWidth = NV * kVL, kRows = 2 * kGateUpRows<NV>;
-  constexpr int64_t kKc = 8192 / kPanelWidth;  // the panel's k-slice stays in L1, as in PanelGateUp
-  for (int64_t k0 = 0; k0 < k; k0 += kKc) {
-    const int64_t kc = std::min(kKc, k - k0);
+  const int64_t slice = PanelSliceFloats() / kPanelWidth;  // the panel's k-slice stays in L1, as in PanelGateUp
+  for (int64_t k0 = 0; k0 < k; k0 += slice) {
+    const int64_t kc = std::min(slice, k - k0);
     const float* pk = panel + k0 * kPanelWidth;
     int64_t r = 0;
     for (; r + kRows <= rows; r += kRows) DotPanelTile<kRows, NV>(w + r * ld + k0, ld, kc, pk, k0 == 0, out + r * kPanelWidth);

@@ -216,8 +216,10 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
 def _blocking(blocking: dict | None) -> str:
     if not blocking:
         return ""
+    panel = blocking.get("panel_slice_floats")
     return (f", CPU kernels blocked for a {blocking['l1d_bytes'] / 1024:g} KiB L1d (slab layout's k-slices of "
-            f"{blocking['slab_slice_steps']} steps)")
+            f"{blocking['slab_slice_steps']} steps" + (f", packed panels' of {panel * 4 / 1024:g} KiB" if panel else "")
+            + ")")
 
 
 def markdown(results: dict) -> str:
