@@ -127,6 +127,9 @@ QUICK_OP = ["op", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1"
 def _check_outputs(out, level):
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["threads"] >= 1 and results["meta"]["cpu"]
+    blocking = results["meta"]["cpu_cache_blocking"]  # the library's own report of its k-slices
+    assert blocking["l1d_bytes"] > 0 and 32 <= blocking["slab_slice_steps"] <= 256
+    assert f"KiB L1d (slab layout's k-slices of {blocking['slab_slice_steps']} steps" in (out / "results.md").read_text()
     assert results["ceilings"]["bandwidth_gb_s"] > 0 and results["ceilings"]["gemm_gflop_s"] > 0
     rows = results[level]
     assert rows and all(r["ms_min"] > 0 and r["ms_median"] >= r["ms_min"] for r in rows)
