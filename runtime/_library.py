@@ -94,7 +94,7 @@ def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
     l1d, steps, floats = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int64(0)
     if fn(ctypes.byref(l1d), ctypes.byref(steps), ctypes.byref(floats)) != 0:
         raise LibraryError(f"DSMOE_CPU_L1D_BYTES={os.environ.get('DSMOE_CPU_L1D_BYTES')!r}: expected a positive "
-                           f"number of bytes (e.g. 32768 or 32K)")
+                           f"number of bytes up to 1 GiB (e.g. 32768, 32K or 1M)")
     return {"l1d_bytes": l1d.value, "slab_slice_steps": steps.value, "panel_slice_floats": floats.value}
 
 

@@ -127,7 +127,7 @@ def test_the_l1d_found_without_override(op_library, tmp_path):
     assert blocking["panel_slice_floats"] == min(8192, max(2048, blocking["l1d_bytes"] * 2 // 3 // 4 // 512 * 512))
 
 
-@pytest.mark.parametrize("value", ["lots", "-4096", "0", "12Q"])
+@pytest.mark.parametrize("value", ["lots", "-4096", "0", "12Q", "32KB", "2048M", "99999999999999999M"])
 def test_malformed_l1d_override_is_an_error(op_library, rng, tmp_path, value):
     """A malformed DSMOE_CPU_L1D_BYTES fails the session's creation with an error naming it (and
     the library's report of its blocking), in a process that goes on."""

@@ -18,17 +18,17 @@ namespace {
 
 constexpr int64_t kDefaultL1d = 32 * 1024;  // the smallest of the machines above: a slice never spills
 
-// "48K", "32768", "1M" (sysfs' cache sizes) -> bytes; 0 when unreadable.
+// "48K", "32768", "1M" (sysfs' cache sizes) -> bytes; 0 when unreadable or over 1 GiB (no L1 is).
 int64_t ParseSize(const std::string& text) {
   char* end = nullptr;
   errno = 0;
   const long long value = std::strtoll(text.c_str(), &end, 10);
   if (errno != 0 || end == text.c_str() || value <= 0) return 0;
   const std::string unit(end);
-  if (unit.empty()) return value;
-  if (unit == "K") return value * 1024;
-  if (unit == "M") return value * 1024 * 1024;
-  return 0;
+  const int64_t scale = unit.empty() ? 1 : unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 0;
+  constexpr int64_t kMaxBytes = int64_t{1} << 30;
+  if (scale == 0 || value > kMaxBytes / scale) return 0;
+  return value * scale;
 }
 
 std::string ReadLine(const std::string& path) {
@@ -54,7 +54,7 @@ int64_t DetectL1d() {
     const int64_t bytes = ParseSize(forced);
     if (bytes <= 0) {
       ThrowInvalidArgument(std::string("DSMOE_CPU_L1D_BYTES=") + forced +
-                           ": expected a positive number of bytes (e.g. 32768 or 32K)");
+                           ": expected a positive number of bytes up to 1 GiB (e.g. 32768, 32K or 1M)");
     }
     return bytes;
   }

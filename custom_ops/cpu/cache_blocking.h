@@ -7,8 +7,9 @@
 
 namespace dsmoe::cpu {
 
-// Bytes of one core's L1 data cache: DSMOE_CPU_L1D_BYTES where set (tests, comparisons; a
-// positive integer, else an error), else what the OS reports (sysconf, then sysfs), else 32 KiB.
+// Bytes of one core's L1 data cache: DSMOE_CPU_L1D_BYTES where set (tests, comparisons; bytes,
+// or with a K / M suffix, up to 1 GiB, else an error), else what the OS reports (sysconf, then
+// sysfs), else 32 KiB.
 // Read once per process; SelectKernels() reads it first, so a bad value fails the session's
 // creation, not a run.
 int64_t L1DataCacheBytes();

@@ -84,7 +84,7 @@ constexpr QuantKernels kAvx512Quant = nullptr;
 }  // namespace
 
 const KernelSet& SelectKernels() {
-  (void)SlabSliceSteps();  // DSMOE_CPU_L1D_BYTES checked at the kernel's creation, not its first run
+  (void)L1DataCacheBytes();  // DSMOE_CPU_L1D_BYTES checked at the kernel's creation, not its first run
   return Select<KernelSet>(&baseline::Kernels, kAvx2, kAvx512);
 }
 

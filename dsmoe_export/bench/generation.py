@@ -13,7 +13,6 @@ cores from the next variant.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -77,14 +76,16 @@ def _one_process_each(paths: dict[str, Path], prompt: list[int], new: int, *, th
 
 def _row(name: str, runner: str, per_process: list[list[tuple[float, float]]], new: int, past: int) -> dict:
     """One variant's row from its (prefill ms, decode ms) samples in each process."""
-    total = SessionSamples([p + d for times in per_process for p, d in times],
-                           [[p + d for p, d in times] for times in per_process])
-    best_decode = statistics.median(min(d for _, d in times) for times in per_process)
+    def samples(part) -> SessionSamples:
+        per = [[part(p, d) for p, d in times] for times in per_process]
+        return SessionSamples([t for ms in per for t in ms], per)
+
+    total, prefill, decode = samples(lambda p, d: p + d), samples(lambda p, d: p), samples(lambda p, d: d)
     kind, _, precision = name.partition("-")
     return {"level": "e2e", "phase": "generate", "tokens": new, "past": past, "kind": kind,
             "precision": precision or "fp32", "variant": name, "runner": runner,
             "ms_min": total.min, "ms_median": total.median, "rounds": len(per_process[0]),
             "processes": len(per_process), "ms_process_mins": [min(ms) for ms in total.per_session],
             "tokens_s": new / (total.min / 1e3), "tokens_s_median": new / (total.median / 1e3),
-            "prefill_ms_min": statistics.median(min(p for p, _ in times) for times in per_process),
-            "decode_tokens_s": (new - 1) / (best_decode / 1e3) if new > 1 else None}
+            "prefill_ms_min": prefill.min,
+            "decode_tokens_s": (new - 1) / (decode.min / 1e3) if new > 1 else None}
