@@ -220,6 +220,7 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
             "dense_ppl": report["dense"]["ppl"], "converted": {k: report["converted"][k] for k in ("ppl", "mean_active")},
             "calibrated": {k: report["calibrated"][k] for k in ("ppl", "mean_active")},
             "eval_tokens": report["eval_tokens"],
+            **({"training": {k: report["training"][k] for k in ("steps_done", "seconds")}} if "training" in report else {}),
             **_export_all(work / "model", work, train_text, settings, progress),
         }
         info["seconds"]["convert"] = t_convert
@@ -231,6 +232,15 @@ def prepare(src: Path, train_text: Path, heldout_text: Path, settings: DemoSetti
         shutil.rmtree(work, ignore_errors=True)
         raise
     return Artifacts(final, paths, info, cached=False)
+
+
+def trained_steps(settings: DemoSettings, info: dict) -> str:
+    """How many training steps the cached conversion ran: the loop stops at its time budget, so a
+    slow or busy machine runs fewer (records from before this field: the settings' count)."""
+    done = info.get("training", {}).get("steps_done", settings.steps)
+    if done >= settings.steps:
+        return f"{settings.steps} steps"
+    return f"{done} of {settings.steps} steps (its {settings.time_budget_min:g}-minute budget ran out first)"
 
 
 def _export_all(model: Path, out: Path, train_text: Path, settings: DemoSettings, progress: bool) -> dict:
@@ -383,9 +393,9 @@ def real_demo(args, src: Path, plays: Path) -> int:
               + ", ".join(f"{k} in {sec[f'export_{k}']:.0f}s" for k in EXPORTS) + f"; cached in {art.folder}")
     print()
     print(f"DSMoE conversion: {settings.experts} blocks per FFN, routers fitted to each block's contribution at "
-          f"{settings.target_start} active, then routers and FFN weights trained {settings.steps} steps (distilled "
-          f"from the dense model) while the target fell to {settings.target_active} ({settings.allocation} "
-          "allocation over layers)")
+          f"{settings.target_start} active, then routers and FFN weights trained {trained_steps(settings, info)} "
+          f"(distilled from the dense model) while the target fell to {settings.target_active} "
+          f"({settings.allocation} allocation over layers)")
     from dsmoe_runtime import load_tokenizer
 
     tok = load_tokenizer(art.sparse.parent)  # the model's tokenizer, copied beside the exports

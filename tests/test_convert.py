@@ -259,6 +259,7 @@ def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, cap
     assert not art.cached and all(p.is_file() for p in art.exports.values())
     assert art.folder == root / demo.cache_key(src, s)
     assert abs(art.info["calibrated"]["mean_active"] - 0.5) < 0.15
+    assert art.info["training"]["steps_done"] == 2 and demo.trained_steps(s, art.info) == "2 steps"
     assert set(art.info["validation"]) == set(demo.EXPORTS) == {"sparse", "dense", "sparse-int8", "sparse-int4"}
     assert [p.name for p in root.iterdir()] == [art.folder.name]  # no partial folders left
 
@@ -308,6 +309,16 @@ def test_demo_pipeline_caches_by_settings(tmp_path, op_library, monkeypatch, cap
             nll.append(np.log(perplexity(logits.numpy(), part.numpy())) * (part.shape[1] - 1))
             count += part.shape[1] - 1
     assert ppl["sparse"] == pytest.approx(float(np.exp(np.sum(nll) / count)), rel=1e-4)
+
+
+def test_demo_says_how_many_steps_the_time_budget_allowed():
+    from dsmoe_export import demo
+
+    s = demo.DemoSettings()
+    assert demo.trained_steps(s, {"training": {"steps_done": 12}}) == \
+        f"12 of {s.steps} steps (its {s.time_budget_min:g}-minute budget ran out first)"
+    assert demo.trained_steps(s, {"training": {"steps_done": s.steps}}) == f"{s.steps} steps"
+    assert demo.trained_steps(s, {}) == f"{s.steps} steps"  # a record cached before the field
 
 
 def test_demo_without_the_data_packages(monkeypatch, capsys):

@@ -288,7 +288,7 @@ def _write(run: _Run, routers: dict[str, torch.Tensor], t_start: float) -> dict:
         "tool": f"dsmoe_export.convert {__version__}", "source": Path(str(run.src)).name,
         "router_init": run.router_init, "regroup": run.regroup, "seed": opts.seed,
         **({"target_active": opts.target_active, "allocation": opts.allocation} if run.router_init == "fit" else {}),
-        **({"calibration_steps": report["training"]["steps"]} if "training" in report else {}),
+        **({"calibration_steps": report["training"]["steps_done"]} if "training" in report else {}),
         "notes": run.dense.notes,
     }
     out.mkdir(parents=True, exist_ok=True)

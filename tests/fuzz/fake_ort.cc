@@ -201,6 +201,22 @@ OrtStatus* ORT_API_CALL GetAllocator(const OrtKernelContext*, const OrtMemoryInf
 }
 void ORT_API_CALL ReleaseAllocator(OrtAllocator*) noexcept {}
 
+// A custom-op domain: its name and the op tables added to it (the library's registration
+// functions run on this API as on ORT's, so the harness drives the tables ORT would get).
+struct Domain {
+  std::string name;
+  std::vector<const OrtCustomOp*> ops;
+};
+OrtStatus* ORT_API_CALL CreateCustomOpDomain(const char* name, OrtCustomOpDomain** out) noexcept {
+  *out = reinterpret_cast<OrtCustomOpDomain*>(new Domain{name, {}});
+  return nullptr;
+}
+OrtStatus* ORT_API_CALL CustomOpDomainAdd(OrtCustomOpDomain* domain, const OrtCustomOp* op) noexcept {
+  reinterpret_cast<Domain*>(domain)->ops.push_back(op);
+  return nullptr;
+}
+void ORT_API_CALL ReleaseCustomOpDomain(OrtCustomOpDomain* domain) noexcept { delete reinterpret_cast<Domain*>(domain); }
+
 OrtApi MakeApi() {
   OrtApi api;
   std::memset(&api, 0, sizeof api);  // everything else null: a call crashes (reported by the fuzzer)
@@ -228,6 +244,9 @@ OrtApi MakeApi() {
   api.GetTensorElementType = GetElementType;
   api.GetTensorShapeElementCount = GetElementCount;
   api.GetTensorMutableData = GetMutableData;
+  api.CreateCustomOpDomain = CreateCustomOpDomain;
+  api.CustomOpDomain_Add = CustomOpDomainAdd;
+  api.ReleaseCustomOpDomain = ReleaseCustomOpDomain;
   return api;
 }
 
@@ -242,8 +261,18 @@ int64_t Tensor::elements() const {
   return std::accumulate(shape.begin(), shape.end(), int64_t{1}, [](int64_t a, int64_t b) { return a * b; });
 }
 
+std::vector<const OrtCustomOp*> DomainOps(const OrtCustomOpDomain* domain) {
+  return reinterpret_cast<const Domain*>(domain)->ops;
+}
+
 size_t Tensor::bytes() const {
-  const size_t element = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL ? 1 : 4;
+  size_t element = 4;
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: element = 1; break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: element = 2; break;
+    default: break;
+  }
   return static_cast<size_t>(elements()) * element;
 }
 

@@ -27,7 +27,7 @@ struct Status {
 };
 
 struct Tensor {
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // FLOAT, FLOAT16, UINT8 or BOOL
   std::vector<int64_t> shape;
   std::unique_ptr<unsigned char[]> data;  // exactly bytes() long (a 0-byte allocation for empty tensors)
   size_t bytes() const;
@@ -54,6 +54,10 @@ struct KernelContext {
   Order order = Order::kForward;
   size_t parallel_for_calls = 0;
 };
+
+// The ops a registration function (RegisterOps, RegisterQuantOps) added to an
+// Ort::CustomOpDomain made on this API, in order.
+std::vector<const OrtCustomOp*> DomainOps(const OrtCustomOpDomain* domain);
 
 inline OrtKernelInfo* AsOrt(KernelInfo* p) { return reinterpret_cast<OrtKernelInfo*>(p); }
 inline OrtKernelContext* AsOrt(KernelContext* p) { return reinterpret_cast<OrtKernelContext*>(p); }
