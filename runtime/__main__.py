@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--library", help="op library path (default: installed, or $DSMOE_OPS_LIBRARY)")
+    p.add_argument("--allow-dense", action="store_true",
+                   help="run a model without the sparse op too (a --dense export: the baseline)")
     p.add_argument("--stats", action="store_true",
                    help="print per-layer activation statistics (export with --active-outputs)")
     p.add_argument("--stats-plot", metavar="PNG", help="also plot them (needs matplotlib)")
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
 
         model = Path(args.model)
         providers = {"auto": None, "cpu": [CPU_EP], "cuda": [CUDA_EP, CPU_EP]}[args.provider]
-        session = DSMoESession(model, providers, threads=args.threads, library=args.library or True)
+        session = DSMoESession(model, providers, threads=args.threads, library=args.library or True,
+                               allow_dense=args.allow_dense)
         if (args.stats or args.stats_plot or args.stats_json) and not session.has_active_outputs:
             raise DSMoERuntimeError(f"{model}: no active.* outputs for statistics: export it with "
                                     "`python -m dsmoe_export MODEL_DIR OUT.onnx --active-outputs`")

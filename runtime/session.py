@@ -209,7 +209,7 @@ class DSMoESession:
         if not self.sparse and not allow_dense:
             raise ModelError(f"{self.path}: the model has no {OP_DOMAIN}::{OP_TYPE} node (a --dense export or a "
                              "plain LLaMA export): nothing for DSMoESession to do; pass allow_dense=True to run it "
-                             "anyway (the baseline)")
+                             "anyway (the baseline; `python -m dsmoe_runtime`: --allow-dense)")
         if self.sparse and self.library_path is None and not allow_fallback:
             raise ModelError(f"{self.path}: a sparse model in a session without the op library would run the op's "
                              "ONNX function body (dense speed): register the library (library=True or a path) or "

@@ -326,6 +326,16 @@ def test_cli_ids_without_tokenizer(exported, session, tmp_path, rng):
     assert proc.returncode == 1 and "no tokenizer" in proc.stderr and "--ids" in proc.stderr
 
 
+def test_cli_runs_a_dense_export_only_when_allowed(tmp_path):
+    path = _plain_lm(tmp_path / "plain.onnx")  # logits = one-hot of the ids: greedy repeats the last id
+    proc = _cli(path, "--ids", "3,5", "-n", 2)
+    assert proc.returncode == 1 and "no org.dsmoe::GatedBlockSparseFFN node" in proc.stderr
+    assert "--allow-dense" in proc.stderr
+    proc = _cli(path, "--ids", "3,5", "-n", 2, "--allow-dense")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "5", "|", "5", "5"]
+
+
 # ---------------------------------------------------------------------------- errors
 
 def _plain_lm(path, *, with_op: bool = False):
