@@ -201,8 +201,9 @@ def parse_config(data: Any, path: Path, *, require_dsmoe: bool = True) -> ModelC
     if "dsmoe" not in data:
         if require_dsmoe:
             raise CheckpointError(
-                'missing (expected a "dsmoe" block such as {"num_experts": 8, "threshold": 0.5}; '
-                "use --dense to export a plain LLaMA folder)", file=path, field="dsmoe",
+                'missing (expected a "dsmoe" block such as {"num_experts": 8, "threshold": 0.5}: a dense model '
+                "becomes a DSMoE one with `python -m dsmoe_export.convert DENSE OUT_DIR`; --dense exports a plain "
+                "LLaMA folder as it is)", file=path, field="dsmoe",
             )
         dsmoe = None
     else:
@@ -231,7 +232,9 @@ def parse_config(data: Any, path: Path, *, require_dsmoe: bool = True) -> ModelC
 def load_config(model_dir: str | Path, *, require_dsmoe: bool = True) -> ModelConfig:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise CheckpointError("not a directory (expected a model folder with config.json)", file=model_dir)
+        hint = ("; a GGUF file is converted into one with `python -m dsmoe_export.convert FILE.gguf OUT_DIR`"
+                if model_dir.suffix.lower() == ".gguf" and model_dir.is_file() else "")
+        raise CheckpointError(f"not a directory (expected a model folder with config.json{hint})", file=model_dir)
     path = model_dir / CONFIG_NAME
     try:
         text = path.read_text(encoding="utf-8")

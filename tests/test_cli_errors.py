@@ -41,7 +41,8 @@ def _truncate(folder: Path):
 BAD = {
     "missing folder": (lambda f: f.rename(f.with_name("gone")), ["model", "not a directory"]),
     "invalid json": (lambda f: (f / "config.json").write_text("{ not json"), ["config.json", "invalid JSON", "line 1"]),
-    "no dsmoe block": (lambda f: _edit_config(f, dsmoe=None), ["config.json", "dsmoe", "num_experts"]),
+    "no dsmoe block": (lambda f: _edit_config(f, dsmoe=None),
+                       ["config.json", "dsmoe", "num_experts", "python -m dsmoe_export.convert", "--dense"]),
     "n < 1": (lambda f: _edit_config(f, dsmoe={"num_experts": 0}), ["config.json", "dsmoe.num_experts", ">= 1"]),
     "n not an int": (lambda f: _edit_config(f, dsmoe={"num_experts": "8"}), ["dsmoe.num_experts", "expected int"]),
     "indivisible": (lambda f: _edit_config(f, dsmoe={"num_experts": 7}),
@@ -104,6 +105,15 @@ def test_unwritable_output_is_refused(tmp_path, capsys, case):
     assert main([str(folder), str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(out) in err[0], err
+
+
+def test_a_gguf_file_is_pointed_to_the_converter(tmp_path, capsys):
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main([str(gguf), str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(gguf) in err and "not a directory" in err and "python -m dsmoe_export.convert FILE.gguf" in err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_debug_flag_shows_traceback(tmp_path):
