@@ -206,6 +206,54 @@ def test_quick_all_run_with_plot(op_library, tmp_path, monkeypatch):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
+def test_report_renders_every_recorded_run_again(tmp_path, capsys):
+    """docs/results keeps older runs as data: the report tool renders each one's tables again, and
+    with --png the latest op-level run's plots (docs/benchmarks.png is drawn that way)."""
+    from pathlib import Path
+
+    from dsmoe_export.bench import report
+
+    recorded = sorted((Path(__file__).resolve().parents[1] / "docs" / "results").glob("*.json"))
+    assert recorded
+    for path in recorded:
+        assert report.main([str(path)]) == 0, path
+        out = capsys.readouterr().out
+        if path.stem.endswith("quality-smollm2"):  # bench.quality's table
+            want = json.loads(path.read_text())["candidates"][0]["model"]
+            assert out.startswith("reference ") and f"| {want} |" in out, path
+        else:
+            assert out.startswith("# dsmoe-export benchmark"), path
+    pytest.importorskip("matplotlib")
+    latest_op = [p for p in recorded if p.stem.endswith("-op")][-1]
+    assert report.main([str(latest_op), "--png", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_compares_exports_and_its_json_renders_again(op_library, tmp_path, monkeypatch, capsys):
+    """bench.quality on a float32 export against itself and its int8 form: the table it prints,
+    and the same table from its --json through the report tool."""
+    from dsmoe_export.bench import quality, report
+    from dsmoe_export.exporter import export
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    folder = make_model_folder(tmp_path / "model", TinySpec(), seed=5)
+    paths = []
+    for name, options in (("fp32", {}), ("int8", {"ffn_weights": "int8"})):
+        (tmp_path / name).mkdir()
+        export(folder, tmp_path / name / "model.onnx", progress=False, active_outputs=True, **options)
+        paths.append(tmp_path / name / "model.onnx")
+    assert quality.main([str(paths[0]), str(paths[0]), str(paths[1]), "--tokens", "24",
+                         "--json", str(tmp_path / "q.json")]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "q.json").read_text())
+    same, int8 = results["candidates"]
+    assert same["max_rel_error"] == 0 and same["top1_agreement"] == 1 and same["routing_agreement"] == 1
+    assert 0 < int8["max_rel_error"] < 0.1 and int8["size_bytes"] < same["size_bytes"]
+    assert report.main([str(tmp_path / "q.json")]) == 0
+    assert capsys.readouterr().out == printed
+
+
 def _tiny_folder(path):
     from dsmoe_export.synthetic import TinySpec, make_model_folder, write_byte_tokenizer
 

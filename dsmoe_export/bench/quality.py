@@ -132,6 +132,26 @@ def export_all(model_dir: Path, out: Path, calibration_text: Path | None, genai_
     return paths
 
 
+def table(results: dict) -> str:
+    """The markdown table of a run's results (what main prints; `python -m dsmoe_export.bench.report
+    FILE.json` renders a recorded run with it)."""
+    ppl = results.get("reference_perplexity")
+    lines = [f"reference {results['reference']} ({results['tokens']} tokens of {results['text']}"
+             + (f", perplexity {ppl:.2f})" if ppl is not None else ")"),
+             "| model | MiB | max rel. error | mean rel. error per position | top-1 agreement | perplexity | "
+             "routing agreement (worst layer) | active fraction |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["candidates"]:
+        perplexity_cell = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        routing = (f"{100 * r['routing_agreement']:.2f}% ({r['worst_layer']}: "
+                   f"{100 * min(r['routing_agreement_per_layer']):.1f}%)" if "routing_agreement" in r else "-")
+        active = f"{r['active_fraction']:.3f}" if "active_fraction" in r else "-"
+        lines.append(f"| {r['model']} | {r['size_bytes'] / 2**20:.0f} | {r['max_rel_error']:.3g} | "
+                     f"{r['mean_rel_error_per_position']:.3g} | {100 * r['top1_agreement']:.1f}% | {perplexity_cell} | "
+                     f"{routing} | {active} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.quality", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,18 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             row["perplexity"] = perplexity(logits, ids)
         results["candidates"].append(row)
         del s
-    print(f"reference {args.reference} ({results['tokens']} tokens of {results['text']}"
-          + (f", perplexity {results['reference_perplexity']:.2f})" if args.text else ")"))
-    print("| model | MiB | max rel. error | mean rel. error per position | top-1 agreement | perplexity | "
-          "routing agreement (worst layer) | active fraction |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["candidates"]:
-        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
-        routing = (f"{100 * r['routing_agreement']:.2f}% ({r['worst_layer']}: "
-                   f"{100 * min(r['routing_agreement_per_layer']):.1f}%)" if "routing_agreement" in r else "-")
-        active = f"{r['active_fraction']:.3f}" if "active_fraction" in r else "-"
-        print(f"| {r['model']} | {r['size_bytes'] / 2**20:.0f} | {r['max_rel_error']:.3g} | "
-              f"{r['mean_rel_error_per_position']:.3g} | {100 * r['top1_agreement']:.1f}% | {ppl} | {routing} | {active} |")
+    print(table(results), end="")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

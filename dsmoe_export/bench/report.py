@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -333,7 +334,7 @@ def plot(path: Path, results: dict) -> str | None:
         ax_tok.legend(fontsize=7)
     meta = results["meta"]
     fig.suptitle(f"dsmoe-export benchmark, {meta['cpu']}, {meta['threads']} threads, {meta['date']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # a band for the title above the panels
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return None
@@ -387,10 +388,23 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.report",
-                                description="Print the markdown tables of a results.json (e.g. docs/results/*.json).")
+                                description="Print the markdown tables of a results.json (e.g. docs/results/*.json: "
+                                            "the benchmark's runs, and bench.quality's --json).")
     p.add_argument("results", type=Path)
+    p.add_argument("--png", type=Path, metavar="PATH", help="also draw its plots into PATH (needs matplotlib)")
     args = p.parse_args(argv)
-    print(markdown(json.loads(args.results.read_text())), end="")
+    results = json.loads(args.results.read_text())
+    if "candidates" in results:  # a run of bench.quality
+        from .quality import table
+
+        print(table(results), end="")
+        return 0
+    print(markdown(results), end="")
+    if args.png is not None:
+        note = plot(args.png, results)
+        if note:
+            print(f"no plot: {note}", file=sys.stderr)
+            return 1
     return 0
 
 
