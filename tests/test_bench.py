@@ -252,6 +252,9 @@ def test_quality_compares_exports_and_its_json_renders_again(op_library, tmp_pat
     assert 0 < int8["max_rel_error"] < 0.1 and int8["size_bytes"] < same["size_bytes"]
     assert report.main([str(tmp_path / "q.json")]) == 0
     assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "q.json"), "--png", str(tmp_path / "q.png")])
+    assert "has no plots" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
 
 
 def _tiny_folder(path):

@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if "candidates" in results:  # a run of bench.quality
         from .quality import table
 
+        if args.png is not None:
+            p.error(f"--png: {args.results} is a bench.quality run, which has no plots")
         print(table(results), end="")
         return 0
     print(markdown(results), end="")
