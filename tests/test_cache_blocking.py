@@ -1,6 +1,7 @@
 """The CPU kernels' cache blocking (custom_ops/cpu/cache_blocking.h): the k-slice depths of the
 slab layout and of the packed panels follow the L1d the library finds (or DSMOE_CPU_L1D_BYTES),
-and no depth changes a bit of the output. The size is read once per process, so each setting runs in a process of its own."""
+and no depth changes a bit of the output. The size is read once per process, so each setting
+runs in a process of its own."""
 from __future__ import annotations
 
 import json

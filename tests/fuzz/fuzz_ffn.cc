@@ -329,17 +329,15 @@ const char* kIsas[] = {nullptr, "baseline", "avx2", "avx512", "", "sse9"};
 // The node's tensors in input order (op-spec): float32 / F16 X, router, gate, up, down, bias;
 // Int4 / Int8 X, router, gate, gate_scales, up, up_scales, down, down_scales, bias.
 struct Inputs {
-  Format format = Format::kF32;
   std::vector<fake_ort::Tensor> t;
   bool finite = true;
   int64_t gate, up, down, gate_scales = -1, up_scales = -1, down_scales = -1, bias;  // indices into t
-  explicit Inputs(Format f) : format(f), t(Integer(f) ? 9 : 6) {
+  explicit Inputs(Format f) : t(Integer(f) ? 9 : 6) {
     gate = 2;
     if (Integer(f)) gate_scales = 3, up = 4, up_scales = 5, down = 6, down_scales = 7, bias = 8;
     else up = 3, down = 4, bias = 5;
   }
   fake_ort::Tensor& x() { return t[0]; }
-  fake_ort::Tensor& router() { return t[1]; }
   const float* F(int64_t i) const { return reinterpret_cast<const float*>(t[i].data.get()); }
 };
 
