@@ -8,10 +8,10 @@
 //           per scale group of down rows). Memory-bound: bytes per active block
 //           are 3 * B * d * bits / 8 plus the scales.
 //   prefill (more tokens): the float32 kernel's path (cpu/prefill.h) with the
-//           weights dequantized per task: a (block, row tile) task's gate/up rows
-//           into a float32 tile (2 * 24 * d floats at d = 2048, L2) used for all
-//           the block's panels, a column task's V columns into a [B][64] tile.
-//           Never a dequantized copy of a whole weight.
+//           weights dequantized per task: a (block, slab) task's 32 gate and up rows
+//           into k-major float32 slabs (2 * 32 * d floats, L2) that the float32 op's
+//           slab kernel reads for all the block's tokens, a column task's V columns
+//           into a [B][64] tile. Never a dequantized copy of a whole weight.
 //
 // Routing, the pair sort, chunks and panels: cpu/plan.h, shared with ffn_cpu.cc.
 #include "cpu/ffn_cpu_quant.h"
@@ -48,16 +48,18 @@ WeightFormat FormatOf(QuantKind kind) {
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing* routed,
                     bool* active, float* y) {
-  const FfnDims& dims = qd.base;
-  const int64_t d = dims.hidden, B = dims.block_size, rb = w.row_bytes;
-  // The tile's gate and up rows dequantized into per-thread float32 tiles.
+  const int64_t d = qd.base.hidden, B = qd.base.block_size, rb = w.row_bytes;
+  // Gate/up go to the float32 op's slab kernel: a task's slab of gate and of up rows dequantized
+  // into per-thread k-major tiles ([d][32], L2), read in place for all the block's tokens.
+  FfnDims dims = qd.base;
+  dims.gate_up_tile = kSlabRows;
   auto gate_up_rows = [&](int64_t i, int64_t r0, int64_t rows) {
     const int64_t row = i * B + r0;
-    float* gt = ThreadBuffer(ThreadSlot::kGateTile, rows * d);
-    float* ut = ThreadBuffer(ThreadSlot::kUpTile, rows * d);
-    qk.dequantize_rows(w.format, w.gate + row * rb, w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr,
+    float* gt = ThreadBuffer(ThreadSlot::kGateTile, kSlabRows * d);
+    float* ut = ThreadBuffer(ThreadSlot::kUpTile, kSlabRows * d);
+    qk.dequantize_slab(w.format, w.gate + row * rb, w.gate_scales ? w.gate_scales + row * w.row_groups : nullptr,
                        rows, d, w.group, gt);
-    qk.dequantize_rows(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
+    qk.dequantize_slab(w.format, w.up + row * rb, w.up_scales ? w.up_scales + row * w.row_groups : nullptr, rows,
                        d, w.group, ut);
     return std::pair<const float*, const float*>{gt, ut};
   };

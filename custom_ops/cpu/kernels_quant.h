@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "common/ffn_params.h"
+
 namespace dsmoe::cpu {
 
 // Storage of a block's weight rows (op-spec "Weight formats").
@@ -54,6 +56,11 @@ struct QuantKernelSet {
   // rows from a group boundary; for kInt4, c0 and width are multiples of 32.
   void (*dequantize_columns)(WeightFormat f, const uint8_t* v, const float* scales, int64_t rows, int64_t d,
                              int64_t group, int64_t c0, int64_t width, float* out);
+
+  // Prefill gate/up slab for the float32 op's slab kernel: out[c * kGateUpSlabRows + r] = W[r][c] (as
+  // dot_rows) for r < rows <= kGateUpSlabRows, c < d; 0 for rows <= r < kGateUpSlabRows.
+  void (*dequantize_slab)(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d,
+                          int64_t group, float* out);
 };
 
 // The widest set this CPU runs (AVX2 needs F16C too); DSMOE_CPU_ISA forces one, as for the float32 op.

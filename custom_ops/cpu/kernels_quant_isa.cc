@@ -15,6 +15,7 @@
 // docs/quant-kernel-notes.md.
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "common/int_math.h"
 #include "cpu/kernels_quant.h"
@@ -542,6 +543,89 @@ void DequantizeRows(WeightFormat f, const uint8_t* w, const float* scales, int64
   }
 }
 
+// Transposes kVL x kVL floats in registers (m[i][l] -> m[l][i]): log2(kVL) butterfly stages,
+// stage S swapping the S x S off-diagonal sub-blocks of every 2S x 2S block (one two-source
+// shuffle per vector and stage: 64 for 16 x 16 with AVX-512).
+template <int S, bool kHigh, size_t... L>
+inline Vec Butterfly(Vec a, Vec b, std::index_sequence<L...>) {
+  // Row i (bit S clear) keeps its lanes with bit S clear and takes row i + S's lanes shifted up
+  // by S; row i + S takes row i's lanes shifted down by S and keeps its own.
+  if constexpr (kHigh) {
+    return __builtin_shufflevector(a, b, ((L & S) ? kVL + L : L + S)...);
+  } else {
+    return __builtin_shufflevector(a, b, ((L & S) ? kVL + L - S : L)...);
+  }
+}
+
+template <int S>
+inline void TransposeStage(Vec* m) {
+  if constexpr (S < kVL) {
+    for (int i = 0; i < kVL; ++i) {
+      if (i & S) continue;
+      const Vec a = m[i], b = m[i + S];
+      m[i] = Butterfly<S, false>(a, b, std::make_index_sequence<kVL>{});
+      m[i + S] = Butterfly<S, true>(a, b, std::make_index_sequence<kVL>{});
+    }
+    TransposeStage<2 * S>(m);
+  }
+}
+
+// A slab of gate or up rows for the slab kernel (the float32 op's gate_up_tile layout):
+// out[k * kSlabRows + r] = W[r][k] (as dequantize_rows) for r < rows <= kSlabRows, k < d; the rows
+// from `rows` to kSlabRows are 0. Per step of kStep<F> columns the rows are dequantized into a
+// tile in registers / L1, then transposed kVL x kVL at a time.
+constexpr int64_t kSlabAhead = 256;  // bytes (4 cache lines)
+
+template <WeightFormat F>
+void DequantizeSlabF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group, float* out) {
+  constexpr int S = kStep<F>, NV = kStepVecs<F>, R = kGateUpSlabRows;
+  static_assert(R % kVL == 0, "a slab row is whole vectors");
+  const int64_t rb = RowBytes(F, d), G = GroupOf<F>(d, group), groups = CeilDiv(d, G);
+  alignas(64) Vec tile[R][NV];
+  for (int64_t r = rows; r < R; ++r) {
+    for (int vi = 0; vi < NV; ++vi) tile[r][vi] = Vec{};
+  }
+  int64_t c = 0;
+  for (; c + S <= d; c += S) {  // S divides G: a step never crosses a group
+    const int64_t g = c / G;
+    for (int64_t r = 0; r < rows; ++r) {
+      Vec wv[NV];
+      // 32 row streams at once, more than the hardware prefetchers follow: each row's bytes
+      // kSlabAhead ahead of the step, into L1.
+      __builtin_prefetch(w + r * rb + ByteOffset<F>(c) + kSlabAhead, 0, 3);
+      LoadStep<F>(w + r * rb, c, wv);
+      const Vec sv = Splat(F == WeightFormat::kF16 ? 1.0f : scales[r * groups + g]);
+      for (int vi = 0; vi < NV; ++vi) tile[r][vi] = sv * wv[vi];
+    }
+    for (int vi = 0; vi < NV; ++vi) {
+      for (int q = 0; q < R / kVL; ++q) {
+        Vec m[kVL];
+        for (int l = 0; l < kVL; ++l) m[l] = tile[q * kVL + l][vi];
+        TransposeStage<1>(m);
+        for (int l = 0; l < kVL; ++l) Store(out + (c + vi * kVL + l) * R + q * kVL, m[l]);
+      }
+    }
+  }
+  for (; c < d; ++c) {
+    const int64_t g = c / G;
+    for (int64_t r = 0; r < R; ++r) {
+      out[c * R + r] = r < rows ? (F == WeightFormat::kF16 ? 1.0f : scales[r * groups + g]) * LoadOne<F>(w + r * rb, c)
+                                : 0.0f;
+    }
+  }
+}
+
+void DequantizeSlab(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+                    float* out) {
+  switch (f) {
+    case WeightFormat::kInt4: return DequantizeSlabF<WeightFormat::kInt4>(w, scales, rows, d, group, out);
+    case WeightFormat::kInt8: return DequantizeSlabF<WeightFormat::kInt8>(w, scales, rows, d, group, out);
+    case WeightFormat::kF16: return DequantizeSlabF<WeightFormat::kF16>(w, scales, rows, d, group, out);
+  }
+}
+
+constexpr int64_t kColumnsAhead = 8;  // rows
+
 template <WeightFormat F>
 void DequantizeColumnsF(const uint8_t* v, const float* scales, int64_t rows, int64_t d, int64_t group, int64_t c0,
                         int64_t width, float* out) {
@@ -550,6 +634,13 @@ void DequantizeColumnsF(const uint8_t* v, const float* scales, int64_t rows, int
   for (int64_t j = 0; j < rows; ++j) {
     const uint8_t* row = v + j * rb;
     const float* s = F == WeightFormat::kF16 ? nullptr : scales + (j / group) * d;
+    // The rows are rb bytes apart and each gives a cache line or two: a stride the hardware
+    // prefetchers lose at every page, so row j + kColumnsAhead's bytes are fetched now.
+    if (j + kColumnsAhead < rows) {
+      const uint8_t* ahead = row + kColumnsAhead * rb;
+      __builtin_prefetch(ahead + ByteOffset<F>(c0), 0, 3);
+      __builtin_prefetch(ahead + ByteOffset<F>(c_end) - 1, 0, 3);
+    }
     float* o = out + j * width - c0;
     int64_t c = c0;
     for (; c + S <= c_end; c += S) {
@@ -582,7 +673,7 @@ const QuantKernelSet& QuantKernels() {
   static const QuantKernelSet set{
 #define DSMOE_QSTR2(x) #x
 #define DSMOE_QSTR(x) DSMOE_QSTR2(x)
-      DSMOE_QSTR(DSMOE_ISA), DotRows, GroupSums, AccumulateRows, DequantizeRows, DequantizeColumns,
+      DSMOE_QSTR(DSMOE_ISA), DotRows, GroupSums, AccumulateRows, DequantizeRows, DequantizeColumns, DequantizeSlab,
   };
   return set;
 }

@@ -5,8 +5,9 @@
 //   gate_up_rows(i, r0, rows) -> std::pair<const float*, const float*>: rows
 //       [r0, r0 + rows) of block i's gate and up weights as float32 rows of d
 //       values (row stride d): the weights in place, or a per-thread
-//       dequantized tile; with gate/up in slabs (float32 only), the slabs from row r0 on
-//       (r0 a multiple of kSlabRows, each slab [d][kSlabRows]);
+//       dequantized tile; with gate/up in slabs (dims.gate_up_tile: the float32 op's layout,
+//       or the quantized op's dequantized tiles), the slabs from row r0 on (r0 a multiple of
+//       kSlabRows, each slab [d][kSlabRows]);
 //   down_tile(i, c0, width, tile) -> (const float* v, int64_t ld): block i's
 //       V[:, c0:c0 + width] as B rows ld floats apart (ld <= 64): in place when
 //       the weights are stored in column tiles, else written to `tile` (a
