@@ -65,7 +65,7 @@ def _sysfs_l1d() -> int | None:
 
 def _jobs(rng, tmp_path, isa: str):
     """(job, check) pairs: the slab layout (decode and prefill), the rows layout's packed panels,
-    the int4 op's prefill over dequantized tiles (panels too); `check(outputs)` against the
+    the int4 op's prefill over dequantized slabs; `check(outputs)` against the
     reference. d = 600 / 1088 / 640 spans several slices of every depth below."""
     jobs = []
 

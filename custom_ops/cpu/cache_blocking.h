@@ -21,7 +21,7 @@ int64_t L1DataCacheBytes();
 int64_t SlabSliceSteps();
 
 // Floats of the packed panel's k-slice in the packed-panel GEMM tiles (kernels_isa.cc; the rows
-// layout and the quantized ops' prefill): 2/3 of L1 (the weights stream through the rest), in
+// layout's prefill): 2/3 of L1 (the weights stream through the rest), in
 // multiples of 512 floats, within [2048, 8192]: 8192 (32 KB) with a 48 KB L1, 5120 with 32 KB.
 int64_t PanelSliceFloats();
 
