@@ -5,7 +5,8 @@
 
 namespace dsmoe::cuda {
 
-// Adds the CUDA kernels to the domain; does nothing in a build without CUDA.
+// Adds the CUDA kernels to the domain; a build without CUDA adds float16 / bfloat16 declarations
+// whose kernels say so (register_cuda.cc).
 void RegisterOps(Ort::CustomOpDomain& domain);
 
 }  // namespace dsmoe::cuda
