@@ -40,7 +40,9 @@ def op_providers(path: Path) -> set[str]:
                      allow_dense=True)
     ids, mask = prompt(s, 4)
     s.forward(ids, mask, s.new_cache(ids.shape[0], ids.shape[1]), positions(s, mask))
-    events = json.loads(Path(s.session.end_profiling()).read_text())
+    profile = Path(s.session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()  # a scratch file: each call (and the test's dry runs) would leave one in /tmp
     return {e["args"].get("provider", "?") for e in events
             if e.get("cat") == "Node" and e["args"].get("op_name") == "GatedBlockSparseFFN"}
 
