@@ -37,11 +37,12 @@ struct DecodeBounds {
 inline constexpr DecodeBounds kFloatDecodeBounds{12, 8};
 // The quantized kernel dequantizes the gate/up rows again for every kMaxQuantDotTokens
 // tokens of a block, while its GEMM path dequantizes each tile once, then runs the float32
-// GEMM: since the int4 GEMV's lookup (quant-kernel-notes #8) the GEMV path wins up to about
-// 8 tokens a block at d = 576 (B = 96) and 12 at d = 2048 (B = 704) (#9: 30 / 8 layers from
-// DRAM, int4 at r = 0.61, 12 tokens, 7.3 a block: 0.83 / 0.63 of the GEMM path's time; 16 tokens,
-// 9.7 a block: 1.00-1.07 / 0.81; int8 and float16 likewise).
-inline constexpr DecodeBounds kQuantDecodeBounds{8, 12};
+// GEMM: the GEMV path wins up to about 8 tokens a block at d = 576 (B = 96; quant-kernel-notes
+// #9: 30 layers from DRAM, int4, 7.3 a block: 0.83 of the GEMM path's time, 9.7 a block
+// 1.00-1.07) and 9 at d = 2048 (B = 704; since the GEMM path reads slabs, #14: 8 layers, int4,
+// 5.9 / 7.9 / 8.2 a block 0.70 / 0.99 / 0.97 of its time, 9.8 / 10.2 / 10.5 a block 1.06 / 1.16 /
+// 1.12; it was 12 before).
+inline constexpr DecodeBounds kQuantDecodeBounds{8, 9};
 
 // Task tiling of both kernels (the quantized one rounds decode slabs up to whole scale groups).
 inline constexpr int64_t kDecodeRows = 32;          // decode slab: gate, up and down rows, 3 * 32 * d floats, L2-resident
