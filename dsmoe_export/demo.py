@@ -347,7 +347,8 @@ def print_latency(timings: dict, prompt_tokens: int, active: float, repeats: int
 GENERATED_BY = ("sparse", "sparse-int4", "dense")
 
 
-def generate_all(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None) -> list[dict]:
+def generate_all(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, threads: int | None,
+                 repetition_penalty: float = 1.0) -> list[dict]:
     """Greedy continuations of each prompt by the GENERATED_BY exports, with tokens/s."""
     from dsmoe_runtime import DSMoESession
     from dsmoe_runtime import load_tokenizer
@@ -365,7 +366,7 @@ def generate_all(art: Artifacts, prompts: tuple[str, ...], new_tokens: int, thre
         row = {"prompt": text}
         for kind, s in sessions.items():
             t0 = time.perf_counter()
-            gen = s.generate(ids, new_tokens, eos_token_id=eos)
+            gen = s.generate(ids, new_tokens, eos_token_id=eos, repetition_penalty=repetition_penalty)
             dt = time.perf_counter() - t0
             new = gen[0, ids.shape[1]:]
             row[kind] = {"text": tok.decode(new) if tok is not None else " ".join(map(str, new.tolist())),
@@ -414,8 +415,9 @@ def real_demo(args, src: Path, plays: Path) -> int:
     for kind, summary in info["validation"].items():
         print(f"  {kind:12s} {summary}")
     print()
-    gens = generate_all(art, PROMPTS, args.new_tokens, args.threads)
-    print(f"greedy generation, {args.new_tokens} new tokens (ONNX Runtime, CPU EP):")
+    gens = generate_all(art, PROMPTS, args.new_tokens, args.threads, args.repetition_penalty)
+    penalty = f", repetition penalty {args.repetition_penalty:g}" if args.repetition_penalty != 1.0 else ""
+    print(f"greedy generation{penalty}, {args.new_tokens} new tokens (ONNX Runtime, CPU EP):")
     for g in gens:
         print(f"  prompt: {g['prompt']!r}")
         for kind in GENERATED_BY:
@@ -485,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-active", type=float, default=DemoSettings.target_active,
                    help="FFN active fraction (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: %(default)s)")
+    # A 135M model's greedy continuations loop within 32 tokens ("a world that is not a world
+    # that is ..."); the penalty (as transformers' and genai's) keeps the comparison readable.
+    p.add_argument("--repetition-penalty", type=float, default=1.2,
+                   help="generation's repetition penalty, 1 = plain greedy (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="synthetic: working folder (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--prompt-tokens", type=int, default=128)

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="make tokens already in the prompt or the output less likely (1 = off; 1.1-1.3 is usual)")
     p.add_argument("--eos", type=int, action="append",
                    help="end-of-sequence id (repeatable; default: generation_config.json / tokenizer)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
 
         session.generate(np.array([ids], np.int64), args.max_new_tokens, do_sample=True if args.sample else None,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         eos_token_id=eos, streamer=on_token)
+                         eos_token_id=eos, repetition_penalty=args.repetition_penalty, streamer=on_token)
         if text_mode:
             rest = tokenizer.decode(generated)
             out.write(rest[len(shown):] if rest.startswith(shown) else "")

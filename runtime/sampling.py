@@ -1,5 +1,6 @@
 """Next-token choice from logits: greedy, or sampling with temperature, top-k and top-p
-(applied in that order, as transformers does), with a numpy Generator."""
+(applied in that order, as transformers does), with a numpy Generator; before either, an
+optional repetition penalty."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,6 +27,14 @@ def processed_logits(logits: np.ndarray, *, temperature: float = 1.0, top_k: int
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         x = np.where(drop, -np.inf, x)
     return x
+
+
+def penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """logits [B, V] with the tokens each row has seen (bool [B, V]: its prompt and what it has
+    generated) made less likely, as transformers' repetition_penalty and onnxruntime-genai's do
+    (CTRL, arXiv 1909.05858): a positive logit divided by `penalty`, a negative one multiplied."""
+    x = np.asarray(logits)
+    return np.where(seen, np.where(x > 0, x / penalty, x * penalty), x).astype(x.dtype, copy=False)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 from ._library import register
 from .errors import InputError, LibraryNotFoundError, ModelError
 from .kv_cache import KVCache, _BufferPool
-from .sampling import greedy_tokens, sample_tokens
+from .sampling import greedy_tokens, penalize_repeats, sample_tokens
 from .stats import ActivationStats
 
 OP_DOMAIN, OP_TYPE = "org.dsmoe", "GatedBlockSparseFFN"
@@ -347,11 +347,15 @@ class DSMoESession:
     def stream(self, input_ids, max_new_tokens: int = 32, *, attention_mask=None, do_sample: bool | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | np.random.Generator | None = None, eos_token_id: int | Iterable[int] | None = None,
-               pad_token_id: int | None = None, collect_stats: bool = True) -> Iterator[np.ndarray]:
+               pad_token_id: int | None = None, repetition_penalty: float = 1.0,
+               collect_stats: bool = True) -> Iterator[np.ndarray]:
         """Generate step by step: yields each step's tokens, int64 [batch], as soon as they are
         chosen. Arguments as in `generate`."""
         ids, mask = self._check_prompt(input_ids, attention_mask)
         choose = self._chooser(do_sample, temperature, top_k, top_p, seed)
+        if isinstance(repetition_penalty, bool) or not (isinstance(repetition_penalty, (int, float))
+                                                        and np.isfinite(repetition_penalty) and repetition_penalty > 0):
+            raise InputError(f"repetition_penalty: expected a finite number > 0 (1 = off), got {repetition_penalty!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
         eos = self._token_set(eos_token_id, "eos_token_id")
@@ -363,6 +367,11 @@ class DSMoESession:
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None) if self.has_position_ids else None
         cache = self.new_cache(batch, ids.shape[1] + max(max_new_tokens - 1, 0))
         valid = mask.astype(bool)
+        seen = None
+        if repetition_penalty != 1.0:  # each row's prompt tokens (not its left padding), then its new ones
+            seen = np.zeros((batch, self.vocab_size), bool)
+            rows, cols = np.nonzero(valid)
+            seen[rows, ids[rows, cols]] = True
         for step in range(max_new_tokens):
             if step == 0:
                 logits, active = self.forward(ids, mask, cache, pos, logits_to_keep=1)
@@ -374,9 +383,12 @@ class DSMoESession:
                 logits, active = self.forward(tokens[:, None], mask, cache, pos, logits_to_keep=1)
             if stats is not None and active:
                 stats.add(active, valid)
-            tokens = choose(logits[:, -1, :])
+            last = logits[:, -1, :]
+            tokens = choose(last if seen is None else penalize_repeats(last, seen, repetition_penalty))
             if eos:
                 tokens = np.where(finished, pad, tokens).astype(np.int64)
+            if seen is not None:
+                seen[np.arange(batch), tokens] = True
             yield tokens
             if eos:
                 finished |= np.isin(tokens, list(eos))
@@ -388,7 +400,7 @@ class DSMoESession:
     def generate(self, input_ids, max_new_tokens: int = 32, *, attention_mask=None, do_sample: bool | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | np.random.Generator | None = None, eos_token_id: int | Iterable[int] | None = None,
-                 pad_token_id: int | None = None, streamer: Streamer | None = None,
+                 pad_token_id: int | None = None, repetition_penalty: float = 1.0, streamer: Streamer | None = None,
                  collect_stats: bool = True) -> np.ndarray:
         """Continue the prompts with the KV cache; returns int64 ids [batch, prompt + new].
 
@@ -397,7 +409,10 @@ class DSMoESession:
         logits / temperature, then top-k, then top-p, drawn with numpy's Generator(seed).
         eos_token_id (one or several): a row that produced it is finished and gets pad_token_id
         (default: the smallest eos id, else 0) afterwards; generation stops early when every row
-        is finished, so `new` may be < max_new_tokens. streamer(step, tokens [batch]) is called
+        is finished, so `new` may be < max_new_tokens. repetition_penalty (1 = off; 1.1-1.3 is usual):
+        the logits of the tokens a row has seen (its prompt and its new tokens) made less likely
+        before the choice, a positive one divided by it and a negative one multiplied, as
+        transformers and onnxruntime-genai do. streamer(step, tokens [batch]) is called
         with each step's tokens as they come. With active outputs in the model and collect_stats,
         the run's tokens are added to `self.stats`.
         """
@@ -406,7 +421,8 @@ class DSMoESession:
         for step, tokens in enumerate(self.stream(input_ids, max_new_tokens, attention_mask=attention_mask,
                                                   do_sample=do_sample, temperature=temperature, top_k=top_k,
                                                   top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                                                  pad_token_id=pad_token_id, collect_stats=collect_stats)):
+                                                  pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
+                                                  collect_stats=collect_stats)):
             new.append(tokens)
             if streamer is not None:
                 streamer(step, tokens)

@@ -28,7 +28,7 @@ import dsmoe_runtime
 from dsmoe_export.exporter import export
 from dsmoe_export.synthetic import TinySpec, make_model_folder
 from dsmoe_runtime import DSMoESession, InputError, LibraryError, LibraryNotFoundError, ModelError
-from dsmoe_runtime.sampling import probabilities, sample_tokens
+from dsmoe_runtime.sampling import penalize_repeats, probabilities, sample_tokens
 
 THRESHOLD = 0.5
 MIN_GAP = 1e-4       # top-2 logit gap below which fp32 and fp64 may disagree
@@ -145,6 +145,67 @@ def test_sampling_reproducible_with_seed_and_within_top_k(session, ref, rng):
                 order = np.sort(logits)[::-1]
                 if order[4] - order[5] > MIN_GAP:
                     assert row[t] in np.argsort(logits)[-5:], f"token {row[t]} at {t} outside the top 5"
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3])
+def test_repetition_penalty_matches_transformers(rng, penalty):
+    """penalize_repeats against transformers' RepetitionPenaltyLogitsProcessor (the semantics
+    transformers and onnxruntime-genai share), on logits of both signs and zeros."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = rng.standard_normal((3, 40)).astype(np.float32)
+    logits[:, :3] = 0.0
+    seen_ids = [rng.choice(40, size=k, replace=False) for k in (1, 7, 40)]
+    seen = np.zeros(logits.shape, bool)
+    for row, ids in enumerate(seen_ids):
+        seen[row, ids] = True
+    width = max(map(len, seen_ids))
+    ids = torch.from_numpy(np.stack([np.resize(i, width) for i in seen_ids]))  # each row's ids repeated to the width
+    want = RepetitionPenaltyLogitsProcessor(penalty)(ids, torch.from_numpy(logits.copy())).numpy()
+    got = penalize_repeats(logits, seen, penalty)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert (got[~seen] == logits[~seen]).all()
+
+
+def _ref_greedy_penalized(ref, prompt, steps, penalty):
+    """float64 greedy decoding with the penalty on every token seen so far (prompt and new), by
+    transformers' processor; (continuation, min top-2 gap of the penalized logits)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    seq, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = ref(input_ids=torch.tensor([seq])).logits[0, -1:]
+            scores = processor(torch.tensor([seq]), logits.clone())[0].numpy()
+            top2 = np.sort(scores)[-2:]
+            gaps.append(top2[1] - top2[0])
+            seq.append(int(np.argmax(scores)))
+    return seq[len(prompt):], min(gaps)
+
+
+def test_greedy_with_repetition_penalty_equals_float64_reference(session, ref, rng):
+    """A left-padded batch with a penalty strong enough to change the greedy continuation: each
+    row's padding is not among its seen tokens (the padding holds the tokens the row goes on to
+    choose, so counting it would change them)."""
+    steps, penalty = 12, 2.0
+    for _ in range(20):
+        prompts = [rng.integers(3, 64, n).tolist() for n in (4, 9)]  # ids from 64 of 256: repeats are likely
+        refs = [_ref_greedy_penalized(ref, p, steps, penalty) for p in prompts]
+        if all(gap > MIN_GAP for _, gap in refs):
+            break
+    else:
+        pytest.fail("no prompts without near-ties in 20 draws")
+    ids, mask = left_pad(prompts, rng)
+    for i, (want, _) in enumerate(refs):
+        pads = int((mask[i] == 0).sum())
+        ids[i, :pads] = np.resize(want, pads)
+    out = session.generate(ids, steps, attention_mask=mask, repetition_penalty=penalty)
+    for i, p in enumerate(prompts):
+        assert out[i, ids.shape[1]:].tolist() == refs[i][0], f"row {i}"
+    plain = session.generate(ids, steps, attention_mask=mask)
+    assert (plain[:, ids.shape[1]:] != out[:, ids.shape[1]:]).any(), "the penalty changed nothing: a weak test"
 
 
 def _expected_probs(logits, temperature, top_k, top_p):
@@ -322,6 +383,10 @@ def test_cli_ids_without_tokenizer(exported, session, tmp_path, rng):
     proc = _cli(tmp_path / "m.onnx", "--ids", ",".join(map(str, ids)), "-n", 7)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [*map(str, ids), "|", *map(str, want)]
+    want = session.generate(np.array([ids]), 7, repetition_penalty=1.5)[0, 5:].tolist()
+    proc = _cli(tmp_path / "m.onnx", "--ids", ",".join(map(str, ids)), "-n", 7, "--repetition-penalty", 1.5)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [*map(str, ids), "|", *map(str, want)]
     proc = _cli(tmp_path / "m.onnx", "--prompt", "hello", "-n", 3)
     assert proc.returncode == 1 and "no tokenizer" in proc.stderr and "--ids" in proc.stderr
 
@@ -438,6 +503,8 @@ def test_error_library_older_than_the_runtime_supports(exported, tmp_path, monke
     (dict(input_ids=np.array([[1, 2]]), temperature=0.0), "temperature"),
     (dict(input_ids=np.array([[1, 2]]), top_p=1.5), "top_p"),
     (dict(input_ids=np.array([[1, 2]]), top_k=-1), "top_k"),
+    (dict(input_ids=np.array([[1, 2]]), repetition_penalty=0.0), "repetition_penalty"),
+    (dict(input_ids=np.array([[1, 2]]), repetition_penalty=float("nan")), "repetition_penalty"),
     (dict(input_ids=np.array([[1, 2]]), eos_token_id=300), "eos_token_id"),
     (dict(input_ids=np.array([[1, 2]]), max_new_tokens=-1), "max_new_tokens"),
 ])
