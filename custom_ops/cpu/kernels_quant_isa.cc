@@ -15,6 +15,7 @@
 // docs/quant-kernel-notes.md.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "common/int_math.h"
@@ -119,6 +120,17 @@ inline void LoadInt4Chunk(const uint8_t* chunk, Vec* out) {
     const VecI b = LoadBytesAsInt(chunk + k * kVL);
     out[k] = __builtin_convertvector(b & 15, Vec);
     out[k + kHalf] = __builtin_convertvector(b >> 4, Vec);
+  }
+}
+
+// body(std::integral_constant<WeightFormat, F>{}) for the run-time format f: the one switch from
+// a QuantKernelSet entry to its kernel compiled for F.
+template <typename Body>
+inline void ForFormat(WeightFormat f, Body&& body) {
+  switch (f) {
+    case WeightFormat::kInt4: return body(std::integral_constant<WeightFormat, WeightFormat::kInt4>{});
+    case WeightFormat::kInt8: return body(std::integral_constant<WeightFormat, WeightFormat::kInt8>{});
+    case WeightFormat::kF16: return body(std::integral_constant<WeightFormat, WeightFormat::kF16>{});
   }
 }
 
@@ -384,14 +396,7 @@ void DotRowsF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, in
 void DotRows(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
              const float* const* x, const float* const* xsum, int count, float* out, int64_t ldo) {
   if (count <= 0) return;
-  switch (f) {
-    case WeightFormat::kInt4:
-      return DotRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, x, xsum, count, out, ldo);
-    case WeightFormat::kInt8:
-      return DotRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, x, xsum, count, out, ldo);
-    case WeightFormat::kF16:
-      return DotRowsF<WeightFormat::kF16>(w, scales, rows, d, group, x, xsum, count, out, ldo);
-  }
+  ForFormat(f, [&](auto F) { DotRowsF<decltype(F)::value>(w, scales, rows, d, group, x, xsum, count, out, ldo); });
 }
 
 // xsum[g] = sum of x over column group g (the zero-point correction of DotRows).
@@ -502,14 +507,7 @@ void AccumulateRowsF(const uint8_t* v, const float* scales, const float* const* 
 
 void AccumulateRows(WeightFormat f, const uint8_t* v, const float* scales, const float* const* h, int count,
                     int64_t rows, int64_t d, int64_t group, float* acc, float* const* y) {
-  switch (f) {
-    case WeightFormat::kInt4:
-      return AccumulateRowsF<WeightFormat::kInt4>(v, scales, h, count, rows, d, group, acc, y);
-    case WeightFormat::kInt8:
-      return AccumulateRowsF<WeightFormat::kInt8>(v, scales, h, count, rows, d, group, acc, y);
-    case WeightFormat::kF16:
-      return AccumulateRowsF<WeightFormat::kF16>(v, scales, h, count, rows, d, group, acc, y);
-  }
+  ForFormat(f, [&](auto F) { AccumulateRowsF<decltype(F)::value>(v, scales, h, count, rows, d, group, acc, y); });
 }
 
 template <WeightFormat F>
@@ -536,11 +534,7 @@ void DequantizeRowsF(const uint8_t* w, const float* scales, int64_t rows, int64_
 
 void DequantizeRows(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
                     float* out) {
-  switch (f) {
-    case WeightFormat::kInt4: return DequantizeRowsF<WeightFormat::kInt4>(w, scales, rows, d, group, out);
-    case WeightFormat::kInt8: return DequantizeRowsF<WeightFormat::kInt8>(w, scales, rows, d, group, out);
-    case WeightFormat::kF16: return DequantizeRowsF<WeightFormat::kF16>(w, scales, rows, d, group, out);
-  }
+  ForFormat(f, [&](auto F) { DequantizeRowsF<decltype(F)::value>(w, scales, rows, d, group, out); });
 }
 
 // Transposes kVL x kVL floats in registers (m[i][l] -> m[l][i]): log2(kVL) butterfly stages,
@@ -617,11 +611,7 @@ void DequantizeSlabF(const uint8_t* w, const float* scales, int64_t rows, int64_
 
 void DequantizeSlab(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
                     float* out) {
-  switch (f) {
-    case WeightFormat::kInt4: return DequantizeSlabF<WeightFormat::kInt4>(w, scales, rows, d, group, out);
-    case WeightFormat::kInt8: return DequantizeSlabF<WeightFormat::kInt8>(w, scales, rows, d, group, out);
-    case WeightFormat::kF16: return DequantizeSlabF<WeightFormat::kF16>(w, scales, rows, d, group, out);
-  }
+  ForFormat(f, [&](auto F) { DequantizeSlabF<decltype(F)::value>(w, scales, rows, d, group, out); });
 }
 
 constexpr int64_t kColumnsAhead = 8;  // rows
@@ -657,14 +647,7 @@ void DequantizeColumnsF(const uint8_t* v, const float* scales, int64_t rows, int
 
 void DequantizeColumns(WeightFormat f, const uint8_t* v, const float* scales, int64_t rows, int64_t d, int64_t group,
                        int64_t c0, int64_t width, float* out) {
-  switch (f) {
-    case WeightFormat::kInt4:
-      return DequantizeColumnsF<WeightFormat::kInt4>(v, scales, rows, d, group, c0, width, out);
-    case WeightFormat::kInt8:
-      return DequantizeColumnsF<WeightFormat::kInt8>(v, scales, rows, d, group, c0, width, out);
-    case WeightFormat::kF16:
-      return DequantizeColumnsF<WeightFormat::kF16>(v, scales, rows, d, group, c0, width, out);
-  }
+  ForFormat(f, [&](auto F) { DequantizeColumnsF<decltype(F)::value>(v, scales, rows, d, group, c0, width, out); });
 }
 
 }  // namespace
