@@ -564,12 +564,12 @@ inline void TransposeStage(Vec* m) {
   }
 }
 
+constexpr int64_t kSlabAhead = 256;  // bytes (4 cache lines); a prefetch past the weights never faults
+
 // A slab of gate or up rows for the slab kernel (the float32 op's gate_up_tile layout):
 // out[k * kSlabRows + r] = W[r][k] (as dequantize_rows) for r < rows <= kSlabRows, k < d; the rows
 // from `rows` to kSlabRows are 0. Per step of kStep<F> columns the rows are dequantized into a
 // tile in registers / L1, then transposed kVL x kVL at a time.
-constexpr int64_t kSlabAhead = 256;  // bytes (4 cache lines)
-
 template <WeightFormat F>
 void DequantizeSlabF(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group, float* out) {
   constexpr int S = kStep<F>, NV = kStepVecs<F>, R = kGateUpSlabRows;
