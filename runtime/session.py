@@ -75,6 +75,12 @@ def _dim(shape, axis):
     return d if isinstance(d, int) else None
 
 
+
+def _is_real(value) -> bool:
+    """A Python or numpy real number (numpy scalars come from configs and arrays), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 class DSMoESession:
     """An onnxruntime.InferenceSession over a DSMoE export, with the op library registered.
 
@@ -353,8 +359,7 @@ class DSMoESession:
         chosen. Arguments as in `generate`."""
         ids, mask = self._check_prompt(input_ids, attention_mask)
         choose = self._chooser(do_sample, temperature, top_k, top_p, seed)
-        if isinstance(repetition_penalty, bool) or not (isinstance(repetition_penalty, (int, float))
-                                                        and np.isfinite(repetition_penalty) and repetition_penalty > 0):
+        if not (_is_real(repetition_penalty) and np.isfinite(repetition_penalty) and repetition_penalty > 0):
             raise InputError(f"repetition_penalty: expected a finite number > 0 (1 = off), got {repetition_penalty!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
@@ -442,11 +447,11 @@ class DSMoESession:
 
     @staticmethod
     def _chooser(do_sample, temperature, top_k, top_p, seed):
-        if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        if not (_is_real(temperature) and np.isfinite(temperature) and temperature > 0):
             raise InputError(f"temperature: expected a finite number > 0, got {temperature!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise InputError(f"top_k: expected an int >= 0 (0 = off), got {top_k!r}")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        if not (_is_real(top_p) and 0 < top_p <= 1):
             raise InputError(f"top_p: expected a number in (0, 1] (1 = off), got {top_p!r}")
         if do_sample is None:
             do_sample = temperature != 1.0 or top_k != 0 or top_p != 1.0 or seed is not None
