@@ -500,7 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.repetition_penalty > 0 and np.isfinite(args.repetition_penalty)):  # before minutes of conversion
+        parser.error(f"--repetition-penalty: expected a finite number > 0 (1 = plain greedy), got {args.repetition_penalty}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "synthetic":

@@ -75,7 +75,6 @@ def _dim(shape, axis):
     return d if isinstance(d, int) else None
 
 
-
 def _is_real(value) -> bool:
     """A Python or numpy real number (numpy scalars come from configs and arrays), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
