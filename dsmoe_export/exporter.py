@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from . import gptq, onnx_op, weight_formats
+from . import gptq, onnx_op, quant, weight_formats
 from .graph import GraphOptions, build_model, check_config, projected_ffn_applies
 from .graph.schemas import register_ort_schemas
 from .errors import ExportError
@@ -67,10 +67,11 @@ DEFAULT_ACCURACY_LEVEL = {"float32": 4, "float16": 0}
 
 
 def _set_accuracy_level(model: onnx.ModelProto, level: int) -> bool:
-    """Set every MatMulNBits node's accuracy_level to `level`; whether any had another one."""
+    """Set the accuracy_level of every MatMulNBits node and int4 / int8 sparse op to `level`;
+    whether any had another one."""
     changed = False
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
+        if node.op_type != "MatMulNBits" and node.op_type not in quant.FORMAT_OF_OP:
             continue
         for attr in node.attribute:
             if attr.name == "accuracy_level" and attr.i != level:

@@ -29,6 +29,10 @@ QUANT_INPUTS = ("X", "router_weight", "gate_weight", "gate_scales", "up_weight",
                 "down_scales", "router_bias")
 F16_INPUTS = onnx_op.INPUTS
 DEFAULT_GROUP_SIZE = 32
+# accuracy_level of the int4 / int8 ops (docs/op-spec.md): 0-3 X as given (float32), 4 X rounded to
+# int8 per group of group_size columns first, as MatMulNBits' level 4.
+ACCURACY_LEVELS = range(5)
+INT8_ACTIVATIONS = 4
 
 
 def zero_point(bits: int) -> int:
@@ -172,8 +176,9 @@ def matmul_nbits_weights(w_kn: np.ndarray, bits: int, group_size: int) -> tuple[
 
 def make_node(fmt: str, inputs: list[str], outputs: list[str], *, num_experts: int, group_size: int | None = None,
               threshold: float = 0.5, rescale: bool = True, weighting: str = "score", activation: str = "silu",
-              name: str | None = None) -> onnx.NodeProto:
-    """The ``fmt`` op's node; ``inputs`` in the order of QUANT_INPUTS (int4/int8) or F16_INPUTS."""
+              accuracy_level: int = 0, name: str | None = None) -> onnx.NodeProto:
+    """The ``fmt`` op's node; ``inputs`` in the order of QUANT_INPUTS (int4/int8) or F16_INPUTS;
+    ``accuracy_level`` (int4/int8) written when not 0."""
     onnx_op._check_attributes(num_experts, threshold, rescale, weighting, activation)
     if fmt not in OP_TYPES:
         raise ValueError(f"fmt must be one of {tuple(OP_TYPES)}, got {fmt!r}")
@@ -185,6 +190,11 @@ def make_node(fmt: str, inputs: list[str], outputs: list[str], *, num_experts: i
                  weighting=weighting, activation=activation)
     if fmt in BITS:
         attrs["group_size"] = check_group_size(group_size)
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS or \
+            (accuracy_level and fmt not in BITS):
+        raise ValueError(f"accuracy_level must be 0 to 4 (int4 / int8 ops; float16: 0), got {accuracy_level!r}")
+    if accuracy_level:
+        attrs["accuracy_level"] = int(accuracy_level)
     return helper.make_node(OP_TYPES[fmt], inputs, onnx_op._pad_outputs(outputs), name=name, domain=onnx_op.DOMAIN,
                             **attrs)
 
@@ -225,7 +235,10 @@ def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
         gate = b.op("Mul", values("gate_weight"), b.op("Gather", "gate_scales", col_groups, axis=2))
         up = b.op("Mul", values("up_weight"), b.op("Gather", "up_scales", col_groups, axis=2))
         down = b.op("Mul", values("down_weight"), b.op("Gather", "down_scales", row_groups, axis=1))
-    inner = helper.make_node(onnx_op.OP_TYPE, ["X", "router_weight", gate, up, down, "router_bias"],
+        x = b.op("Where", b.op("Equal", b.attr("value_int", "accuracy_level"), b.const(INT8_ACTIVATIONS, i64)),
+                 _rounded_to_int8(b, "X", d, group), "X")
+    inner = helper.make_node(onnx_op.OP_TYPE, ["X" if fmt == "float16" else x, "router_weight", gate, up, down,
+                                               "router_bias"],
                              ["Y", "active"], domain=onnx_op.DOMAIN)
     for attr, kind in (("num_experts", onnx.AttributeProto.INT), ("threshold", onnx.AttributeProto.FLOAT),
                        ("rescale", onnx.AttributeProto.INT), ("weighting", onnx.AttributeProto.STRING),
@@ -237,9 +250,30 @@ def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)],
         attributes=["num_experts"] + (["group_size"] if fmt in BITS else []),
         attribute_protos=[helper.make_attribute(k, v) for k, v in onnx_op._DEFAULTS.items()
-                          if k not in onnx_op.LAYOUT_ATTRIBUTES],
+                          if k not in onnx_op.LAYOUT_ATTRIBUTES]
+        + ([helper.make_attribute("accuracy_level", 0)] if fmt in BITS else []),
         doc_string=f"{onnx_op.DOMAIN}::{OP_TYPES[fmt]} v{onnx_op.OP_VERSION} (docs/op-spec.md): dequantize, "
                    f"then {onnx_op.OP_TYPE}.")
+
+
+def _rounded_to_int8(b, x: str, d: str, group: str) -> str:
+    """X [..., d] rounded to int8 per group of `group` columns (accuracy_level 4, op-spec): s = max |x|
+    / 127, q = clip(round_half_even(x / s), -127, 127) (0 where s = 0), x_hat = q * s."""
+    i64 = TensorProto.INT64
+    one = b.const(1, i64, [1])
+    groups = b.op("Div", b.op("Sub", b.op("Add", d, group), one), group)       # ceil(d / G), [1]
+    padded = b.op("Mul", groups, group)
+    rows = b.op("Reshape", x, b.op("Concat", b.const(-1, i64, [1]), d, axis=0))
+    pads = b.op("Concat", b.const([0, 0, 0], i64, [3]), b.op("Sub", padded, d), axis=0)
+    grouped = b.op("Reshape", b.op("Pad", rows, pads), b.op("Concat", b.const(-1, i64, [1]), groups,
+                                                              b.op("Reshape", group, one), axis=0))
+    amax = b.op("ReduceMax", b.op("Abs", grouped), b.const(-1, i64, [1]), keepdims=1)
+    s = b.op("Div", amax, b.const(127.0))
+    q = b.op("Clip", b.op("Round", b.op("Div", grouped, s)), b.const(-127.0), b.const(127.0))
+    q = b.op("Where", b.op("Equal", s, b.const(0.0)), b.const(0.0), q)
+    flat = b.op("Reshape", b.op("Mul", q, s), b.op("Concat", b.const(-1, i64, [1]), padded, axis=0))
+    kept = b.op("Slice", flat, b.const(0, i64, [1]), d, b.const(1, i64, [1]))
+    return b.op("Reshape", kept, b.op("Shape", x))
 
 
 def add_functions_to_model(model: onnx.ModelProto) -> None:

@@ -32,7 +32,8 @@ class ValidationReport:
     logits_rel_error: float = 0.0
     top1_agreed: int = 0     # valid positions where ORT's and the reference's most likely token agree
     top1_positions: int = 0  # of these
-    # The file as written when the check ran on a copy with exact MatMulNBits (accuracy_level 0).
+    # The file as written when the check ran on a copy at accuracy_level 0 (MatMulNBits and the
+    # int4 sparse op with float32 activations).
     as_written: "ValidationReport | None" = None
 
     def summary(self) -> str:
@@ -43,7 +44,7 @@ class ValidationReport:
             # int8 activations move router scores near the threshold across it, so a cache entry
             # downstream of a flipped block can differ a lot; the logits and their argmax say what
             # that does to the model's output.
-            text += (f", checked with MatMulNBits at accuracy_level 0; the file as written (its accuracy_level): "
+            text += (f", checked at accuracy_level 0 (float32 activations); the file as written (its accuracy_level): "
                      f"logits relative {w.logits_rel_error:.3g}, the same top-1 token at {w.top1_agreed} of "
                      f"{w.top1_positions} positions, worst relative {w.max_rel_error:.3g} ({w.worst_output})")
         return text

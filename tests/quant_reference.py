@@ -36,3 +36,21 @@ def dequantize(inputs: dict, bits: int, group_size: int) -> tuple[np.ndarray, np
     rows = np.arange(v.shape[1]) // group_size
     out.append(v * s[:, rows, :])
     return tuple(out)
+
+
+def round_to_int8(x: np.ndarray, group_size: int) -> np.ndarray:
+    """X rounded to int8 per group of `group_size` columns (accuracy_level 4), float32 arithmetic as
+    the spec writes it: s = max |x| / 127, q = clip(round_half_even(x / s), -127, 127), 0 where s = 0,
+    x_hat = q * s."""
+    x = np.asarray(x, np.float32)
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    out = np.empty_like(flat)
+    for g0 in range(0, d, group_size):
+        part = flat[:, g0:g0 + group_size]
+        s = np.abs(part).max(axis=1, keepdims=True) / np.float32(127)
+        with np.errstate(divide="ignore", invalid="ignore"):  # s = 0, NaN or inf
+            q = np.clip(np.rint(part / s), -127, 127)
+            q = np.where(s == 0, np.float32(0), q).astype(np.float32)
+            out[:, g0:g0 + group_size] = q * s
+    return out.reshape(x.shape)

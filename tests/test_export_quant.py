@@ -73,6 +73,7 @@ def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
     levels = {onnx.helper.get_attribute_value(a) for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
+    assert _op_levels(tmp_path / "int4.onnx") == [4, 4]  # the sparse op rounds X to int8 as MatMulNBits does
     assert q4.size_bytes < 0.6 * ref.size_bytes
     a, b = _logits(tmp_path / "fp32.onnx", spec.vocab_size), _logits(tmp_path / "int4.onnx", spec.vocab_size)
     # Quantized (not equal), yet close on average. Not the largest difference: a block whose score
@@ -92,6 +93,13 @@ def test_sparse_int4_and_dense_int8_exports(tmp_path, seed):
     levels = {onnx.helper.get_attribute_value(a) for n in onnx.load(str(tmp_path / "int4_l0.onnx")).graph.node
               if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {0}
+    assert _op_levels(tmp_path / "int4_l0.onnx") == [0, 0]
+
+
+def _op_levels(path) -> list[int]:
+    """accuracy_level of each GatedBlockSparseFFNInt4 node (0 when the attribute is left out)."""
+    return [next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+            for n in onnx.load(str(path)).graph.node if n.op_type == "GatedBlockSparseFFNInt4"]
 
 
 def test_quantized_export_errors(tmp_path, capsys):

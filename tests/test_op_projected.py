@@ -298,3 +298,17 @@ def test_int4_bad_shapes_are_ort_errors(op_library, rng):
     s = session(make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32, with_function=False), op_library)
     with pytest.raises(Exception, match=r"input 'out_proj_scales' must have shape \[p, d / group_size\]"):
         s.run(None, feeds)
+
+
+def test_int4_int8_activations_are_an_error(op_library, rng):
+    """accuracy_level 4 is GatedBlockSparseFFNInt4's; this op has float32 activations only."""
+    feeds, _ = make_int4_feeds(rng, (2,))
+
+    def model(level):
+        m = make_model(feeds, num_experts=4, epsilon=1e-5, group_size=32, with_function=False)
+        m.graph.node[0].attribute.append(helper.make_attribute("accuracy_level", level))
+        return m
+
+    with pytest.raises(Exception, match="accuracy_level' = 4"):
+        session(model(4), op_library).run(None, feeds)
+    session(model(2), op_library).run(None, feeds)  # levels 0-3: float32 activations, accepted

@@ -12,7 +12,7 @@ from dsmoe_export import onnx_op, quant
 from dsmoe_export.graph.builder import IR_VERSION, OPSET
 from dsmoe_export.testing.cases import RTOL, make_case
 from op_graph import assert_matches_reference
-from quant_reference import dequantize
+from quant_reference import dequantize, round_to_int8
 from dsmoe_export.testing.reference import ffn_reference
 
 ISAS = ("avx512", "avx2", "baseline")
@@ -26,20 +26,22 @@ def quant_inputs(case, fmt: str, group: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def reference(case, feeds, fmt: str, group: int):
+def reference(case, feeds, fmt: str, group: int, level: int = 0):
+    """accuracy_level 4: the op on X rounded to int8 per group (round_to_int8, from the spec)."""
     if fmt == "float16":
         gate, up, down = (feeds[k].astype(np.float64) for k in ("gate_weight", "up_weight", "down_weight"))
     else:
         gate, up, down = dequantize(feeds, quant.BITS[fmt], group)
-    return ffn_reference(case.x, case.router_weight, gate, up, down, case.router_bias, **case.attrs)
+    x = round_to_int8(case.x, group) if level == 4 else case.x
+    return ffn_reference(x, case.router_weight, gate, up, down, case.router_bias, **case.attrs)
 
 
-def make_model(case, feeds, fmt: str, group: int, *, with_function=True, node_attrs=None):
+def make_model(case, feeds, fmt: str, group: int, *, with_function=True, node_attrs=None, level=0):
     names = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
     inputs = [k for k in names if k in feeds]
     if node_attrs is None:
         node = quant.make_node(fmt, inputs, ["Y", "active"], num_experts=case.num_experts,
-                               group_size=group if fmt in quant.BITS else None, **case.attrs)
+                               group_size=group if fmt in quant.BITS else None, accuracy_level=level, **case.attrs)
     else:
         node = helper.make_node(quant.OP_TYPES[fmt], inputs, ["Y", "active"], domain=onnx_op.DOMAIN, **node_attrs)
     types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
@@ -76,10 +78,11 @@ class _Ref:
         return self._result
 
 
-def check(case, fmt, group, library, threads=1):
+def check(case, fmt, group, library, threads=1, level=0):
     feeds = quant_inputs(case, fmt, group)
-    out = run(make_model(case, feeds, fmt, group, with_function=library is None), feeds, library, threads)
-    return assert_matches_reference(_Ref(reference(case, feeds, fmt, group)), out)
+    out = run(make_model(case, feeds, fmt, group, with_function=library is None, level=level), feeds, library,
+              threads)
+    return assert_matches_reference(_Ref(reference(case, feeds, fmt, group, level)), out)
 
 
 # (lead, d, n, B, group): decode (<= 6 tokens) and prefill shapes, ragged last groups along d
@@ -262,3 +265,107 @@ def test_kernel_agrees_across_thread_counts(op_library, rng):
     one, two = run(model, feeds, op_library, 1), run(model, feeds, op_library, 2)
     np.testing.assert_array_equal(one[0], two[0])
     assert RTOL > 0
+
+
+# accuracy_level 4 (op-spec "accuracy_level"): X rounded to int8 per group, then the op. The int4
+# decode path runs the int4 x int8 GEMV where the CPU has AVX-512 VNNI, the float path on x_hat
+# elsewhere (and on every other path); all against the reference on round_to_int8(X).
+def _with_zero_groups(case, group):
+    """Token 2 all zeros (every group's scale 0), token 3's first group zeros, if they exist."""
+    x = case.x.reshape(-1, case.x.shape[-1])
+    if len(x) > 2:
+        x[2] = 0.0
+    if len(x) > 3:
+        x[3, :group] = 0.0
+    return case
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("shape", SHAPES + [((2,), 2048, 4, 40, 32), ((3,), 160, 2, 24, 64), ((1,), 32, 3, 8, 32)],
+                         ids=lambda s: f"{s[0]}-d{s[1]}-n{s[2]}-B{s[3]}-g{s[4]}")
+def test_int8_activations_match_reference(op_library, rng, fmt, shape):
+    lead, d, n, B, group = shape
+    case = _with_zero_groups(make_case(rng, lead, d, n, B, bias=bool(rng.integers(2))), group)
+    check(case, fmt, group, op_library, threads=2, level=4)
+
+
+@pytest.mark.parametrize("tokens,routed", [(4, 4), (9, 6), (16, 10)])
+def test_int8_activations_on_the_decode_path(op_library, rng, tokens, routed):
+    """1-4 tokens a GEMV pass (the tile's token counts), up to 9 a block, d off the 128-column unit."""
+    case = make_case(rng, (tokens,), 224, 8, 48 if routed <= 6 else 160, bias=True)
+    case.x[routed:] = case.x[1]
+    if routed > 6:
+        case.x[2:routed] = case.x[0] + 0.3 * rng.standard_normal((routed - 2, 224)).astype(np.float32)
+    for group in (32, 64, 128):
+        check(case, "int4", group, op_library, threads=2, level=4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_every_instruction_set(op_library, rng, monkeypatch, isa):
+    monkeypatch.setenv("DSMOE_CPU_ISA", isa)
+    for lead in [(1,), (3,), (17,)]:
+        case = _with_zero_groups(make_case(rng, lead, 96, 4, 40), 32)
+        try:
+            check(case, "int4", 32, op_library, level=4)
+        except Exception as e:
+            if "not supported by this CPU" in str(e) or "not built into" in str(e):
+                pytest.skip(f"{isa} not available here")
+            raise
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_int8_activations_function_body(rng, fmt):
+    """Without the library: the function body rounds X (standard ops) before the float32 op."""
+    for lead, d, group in [((2,), 64, 32), ((9,), 96, 64)]:
+        case = _with_zero_groups(make_case(rng, lead, d, 4, 40, bias=True), group)
+        check(case, fmt, group, None, level=4)
+
+
+def test_accuracy_levels_below_4_change_nothing(op_library, rng):
+    case = make_case(rng, (5,), 64, 4, 32)
+    feeds = quant_inputs(case, "int4", 32)
+    outs = [run(make_model(case, feeds, "int4", 32, with_function=False, level=level), feeds, op_library)[0]
+            for level in range(4)]
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
+    rounded = run(make_model(case, feeds, "int4", 32, with_function=False, level=4), feeds, op_library)[0]
+    assert not np.array_equal(rounded, outs[0])  # level 4 is not a no-op
+
+
+def test_round_to_int8_reference():
+    """The reference's rounding: half to even, the group's extreme on +-127, zeros stay zero."""
+    x = np.array([[127.0, 0.5, 1.5, -2.5, 63.5] + [0.0] * 27 + [0.0] * 32], np.float32)
+    out = round_to_int8(x, 32)
+    np.testing.assert_array_equal(out[0, :5], [127.0, 0.0, 2.0, -2.0, 64.0])
+    assert (out[0, 32:] == 0).all()
+
+
+def test_accuracy_level_errors(op_library, rng):
+    case = make_case(rng, (3,), 64, 4, 32)
+    feeds = quant_inputs(case, "int4", 32)
+    msg = _error(op_library, case, feeds, "int4", 32, node_attrs=dict(num_experts=4, group_size=32, accuracy_level=5))
+    assert "accuracy_level" in msg and "got 5" in msg
+    msg = _error(op_library, case, feeds, "int4", 32,
+                 node_attrs=dict(num_experts=4, group_size=32, accuracy_level="4"))
+    assert "'accuracy_level' must be of type int" in msg
+    with pytest.raises(ValueError, match="accuracy_level"):
+        quant.make_node("float16", list(quant.F16_INPUTS[:5]), ["Y"], num_experts=4, accuracy_level=4)
+    with pytest.raises(ValueError, match="accuracy_level"):
+        quant.make_node("int4", list(quant.QUANT_INPUTS[:8]), ["Y"], num_experts=4, group_size=32, accuracy_level=7)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_int8_activations_non_finite_x(op_library, rng, tokens):
+    """A group holding NaN or inf rounds to NaN throughout (s NaN or inf): its token's router logits
+    are NaN, no block is active, and Y is exactly 0 (the k = 0 rule); the other tokens as usual."""
+    case = make_case(rng, (tokens,), 64, 4, 32)
+    case.x[0, 5] = np.nan
+    case.x[2, 40] = np.inf
+    feeds = quant_inputs(case, "int4", 32)
+    y, active = run(make_model(case, feeds, "int4", 32, with_function=False, level=4), feeds, op_library, 2)
+    assert not active[[0, 2]].any() and (y[[0, 2]] == 0).all()
+    assert np.isnan(round_to_int8(case.x, 32)[[0, 2]]).any(axis=-1).all()
+    rest = [t for t in range(tokens) if t not in (0, 2)]
+    y_ref, active_ref = reference(case, feeds, "int4", 32, 4)
+    np.testing.assert_array_equal(active[rest], active_ref[rest])
+    assert np.abs(y[rest] - y_ref[rest]).max() <= RTOL * max(1.0, np.abs(y_ref[rest]).max())

@@ -44,6 +44,10 @@ std::string Quote(const std::string& s) { return "'" + s + "'"; }
 
 [[noreturn]] void ThrowInvalidArgument(const std::string& message) { throw InvalidArgument(message); }
 
+bool OptionalIntAttribute(const Ort::ConstKernelInfo& info, const char* name, int64_t& out) {
+  return GetOptionalAttribute(info, name, "int", out);
+}
+
 int64_t RequiredIntAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* expected) {
   int64_t value = 0;
   if (!GetOptionalAttribute(info, name, "int", value)) {

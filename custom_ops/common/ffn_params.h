@@ -109,6 +109,8 @@ struct InvalidArgument : std::runtime_error {
 // A required int attribute: "is required" when absent, "must be of type int" when it has
 // another type (ORT's schemas of custom ops declare no attributes).
 int64_t RequiredIntAttribute(const Ort::ConstKernelInfo& info, const char* name, const char* expected);
+// An optional int attribute into `out` (left as is when absent); "must be of type int" as above.
+bool OptionalIntAttribute(const Ort::ConstKernelInfo& info, const char* name, int64_t& out);
 std::string ShapeToString(const Shape& shape);
 // Input `index` of the call, or an error naming it (`name`) when the node leaves it out.
 Ort::ConstValue RequiredInput(const Ort::KernelContext& ctx, size_t index, const char* name);

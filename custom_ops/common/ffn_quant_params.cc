@@ -41,6 +41,11 @@ QuantAttributes ParseQuantAttributes(QuantKind kind, const Ort::ConstKernelInfo&
     ThrowInvalidArgument("attribute 'group_size' must be a power of two >= 32, got " + std::to_string(g));
   }
   a.group_size = g;
+  if (OptionalIntAttribute(info, "accuracy_level", a.accuracy_level) &&
+      (a.accuracy_level < 0 || a.accuracy_level > 4)) {
+    ThrowInvalidArgument("attribute 'accuracy_level' must be 0, 1, 2, 3 or 4 (4: X rounded to int8 per group), got " +
+                         std::to_string(a.accuracy_level));
+  }
   return a;
 }
 

@@ -24,6 +24,10 @@ enum QuantInput : size_t {
 struct QuantAttributes {
   FfnAttributes base;      // the float32 op's attributes, same rules
   int64_t group_size = 0;  // Int4/Int8: a power of two >= 32; 0 for F16 (no groups)
+  // Int4/Int8 (op-spec "accuracy_level"): 0-3 X as given, 4 X rounded to int8 per group of
+  // group_size columns (MatMulNBits' level 4); always 0 for F16.
+  int64_t accuracy_level = 0;
+  bool int8_activations() const { return accuracy_level == 4; }
 };
 
 struct QuantDims {

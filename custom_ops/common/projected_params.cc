@@ -112,6 +112,10 @@ void ExpectInt4(ProjectedInt4Input input, const Shape& actual, const Shape& expe
 ProjectedInt4Attributes ParseProjectedInt4Attributes(const Ort::ConstKernelInfo& info) {
   ProjectedInt4Attributes a;
   a.quant = ParseQuantAttributes(QuantKind::kInt4, info);
+  if (a.quant.int8_activations()) {
+    ThrowInvalidArgument("attribute 'accuracy_level' = 4 (int8 activations) is GatedBlockSparseFFNInt4's; "
+                         "ProjectedSparseFFNInt4 takes 0 to 3 (float32 activations)");
+  }
   a.epsilon = ParseProjectedAttributes(info).epsilon;
   return a;
 }

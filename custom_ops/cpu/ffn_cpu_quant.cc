@@ -120,8 +120,15 @@ void QuantDecodeTask::operator()(const DecodeTask& t) const {
         xs[c] = w.x + pair_token[p0 + c] * d;
         sums[c] = xsum + pair_token[p0 + c] * xgroups;
       }
-      qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
-      qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
+      if (int8.dot != nullptr) {
+        const uint8_t* tokens[kMaxQuantDotTokens];
+        for (int c = 0; c < count; ++c) tokens[c] = int8.data + pair_token[p0 + c] * int8.stride;
+        int8.dot(w.gate + row * rb, gs, rows, d, w.group, tokens, count, g, slab_rows);
+        int8.dot(w.up + row * rb, us, rows, d, w.group, tokens, count, u, slab_rows);
+      } else {
+        qk.dot_rows(w.format, w.gate + row * rb, gs, rows, d, w.group, xs, sums, count, g, slab_rows);
+        qk.dot_rows(w.format, w.up + row * rb, us, rows, d, w.group, xs, sums, count, u, slab_rows);
+      }
       const float* hs[kMaxQuantDotTokens];
       float* outs[kMaxQuantDotTokens];
       for (int c = 0; c < count; ++c) {
@@ -137,18 +144,46 @@ void QuantDecodeTask::operator()(const DecodeTask& t) const {
 }
 
 void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active) {
+                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& weights, float* y,
+                     bool* active, bool int8_activations, Int4Int8DotFn int8_dot) {
   const FfnDims& dims = qd.base;
-  const int64_t N = dims.num_tokens;
+  const int64_t N = dims.num_tokens, d = dims.hidden;
   if (N == 0) return;
+  QWeights w = weights;
+  // accuracy_level 4: the whole op on x_hat; its int8 values kept for the int4 decode GEMV.
+  std::unique_ptr<float[]> x_hat, x_scales;
+  std::unique_ptr<int8_t[]> x_int8;
+  bool int8_ready = false;
+  if (int8_activations) {
+    x_hat = HeapArray<float>(N * d);
+    const bool want = int8_dot != nullptr && w.format == WeightFormat::kInt4 && MayUseDecodePath(dims);
+    if (want) {
+      x_int8 = HeapArray<int8_t>(N * d);
+      x_scales = HeapArray<float>(N * w.row_groups);
+    }
+    int8_ready = qk.round_to_int8(w.x, N, d, w.group, x_hat.get(), x_int8.get(), x_scales.get()) && want;
+    w.x = x_hat.get();
+  }
   if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, nullptr, active, y);
   const Routing routing = Route(ctx, ks, attrs, dims, w.x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
     // Per-token sums of X over each scale group (the zero point of dot_rows).
     auto xsum = HeapArray<float>(N * std::max<int64_t>(w.row_groups, 1));
-    QuantGroupSums(qk, w, N, dims.hidden, xsum.get());
-    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w), QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get()}, y);
+    QuantGroupSums(qk, w, N, d, xsum.get());
+    Int8Tokens int8;
+    std::unique_ptr<uint8_t[]> packed;
+    if (int8_ready) {
+      const int64_t stride = Int8TokenBytes(d);
+      packed = HeapArray<uint8_t>(N * stride + 63);
+      uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.get()) + 63) & ~uintptr_t{63});
+      for (int64_t t = 0; t < N; ++t) {
+        PackInt8Token(x_int8.get() + t * d, x_scales.get() + t * w.row_groups, d, w.group, base + t * stride);
+      }
+      int8 = {int8_dot, base, stride};
+    }
+    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w),
+                QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get(), int8}, y);
     return;
   }
   ComputePrefill(ctx, ks, qk, attrs, qd, w, &routing, active, y);
@@ -163,7 +198,7 @@ class QuantCpuKernel {
 
   QuantCpuKernel(QuantKind kind, const Ort::ConstKernelInfo& info)
       : kind_(kind), attrs_(ParseQuantAttributes(kind, info)), kernels_(SelectKernels()),
-        quant_(SelectQuantKernels()) {}
+        quant_(SelectQuantKernels()), int8_dot_(SelectInt4Int8Dot()) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
@@ -173,7 +208,8 @@ class QuantCpuKernel {
     QWeights w = QuantWeightsOf(FormatOf(kind_), attrs_.group_size, qd, in.router_weight, in.router_bias, in.gate,
                                 in.gate_scales, in.up, in.up_scales, in.down, in.down_scales);
     w.x = in.x.GetTensorData<float>();
-    ComputeQuantFfn(ctx, kernels_, quant_, attrs_.base, qd, w, out.y, out.active);
+    ComputeQuantFfn(ctx, kernels_, quant_, attrs_.base, qd, w, out.y, out.active, attrs_.int8_activations(),
+                    int8_dot_);
   }
 
  private:
@@ -181,6 +217,7 @@ class QuantCpuKernel {
   QuantAttributes attrs_;
   const KernelSet& kernels_;
   const QuantKernelSet& quant_;
+  Int4Int8DotFn int8_dot_;
 };
 
 // Inputs per docs/op-spec.md "Quantized variants": the F16 op has the float32 op's inputs with

@@ -6,6 +6,7 @@
 
 #include "common/ffn_quant_params.h"
 #include "cpu/decode.h"
+#include "cpu/int8_activations.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_quant.h"
 #include "cpu/plan.h"
@@ -37,6 +38,14 @@ int64_t QuantDecodeSlabRows(const QWeights& w);
 // xsum[t * row_groups + g]: the sum of x[t] over scale group g (integer formats; none for float16).
 void QuantGroupSums(const QuantKernelSet& qk, const QWeights& w, int64_t num_tokens, int64_t d, float* xsum);
 
+// accuracy_level 4 on int4 weights: the call's tokens packed for the int4 x int8 GEMV (token t at
+// data + t * stride), which then replaces dot_rows; dot nullptr: dot_rows on x (x_hat).
+struct Int8Tokens {
+  Int4Int8DotFn dot = nullptr;
+  const uint8_t* data = nullptr;
+  int64_t stride = 0;
+};
+
 // One decode task (cpu/decode.h) of the quantized kernel; xsum from QuantGroupSums.
 struct QuantDecodeTask {
   const KernelSet& ks;
@@ -46,13 +55,17 @@ struct QuantDecodeTask {
   const QWeights& w;
   const Routing& routing;
   const float* xsum;
+  Int8Tokens int8{};
   void operator()(const DecodeTask& t) const;
 };
 
 // y [N, d] = the quantized op on w.x: routing, then the decode or the prefill path; `active`
-// (or nullptr) gets the routing's flags. N = 0: nothing.
+// (or nullptr) gets the routing's flags. N = 0: nothing. int8_activations (accuracy_level 4):
+// all of it on x_hat, w.x rounded to int8 per group (round_to_int8), the int4 decode GEMV through
+// int8_dot when given.
 void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active);
+                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active,
+                     bool int8_activations = false, Int4Int8DotFn int8_dot = nullptr);
 
 // Adds the three ops to the domain (called by RegisterCustomOps).
 void RegisterQuantOps(Ort::CustomOpDomain& domain);

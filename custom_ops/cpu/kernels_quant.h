@@ -61,6 +61,14 @@ struct QuantKernelSet {
   // dot_rows) for r < rows <= kGateUpSlabRows, c < d; 0 for rows <= r < kGateUpSlabRows.
   void (*dequantize_slab)(WeightFormat f, const uint8_t* w, const float* scales, int64_t rows, int64_t d,
                           int64_t group, float* out);
+
+  // accuracy_level 4 (op-spec): x [rows, d] rounded per group of G columns (the last one partial):
+  // s = max |x| / 127, q = clip(round_half_even(x / s), -127, 127) (0 where s = 0), x_hat = q * s.
+  // x_hat [rows, d]; q [rows, d] and scales [rows, ceil(d / G)] when not null. Returns whether every
+  // x was finite (else q and scales are not meaningful; x_hat carries the NaNs). The same bits on
+  // every instruction set.
+  bool (*round_to_int8)(const float* x, int64_t rows, int64_t d, int64_t G, float* x_hat, int8_t* q,
+                        float* scales);
 };
 
 // The widest set this CPU runs (AVX2 needs F16C too); DSMOE_CPU_ISA forces one, as for the float32 op.

@@ -14,6 +14,7 @@
 // measurements:
 // docs/quant-kernel-notes.md.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -650,6 +651,60 @@ void DequantizeColumns(WeightFormat f, const uint8_t* v, const float* scales, in
   ForFormat(f, [&](auto F) { DequantizeColumnsF<decltype(F)::value>(v, scales, rows, d, group, c0, width, out); });
 }
 
+// accuracy_level 4 (kernels_quant.h round_to_int8). Division, the rounding by 1.5 * 2^23 and
+// the maximum are exact IEEE operations: every instruction set gives the same bits. The maximum
+// keeps a NaN, so a group holding NaN or inf comes out NaN throughout (s NaN or inf), as the
+// spec's arithmetic says.
+bool RoundToInt8(const float* x, int64_t rows, int64_t d, int64_t G, float* x_hat, int8_t* q, float* scales) {
+  constexpr float kMagic = 12582912.0f, kMaxFinite = 3.4028234663852886e38f;
+  const int64_t groups = CeilDiv(d, G);
+  bool finite = true;
+  auto larger = [](auto a, auto m) { return (a > m) | (a != a); };  // a replaces m (NaN sticks)
+  auto round = [&](auto v, auto s) {  // clip(round_half_even(v / s), -127, 127); NaN stays NaN
+    auto r = (v / s + kMagic) - kMagic;
+    r = r > 127.0f ? 127.0f - (r - r) : r;
+    return r < -127.0f ? -127.0f - (r - r) : r;
+  };
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* xt = x + t * d;
+    float* ht = x_hat + t * d;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = g * G, c1 = std::min(d, c0 + G);
+      Vec m = Vec{};
+      int64_t c = c0;
+      for (; c + kVL <= c1; c += kVL) {
+        const Vec v = Load(xt + c), a = v < 0.0f ? -v : v;
+        m = larger(a, m) ? a : m;
+      }
+      float amax = 0.0f;
+      for (int l = 0; l < kVL; ++l) amax = larger(m[l], amax) ? m[l] : amax;
+      for (; c < c1; ++c) amax = larger(std::fabs(xt[c]), amax) ? std::fabs(xt[c]) : amax;
+      finite = finite && amax <= kMaxFinite;
+      const float s = amax / 127.0f;
+      if (scales != nullptr) scales[t * groups + g] = s;
+      if (s == 0.0f) {  // all zeros: q = 0
+        std::fill(ht + c0, ht + c1, 0.0f);
+        if (q != nullptr) std::fill(q + t * d + c0, q + t * d + c1, int8_t{0});
+        continue;
+      }
+      const Vec sv = Splat(s);
+      for (c = c0; c + kVL <= c1; c += kVL) {
+        const Vec r = round(Load(xt + c), sv);
+        Store(ht + c, r * sv);
+        if (q != nullptr) {
+          for (int l = 0; l < kVL; ++l) q[t * d + c + l] = r[l] == r[l] ? static_cast<int8_t>(r[l]) : int8_t{0};
+        }
+      }
+      for (; c < c1; ++c) {
+        const float r = round(xt[c], s);
+        ht[c] = r * s;
+        if (q != nullptr) q[t * d + c] = r == r ? static_cast<int8_t>(r) : int8_t{0};
+      }
+    }
+  }
+  return finite;
+}
+
 }  // namespace
 
 const QuantKernelSet& QuantKernels() {
@@ -657,6 +712,7 @@ const QuantKernelSet& QuantKernels() {
 #define DSMOE_QSTR2(x) #x
 #define DSMOE_QSTR(x) DSMOE_QSTR2(x)
       DSMOE_QSTR(DSMOE_ISA), DotRows, GroupSums, AccumulateRows, DequantizeRows, DequantizeColumns, DequantizeSlab,
+      RoundToInt8,
   };
   return set;
 }

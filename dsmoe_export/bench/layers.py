@@ -66,11 +66,12 @@ def _layer(model, arrays: dict, i: int, nodes: list, weights: dict) -> None:
 
 
 def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "float32",
-                 group_size: int = quant.DEFAULT_GROUP_SIZE, gate_up_layout: str | None = None):
+                 group_size: int = quant.DEFAULT_GROUP_SIZE, gate_up_layout: str | None = None,
+                 accuracy_level: int = 0):
     """One GatedBlockSparseFFN node per layer, down_weight in `layout` (rows | tiled), gate/up in
     `gate_up_layout` (rows | slabs; None: the exporter's default); with
     `weights` int4 / int8 / float16 the quantized op of that format (graphs.quant_sparse_graph:
-    its own layout) instead."""
+    its own layout, at `accuracy_level`) instead."""
     d = w.experts[0].d
     nodes, arrays = [], {}
     attrs = {**graphs.OP_ATTRS, "threshold": threshold}
@@ -82,7 +83,8 @@ def sparse_model(w: Layers, *, threshold: float, layout: str, weights: str = "fl
             arrays.update(zip(names, (router, *e.op_weights(**tiles).values())))
             nodes.append(onnx_op.make_node(["X", *names], [f"Y{i}", ""], num_experts=e.n, **attrs, **tiles))
             continue
-        model, layer_arrays = graphs.quant_sparse_graph(e, weights, group_size, threshold=threshold)
+        level = {"accuracy_level": accuracy_level} if accuracy_level else {}
+        model, layer_arrays = graphs.quant_sparse_graph(e, weights, group_size, threshold=threshold, **level)
         _layer(model, {**layer_arrays, "router_weight": router}, i, nodes, arrays)
     return graphs._model(nodes, [graphs._value_info("X", ["T", d])], _outputs(d, len(nodes)), arrays,
                          extra_opsets=[helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)])
@@ -133,11 +135,12 @@ def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
 def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
         rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0,
         weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0,
-        gate_up_layout: str | list[str] = "auto") -> list[dict]:
+        gate_up_layout: str | list[str] = "auto", op_accuracy_levels: tuple[int, ...] = (0,)) -> list[dict]:
     """Rows {tokens, r, variant, library, layout, ms_min, ms_median, ratio_min, ratio_median} (ratios
     against dense): one sparse variant per library, down layout (`layout`: one or several) and
     gate/up layout (`gate_up_layout`: likewise; the layout column says "down/gate_up" then); the
-    quantized `weights` have one layout of their own."""
+    quantized `weights` have one layout of their own, and a variant per op accuracy_level in
+    `op_accuracy_levels` (`accuracy_level`: the dense MatMulNBits')."""
     rng = np.random.default_rng(seed)
     w = Layers.random(rng, shape, layers)
     layouts = [graphs.default_layout(shape.d) if name == "auto" else name
@@ -147,7 +150,7 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
     if len(gate_ups) > 1:
         layouts = [f"{down}/{gu}" for down in layouts for gu in gate_ups]
     if weights != "float32":
-        layouts = ["quantized"]
+        layouts = ["quantized"] if len(op_accuracy_levels) == 1 else [f"level{v}" for v in op_accuracy_levels]
     sessions = {"dense": graphs.Runner(*dense_model(w, weights=weights, group_size=group_size,
                                                     accuracy_level=accuracy_level), threads=threads)}
     variants = {}  # name -> (library, layout)
@@ -156,9 +159,11 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
             variant = f"sparse{i}" if len(layouts) == 1 else f"sparse{i}-{name}"
             variants[variant] = (lib, name)
             down, _, gu = name.partition("/")
+            level = int(name[5:]) if name.startswith("level") else op_accuracy_levels[0]
             sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=down, weights=weights,
                                                             group_size=group_size,
-                                                            gate_up_layout=gu or gate_ups[0]),
+                                                            gate_up_layout=gu or gate_ups[0],
+                                                            accuracy_level=level if weights != "float32" else 0),
                                               threads=threads, library=lib)
     rows = []
     for T in tokens:
@@ -240,8 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                    help="MatMulNBits' accuracy_level for the dense int4 / int8 FFN (default: %(default)s, "
                    "float32 activations as the op has)")
+    p.add_argument("--op-accuracy-level", default="0",
+                   help="the int4 / int8 op's accuracy_level (4: X rounded to int8 per group), or several "
+                   "comma-separated (a variant each; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        op_levels = tuple(int(v) for v in args.op_accuracy_level.split(","))
+    except ValueError:
+        p.error(f"--op-accuracy-level: expected comma-separated integers, got {args.op_accuracy_level!r}")
+    if not op_levels or any(v not in quant.ACCURACY_LEVELS for v in op_levels) or len(set(op_levels)) < len(op_levels):
+        p.error(f"--op-accuracy-level: expected levels 0 to 4, each once, got {args.op_accuracy_level!r}")
+    if op_levels != (0,) and args.weights not in quant.BITS:
+        p.error("--op-accuracy-level applies to int4 / int8 weights")
     try:
         tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     except ValueError:
@@ -279,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--group-size: {e}")
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
                rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed, weights=args.weights,
-               group_size=args.group_size, accuracy_level=args.accuracy_level, gate_up_layout=gate_up)
+               group_size=args.group_size, accuracy_level=args.accuracy_level, gate_up_layout=gate_up,
+               op_accuracy_levels=op_levels)
     dense = (f"MatMulNBits, {quant.BITS[args.weights]} bits, accuracy_level {args.accuracy_level}"
              if args.weights in quant.BITS else "three MatMuls")
     print(markdown(rows, args.shape, args.layers, layout, args.weights, dense, gate_up))

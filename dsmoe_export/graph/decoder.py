@@ -49,7 +49,7 @@ class GraphOptions:
     matmul_weights: str = "float32"  # attention's MatMuls
     lm_head_weights: str | None = None  # lm_head and the embedding table (None: as matmul_weights)
     group_size: int = quant.DEFAULT_GROUP_SIZE
-    accuracy_level: int = 4          # MatMulNBits' accuracy_level (4: int8 activations on the CPU EP)
+    accuracy_level: int = 4          # MatMulNBits' and the int4 sparse op's (4: int8 activations on the CPU EP)
     down_tile: int = onnx_op.DOWN_TILE
     gate_up_tile: int = 0            # the float32 sparse op's gate/up layout (onnx_op.GATE_UP_LAYOUTS)
     active_outputs: bool = False
@@ -111,7 +111,7 @@ def build_model(model, opts: GraphOptions) -> onnx.ModelProto:
         if opts.sparse:
             ffn_out = sparse_ffn(g, h, layer.mlp, f"{prefix}.mlp", fmt=opts.ffn_weights, group_size=opts.group_size,
                                  down_tile=opts.down_tile, gate_up_tile=opts.gate_up_tile, active=active,
-                                 hessians=opts.hessians, layer=i)
+                                 hessians=opts.hessians, layer=i, accuracy_level=opts.accuracy_level)
         else:
             ffn_out = dense_ffn(g, h, layer.mlp, f"{prefix}.mlp", activation=_activation(cfg), fmt=opts.ffn_weights,
                                 group_size=opts.group_size, accuracy_level=opts.accuracy_level,

@@ -47,11 +47,12 @@ def add_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, down_tile: i
 
 
 def add_quant_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, fmt: str, group_size: int,
-                              hessians: gptq.Hessians | None = None, layer: int = 0, x: str = "") -> None:
+                              hessians: gptq.Hessians | None = None, layer: int = 0, x: str = "",
+                              accuracy_level: int = 0) -> None:
     """Stores the FFN's blocks in quantized `fmt` (GPTQ with `hessians` for int8/int4), writes the
     stored values back into `mlp` (the export's reference) and appends make(inputs, attrs):
     inputs in the order of quant.QUANT_INPUTS (F16_INPUTS for float16), attrs the op's (with
-    group_size for int8/int4)."""
+    group_size for int8/int4, and accuracy_level when not 0)."""
     moe = mlp.moe
     inputs = [x, g.initializer(f"{prefix}.router.weight", array(mlp.router.weight))]
     bias = g.initializer(f"{prefix}.router.bias", array(mlp.router.bias)) if moe.router_bias else ""
@@ -65,6 +66,8 @@ def add_quant_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, fmt: s
     order = quant.QUANT_INPUTS if fmt in quant.BITS else quant.F16_INPUTS
     names = [g.initializer(f"{prefix}.{k}.{fmt}", stored[k]) for k in order[2:-1]]
     attrs = _op_attrs(moe) | ({"group_size": group_size} if fmt in quant.BITS else {})
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
     g.nodes.append(make(inputs + names + [bias], attrs))
     g.domains.setdefault(onnx_op.DOMAIN, onnx_op.OP_VERSION)
     D, d = mlp.gate_proj.weight.shape
@@ -74,9 +77,12 @@ def add_quant_sparse_ffn_node(g: GraphBuilder, make, mlp, prefix: str, *, fmt: s
 
 
 def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_size: int, down_tile: int,
-               gate_up_tile: int = 0, active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0) -> str:
+               gate_up_tile: int = 0, active: str = "", hessians: gptq.Hessians | None = None, layer: int = 0,
+               accuracy_level: int = 0) -> str:
     """One `org.dsmoe::GatedBlockSparseFFN*` node (docs/op-spec.md); `active`: the name of its
-    optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks."""
+    optional active-blocks output, or "" for none; `hessians`: GPTQ for int8/int4 blocks;
+    `accuracy_level`: the int4 op's (as MatMulNBits': 4 rounds X to int8 per group; the int8 op
+    keeps 0, it has no int8 x int8 kernel to gain from it)."""
     outputs = [f"{prefix}/Y", active] if active else [f"{prefix}/Y"]
     name = f"/{prefix.replace('.', '/')}/{onnx_op.OP_TYPE}"
     if fmt == "float32":  # the graph's element type: values unchanged
@@ -85,7 +91,8 @@ def sparse_ffn(g: GraphBuilder, x: str, mlp, prefix: str, *, fmt: str, group_siz
     else:
         add_quant_sparse_ffn_node(g, lambda inputs, attrs: quant.make_node(
             fmt, inputs, outputs, name=g.fresh(f"{name}{fmt.title()}"), **attrs), mlp, prefix, fmt=fmt,
-            group_size=group_size, hessians=hessians, layer=layer, x=x)
+            group_size=group_size, hessians=hessians, layer=layer, x=x,
+            accuracy_level=accuracy_level if fmt == "int4" else 0)
     return outputs[0]
 
 

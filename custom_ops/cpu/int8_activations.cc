@@ -1,0 +1,48 @@
+#include "cpu/int8_activations.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace dsmoe::cpu {
+
+#if defined(DSMOE_HAVE_INT4_INT8_DOT)
+namespace vnni {
+void DotRows(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+             const uint8_t* const* tokens, int count, float* out, int64_t ldo);
+}  // namespace vnni
+#endif
+
+void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, uint8_t* out) {
+  std::memset(out, 0, static_cast<size_t>(Int8TokenBytes(d)));
+  for (int64_t chunk = 0; chunk * 32 < d; ++chunk) {
+    uint8_t* unit = out + chunk / 4 * kInt8UnitBytes;
+    const int j = static_cast<int>(chunk % 4);
+    const int8_t* qc = q + chunk * 32;
+    std::memcpy(unit + 16 * j, qc, 16);
+    std::memcpy(unit + 64 + 16 * j, qc + 16, 16);
+    int32_t sum = 0;
+    for (int c = 0; c < 32; ++c) sum += qc[c];
+    const int32_t corr = -8 * sum;
+    std::memcpy(unit + 128 + 16 * j, &corr, sizeof corr);
+    const float s = scales[chunk * 32 / G];
+    for (int l = 0; l < 4; ++l) std::memcpy(unit + 192 + 4 * (4 * j + l), &s, sizeof s);
+  }
+}
+
+Int4Int8DotFn SelectInt4Int8Dot() {
+#if defined(DSMOE_HAVE_INT4_INT8_DOT)
+  // DSMOE_CPU_ISA below avx512 (tests, comparisons) keeps the float path on x_hat.
+  if (const char* forced = std::getenv("DSMOE_CPU_ISA"); forced != nullptr && *forced != '\0' &&
+                                                         std::string(forced) != "avx512") {
+    return nullptr;
+  }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni")) {
+    return &vnni::DotRows;
+  }
+#endif
+  return nullptr;
+}
+
+}  // namespace dsmoe::cpu

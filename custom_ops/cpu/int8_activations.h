@@ -1,0 +1,30 @@
+// accuracy_level 4 of the quantized ops (docs/op-spec.md "accuracy_level"): X rounded to int8
+// per group of columns, as ONNX Runtime's MatMulNBits does at that level, and the int4 x int8
+// GEMV of the decode path that uses the rounded values (AVX-512 VNNI; docs/quant-kernel-notes.md).
+#pragma once
+
+#include <cstdint>
+
+namespace dsmoe::cpu {
+
+// One token's rounded X laid out for the int4 x int8 GEMV, per unit of 128 columns (four 32-column
+// chunks, the int4 rows' 16-byte chunks; the last unit zero-padded): 64 bytes `lo` (128-bit lane j:
+// q of chunk j's columns 0-15, the low nibbles' weights), 64 bytes `hi` (columns 16-31), 16 int32
+// `corr` (lane 4 j: -8 * the sum of chunk j's q, the zero point; other lanes 0) and 16 floats
+// `scale` (lane l: the scale of chunk l / 4's group).
+inline constexpr int64_t kInt8UnitCols = 128, kInt8UnitBytes = 256;
+inline int64_t Int8TokenBytes(int64_t d) { return (d + kInt8UnitCols - 1) / kInt8UnitCols * kInt8UnitBytes; }
+void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, uint8_t* out);
+
+// Gate/up GEMV of int4 rows against packed tokens: out[t * ldo + r] = sum over the row's 32-column
+// chunks of (sum_c (q[r][c] - 8) * q_t[c]) * (scales[r * groups + g] * s_t[g]) for r < rows,
+// t < count <= 4 (g: the chunk's group, groups = ceil(d / group)); d a multiple of 32, rows laid
+// out as the op's int4 rows (RowBytes: d / 2).
+using Int4Int8DotFn = void (*)(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+                               const uint8_t* const* tokens, int count, float* out, int64_t ldo);
+
+// The GEMV for this CPU, or nullptr: not built (no x86-64 GCC / Clang), the CPU lacks AVX-512
+// VNNI / BW, or DSMOE_CPU_ISA asks for a narrower set (the float path then runs on x_hat).
+Int4Int8DotFn SelectInt4Int8Dot();
+
+}  // namespace dsmoe::cpu
