@@ -529,6 +529,18 @@ def test_layer_chain_quantized_run_reports_its_baseline(op_library, capsys):
     out = capsys.readouterr().out
     assert "int4 weights: sparse/dense (MatMulNBits, 4 bits, accuracy_level 4)" in out
     assert out.count("| sparse0 |") == 2 and out.count("| dense |") == 2
+    # --op-accuracy-level 0,4: a sparse variant per level of the op, its node at that level
+    assert layers.main(["--shape", "64x128x4", "--layers", "2", "--tokens", "1", "--rounds", "1", "--weights", "int4",
+                        "--op-accuracy-level", "0,4", "--library", op_library]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| sparse0-level0 |") == 1 and out.count("| sparse0-level4 |") == 1
+    w = layers.Layers.random(np.random.default_rng(0), layers.op.Shape(d=64, D=128, n=4), 1)
+    model, _ = layers.sparse_model(w, threshold=0.5, layout="rows", weights="int4", accuracy_level=4)
+    assert [a.i for a in model.graph.node[0].attribute if a.name == "accuracy_level"] == [4]
+    for bad in (["--op-accuracy-level", "4"], ["--weights", "int4", "--op-accuracy-level", "0,0"],
+                ["--weights", "int4", "--op-accuracy-level", "5"], ["--weights", "int4", "--op-accuracy-level", "x"]):
+        with pytest.raises(SystemExit):
+            layers.main(bad)
 
 
 def test_layer_chain_run_rows_and_report(op_library, capsys):

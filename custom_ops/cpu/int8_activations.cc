@@ -1,3 +1,5 @@
+// accuracy_level 4 (cpu/int8_activations.h): the packing of rounded tokens for the int4 x int8
+// GEMV, and the run-time choice of that GEMV.
 #include "cpu/int8_activations.h"
 
 #include <cstdlib>

@@ -436,12 +436,31 @@ Dense Dequantize(const Layout& lay, const Inputs& in, int64_t n, int64_t B, int6
   return w;
 }
 
+// X rounded to int8 per group of G columns as op-spec's accuracy_level 4 writes it (float32):
+// s = max |x| / 127, q = clip(round_half_even(x / s), -127, 127), 0 where s = 0, x_hat = q * s.
+std::vector<float> RoundedToInt8(const float* x, int64_t N, int64_t d, int64_t G) {
+  std::vector<float> out(static_cast<size_t>(N * d));
+  for (int64_t t = 0; t < N; ++t) {
+    for (int64_t c0 = 0; c0 < d; c0 += G) {
+      const int64_t c1 = std::min(d, c0 + G);
+      float amax = 0.0f;
+      for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(x[t * d + c]));
+      const float s = amax / 127.0f;
+      for (int64_t c = c0; c < c1; ++c) {
+        const float q = s == 0.0f ? 0.0f : std::min(127.0f, std::max(-127.0f, std::nearbyint(x[t * d + c] / s)));
+        out[static_cast<size_t>(t * d + c)] = q * s;
+      }
+    }
+  }
+  return out;
+}
+
 // A float64 reference of Y given the kernel's `active` (routing decisions at the threshold may
 // legitimately differ in float32), checking `active` itself where the score is clearly off tau;
 // tolerance from the sum of the magnitudes of every term.
-void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, const Dense& w, int64_t N, int64_t n, int64_t B,
-                    int64_t d, const float* y, const uint8_t* active) {
-  const float* x = in.F(0);
+// x: the op's input, or at accuracy_level 4 RoundedToInt8's.
+void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, const float* x, const Dense& w, int64_t N,
+                    int64_t n, int64_t B, int64_t d, const float* y, const uint8_t* active) {
   const float* rw = in.F(1);
   const float* bias = in.t[in.bias].data ? in.F(in.bias) : nullptr;
   std::vector<double> yref(d), bound(d), s(n);
@@ -633,6 +652,17 @@ void KernelCase(Reader& r) {
   } else if (r.Chance(5)) {
     info.attributes.emplace_back("group_size", int64_t{7});  // not the float ops': ignored
   }
+  if (Integer(format) && r.Chance(50)) {  // accuracy_level 4: X rounded to int8 (the int4 x int8 GEMV)
+    if (!bad(3)) {
+      info.attributes.emplace_back("accuracy_level", r.Chance(70) ? int64_t{4} : r.Range(0, 3));
+    } else {
+      switch (r.Byte() % 3) {
+        case 0: info.attributes.emplace_back("accuracy_level", int64_t{5}); break;
+        case 1: info.attributes.emplace_back("accuracy_level", int64_t{-1}); break;
+        default: info.attributes.emplace_back("accuracy_level", 4.0f); break;  // not an int
+      }
+    }
+  }
 
   const OrtCustomOp& table = OpTable(format);
   void* kernel = nullptr;
@@ -763,7 +793,12 @@ void KernelCase(Reader& r) {
           break;
         }
       }
-      CheckReference(parsed, in, Dequantize(lay, in, n, B, d), tokens, n, B, d,
+      bool int8_x = false;
+      for (auto& [k, v] : info.attributes) {
+        if (k == "accuracy_level") { int8_x = std::holds_alternative<int64_t>(v) && std::get<int64_t>(v) == 4; break; }
+      }
+      const std::vector<float> x_hat = int8_x ? RoundedToInt8(in.F(0), tokens, d, lay.group) : std::vector<float>{};
+      CheckReference(parsed, in, int8_x ? x_hat.data() : in.F(0), Dequantize(lay, in, n, B, d), tokens, n, B, d,
                      reinterpret_cast<const float*>(y.data.get()), active);
       ++stats.checked_against_reference;
     }
