@@ -198,7 +198,7 @@ class QuantCpuKernel {
 
   QuantCpuKernel(QuantKind kind, const Ort::ConstKernelInfo& info)
       : kind_(kind), attrs_(ParseQuantAttributes(kind, info)), kernels_(SelectKernels()),
-        quant_(SelectQuantKernels()), int8_dot_(SelectInt4Int8Dot()) {}
+        quant_(SelectQuantKernels()), int8_dot_(SelectInt4Int8Dot(quant_)) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);

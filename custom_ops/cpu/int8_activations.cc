@@ -2,9 +2,7 @@
 // GEMV, and the run-time choice of that GEMV.
 #include "cpu/int8_activations.h"
 
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
 namespace dsmoe::cpu {
 
@@ -32,17 +30,16 @@ void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, u
   }
 }
 
-Int4Int8DotFn SelectInt4Int8Dot() {
+Int4Int8DotFn SelectInt4Int8Dot(const QuantKernelSet& chosen) {
 #if defined(DSMOE_HAVE_INT4_INT8_DOT)
-  // DSMOE_CPU_ISA below avx512 (tests, comparisons) keeps the float path on x_hat.
-  if (const char* forced = std::getenv("DSMOE_CPU_ISA"); forced != nullptr && *forced != '\0' &&
-                                                         std::string(forced) != "avx512") {
-    return nullptr;
-  }
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  // Only beside the AVX-512 set kernels_select.cc picked (DSMOE_CPU_ISA included): a narrower
+  // forced set keeps the float path on x_hat, as tests and comparisons expect.
+  if (std::strcmp(chosen.name, "avx512") == 0 && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni")) {
     return &vnni::DotRows;
   }
+#else
+  (void)chosen;
 #endif
   return nullptr;
 }

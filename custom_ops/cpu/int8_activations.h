@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "cpu/kernels_quant.h"
+
 namespace dsmoe::cpu {
 
 // One token's rounded X laid out for the int4 x int8 GEMV, per unit of 128 columns (four 32-column
@@ -23,8 +25,9 @@ void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, u
 using Int4Int8DotFn = void (*)(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
                                const uint8_t* const* tokens, int count, float* out, int64_t ldo);
 
-// The GEMV for this CPU, or nullptr: not built (no x86-64 GCC / Clang), the CPU lacks AVX-512
-// VNNI / BW, or DSMOE_CPU_ISA asks for a narrower set (the float path then runs on x_hat).
-Int4Int8DotFn SelectInt4Int8Dot();
+// The GEMV to use beside `chosen` (SelectQuantKernels()), or nullptr: not built (no x86-64 GCC /
+// Clang), `chosen` is not the AVX-512 set (a narrower CPU, or DSMOE_CPU_ISA), or the CPU lacks
+// AVX-512 BW / VNNI (the float path then runs on x_hat).
+Int4Int8DotFn SelectInt4Int8Dot(const QuantKernelSet& chosen);
 
 }  // namespace dsmoe::cpu
