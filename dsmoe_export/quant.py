@@ -202,7 +202,8 @@ def make_node(fmt: str, inputs: list[str], outputs: list[str], *, num_experts: i
 def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
     """The ``fmt`` op as a model-local function: dequantize the three weights with standard ops
     (float32, full size: a fallback), then one node of the float32 op ``GatedBlockSparseFFN``
-    (its kernel when the library is registered, else its own function body)."""
+    (its kernel when the library is registered, else its own function body); at accuracy_level 4
+    on widened inputs that route on X and compute gate/up on X rounded (_route_on_x)."""
     b = onnx_op._Body()
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     names = QUANT_INPUTS if fmt in BITS else F16_INPUTS
@@ -235,16 +236,18 @@ def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
         gate = b.op("Mul", values("gate_weight"), b.op("Gather", "gate_scales", col_groups, axis=2))
         up = b.op("Mul", values("up_weight"), b.op("Gather", "up_scales", col_groups, axis=2))
         down = b.op("Mul", values("down_weight"), b.op("Gather", "down_scales", row_groups, axis=1))
-        x = b.op("Where", b.op("Equal", b.attr("value_int", "accuracy_level"), b.const(INT8_ACTIVATIONS, i64)),
-                 _rounded_to_int8(b, "X", d, group), "X")
-    inner = helper.make_node(onnx_op.OP_TYPE, ["X" if fmt == "float16" else x, "router_weight", gate, up, down,
+        x, router, gate, up, down = _route_on_x(b, gate, up, down, n, block, d, group)
+    inner = helper.make_node(onnx_op.OP_TYPE, ["X" if fmt == "float16" else x,
+                                               "router_weight" if fmt == "float16" else router, gate, up, down,
                                                "router_bias"],
-                             ["Y", "active"], domain=onnx_op.DOMAIN)
+                             ["Y" if fmt == "float16" else "_y_wide", "active"], domain=onnx_op.DOMAIN)
     for attr, kind in (("num_experts", onnx.AttributeProto.INT), ("threshold", onnx.AttributeProto.FLOAT),
                        ("rescale", onnx.AttributeProto.INT), ("weighting", onnx.AttributeProto.STRING),
                        ("activation", onnx.AttributeProto.STRING)):
         inner.attribute.append(onnx.AttributeProto(name=attr, ref_attr_name=attr, type=kind))
     b.nodes.append(inner)
+    if fmt in BITS:  # the columns the widened weights add are zeros in Y: dropped
+        b.nodes.append(helper.make_node("Slice", ["_y_wide", b.const(0, i64, [1]), d, b.const(-1, i64, [1])], ["Y"]))
     return helper.make_function(
         onnx_op.DOMAIN, OP_TYPES[fmt], list(names), list(onnx_op.OUTPUTS), b.nodes,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(onnx_op.DOMAIN, onnx_op.OP_VERSION)],
@@ -254,6 +257,28 @@ def function_proto(fmt: str, opset: int) -> onnx.FunctionProto:
         + ([helper.make_attribute("accuracy_level", 0)] if fmt in BITS else []),
         doc_string=f"{onnx_op.DOMAIN}::{OP_TYPES[fmt]} v{onnx_op.OP_VERSION} (docs/op-spec.md): dequantize, "
                    f"then {onnx_op.OP_TYPE}.")
+
+
+def _route_on_x(b, gate: str, up: str, down: str, n: str, block: str, d: str, group: str):
+    """The float32 op's inputs (X, router_weight, gate, up, down) for accuracy_level 4 (op-spec):
+    the router reads X as given, gate and up read X rounded to int8. The float32 op has one X, so
+    at level 4 it gets [X_hat | X] (width 2 d) with the router's columns [0 | W_r] and gate, up
+    and down widened by d zero columns: the router sums W_r X exactly, gate and up sum X_hat (plus
+    0 X), and Y's extra columns are zeros (sliced off by the caller). X_hat's NaNs (a group of X
+    holding NaN or inf) are zeroed there so that the router's zero columns cannot catch them; 0 X
+    brings them back into gate and up. Below level 4 the added width is 0: the inputs as given."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    level4 = b.op("Equal", b.attr("value_int", "accuracy_level"), b.const(INT8_ACTIVATIONS, i64))
+    extra = b.op("Mul", d, b.op("Cast", level4, to=i64))                       # d at level 4, else 0; [1]
+    x_hat = _rounded_to_int8(b, "X", d, group)
+    x_hat = b.op("Where", b.op("IsNaN", x_hat), b.const(0.0), x_hat)
+    x = b.op("Concat", b.op("Where", level4, x_hat, "X"),
+             b.op("Slice", "X", b.const(0, i64, [1]), extra, b.const(-1, i64, [1])), axis=-1)
+    zero = helper.make_tensor("zero", f32, [1], [0.0])
+    router = b.op("Concat", b.op("ConstantOfShape", b.op("Concat", n, extra, axis=0), value=zero), "router_weight",
+                  axis=1)
+    pad = b.op("ConstantOfShape", b.op("Concat", n, block, extra, axis=0), value=zero)
+    return (x, router, *(b.op("Concat", w, pad, axis=2) for w in (gate, up, down)))
 
 
 def _rounded_to_int8(b, x: str, d: str, group: str) -> str:

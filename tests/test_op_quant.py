@@ -27,13 +27,14 @@ def quant_inputs(case, fmt: str, group: int) -> dict[str, np.ndarray]:
 
 
 def reference(case, feeds, fmt: str, group: int, level: int = 0):
-    """accuracy_level 4: the op on X rounded to int8 per group (round_to_int8, from the spec)."""
+    """accuracy_level 4: routing on X, gate/up on X rounded to int8 per group (round_to_int8, from
+    the spec)."""
     if fmt == "float16":
         gate, up, down = (feeds[k].astype(np.float64) for k in ("gate_weight", "up_weight", "down_weight"))
     else:
         gate, up, down = dequantize(feeds, quant.BITS[fmt], group)
     x = round_to_int8(case.x, group) if level == 4 else case.x
-    return ffn_reference(x, case.router_weight, gate, up, down, case.router_bias, **case.attrs)
+    return ffn_reference(x, case.router_weight, gate, up, down, case.router_bias, route_x=case.x, **case.attrs)
 
 
 def make_model(case, feeds, fmt: str, group: int, *, with_function=True, node_attrs=None, level=0):
@@ -267,9 +268,9 @@ def test_kernel_agrees_across_thread_counts(op_library, rng):
     assert RTOL > 0
 
 
-# accuracy_level 4 (op-spec "accuracy_level"): X rounded to int8 per group, then the op. The int4
-# decode path runs the int4 x int8 GEMV where the CPU has AVX-512 VNNI, the float path on x_hat
-# elsewhere (and on every other path); all against the reference on round_to_int8(X).
+# accuracy_level 4 (op-spec "accuracy_level"): routing on X, gate/up on X rounded to int8 per group.
+# The int4 decode path runs the int4 x int8 GEMV where the CPU has AVX-512 VNNI, the float path on
+# x_hat elsewhere (and on every other path); all against the reference on round_to_int8(X).
 def _with_zero_groups(case, group):
     """Token 2 all zeros (every group's scale 0), token 3's first group zeros, if they exist."""
     x = case.x.reshape(-1, case.x.shape[-1])
@@ -354,18 +355,59 @@ def test_accuracy_level_errors(op_library, rng):
         quant.make_node("int4", list(quant.QUANT_INPUTS[:8]), ["Y"], num_experts=4, group_size=32, accuracy_level=7)
 
 
+def _near_threshold(case, fmt, group):
+    """Sets the router bias of token 0's block that the rounding moves most so that X's logit lies
+    0.45 of that move on one side of the threshold and the rounded X's 0.55 on the other: routing
+    on the rounded X would flip the block. Returns (case, the block)."""
+    x = case.x.reshape(-1, case.x.shape[-1])
+    logits = x.astype(np.float64) @ case.router_weight.astype(np.float64).T
+    rounded = round_to_int8(x, group).astype(np.float64) @ case.router_weight.astype(np.float64).T
+    tau = np.log(case.attrs.get("threshold", 0.5) / (1 - case.attrs.get("threshold", 0.5)))
+    bias = np.zeros(case.num_experts) if case.router_bias is None else case.router_bias.astype(np.float64)
+    gap = rounded - logits                                           # what the rounding moves a logit by
+    i = int(np.argmax(np.abs(gap[0])))                               # token 0's most-moved block
+    assert abs(gap[0, i]) > 1e-3  # far above float32's error in a logit
+    bias[i] = tau - logits[0, i] - 0.45 * gap[0, i]
+    case.router_bias = bias.astype(np.float32)
+    return case, i
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_int8_activations_route_on_x(op_library, rng, fmt, tokens):
+    """Routing reads X as given: a score that X puts on one side of the threshold and the rounded
+    X on the other follows X (kernel, decode and prefill paths, and the function body); the active
+    flags equal level 0's."""
+    case, i = _near_threshold(make_case(rng, (tokens,), 96, 4, 40, bias=True), fmt, 32)
+    feeds = quant_inputs(case, fmt, 32)
+    y0, active0 = run(make_model(case, feeds, fmt, 32, with_function=False, level=0), feeds, op_library)
+    x64, r64 = round_to_int8(case.x, 32).astype(np.float64), case.router_weight.astype(np.float64)
+    flipped = (x64 @ r64.T + case.router_bias)[0, i] > 0
+    assert active0[0, i] != flipped  # the case is what it claims: the rounded X routes otherwise
+    for library in (op_library, None):
+        check(case, fmt, 32, library, level=4)
+        _, active4 = run(make_model(case, feeds, fmt, 32, with_function=library is None, level=4), feeds, library)
+        np.testing.assert_array_equal(active4, active0)
+
+
 @pytest.mark.parametrize("tokens", [3, 40])
 def test_int8_activations_non_finite_x(op_library, rng, tokens):
-    """A group holding NaN or inf rounds to NaN throughout (s NaN or inf): its token's router logits
-    are NaN, no block is active, and Y is exactly 0 (the k = 0 rule); the other tokens as usual."""
+    """A group holding NaN or inf rounds to NaN throughout (s NaN or inf); routing reads X as
+    given. NaN: the token's router logits are NaN, no block is active, Y is exactly 0 (the k = 0
+    rule). inf in column c: blocks whose router weight at c is positive are active (logit +inf),
+    the others not, and Y is NaN (gate/up on the NaN group); the other tokens as usual."""
     case = make_case(rng, (tokens,), 64, 4, 32)
     case.x[0, 5] = np.nan
     case.x[2, 40] = np.inf
+    case.router_weight[:, 40] = [0.5, -0.5, 0.25, -0.25]
     feeds = quant_inputs(case, "int4", 32)
-    y, active = run(make_model(case, feeds, "int4", 32, with_function=False, level=4), feeds, op_library, 2)
-    assert not active[[0, 2]].any() and (y[[0, 2]] == 0).all()
-    assert np.isnan(round_to_int8(case.x, 32)[[0, 2]]).any(axis=-1).all()
-    rest = [t for t in range(tokens) if t not in (0, 2)]
-    y_ref, active_ref = reference(case, feeds, "int4", 32, 4)
-    np.testing.assert_array_equal(active[rest], active_ref[rest])
-    assert np.abs(y[rest] - y_ref[rest]).max() <= RTOL * max(1.0, np.abs(y_ref[rest]).max())
+    for library in (op_library, None):
+        y, active = run(make_model(case, feeds, "int4", 32, with_function=library is None, level=4), feeds,
+                        library, 2)
+        assert not active[0].any() and (y[0] == 0).all()
+        np.testing.assert_array_equal(active[2], [True, False, True, False])
+        assert np.isnan(y[2]).all()
+        rest = [t for t in range(tokens) if t not in (0, 2)]
+        y_ref, active_ref = reference(case, feeds, "int4", 32, 4)
+        np.testing.assert_array_equal(active[rest], active_ref[rest])
+        assert np.abs(y[rest] - y_ref[rest]).max() <= RTOL * max(1.0, np.abs(y_ref[rest]).max())

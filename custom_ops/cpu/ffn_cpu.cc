@@ -103,7 +103,7 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Ff
       return PrefetchStream::Rows(w.down + i * B * d + c0, B, width * kF, d * kF);
     }
   } prefetch{w, dims};
-  RunPrefill(ctx, ks, attrs, dims, x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile, prefetch);
+  RunPrefill(ctx, ks, attrs, dims, x, x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile, prefetch);
 }
 
 }  // namespace

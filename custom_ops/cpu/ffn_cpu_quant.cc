@@ -46,8 +46,8 @@ WeightFormat FormatOf(QuantKind kind) {
 
 // routed: the call's routing, or null to route in the prefill's pass (and write `active`).
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
-                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const Routing* routed,
-                    bool* active, float* y) {
+                    const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const float* route_x,
+                    const Routing* routed, bool* active, float* y) {
   const int64_t d = qd.base.hidden, B = qd.base.block_size, rb = w.row_bytes;
   // Gate/up go to the float32 op's slab kernel: a task's slab of gate and of up rows dequantized
   // into per-thread k-major tiles ([d][32], L2), read in place for all the block's tokens.
@@ -69,7 +69,8 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
     return std::pair<const float*, int64_t>{tile, width};
   };
   // No prefetch: the dequantizers read the (4-8x smaller) weights in order, which the hardware follows.
-  RunPrefill(ctx, ks, attrs, dims, w.x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile, NoPrefetch{});
+  RunPrefill(ctx, ks, attrs, dims, w.x, route_x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile,
+             NoPrefetch{});
 }
 
 }  // namespace
@@ -150,7 +151,10 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
   const int64_t N = dims.num_tokens, d = dims.hidden;
   if (N == 0) return;
   QWeights w = weights;
-  // accuracy_level 4: the whole op on x_hat; its int8 values kept for the int4 decode GEMV.
+  // accuracy_level 4: routing on X as given (a router score near the threshold would otherwise flip
+  // with the rounding: a whole block in or out), gate/up on x_hat, whose int8 values are kept for
+  // the int4 decode GEMV. A non-finite X leaves int8_ready false: the float path on x_hat's NaNs.
+  const float* route_x = w.x;
   std::unique_ptr<float[]> x_hat, x_scales;
   std::unique_ptr<int8_t[]> x_int8;
   bool int8_ready = false;
@@ -164,8 +168,8 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
     int8_ready = qk.round_to_int8(w.x, N, d, w.group, x_hat.get(), x_int8.get(), x_scales.get()) && want;
     w.x = x_hat.get();
   }
-  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, nullptr, active, y);
-  const Routing routing = Route(ctx, ks, attrs, dims, w.x, w.router, w.bias);
+  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, nullptr, active, y);
+  const Routing routing = Route(ctx, ks, attrs, dims, route_x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
     // Per-token sums of X over each scale group (the zero point of dot_rows).
@@ -186,7 +190,7 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
                 QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get(), int8}, y);
     return;
   }
-  ComputePrefill(ctx, ks, qk, attrs, qd, w, &routing, active, y);
+  ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, &routing, active, y);
 }
 
 namespace {

@@ -61,8 +61,8 @@ struct QuantDecodeTask {
 
 // y [N, d] = the quantized op on w.x: routing, then the decode or the prefill path; `active`
 // (or nullptr) gets the routing's flags. N = 0: nothing. int8_activations (accuracy_level 4):
-// all of it on x_hat, w.x rounded to int8 per group (round_to_int8), the int4 decode GEMV through
-// int8_dot when given.
+// the routing on w.x as given, gate/up on x_hat, w.x rounded to int8 per group (round_to_int8),
+// the int4 decode GEMV through int8_dot when given.
 void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                      const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active,
                      bool int8_activations = false, Int4Int8DotFn int8_dot = nullptr);

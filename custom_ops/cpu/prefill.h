@@ -143,10 +143,12 @@ inline void SlabGateUpTask(const KernelSet& ks, const FfnAttributes& attrs, cons
 
 // One prefill call (more tokens than the decode path takes). `routed`: the call's routing
 // when the caller has it (then it has written the active output); null: the pass routes
-// first and writes `active` (when not null).
+// `route_x` first and writes `active` (when not null). `route_x` is x but at accuracy_level 4,
+// where the quantized ops route on X as given and compute on X rounded to int8.
 template <typename GateUpRows, typename DownTile, typename Prefetch>
 void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
-                const float* x, const float* router, const float* bias, const Routing* routed, bool* active, float* y,
+                const float* x, const float* route_x, const float* router, const float* bias, const Routing* routed,
+                bool* active, float* y,
                 const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
   Routing own;
@@ -236,7 +238,7 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
   // Phase 0 routes; then chunk k's gate/up is phase 2k + 1 and its down phase 2k + 2.
   auto task = [&](int phase, int64_t i, int64_t next) {
     if (phase == 0) {
-      RouteTask(ks, attrs, dims, x, router, bias, i, own);
+      RouteTask(ks, attrs, dims, route_x, router, bias, i, own);
     } else if (phase % 2 == 1) {
       gate_up_task(i, next);
     } else {

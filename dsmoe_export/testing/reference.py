@@ -36,9 +36,11 @@ def router_scores(x, router_weight, router_bias=None):
 
 
 def ffn_reference(x, router_weight, gate, up, down, router_bias=None, *, threshold=0.5, rescale=True,
-                  weighting="score", activation="silu"):
+                  weighting="score", activation="silu", route_x=None):
     """(Y [..., d] float64, active [..., n] bool) for the packed layouts of the spec:
-    router_weight [n, d], gate/up/down [n, B, d], router_bias [n] or None."""
+    router_weight [n, d], gate/up/down [n, B, d], router_bias [n] or None. `route_x` (default x):
+    what the router reads, where it differs from the gate/up input (the quantized ops at
+    accuracy_level 4 route on X as given and compute on X rounded to int8)."""
     if weighting not in ("score", "binary"):
         raise ValueError(f"unknown weighting {weighting!r}")
     x = np.asarray(x, np.float64)
@@ -47,7 +49,8 @@ def ffn_reference(x, router_weight, gate, up, down, router_bias=None, *, thresho
     lead = x.shape[:-1]
     xf = x.reshape(-1, d)
 
-    s = router_scores(xf, router_weight, router_bias)             # [N, n]
+    rf = xf if route_x is None else np.asarray(route_x, np.float64).reshape(-1, d)
+    s = router_scores(rf, router_weight, router_bias)             # [N, n]
     active = s > threshold                                         # NaN -> False
     k = active.sum(axis=-1)                                        # [N]
     g = np.where(active, s if weighting == "score" else 1.0, 0.0)

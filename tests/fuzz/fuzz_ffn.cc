@@ -458,20 +458,23 @@ std::vector<float> RoundedToInt8(const float* x, int64_t N, int64_t d, int64_t G
 // A float64 reference of Y given the kernel's `active` (routing decisions at the threshold may
 // legitimately differ in float32), checking `active` itself where the score is clearly off tau;
 // tolerance from the sum of the magnitudes of every term.
-// x: the op's input, or at accuracy_level 4 RoundedToInt8's.
-void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, const float* x, const Dense& w, int64_t N,
-                    int64_t n, int64_t B, int64_t d, const float* y, const uint8_t* active) {
+// x: gate/up's input, the op's or at accuracy_level 4 RoundedToInt8's; route_x: the router's,
+// always the op's input.
+void CheckReference(const dsmoe::FfnAttributes& a, const Inputs& in, const float* x, const float* route_x,
+                    const Dense& w, int64_t N, int64_t n, int64_t B, int64_t d, const float* y,
+                    const uint8_t* active) {
   const float* rw = in.F(1);
   const float* bias = in.t[in.bias].data ? in.F(in.bias) : nullptr;
   std::vector<double> yref(d), bound(d), s(n);
   for (int64_t t = 0; t < N; ++t) {
     const float* xt = x + t * d;
+    const float* rt = route_x + t * d;
     int64_t k = 0;
     for (int64_t i = 0; i < n; ++i) {
       double logit = bias ? bias[i] : 0.0, labs = bias ? std::fabs(bias[i]) : 0.0;
       for (int64_t c = 0; c < d; ++c) {
-        logit += static_cast<double>(rw[i * d + c]) * xt[c];
-        labs += std::fabs(static_cast<double>(rw[i * d + c]) * xt[c]);
+        logit += static_cast<double>(rw[i * d + c]) * rt[c];
+        labs += std::fabs(static_cast<double>(rw[i * d + c]) * rt[c]);
       }
       s[i] = 1.0 / (1.0 + std::exp(-logit));
       // The spec's score is float32 (it saturates to exactly 0 and 1); the kernel's float32
@@ -798,8 +801,8 @@ void KernelCase(Reader& r) {
         if (k == "accuracy_level") { int8_x = std::holds_alternative<int64_t>(v) && std::get<int64_t>(v) == 4; break; }
       }
       const std::vector<float> x_hat = int8_x ? RoundedToInt8(in.F(0), tokens, d, lay.group) : std::vector<float>{};
-      CheckReference(parsed, in, int8_x ? x_hat.data() : in.F(0), Dequantize(lay, in, n, B, d), tokens, n, B, d,
-                     reinterpret_cast<const float*>(y.data.get()), active);
+      CheckReference(parsed, in, int8_x ? x_hat.data() : in.F(0), in.F(0), Dequantize(lay, in, n, B, d), tokens, n,
+                     B, d, reinterpret_cast<const float*>(y.data.get()), active);
       ++stats.checked_against_reference;
     }
     if (order == fake_ort::Order::kForward) {
