@@ -150,8 +150,11 @@ def test_prefill_in_several_chunks(op_library, rng, fmt, n, tokens):
 def test_zero_tokens(op_library, rng, fmt):
     case = make_case(rng, (0, 3), 64, 4, 32)
     feeds = quant_inputs(case, fmt, 32)
-    y, active = run(make_model(case, feeds, fmt, 32, with_function=False), feeds, op_library)
-    assert y.shape == (0, 3, 64) and active.shape == (0, 3, 4)
+    levels = (0, 4) if fmt in quant.BITS else (0,)
+    for library, level in [(lib, lv) for lib in (op_library, None) for lv in levels]:
+        y, active = run(make_model(case, feeds, fmt, 32, with_function=library is None, level=level), feeds,
+                        library)
+        assert y.shape == (0, 3, 64) and active.shape == (0, 3, 4)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "float16"])
