@@ -458,6 +458,46 @@ def test_plot_of_end_to_end_rows_alone(tmp_path):
     assert not (tmp_path / "q.png").exists()
 
 
+def test_e2e_memory_check(tmp_path):
+    """The sessions a run would hold: sessions x every export + one twin each of `twins`, times
+    SESSION_BYTES_PER_FILE_BYTE, against the memory available (external data counted)."""
+    from dsmoe_export.bench import e2e
+
+    paths = {}
+    for name, size in (("sparse", 3000), ("dense", 1000)):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "model.onnx"
+        paths[name].write_bytes(b"x" * size)
+    (tmp_path / "dense" / "model.onnx.data").write_bytes(b"x" * 1000)
+    assert e2e.model_bytes(paths["dense"]) == 2000
+    need = e2e.SESSION_BYTES_PER_FILE_BYTE * (3 * 5000 + 2000)
+    need /= e2e.MEMORY_HEADROOM
+    e2e.check_memory(paths, 3, {"dense": paths["dense"]}, available=int(need) + 1)
+    with pytest.raises(e2e.NotEnoughMemory, match=r"3 sessions of each of 2 exports \(\+ 1 profiled\).*"
+                                                  r"use fewer --e2e-sessions"):
+        e2e.check_memory(paths, 3, {"dense": paths["dense"]}, available=int(need) - 1)
+    e2e.check_memory(paths, 100, {}, available=None)  # unknown: not checked
+    assert e2e.available_memory() is None or e2e.available_memory() > 0
+
+
+def test_e2e_run_refuses_sessions_that_do_not_fit(op_library, tmp_path, monkeypatch):
+    """A clear error before any session opens, instead of the kernel's OOM kill mid-run."""
+    from dsmoe_export.bench import cli, e2e
+
+    monkeypatch.setenv("DSMOE_OPS_LIBRARY", op_library)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(e2e, "available_memory", lambda: 1 << 20)
+    opened = []
+    monkeypatch.setattr(e2e, "_session", lambda *a: opened.append(a))
+    with pytest.raises(SystemExit, match=r"--e2e-sessions 2: the end-to-end run would hold 2 sessions .* "
+                                         r"more than 85% of the 0.0 GiB available"):
+        cli.main(["e2e", "--quick", "--no-progress", "--max-wait", "0", "--rounds", "1", "--tokens", "4",
+                  "--e2e-shape", "64x192x8", "--e2e-layers", "1", "--e2e-heads", "4", "--e2e-kv-heads", "2",
+                  "--e2e-vocab", "64", "--out", str(tmp_path / "out"), "--no-builder", "--gen-tokens", "0",
+                  "--e2e-sessions", "2"])
+    assert not opened
+
+
 def test_timed_sessions_do_not_spin():
     # Several sessions time in one process: a pool that spins after its call steals the cores
     # from the next session's timed call (graphs.THREAD_POOL).

@@ -354,12 +354,16 @@ def _run_op(args, run: _Run, library, flush, gate, bar, results: dict, before: d
 
 
 def _run_e2e(args, run: _Run, library, flush, gate, bar, results: dict, before: dict) -> None:
-    rows, info = e2e.run(args.out / "e2e", run.model_shape, prefill_tokens=run.prefill, decode_past=args.decode_past,
-                         decode_steps=args.decode_steps, threads=args.threads, library=library,
-                         rounds=args.rounds, flush=flush, seed=args.seed, gate=gate, budget_s=args.budget,
-                         bar=bar, token_ids=run.token_ids, precisions=tuple(args.e2e_precisions),
-                         builder_python=run.builder_python, gen_tokens=args.gen_tokens,
-                         gen_rounds=args.gen_rounds, sessions_per_variant=args.e2e_sessions)
+    try:
+        rows, info = e2e.run(args.out / "e2e", run.model_shape, prefill_tokens=run.prefill,
+                             decode_past=args.decode_past, decode_steps=args.decode_steps, threads=args.threads,
+                             library=library, rounds=args.rounds, flush=flush, seed=args.seed, gate=gate,
+                             budget_s=args.budget, bar=bar, token_ids=run.token_ids,
+                             precisions=tuple(args.e2e_precisions), builder_python=run.builder_python,
+                             gen_tokens=args.gen_tokens, gen_rounds=args.gen_rounds,
+                             sessions_per_variant=args.e2e_sessions)
+    except e2e.NotEnoughMemory as e:
+        raise SystemExit(f"--e2e-sessions {args.e2e_sessions}: {e}") from None
     if args.text is not None:
         info["prompt"] = f"the text of {args.text.name}, {len(run.token_ids)} tokens"
     results["e2e"], results["e2e_info"] = rows, info

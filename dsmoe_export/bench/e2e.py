@@ -51,6 +51,55 @@ from .op import Shape, target_ratio
 # variant's time is the median over its sessions of each one's minimum (timing.SessionSamples).
 SESSIONS = 3
 
+# Resident bytes of an open session per byte of its model files (ONNX Runtime holds the
+# initializers and prepacks some MatMul weights beside them): 0.6-1.75 for the converted
+# SmolLM2's nine exports (2.55 GB of files), 1.28 over all of them (Intel Xeon, ORT 1.31); the
+# run's process with 5 sessions of each plus the profiled twins grew to 20 GB (1.44 a file byte,
+# the reference model and buffers included) and was killed on a 24 GiB VM. MEMORY_HEADROOM: the
+# share of MemAvailable a run may plan to fill.
+SESSION_BYTES_PER_FILE_BYTE = 1.5
+MEMORY_HEADROOM = 0.85
+
+
+class NotEnoughMemory(RuntimeError):
+    """The sessions a run would hold at once do not fit in the memory available."""
+
+
+def model_bytes(path: Path) -> int:
+    """An export's bytes on disk: the .onnx file and its external data beside it."""
+    return sum(f.stat().st_size for f in Path(path).parent.glob(Path(path).name + "*") if f.is_file())
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none: not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(paths: dict[str, Path], sessions_per_variant: int, twins: dict[str, Path],
+                 available: int | None = None) -> None:
+    """Raises NotEnoughMemory, naming the figures and the options that shrink them, where the
+    sessions of a run (sessions_per_variant of each export plus a profiled twin of each in
+    `twins`) would not fit: the kernel would kill the run mid-way, without a word."""
+    available = available_memory() if available is None else available
+    files = sessions_per_variant * sum(model_bytes(p) for p in paths.values()) + sum(
+        model_bytes(p) for p in twins.values())
+    need = SESSION_BYTES_PER_FILE_BYTE * files
+    if available is not None and need > MEMORY_HEADROOM * available:
+        gib = 2**30
+        raise NotEnoughMemory(
+            f"the end-to-end run would hold {sessions_per_variant} sessions of each of {len(paths)} exports "
+            f"(+ {len(twins)} profiled): about {need / gib:.1f} GiB ({files / gib:.1f} GiB of model files x "
+            f"{SESSION_BYTES_PER_FILE_BYTE}), more than {MEMORY_HEADROOM:.0%} of the {available / gib:.1f} GiB "
+            f"available (/proc/meminfo MemAvailable); use fewer --e2e-sessions or --e2e-precisions")
+
+
 KINDS = ("sparse", "dense", "attn", "projected")
 # Export options per precision: "int4" = int4 FFN blocks / MatMulNBits and int4 attention, lm_head and
 # embedding, MatMulNBits at accuracy_level 4 (the builder's -p int4 -e cpu).
@@ -255,10 +304,11 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "builder": sorted(built["builder"]) or None,
             "nodes": {k: graph_stats.node_counts(p, shape.layers, library) for k, p in paths.items()},
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
-    sessions = {timing.session_key(k, i): _session(p, threads, library if uses_library(k) else None)
-                for i in range(sessions_per_variant) for k, p in paths.items()}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
+    check_memory(paths, sessions_per_variant, twins)
+    sessions = {timing.session_key(k, i): _session(p, threads, library if uses_library(k) else None)
+                for i in range(sessions_per_variant) for k, p in paths.items()}
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])
