@@ -358,21 +358,23 @@ def test_accuracy_level_errors(op_library, rng):
         quant.make_node("int4", list(quant.QUANT_INPUTS[:8]), ["Y"], num_experts=4, group_size=32, accuracy_level=7)
 
 
-def _near_threshold(case, fmt, group):
-    """Sets the router bias of token 0's block that the rounding moves most so that X's logit lies
-    0.45 of that move on one side of the threshold and the rounded X's 0.55 on the other: routing
-    on the rounded X would flip the block. Returns (case, the block)."""
+def _near_threshold(case, group):
+    """Picks the (token, block) whose router logit the rounding moves most (router weights scaled
+    up so that the move is far above float32's error in a logit) and sets that block's router bias
+    so that X's logit lies 0.45 of the move on one side of the threshold and the rounded X's 0.55
+    on the other: routing on the rounded X would flip it. Returns (case, token, block)."""
+    case.router_weight = (case.router_weight * 10).astype(np.float32)
     x = case.x.reshape(-1, case.x.shape[-1])
     logits = x.astype(np.float64) @ case.router_weight.astype(np.float64).T
     rounded = round_to_int8(x, group).astype(np.float64) @ case.router_weight.astype(np.float64).T
     tau = np.log(case.attrs.get("threshold", 0.5) / (1 - case.attrs.get("threshold", 0.5)))
     bias = np.zeros(case.num_experts) if case.router_bias is None else case.router_bias.astype(np.float64)
     gap = rounded - logits                                           # what the rounding moves a logit by
-    i = int(np.argmax(np.abs(gap[0])))                               # token 0's most-moved block
-    assert abs(gap[0, i]) > 1e-3  # far above float32's error in a logit
-    bias[i] = tau - logits[0, i] - 0.45 * gap[0, i]
+    t, i = np.unravel_index(int(np.argmax(np.abs(gap))), gap.shape)
+    assert abs(gap[t, i]) > 1e-3
+    bias[i] = tau - logits[t, i] - 0.45 * gap[t, i]
     case.router_bias = bias.astype(np.float32)
-    return case, i
+    return case, int(t), int(i)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
@@ -381,12 +383,13 @@ def test_int8_activations_route_on_x(op_library, rng, fmt, tokens):
     """Routing reads X as given: a score that X puts on one side of the threshold and the rounded
     X on the other follows X (kernel, decode and prefill paths, and the function body); the active
     flags equal level 0's."""
-    case, i = _near_threshold(make_case(rng, (tokens,), 96, 4, 40, bias=True), fmt, 32)
+    case, t, i = _near_threshold(make_case(rng, (tokens,), 96, 4, 40, bias=True), 32)
     feeds = quant_inputs(case, fmt, 32)
-    y0, active0 = run(make_model(case, feeds, fmt, 32, with_function=False, level=0), feeds, op_library)
+    _, active0 = run(make_model(case, feeds, fmt, 32, with_function=False, level=0), feeds, op_library)
     x64, r64 = round_to_int8(case.x, 32).astype(np.float64), case.router_weight.astype(np.float64)
-    flipped = (x64 @ r64.T + case.router_bias)[0, i] > 0
-    assert active0[0, i] != flipped  # the case is what it claims: the rounded X routes otherwise
+    tau = case.attrs.get("threshold", 0.5)
+    flipped = (x64 @ r64.T + case.router_bias)[t, i] > np.log(tau / (1 - tau))
+    assert active0[t, i] != flipped  # the case is what it claims: the rounded X routes otherwise
     for library in (op_library, None):
         check(case, fmt, 32, library, level=4)
         _, active4 = run(make_model(case, feeds, fmt, 32, with_function=library is None, level=4), feeds, library)
