@@ -496,6 +496,7 @@ def test_e2e_run_refuses_sessions_that_do_not_fit(op_library, tmp_path, monkeypa
                   "--e2e-vocab", "64", "--out", str(tmp_path / "out"), "--no-builder", "--gen-tokens", "0",
                   "--e2e-sessions", "2"])
     assert not opened
+    assert not (tmp_path / "out" / "e2e").exists()  # the exports it made are scratch: removed
 
 
 def test_timed_sessions_do_not_spin():

@@ -363,6 +363,8 @@ def _run_e2e(args, run: _Run, library, flush, gate, bar, results: dict, before: 
                              gen_tokens=args.gen_tokens, gen_rounds=args.gen_rounds,
                              sessions_per_variant=args.e2e_sessions)
     except e2e.NotEnoughMemory as e:
+        if not args.keep_exports:
+            shutil.rmtree(args.out / "e2e", ignore_errors=True)
         raise SystemExit(f"--e2e-sessions {args.e2e_sessions}: {e}") from None
     if args.text is not None:
         info["prompt"] = f"the text of {args.text.name}, {len(run.token_ids)} tokens"
