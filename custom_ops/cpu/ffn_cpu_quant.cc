@@ -44,7 +44,8 @@ WeightFormat FormatOf(QuantKind kind) {
 }
 
 
-// routed: the call's routing, or null to route in the prefill's pass (and write `active`).
+// routed: the call's routing, or null to route route_x in the prefill's pass (and write `active`);
+// route_x is w.x but at accuracy_level 4 (the op's input as given, w.x its rounding).
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const float* route_x,
                     const Routing* routed, bool* active, float* y) {
