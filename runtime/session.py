@@ -21,6 +21,7 @@ import numpy as np
 
 from ._library import register
 from .errors import InputError, LibraryNotFoundError, ModelError
+from .hugepages import NewMemory
 from .kv_cache import KVCache, _BufferPool
 from .sampling import greedy_tokens, penalize_repeats, sample_tokens
 from .stats import ActivationStats
@@ -94,12 +95,17 @@ class DSMoESession:
     allow_fallback: without the library a sparse model is refused, since onnxruntime would run
         the op's ONNX function body (same results, dense speed); True accepts that.
     allow_dense: a model without the custom op (a --dense export) is refused unless True.
+    huge_pages: on the CPU EP under Linux, move the memory the session allocated (its weights)
+        onto 2 MB pages after it is created, in a background thread at idle priority
+        (hugepages.py: a decode step streams every weight, and 4 KB pages cost a TLB miss each);
+        `self.huge_pages.bytes` says how much has moved, `self.huge_pages.wait()` waits for it.
+        False (or $DSMOE_HUGEPAGES=0) leaves ONNX Runtime's pages as they are.
     """
 
     def __init__(self, onnx_path: str | Path, providers: Sequence | None = None, *, threads: int | None = None,
                  inter_op_threads: int | None = None, session_options=None, library: bool | str | Path = True,
                  provider_options: Sequence[dict] | None = None, allow_fallback: bool = False,
-                 allow_dense: bool = False, device_id: int = 0):
+                 allow_dense: bool = False, device_id: int = 0, huge_pages: bool = True):
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
@@ -129,6 +135,9 @@ class DSMoESession:
             providers = default_providers()
             if provider_options is None and providers[0] == CUDA_EP:
                 provider_options = [{"device_id": device_id}, {}]
+        if not isinstance(huge_pages, bool):
+            raise InputError(f"huge_pages: expected True or False, got {huge_pages!r}")
+        new_memory = NewMemory(huge_pages)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers),
                                                 provider_options=provider_options)
@@ -150,6 +159,9 @@ class DSMoESession:
             warnings.warn(f"CUDAExecutionProvider was asked for but onnxruntime chose {self.providers}: "
                           "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         self.device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
+        if self.device == "cpu":
+            new_memory.collapse()
+        self.huge_pages = new_memory
         self._read_interface(allow_dense=allow_dense, allow_fallback=allow_fallback)
         self._stats = ActivationStats(self.num_experts) if self.has_active_outputs else None
         self._host_buffers = _BufferPool()

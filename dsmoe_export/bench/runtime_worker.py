@@ -2,7 +2,9 @@
 line from stdin, {"path": ONNX, "prompt": [ids], "new": N, "threads": T, "library": PATH or null,
 "dense": bool}, and answers one JSON line: the milliseconds of the prompt (DSMoESession.stream's
 first token) and of the N - 1 steps after it, and the new ids; or {"error": ...}. Sessions stay
-open for the whole run, one per path, with onnxruntime's default spinning (an app's setting)."""
+open for the whole run, one per path, with onnxruntime's default spinning (an app's setting); each
+is timed once its weights are on huge pages (DSMoESession moves them in the background: the steady
+state of an app, not the first seconds after loading)."""
 import json
 import sys
 import time
@@ -20,6 +22,7 @@ def generate(cmd: dict) -> dict:
         library = cmd.get("library")
         sessions[path] = DSMoESession(path, threads=int(cmd["threads"]), library=library or False,
                                       allow_dense=bool(cmd.get("dense")), providers=["CPUExecutionProvider"])
+        sessions[path].huge_pages.wait(120)
     session = sessions[path]
     ids = np.array([cmd["prompt"]], np.int64)
     t0 = time.perf_counter()
