@@ -20,11 +20,23 @@ import mmap
 import os
 import sys
 
-HUGE_PAGE = 2 << 20
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_SIZE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+
+
+def _huge_page_size() -> int:
+    """The kernel's PMD huge page: 2 MB with 4 KB pages (x86-64, most ARM64), larger elsewhere."""
+    try:
+        with open(THP_SIZE) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE_PAGE = _huge_page_size()
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 MIN_RESIDENT = 0.9          # a huge page with fewer of its small pages resident is reserve, not weights
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 ENV_VAR = "DSMOE_HUGEPAGES"  # "0" turns this off, as it does the op library's advice
 
 
@@ -58,15 +70,16 @@ def mappings() -> list[tuple[int, int]]:
         return parse_maps(f.read())
 
 
-def to_collapse(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The 2 MB-aligned part of each mapping in `after` that is new or changed since `before` (a
-    mapping that grew, or that a new one merged into, now holds new memory)."""
+def to_collapse(before: list[tuple[int, int]], after: list[tuple[int, int]],
+                huge: int = HUGE_PAGE) -> list[tuple[int, int]]:
+    """The huge-page-aligned part of each mapping in `after` that is new or changed since `before`
+    (a mapping that grew, or that a new one merged into, now holds new memory)."""
     old = set(before)
     ranges = []
     for start, end in after:
         if (start, end) in old:
             continue
-        first, last = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), end & ~(HUGE_PAGE - 1)
+        first, last = (start + huge - 1) & ~(huge - 1), end & ~(huge - 1)
         if last > first:
             ranges.append((first, last))
     return ranges
@@ -112,15 +125,15 @@ def collapse(ranges: list[tuple[int, int]], progress=None) -> int:
     return done
 
 
-def _runs(pages: list[int]) -> list[tuple[int, int]]:
+def _runs(pages: list[int], huge: int = HUGE_PAGE) -> list[tuple[int, int]]:
     """Consecutive huge pages as (start, end) runs: one advice per run, not one per page (each
     advised range becomes a mapping of its own)."""
     runs: list[list[int]] = []
     for page in pages:
         if runs and runs[-1][1] == page:
-            runs[-1][1] = page + HUGE_PAGE
+            runs[-1][1] = page + huge
         else:
-            runs.append([page, page + HUGE_PAGE])
+            runs.append([page, page + huge])
     return [(a, b) for a, b in runs]
 
 
@@ -138,7 +151,7 @@ def _idle_priority() -> None:
 class NewMemory:
     """Notes the process's mappings when made; `collapse()` then backs what was allocated since
     (a session's creation) with huge pages, in a daemon thread at idle priority: the copy
-    (~2.5 ms a huge page on the 2-core Xeon VM, a second for a 600 MB model) takes CPU time only
+    (~2.5 ms a huge page on a 2-core AMD EPYC VM, a second for a 600 MB model) takes CPU time only
     when the process's other threads leave some, as they do between requests, so creating a
     session costs no more and its first calls are not slowed. `bytes` is what has moved so far,
     `wait()` waits for the end (tests, benchmarks)."""

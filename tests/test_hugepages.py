@@ -44,13 +44,13 @@ def test_to_collapse_takes_new_and_grown_mappings_2mb_aligned():
              (unaligned, unaligned + 9 * MB),                      # new
              (base + 40 * MB + 4096, base + 42 * MB + 8192),       # new, no aligned 2 MB inside
              (base + 100 * MB, base + 110 * MB)]                   # grew (the heap, a merge)
-    assert hp.to_collapse(before, after) == [(base + 2 * MB, base + 8 * MB), (base + 100 * MB, base + 110 * MB)]
+    assert hp.to_collapse(before, after, huge=2 * MB) == [(base + 2 * MB, base + 8 * MB), (base + 100 * MB, base + 110 * MB)]
 
 
 def test_runs_group_consecutive_huge_pages():
-    H = hp.HUGE_PAGE
-    assert hp._runs([]) == []
-    assert hp._runs([0, H, 2 * H, 5 * H, 7 * H, 8 * H]) == [(0, 3 * H), (5 * H, 6 * H), (7 * H, 9 * H)]
+    H = 2 * MB
+    assert hp._runs([], huge=H) == []
+    assert hp._runs([0, H, 2 * H, 5 * H, 7 * H, 8 * H], huge=H) == [(0, 3 * H), (5 * H, 6 * H), (7 * H, 9 * H)]
 
 
 def test_unavailable_when_turned_off(monkeypatch):
@@ -63,8 +63,9 @@ def test_unavailable_when_turned_off(monkeypatch):
 
 
 def _collapse_works() -> bool:
-    """Whether this machine moves memory onto huge pages (Linux 6.1+, THP madvise/always)."""
-    if not hp.available():
+    """Whether this machine moves memory onto 2 MB pages (Linux 6.1+, THP madvise/always, 4 KB
+    base pages: the sizes below assume them)."""
+    if not hp.available() or hp.HUGE_PAGE != 2 * MB:
         return False
     region = _Region(4 * MB)
     region.touch(4 * MB)
