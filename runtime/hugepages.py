@@ -9,10 +9,11 @@ though, so the mappings a session's creation added span nearly all of its weight
 those, 2 MB-aligned, covers what `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` would at process
 start (docs/runtime.md has the measurements).
 
-`MADV_COLLAPSE` (Linux 6.1+) copies the pages there and then, at a cost paid once at session
-creation; only huge pages whose small pages are almost all resident are collapsed, so memory
-the process reserved but never touched (thread stacks, arena tails) stays unbacked. Advisory only: the
-contents do not change, and any failure leaves the memory as it was.
+`MADV_COLLAPSE` (Linux 6.1+) copies the pages there and then; `NewMemory` pays that once, in a
+background thread at idle priority after the session's creation. Only huge pages whose small
+pages are almost all resident are collapsed, so memory the process reserved but never touched
+(thread stacks, arena tails) stays unbacked. Advisory only: the contents do not change, and any
+failure leaves the memory as it was.
 """
 from __future__ import annotations
 

@@ -94,6 +94,7 @@ SHAPES = [
     ((19,), 128, 4, 40, 32),      # prefill, B % 32 ragged
     ((3, 25), 64, 8, 24, 128),    # prefill over several panels; one group longer than B
     ((4,), 256, 4, 32, 128),      # decode over whole groups of several 32-weight steps
+    ((5,), 64, 4, 43, 32),        # decode, B odd: down rows in passes of 4, 2 and 1 (11 = 4 + 4 + 2 + 1)
 ]
 
 

@@ -413,51 +413,60 @@ void GroupSums(const float* x, int64_t d, int64_t group, float* xsum) {
   }
 }
 
-// dst[t][c] += h[t][j] * row j[c] (+ h[t][j + 1] * row j + 1[c]) over all columns for T tokens,
-// raw values (LoadRaw): the rows are dequantized once for all the tokens.
-template <WeightFormat F, bool Two, int T>
-inline void AddRows(const uint8_t* row0, const uint8_t* row1, const float* const* h, int64_t j, int64_t d,
+// dst[t][c] += h[t][j + r] * row j + r[c] for the R rows from row0 (rb bytes apart), over all
+// columns for T tokens, raw values (LoadRaw): the rows are dequantized once for all the tokens,
+// and each dst vector is loaded and stored once per R rows. The sums run in row order, so any R
+// gives the same bits.
+template <WeightFormat F, int R, int T>
+inline void AddRows(const uint8_t* row0, int64_t rb, const float* const* h, int64_t j, int64_t d,
                     float* const* dst) {
   constexpr int S = kDotStep<F>, NV = S / kVL;
-  Vec hv0[T], hv1[T];
-  for (int t = 0; t < T; ++t) {
-    hv0[t] = Splat(h[t][j]);
-    hv1[t] = Splat(Two ? h[t][j + 1] : 0.0f);
+  Vec hv[R][T];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) hv[r][t] = Splat(h[t][j + r]);
   }
   int64_t c = 0;
   for (; c + S <= d; c += S) {
-    Vec a[NV], b[NV];
-    LoadRaw<F>(row0, c, a);
-    if constexpr (Two) LoadRaw<F>(row1, c, b);
-    if constexpr (Two) {  // two rows ahead in the weight stream (the next pair's rows), same columns
-      __builtin_prefetch(row0 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
-      __builtin_prefetch(row1 + 2 * (row1 - row0) + ByteOffset<F>(c), 0, 3);
+    Vec a[R][NV];
+    for (int r = 0; r < R; ++r) {
+      LoadRaw<F>(row0 + r * rb, c, a[r]);
+      if constexpr (R > 1) {  // the next pass's rows, same columns (a prefetch never faults)
+        __builtin_prefetch(row0 + (r + R) * rb + ByteOffset<F>(c), 0, 3);
+      }
     }
     for (int t = 0; t < T; ++t) {
       for (int v = 0; v < NV; ++v) {
-        Vec y = Load(dst[t] + c + v * kVL) + hv0[t] * a[v];
-        if constexpr (Two) y += hv1[t] * b[v];
+        Vec y = Load(dst[t] + c + v * kVL);
+        for (int r = 0; r < R; ++r) y += hv[r][t] * a[r][v];
         Store(dst[t] + c + v * kVL, y);
       }
     }
   }
   for (; c < d; ++c) {
-    const float q0 = LoadOneRaw<F>(row0, c), q1 = Two ? LoadOneRaw<F>(row1, c) : 0.0f;
+    float q[R];
+    for (int r = 0; r < R; ++r) q[r] = LoadOneRaw<F>(row0 + r * rb, c);
     for (int t = 0; t < T; ++t) {
-      float y = dst[t][c] + h[t][j] * q0;
-      if constexpr (Two) y += h[t][j + 1] * q1;
+      float y = dst[t][c];
+      for (int r = 0; r < R; ++r) y += h[t][j + r] * q[r];
       dst[t][c] = y;
     }
   }
 }
 
-// Rows [0, rows) into dst[t] for T tokens, two at a time.
+// Rows per pass: 4 with 32 vector registers (AVX-512: 8 weight vectors and up to 16 splats of h
+// live), 2 with 16.
+constexpr int kAddRows = kVL >= 16 ? 4 : 2;
+
+// Rows [j0, j1) into dst[t] for T tokens, kAddRows at a time, then the remainder.
 template <WeightFormat F, int T>
 inline void AddRowRange(const uint8_t* v, int64_t rb, const float* const* h, int64_t j0, int64_t j1, int64_t d,
                         float* const* dst) {
   int64_t j = j0;
-  for (; j + 2 <= j1; j += 2) AddRows<F, true, T>(v + j * rb, v + (j + 1) * rb, h, j, d, dst);
-  if (j < j1) AddRows<F, false, T>(v + j * rb, nullptr, h, j, d, dst);
+  for (; j + kAddRows <= j1; j += kAddRows) AddRows<F, kAddRows, T>(v + j * rb, rb, h, j, d, dst);
+  if constexpr (kAddRows > 2) {
+    for (; j + 2 <= j1; j += 2) AddRows<F, 2, T>(v + j * rb, rb, h, j, d, dst);
+  }
+  if (j < j1) AddRows<F, 1, T>(v + j * rb, rb, h, j, d, dst);
 }
 
 template <WeightFormat F, int T>
