@@ -108,6 +108,8 @@ class DSMoESession:
                  allow_dense: bool = False, device_id: int = 0, huge_pages: bool = True):
         import onnxruntime as ort
 
+        if not isinstance(huge_pages, bool):
+            raise InputError(f"huge_pages: expected True or False, got {huge_pages!r}")
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such file (expected an ONNX model written by dsmoe_export)")
@@ -135,8 +137,6 @@ class DSMoESession:
             providers = default_providers()
             if provider_options is None and providers[0] == CUDA_EP:
                 provider_options = [{"device_id": device_id}, {}]
-        if not isinstance(huge_pages, bool):
-            raise InputError(f"huge_pages: expected True or False, got {huge_pages!r}")
         new_memory = NewMemory(huge_pages)
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers),
@@ -159,13 +159,13 @@ class DSMoESession:
             warnings.warn(f"CUDAExecutionProvider was asked for but onnxruntime chose {self.providers}: "
                           "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
         self.device = "cuda" if self.providers[0] == CUDA_EP else "cpu"
-        if self.device == "cpu":
-            new_memory.collapse()
-        self.huge_pages = new_memory
         self._read_interface(allow_dense=allow_dense, allow_fallback=allow_fallback)
         self._stats = ActivationStats(self.num_experts) if self.has_active_outputs else None
         self._host_buffers = _BufferPool()
         self._keep_values: dict[int, object] = {}
+        if self.device == "cpu":  # only for a session that is kept (the checks above passed)
+            new_memory.collapse()
+        self.huge_pages = new_memory
 
     # ------------------------------------------------------------------ set-up
     def _load_error(self, e: Exception) -> Exception:
