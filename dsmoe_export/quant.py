@@ -53,10 +53,11 @@ def quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray
     (the last group may be shorter), on all 2^bits levels: returns (q [..., K] uint8 in
     [0, 2^bits - 1], scales [..., ceil(K / group_size)] float32) with zero point zp = 2^(bits-1),
     scale = v / -zp where v is the group's value of largest magnitude (its sign kept: the
-    scale is negative when v is positive; 0 for an all-zero group), q = round_half_even(w /
-    scale) + zp clipped to the levels. v itself lands on level 0, the full range, as ONNX
-    Runtime's MLAS quantizer and onnxruntime-genai's model builder do: a step of |v| / zp where
-    scale = max |w| / (zp - 1) would waste a level (17 % larger RMS error at int4, measured)."""
+    scale is negative when v is positive; 0 for an all-zero group), q = round_half_away(w *
+    (1 / scale) + zp) in float32 arithmetic (as MLAS computes it, so the bytes are its), clipped
+    to the levels. v itself lands on level 0, the full range, as ONNX Runtime's MLAS quantizer
+    and onnxruntime-genai's model builder do: a step of |v| / zp where scale = max |w| / (zp - 1)
+    would waste a level (17 % larger RMS error at int4, measured)."""
     w = np.asarray(w, np.float32)
     K = w.shape[-1]
     G = check_group_size(group_size)
@@ -67,8 +68,10 @@ def quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray
     g = padded.reshape(w.shape[:-1] + (groups, G))
     extreme = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0]
     scales = (extreme / np.float32(-zp)).astype(np.float32)
-    safe = np.where(scales == 0, np.float32(1), scales)
-    q = np.clip(np.rint(g / safe[..., None]) + zp, 0, 2 * zp - 1)
+    reciprocal = np.where(scales == 0, np.float32(0), np.float32(1) / np.where(scales == 0, np.float32(1), scales))
+    shifted = (g * reciprocal.astype(np.float32)[..., None]).astype(np.float32) + np.float32(zp)  # float32, as MLAS
+    # roundf (half away from zero), exact in float64: floor(x + 0.5) for x >= -0.5; below, both clip to 0.
+    q = np.clip(np.floor(shifted.astype(np.float64) + 0.5), 0, 2 * zp - 1)
     q = q.reshape(w.shape[:-1] + (groups * G,))[..., :K].astype(np.uint8)
     return q, scales
 
