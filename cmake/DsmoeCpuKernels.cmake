@@ -36,17 +36,18 @@ function(dsmoe_add_cpu_kernels target source ort_include_dir)
   endforeach()
 endfunction()
 
-# dsmoe_add_int4_int8_dot(target source [OPTIONS opt...]): the int4 x int8 GEMV of
-# accuracy_level 4 (cpu/int4_int8_dot.cc), x86-64 GCC / Clang only, built with AVX-512
-# BW + VNNI and defining DSMOE_HAVE_INT4_INT8_DOT on `target` (cpu/int8_activations.cc
-# picks it at run time when the CPU has them).
-function(dsmoe_add_int4_int8_dot target source)
-  cmake_parse_arguments(PARSE_ARGV 2 _arg "" "" "OPTIONS")
+# dsmoe_add_int4_int8_dot(target source... [OPTIONS opt...]): the int4 x int8 kernels of
+# accuracy_level 4 (cpu/int4_int8_dot.cc: the decode GEMV, cpu/int4_int8_gemm.cc: the prefill's
+# slab GEMM), x86-64 GCC / Clang only, built with AVX-512 BW + VNNI and defining
+# DSMOE_HAVE_INT4_INT8_DOT on `target` (cpu/int8_activations.cc picks them at run time when the
+# CPU has them).
+function(dsmoe_add_int4_int8_dot target)
+  cmake_parse_arguments(PARSE_ARGV 1 _arg "" "" "OPTIONS")
   if(NOT (CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang" AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64"))
     return()
   endif()
-  target_sources(${target} PRIVATE ${source})
-  set_source_files_properties(${source} TARGET_DIRECTORY ${target} PROPERTIES COMPILE_OPTIONS
+  target_sources(${target} PRIVATE ${_arg_UNPARSED_ARGUMENTS})
+  set_source_files_properties(${_arg_UNPARSED_ARGUMENTS} TARGET_DIRECTORY ${target} PROPERTIES COMPILE_OPTIONS
     "-mavx512f;-mavx512bw;-mavx512vl;-mavx512vnni;-mfma;-Wall;-Wextra;${_arg_OPTIONS}")
   target_compile_definitions(${target} PRIVATE DSMOE_HAVE_INT4_INT8_DOT)
 endfunction()

@@ -10,8 +10,10 @@
 //   prefill (more tokens): the float32 kernel's path (cpu/prefill.h) with the
 //           weights dequantized per task: a (block, slab) task's 32 gate and up rows
 //           into k-major float32 slabs (2 * 32 * d floats, L2) that the float32 op's
-//           slab kernel reads for all the block's tokens, a column task's V columns
-//           into a [B][64] tile. Never a dequantized copy of a whole weight.
+//           slab kernel reads for all the block's tokens (at accuracy_level 4 with
+//           AVX-512 VNNI: the int4 x int8 slab GEMM instead, cpu/int4_int8_gemm.cc), a
+//           column task's V columns into a [B][64] tile. Never a dequantized copy of a
+//           whole weight.
 //
 // Routing, the pair sort, chunks and panels: cpu/plan.h, shared with ffn_cpu.cc.
 #include "cpu/ffn_cpu_quant.h"
@@ -44,11 +46,41 @@ WeightFormat FormatOf(QuantKind kind) {
 }
 
 
+// accuracy_level 4 with the int4 x int8 kernels: a prefill slab's gate and up for all its tokens
+// through the slab GEMM (int8.slab: the slab repacked once, exact integer sums per 32 columns),
+// then h = act(g) * u * c into each token's panel column.
+struct Int8SlabGateUp {
+  const KernelSet& ks;
+  const FfnAttributes& attrs;
+  const QWeights& w;
+  const Int8Tokens& int8;
+  int64_t d, B;
+
+  void operator()(int64_t i, int64_t r0, int64_t rows, const int64_t* tokens, const float* cs, int m,
+                  float* const* hs, const int64_t* ld) const {
+    const int64_t row = i * B + r0, rb = w.row_bytes, ldo = kInt8SlabRows;
+    void* scratch = ThreadBuffer(ThreadSlot::kPanels, Int8SlabScratchFloats(d, w.group));
+    float* g = ThreadBuffer(ThreadSlot::kGateTile, m * ldo);
+    float* u = ThreadBuffer(ThreadSlot::kUpTile, (m + 1) * ldo);
+    float* h = u + m * ldo;
+    int8.slab(w.gate + row * rb, w.gate_scales + row * w.row_groups, rows, d, w.group, int8.rows, tokens, m, g, ldo,
+              scratch);
+    int8.slab(w.up + row * rb, w.up_scales + row * w.row_groups, rows, d, w.group, int8.rows, tokens, m, u, ldo,
+              scratch);
+    for (int t = 0; t < m; ++t) {
+      ks.gated_activation(attrs.activation, g + t * ldo, u + t * ldo, cs[t], rows, h);
+      float* out = hs[t];
+      for (int64_t r = 0; r < rows; ++r) out[r * ld[t]] = h[r];
+    }
+  }
+};
+
 // routed: the call's routing, or null to route route_x in the prefill's pass (and write `active`);
-// route_x is w.x but at accuracy_level 4 (the op's input as given, w.x its rounding).
+// route_x is w.x but at accuracy_level 4 (the op's input as given, w.x its rounding); with int8.slab
+// gate and up go through Int8SlabGateUp instead of dequantized slabs.
 void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                     const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, const float* route_x,
-                    const Routing* routed, bool* active, float* y) {
+                    const Routing* routed, bool* active, float* y, const Int8Tokens& int8) {
   const int64_t d = qd.base.hidden, B = qd.base.block_size, rb = w.row_bytes;
   // Gate/up go to the float32 op's slab kernel: a task's slab of gate and of up rows dequantized
   // into per-thread k-major tiles ([d][32], L2), read in place for all the block's tokens.
@@ -70,6 +102,10 @@ void ComputePrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const Qu
     return std::pair<const float*, int64_t>{tile, width};
   };
   // No prefetch: the dequantizers read the (4-8x smaller) weights in order, which the hardware follows.
+  if (int8.slab != nullptr) {
+    return RunPrefill(ctx, ks, attrs, dims, w.x, route_x, w.router, w.bias, routed, active, y, gate_up_rows,
+                      down_tile, NoPrefetch{}, Int8SlabGateUp{ks, attrs, w, int8, d, B});
+  }
   RunPrefill(ctx, ks, attrs, dims, w.x, route_x, w.router, w.bias, routed, active, y, gate_up_rows, down_tile,
              NoPrefetch{});
 }
@@ -147,51 +183,60 @@ void QuantDecodeTask::operator()(const DecodeTask& t) const {
 
 void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                      const FfnAttributes& attrs, const QuantDims& qd, const QWeights& weights, float* y,
-                     bool* active, bool int8_activations, Int4Int8DotFn int8_dot) {
+                     bool* active, bool int8_activations, Int4Int8Kernels int8_kernels) {
   const FfnDims& dims = qd.base;
   const int64_t N = dims.num_tokens, d = dims.hidden;
   if (N == 0) return;
   QWeights w = weights;
   // accuracy_level 4: routing on X as given (a router score near the threshold would otherwise flip
-  // with the rounding: a whole block in or out), gate/up on x_hat, whose int8 values are kept for
-  // the int4 decode GEMV. A non-finite X leaves int8_ready false: the float path on x_hat's NaNs.
+  // with the rounding: a whole block in or out), gate/up on x_hat, whose int8 values are packed for
+  // the int4 x int8 GEMV (decode slabs and the prefill's gate/up slabs). A non-finite X leaves
+  // int8.dot null: the float paths on x_hat's NaNs.
   const float* route_x = w.x;
   std::unique_ptr<float[]> x_hat, x_scales;
   std::unique_ptr<int8_t[]> x_int8;
-  bool int8_ready = false;
+  std::unique_ptr<int32_t[]> x_corr;
+  std::unique_ptr<uint8_t[]> packed;
+  Int8Tokens int8;
   if (int8_activations) {
     x_hat = HeapArray<float>(N * d);
-    const bool want = int8_dot != nullptr && w.format == WeightFormat::kInt4 && MayUseDecodePath(dims);
+    const bool want = int8_kernels.dot != nullptr && w.format == WeightFormat::kInt4;
     if (want) {
       x_int8 = HeapArray<int8_t>(N * d);
       x_scales = HeapArray<float>(N * w.row_groups);
     }
-    int8_ready = qk.round_to_int8(w.x, N, d, w.group, x_hat.get(), x_int8.get(), x_scales.get()) && want;
+    if (qk.round_to_int8(w.x, N, d, w.group, x_hat.get(), x_int8.get(), x_scales.get()) && want) {
+      if (MayUseDecodePath(dims)) {  // the GEMV's packed tokens
+        const int64_t stride = Int8TokenBytes(d);
+        packed = HeapArray<uint8_t>(N * stride + 63);
+        uint8_t* base =
+            reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.get()) + 63) & ~uintptr_t{63});
+        for (int64_t t = 0; t < N; ++t) {
+          PackInt8Token(x_int8.get() + t * d, x_scales.get() + t * w.row_groups, d, w.group, base + t * stride);
+        }
+        int8.dot = int8_kernels.dot;
+        int8.data = base;
+        int8.stride = stride;
+      }
+      x_corr = HeapArray<int32_t>(N * (d / 32));
+      Int8ChunkCorrections(x_int8.get(), N, d, x_corr.get());
+      int8.slab = int8_kernels.slab;
+      int8.rows = {x_int8.get(), x_scales.get(), x_corr.get(), w.row_groups};
+    }
     w.x = x_hat.get();
   }
-  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, nullptr, active, y);
+  if (!MayUseDecodePath(dims)) return ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, nullptr, active, y, int8);
   const Routing routing = Route(ctx, ks, attrs, dims, route_x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
     // Per-token sums of X over each scale group (the zero point of dot_rows).
     auto xsum = HeapArray<float>(N * std::max<int64_t>(w.row_groups, 1));
     QuantGroupSums(qk, w, N, d, xsum.get());
-    Int8Tokens int8;
-    std::unique_ptr<uint8_t[]> packed;
-    if (int8_ready) {
-      const int64_t stride = Int8TokenBytes(d);
-      packed = HeapArray<uint8_t>(N * stride + 63);
-      uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.get()) + 63) & ~uintptr_t{63});
-      for (int64_t t = 0; t < N; ++t) {
-        PackInt8Token(x_int8.get() + t * d, x_scales.get() + t * w.row_groups, d, w.group, base + t * stride);
-      }
-      int8 = {int8_dot, base, stride};
-    }
     DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w),
                 QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get(), int8}, y);
     return;
   }
-  ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, &routing, active, y);
+  ComputePrefill(ctx, ks, qk, attrs, qd, w, route_x, &routing, active, y, int8);
 }
 
 namespace {
@@ -203,7 +248,7 @@ class QuantCpuKernel {
 
   QuantCpuKernel(QuantKind kind, const Ort::ConstKernelInfo& info)
       : kind_(kind), attrs_(ParseQuantAttributes(kind, info)), kernels_(SelectKernels()),
-        quant_(SelectQuantKernels()), int8_dot_(SelectInt4Int8Dot(quant_)) {}
+        quant_(SelectQuantKernels()), int8_(SelectInt4Int8Kernels(quant_)) {}
 
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);
@@ -214,7 +259,7 @@ class QuantCpuKernel {
                                 in.gate_scales, in.up, in.up_scales, in.down, in.down_scales);
     w.x = in.x.GetTensorData<float>();
     ComputeQuantFfn(ctx, kernels_, quant_, attrs_.base, qd, w, out.y, out.active, attrs_.int8_activations(),
-                    int8_dot_);
+                    int8_);
   }
 
  private:
@@ -222,7 +267,7 @@ class QuantCpuKernel {
   QuantAttributes attrs_;
   const KernelSet& kernels_;
   const QuantKernelSet& quant_;
-  Int4Int8DotFn int8_dot_;
+  Int4Int8Kernels int8_;
 };
 
 // Inputs per docs/op-spec.md "Quantized variants": the F16 op has the float32 op's inputs with

@@ -39,11 +39,14 @@ int64_t QuantDecodeSlabRows(const QWeights& w);
 void QuantGroupSums(const QuantKernelSet& qk, const QWeights& w, int64_t num_tokens, int64_t d, float* xsum);
 
 // accuracy_level 4 on int4 weights: the call's tokens packed for the int4 x int8 GEMV (token t at
-// data + t * stride), which then replaces dot_rows; dot nullptr: dot_rows on x (x_hat).
+// data + t * stride), which then replaces dot_rows, and as rows for the prefill's slab GEMM;
+// dot nullptr: dot_rows and the float slabs on x (x_hat).
 struct Int8Tokens {
   Int4Int8DotFn dot = nullptr;
   const uint8_t* data = nullptr;
   int64_t stride = 0;
+  Int4Int8SlabFn slab = nullptr;
+  Int8Rows rows{};
 };
 
 // One decode task (cpu/decode.h) of the quantized kernel; xsum from QuantGroupSums.
@@ -62,10 +65,10 @@ struct QuantDecodeTask {
 // y [N, d] = the quantized op on w.x: routing, then the decode or the prefill path; `active`
 // (or nullptr) gets the routing's flags. N = 0: nothing. int8_activations (accuracy_level 4):
 // the routing on w.x as given, gate/up on x_hat, w.x rounded to int8 per group (round_to_int8),
-// the int4 decode GEMV through int8_dot when given.
+// the int4 decode GEMV and prefill slab GEMM through `int8` when it has them.
 void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const QuantKernelSet& qk,
                      const FfnAttributes& attrs, const QuantDims& qd, const QWeights& w, float* y, bool* active,
-                     bool int8_activations = false, Int4Int8DotFn int8_dot = nullptr);
+                     bool int8_activations = false, Int4Int8Kernels int8 = {});
 
 // Adds the three ops to the domain (called by RegisterCustomOps).
 void RegisterQuantOps(Ort::CustomOpDomain& domain);

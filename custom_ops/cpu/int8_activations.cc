@@ -10,6 +10,8 @@ namespace dsmoe::cpu {
 namespace vnni {
 void DotRows(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
              const uint8_t* const* tokens, int count, float* out, int64_t ldo);
+void SlabGemm(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group, const Int8Rows& x,
+              const int64_t* tokens, int count, float* out, int64_t ldo, void* scratch);
 }  // namespace vnni
 #endif
 
@@ -30,18 +32,28 @@ void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, u
   }
 }
 
-Int4Int8DotFn SelectInt4Int8Dot(const QuantKernelSet& chosen) {
+void Int8ChunkCorrections(const int8_t* q, int64_t count, int64_t d, int32_t* corr) {
+  for (int64_t t = 0; t < count; ++t) {
+    for (int64_t c0 = 0; c0 + 32 <= d; c0 += 32) {
+      int32_t sum = 0;
+      for (int c = 0; c < 32; ++c) sum += q[t * d + c0 + c];
+      *corr++ = -8 * sum;
+    }
+  }
+}
+
+Int4Int8Kernels SelectInt4Int8Kernels(const QuantKernelSet& chosen) {
 #if defined(DSMOE_HAVE_INT4_INT8_DOT)
   // Only beside the AVX-512 set kernels_select.cc picked (DSMOE_CPU_ISA included): a narrower
   // forced set keeps the float path on x_hat, as tests and comparisons expect.
   if (std::strcmp(chosen.name, "avx512") == 0 && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni")) {
-    return &vnni::DotRows;
+    return {&vnni::DotRows, &vnni::SlabGemm};
   }
 #else
   (void)chosen;
 #endif
-  return nullptr;
+  return {};
 }
 
 }  // namespace dsmoe::cpu

@@ -25,9 +25,35 @@ void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, u
 using Int4Int8DotFn = void (*)(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
                                const uint8_t* const* tokens, int count, float* out, int64_t ldo);
 
-// The GEMV to use beside `chosen` (SelectQuantKernels()), or nullptr: not built (no x86-64 GCC /
-// Clang), `chosen` is not the AVX-512 set (a narrower CPU, or DSMOE_CPU_ISA), or the CPU lacks
-// AVX-512 BW / VNNI (the float path then runs on x_hat).
-Int4Int8DotFn SelectInt4Int8Dot(const QuantKernelSet& chosen);
+// The call's rounded tokens as plain rows: token t's int8 values q + t * d, its scales
+// scales + t * groups (one per group of G columns) and corr + t * d / 32 (-8 x the sum of each
+// 32-column chunk's values: the zero point's correction).
+struct Int8Rows {
+  const int8_t* q = nullptr;
+  const float* scales = nullptr;
+  const int32_t* corr = nullptr;
+  int64_t groups = 0;
+};
+void Int8ChunkCorrections(const int8_t* q, int64_t count, int64_t d, int32_t* corr);
+
+// Gate/up of one prefill slab for `count` tokens (ids `tokens` into x), any count:
+// out[t * ldo + r] as Int4Int8DotFn's for r < rows <= kInt8SlabRows. scratch:
+// Int8SlabScratchFloats(d, group) floats, the slab repacked once for all the tokens.
+inline constexpr int64_t kInt8SlabRows = 32;
+inline int64_t Int8SlabScratchFloats(int64_t d, int64_t group) {
+  return d / 32 * 8 * kInt8SlabRows + (d + group - 1) / group * kInt8SlabRows;
+}
+using Int4Int8SlabFn = void (*)(const uint8_t* w, const float* scales, int64_t rows, int64_t d, int64_t group,
+                                const Int8Rows& x, const int64_t* tokens, int count, float* out, int64_t ldo,
+                                void* scratch);
+
+// The int4 x int8 kernels to use beside `chosen` (SelectQuantKernels()), or nullptrs: not built
+// (no x86-64 GCC / Clang), `chosen` is not the AVX-512 set (a narrower CPU, or DSMOE_CPU_ISA), or
+// the CPU lacks AVX-512 BW / VNNI (the float paths then run on x_hat).
+struct Int4Int8Kernels {
+  Int4Int8DotFn dot = nullptr;
+  Int4Int8SlabFn slab = nullptr;
+};
+Int4Int8Kernels SelectInt4Int8Kernels(const QuantKernelSet& chosen);
 
 }  // namespace dsmoe::cpu

@@ -38,6 +38,7 @@
 #include <optional>
 #include <stdexcept>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -110,46 +111,54 @@ struct PrefillChunkPlan {
   uint64_t id;
 };
 
-// A gate/up task of the slab layout: one slab, rows [r0, r0 + rows) of block i (rows <= kSlabRows;
-// gate_up: the slab), for all the block's tokens in the chunk, read in place; h goes to the
-// tokens' columns of their panels as in the rows layout, so the down phase is the same.
-inline void SlabGateUpTask(const KernelSet& ks, const FfnAttributes& attrs, const PrefillChunkPlan& c, int64_t i,
-                           std::pair<const float*, const float*> gate_up, int64_t rows, const float* x, int64_t d,
-                           const Routing& routing, int64_t n, int64_t B, int64_t r0, PrefetchStreams& pf) {
-  constexpr int kGroup = 96;  // tokens per kernel call
+// A gate/up task of the slab layout: one slab, rows [r0, r0 + rows) of block i (rows <= kSlabRows),
+// for all the block's tokens in the chunk, up to kGroup tokens a kernel(tokens, xs, cs, m, hs, ld)
+// call; h goes to the tokens' columns of their panels as in the rows layout, so the down phase is
+// the same.
+template <typename Kernel>
+void SlabGateUpTask(const PrefillChunkPlan& c, int64_t i, const float* x, int64_t d, const Routing& routing,
+                    int64_t n, int64_t B, int64_t r0, const Kernel& kernel) {
+  constexpr int kGroup = 96;
+  int64_t tokens[kGroup];
   const float* xs[kGroup];
   float* hs[kGroup];
   float cs[kGroup];
   int64_t ld[kGroup];
   int m = 0;
-  auto run = [&]() {
-    ks.slab_gate_up(attrs.activation, gate_up.first, gate_up.second, rows, d, xs, cs, m, hs, ld, pf);
-    m = 0;
-  };
   const int64_t* pair_token = c.pairs.pair_token.get();
   for (int64_t q = c.panel_start[i]; q < c.panel_start[i + 1]; ++q) {
     const Panel& pn = c.panels[q];
     for (int t = 0; t < pn.count; ++t) {
       const int64_t token = pair_token[pn.first + t];
+      tokens[m] = token;
       xs[m] = x + token * d;
       cs[m] = routing.coef[token * n + i];
       hs[m] = c.hp.get() + pn.offset * B + r0 * pn.width + t;
       ld[m] = pn.width;
-      if (++m == kGroup) run();
+      if (++m == kGroup) {
+        kernel(tokens, xs, cs, m, hs, ld);
+        m = 0;
+      }
     }
   }
-  if (m > 0) run();
+  if (m > 0) kernel(tokens, xs, cs, m, hs, ld);
 }
+
+// RunPrefill's slab kernel by default: the float32 slab GEMM on gate_up_rows' slabs. Otherwise a
+// callable slab_gate_up(i, r0, rows, tokens, cs, m, hs, ld) that writes h = act(g) * u * cs[t] of
+// the m tokens (ids `tokens`) for the slab's rows into hs[t][r * ld[t]].
+struct FloatSlabGateUp {};
 
 // One prefill call (more tokens than the decode path takes). `routed`: the call's routing
 // when the caller has it (then it has written the active output); null: the pass routes
 // `route_x` first and writes `active` (when not null). `route_x` is x but at accuracy_level 4,
 // where the quantized ops route on X as given and compute on X rounded to int8.
-template <typename GateUpRows, typename DownTile, typename Prefetch>
+template <typename GateUpRows, typename DownTile, typename Prefetch, typename SlabGateUp = FloatSlabGateUp>
 void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAttributes& attrs, const FfnDims& dims,
                 const float* x, const float* route_x, const float* router, const float* bias, const Routing* routed,
                 bool* active, float* y,
-                const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch) {
+                const GateUpRows& gate_up_rows, const DownTile& down_tile, const Prefetch& prefetch,
+                const SlabGateUp& slab_gate_up = {}) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size, N = dims.num_tokens;
   Routing own;
   if (routed == nullptr) own = NewRouting(dims);
@@ -190,7 +199,21 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
       std::tie(pf.gate, pf.up) = prefetch.gate_up(i2, r2, rows2);
     }
     const int64_t* pair_token = c.pairs.pair_token.get();
-    if (slabs) return SlabGateUpTask(ks, attrs, c, i, gate_up_rows(i, r0, rows), rows, x, d, routing, n, B, r0, pf);
+    if (slabs) {
+      if constexpr (std::is_same_v<SlabGateUp, FloatSlabGateUp>) {
+        const auto [gate, up] = gate_up_rows(i, r0, rows);
+        SlabGateUpTask(c, i, x, d, routing, n, B, r0,
+                       [&](const int64_t*, const float* const* xs, const float* cs, int m, float* const* hs,
+                           const int64_t* ld) {
+                         ks.slab_gate_up(attrs.activation, gate, up, rows, d, xs, cs, m, hs, ld, pf);
+                       });
+      } else {
+        SlabGateUpTask(c, i, x, d, routing, n, B, r0,
+                       [&](const int64_t* tokens, const float* const*, const float* cs, int m, float* const* hs,
+                           const int64_t* ld) { slab_gate_up(i, r0, rows, tokens, cs, m, hs, ld); });
+      }
+      return;
+    }
     const auto [xb, cb] = PackedBlock(ks, c.panels, c.panel_start, i, x, d, pair_token, routing, n, c.id);
     const int64_t base = c.panels[c.panel_start[i]].offset;
     const auto [gate, up] = gate_up_rows(i, r0, rows);  // once for all the block's panels
