@@ -12,6 +12,7 @@
 #include "cpu/cache_blocking.h"
 #include "cpu/ffn_cpu.h"
 #include "cpu/ffn_cpu_quant.h"
+#include "cpu/hugepages.h"
 #include "cpu/projected_cpu.h"
 #include "cuda/register_cuda.h"
 
@@ -57,6 +58,14 @@ extern "C" DSMOE_EXPORT int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t
   } catch (...) {
     return -1;
   }
+}
+
+// Turns the float32 kernel's huge-page advice at session creation (cpu/hugepages.h) on (1) or off
+// (0) for the sessions this process creates from now on; returns the previous setting (1 or 0).
+// DSMoESession turns it off while it creates a session whose memory it then moves to huge pages
+// itself in the background, where the synchronous advice would only add to the creation time.
+extern "C" DSMOE_EXPORT int DsmoeOpsSetHugePageAdvice(int enabled) {
+  return dsmoe::cpu::SetHugePageAdvice(enabled != 0) ? 1 : 0;
 }
 
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,

@@ -42,6 +42,11 @@ ORT_API_SYMBOL = "DsmoeOpsOrtApiVersion"
 #                                             int64_t* panel_slice_floats);
 CACHE_BLOCKING_SYMBOL = "DsmoeOpsCpuCacheBlocking"
 
+# The switch of the float32 kernel's own huge-page advice at session creation (process-wide; on by
+# default), returning the previous setting:
+#     extern "C" int DsmoeOpsSetHugePageAdvice(int enabled);
+HUGE_PAGE_ADVICE_SYMBOL = "DsmoeOpsSetHugePageAdvice"
+
 
 def _library_name() -> str:
     return _NAMES.get(sys.platform, _NAMES["linux"])
@@ -96,6 +101,17 @@ def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
         raise LibraryError(f"DSMOE_CPU_L1D_BYTES={os.environ.get('DSMOE_CPU_L1D_BYTES')!r}: expected a positive "
                            f"number of bytes up to 1 GiB (e.g. 32768, 32K or 1M)")
     return {"l1d_bytes": l1d.value, "slab_slice_steps": steps.value, "panel_slice_floats": floats.value}
+
+
+def set_huge_page_advice(path: str | os.PathLike, enabled: bool) -> bool | None:
+    """Turn the library's own huge-page advice (its float32 kernel's, at session creation) on or
+    off in this process for the sessions created from now on; returns the previous setting (None:
+    a library without the switch)."""
+    fn = _symbol(path, HUGE_PAGE_ADVICE_SYMBOL)
+    if fn is None:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+    return bool(fn(1 if enabled else 0))
 
 
 def library_api_version(path: str | os.PathLike) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ._library import register
+from ._library import register, set_huge_page_advice
 from .errors import InputError, LibraryNotFoundError, ModelError
 from .hugepages import NewMemory
 from .kv_cache import KVCache, _BufferPool
@@ -138,22 +138,15 @@ class DSMoESession:
             if provider_options is None and providers[0] == CUDA_EP:
                 provider_options = [{"device_id": device_id}, {}]
         new_memory = NewMemory(huge_pages)
+        # The library's own advice would collapse the float32 weights synchronously, inside the
+        # creation; the background move below covers them, so it is off meanwhile.
+        advice = (set_huge_page_advice(self.library_path, False)
+                  if new_memory.enabled and self.library_path is not None else None)
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers),
-                                                provider_options=provider_options)
-        except Exception as e:
-            if not (chosen and providers[0] == CUDA_EP and "gate_up_tile" in str(e)):
-                raise self._load_error(e) from e
-            # A float32 export with gate/up in the CPU kernel's slabs (the exporter's default):
-            # the CUDA kernel reads rows only, so the GPU picked by default cannot run it.
-            warnings.warn(f"{self.path} stores the sparse op's gate/up weights in the CPU kernel's slab layout "
-                          "(gate_up_tile = 32, the float32 default), which the CUDA kernel does not read: running "
-                          "on the CPU EP. For the GPU, export with --gate-up-layout rows or --dtype float16.")
-            providers, provider_options = [CPU_EP], None
-            try:
-                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-            except Exception as e2:
-                raise self._load_error(e2) from e2
+            providers = self._create(opts, providers, provider_options, chosen)
+        finally:
+            if advice:
+                set_huge_page_advice(self.library_path, True)
         self.providers = self.session.get_providers()
         if list(providers)[0] == CUDA_EP and self.providers[0] != CUDA_EP:
             warnings.warn(f"CUDAExecutionProvider was asked for but onnxruntime chose {self.providers}: "
@@ -168,6 +161,29 @@ class DSMoESession:
         self.huge_pages = new_memory
 
     # ------------------------------------------------------------------ set-up
+    def _create(self, opts, providers, provider_options, chosen: bool) -> list:
+        """self.session over self.path; returns the providers finally asked for (the CPU EP where
+        the CUDA EP picked by default cannot run the export)."""
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=list(providers),
+                                                provider_options=provider_options)
+            return list(providers)
+        except Exception as e:
+            if not (chosen and providers[0] == CUDA_EP and "gate_up_tile" in str(e)):
+                raise self._load_error(e) from e
+        # A float32 export with gate/up in the CPU kernel's slabs (the exporter's default): the
+        # CUDA kernel reads rows only, so the GPU picked by default cannot run it.
+        warnings.warn(f"{self.path} stores the sparse op's gate/up weights in the CPU kernel's slab layout "
+                      "(gate_up_tile = 32, the float32 default), which the CUDA kernel does not read: running "
+                      "on the CPU EP. For the GPU, export with --gate-up-layout rows or --dtype float16.")
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=[CPU_EP])
+        except Exception as e2:
+            raise self._load_error(e2) from e2
+        return [CPU_EP]
+
     def _load_error(self, e: Exception) -> Exception:
         msg = str(e)
         if "gate_up_tile" in msg:

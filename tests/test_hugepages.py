@@ -159,3 +159,29 @@ def test_session_option_is_checked_and_keeps_the_logits(tmp_path, rng):
         assert report["bytes"] >= 4 * MB  # most of the ~12 MB of weights
     expected, _ = plain.forward(ids, mask, plain.new_cache(2, 16))
     np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected)
+
+
+def test_session_turns_the_library_advice_off_while_it_creates(tmp_path, rng, monkeypatch, op_library):
+    """The op library's own huge-page advice (synchronous, inside session creation) is off while a
+    DSMoESession that moves its memory itself is created, and on again after; a session without
+    huge_pages leaves it alone. The switch returns the previous setting (on by default)."""
+    import dsmoe_runtime.session as session_module
+    from dsmoe_runtime._library import set_huge_page_advice
+    from dsmoe_export.exporter import export
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    assert set_huge_page_advice(op_library, False) is True
+    assert set_huge_page_advice(op_library, True) is False
+    spec = TinySpec(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=1)
+    path = tmp_path / "model.onnx"
+    export(make_model_folder(tmp_path / "model", spec, seed=int(rng.integers(1 << 30))), path, progress=False)
+    calls = []
+    monkeypatch.setattr(session_module, "set_huge_page_advice",
+                        lambda lib, on: calls.append((lib, on)) or set_huge_page_advice(lib, on))
+    DSMoESession(path, threads=1, library=op_library, huge_pages=False)
+    assert calls == []
+    session = DSMoESession(path, threads=1, library=op_library)
+    expected = [(session.library_path, False), (session.library_path, True)] if hp.available() else []
+    assert calls == expected
+    assert set_huge_page_advice(op_library, True) is True  # left on
+

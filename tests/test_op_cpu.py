@@ -499,17 +499,20 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1:text.index("]")]
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, enabled):
-    """Initializer weights are advised onto 2 MB pages at session creation (cpu/hugepages.h),
-    DSMOE_HUGEPAGES=0 leaves them, and the results stay those of the reference."""
+@pytest.mark.parametrize("switch", ["on", "env", "library"])
+def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch):
+    """Initializer weights are advised onto 2 MB pages at session creation (cpu/hugepages.h);
+    DSMOE_HUGEPAGES=0 or the library's switch (DsmoeOpsSetHugePageAdvice, what DSMoESession turns
+    off) leave them; the results stay those of the reference."""
     from onnx import helper, numpy_helper
 
     from dsmoe_export import onnx_op
+    from dsmoe_runtime._library import set_huge_page_advice
 
     if _thp_mode() != "madvise":  # "always" would give ORT's copies huge pages anyway; "never" none
         pytest.skip(f"transparent huge pages are {_thp_mode()!r} here, the test needs 'madvise'")
-    if not enabled:
+    enabled = switch == "on"
+    if switch == "env":
         monkeypatch.setenv("DSMOE_HUGEPAGES", "0")
     d, n, B = 512, 2, 2048  # 8 MB per weight tensor: at least 3 aligned 2 MB pages each
     case = make_case(rng, (9,), d=d, n=n, B=B, bias=True)
@@ -527,14 +530,20 @@ def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, enabled
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(op_library)
     before = _anon_huge_kb()
-    sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    if switch == "library":
+        assert set_huge_page_advice(op_library, False) is True
+    try:
+        sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    finally:
+        if switch == "library":
+            set_huge_page_advice(op_library, True)
     grown = _anon_huge_kb() - before
     if enabled:
         assert grown >= 3 * 3 * 2048, f"AnonHugePages grew by {grown} kB"
     else:
         # One stray 2 MB page may come from elsewhere in the process (khugepaged collapsing a
         # region advised earlier, e.g. by the enabled case); the weights would be 9 or more.
-        assert grown <= 2048, f"AnonHugePages grew by {grown} kB with DSMOE_HUGEPAGES=0"
+        assert grown <= 2048, f"AnonHugePages grew by {grown} kB with the advice off ({switch})"
     y = sess.run(None, {"X": case.x.astype(np.float32)})[0]
     y_ref = case.reference()[0]
     assert np.abs(y - y_ref).max() <= 1e-4 * max(1.0, np.abs(y_ref).max())

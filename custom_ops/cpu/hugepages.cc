@@ -1,5 +1,6 @@
 #include "cpu/hugepages.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -10,8 +11,15 @@
 
 namespace dsmoe::cpu {
 
+namespace {
+std::atomic<bool> advice_enabled{true};
+}  // namespace
+
+bool SetHugePageAdvice(bool enabled) { return advice_enabled.exchange(enabled); }
+
 void AdviseHugePages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!advice_enabled.load()) return;
   if (const char* env = std::getenv("DSMOE_HUGEPAGES"); env != nullptr && std::strcmp(env, "0") == 0) return;
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);

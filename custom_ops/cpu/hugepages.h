@@ -18,8 +18,14 @@
 namespace dsmoe::cpu {
 
 // MADV_HUGEPAGE, then MADV_COLLAPSE (Linux 6.1+: done now, not some time later),
-// on the 2 MB-aligned part of [data, data + bytes). Off with DSMOE_HUGEPAGES=0.
+// on the 2 MB-aligned part of [data, data + bytes). Off with DSMOE_HUGEPAGES=0, or while
+// SetHugePageAdvice(false) holds.
 void AdviseHugePages(const void* data, size_t bytes);
+
+// Process-wide switch of AdviseHugePages for the sessions created from now on (on by default);
+// returns the previous setting. dsmoe_runtime turns it off while it creates a session whose new
+// memory it moves to huge pages itself, in the background (DsmoeOpsSetHugePageAdvice, register.cc).
+bool SetHugePageAdvice(bool enabled);
 
 // AdviseHugePages on those of the node's `inputs` that are constant (initializers): at
 // session creation (a kernel's Prepare). Inputs fed at run time are the caller's memory.
