@@ -192,7 +192,9 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
   };
   auto gate_up_task = [&](int64_t task, int64_t next) {
     const PrefillChunkPlan& c = *chunk;
-    const auto [i, r0, rows] = task_rows_of(task);
+    // Plain variables, not a structured binding: the slab kernels' lambdas capture them (C++17).
+    const std::tuple<int64_t, int64_t, int64_t> task_rows = task_rows_of(task);
+    const int64_t i = std::get<0>(task_rows), r0 = std::get<1>(task_rows), rows = std::get<2>(task_rows);
     PrefetchStreams pf;
     if (next >= 0) {
       const auto [i2, r2, rows2] = task_rows_of(next);
@@ -201,11 +203,12 @@ void RunPrefill(const Ort::KernelContext& ctx, const KernelSet& ks, const FfnAtt
     const int64_t* pair_token = c.pairs.pair_token.get();
     if (slabs) {
       if constexpr (std::is_same_v<SlabGateUp, FloatSlabGateUp>) {
-        const auto [gate, up] = gate_up_rows(i, r0, rows);
+        const std::pair<const float*, const float*> gate_up = gate_up_rows(i, r0, rows);
         SlabGateUpTask(c, i, x, d, routing, n, B, r0,
                        [&](const int64_t*, const float* const* xs, const float* cs, int m, float* const* hs,
                            const int64_t* ld) {
-                         ks.slab_gate_up(attrs.activation, gate, up, rows, d, xs, cs, m, hs, ld, pf);
+                         ks.slab_gate_up(attrs.activation, gate_up.first, gate_up.second, rows, d, xs, cs, m, hs,
+                                         ld, pf);
                        });
       } else {
         SlabGateUpTask(c, i, x, d, routing, n, B, r0,
