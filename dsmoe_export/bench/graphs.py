@@ -401,16 +401,20 @@ def runner(kind: str, e: Experts, *, threads: int, library: str | None = None, k
             cache["moe"] = e.moe_layout()
         model, shared = moe_graph(e, k=k, moe_weights=cache["moe"], **attrs)
     elif "-" in kind and kind.split("-", 1)[1] in PRECISIONS:
-        # sparse-int4, dense-int8, qmoe-int4, ...: the quantized variants (group size: attrs["group_size"]).
+        # sparse-int4, dense-int8, qmoe-int4, ...: the quantized variants (group size: attrs["group_size"]);
+        # sparsei8- / densei8-: the sparse op / MatMulNBits with int8 activations (accuracy_level 4).
         base, fmt = kind.split("-", 1)
         group = attrs.pop("group_size", quant.DEFAULT_GROUP_SIZE)
-        if base == "sparse":
+        if base in ("sparse", "sparsei8"):
             if library is None:
                 raise ValueError("the sparse graph needs the op library (DSMOE_OPS_LIBRARY or pip install .)")
+            if base == "sparsei8" and fmt not in quant.BITS:
+                raise ValueError(f"{kind}: int8 activations (accuracy_level 4) need int4 or int8 weights")
             key = ("packed", fmt, group)
             if key not in cache:
                 cache[key] = quant.quantize_block_weights(e.gate, e.up, e.down, fmt, group)
-            model, shared = quant_sparse_graph(e, fmt, group, packed=cache[key], **attrs)
+            level = {"accuracy_level": 4} if base == "sparsei8" else {}
+            model, shared = quant_sparse_graph(e, fmt, group, packed=cache[key], **level, **attrs)
             return Runner(model, shared, threads=threads, library=library)
         if fmt not in quant.BITS:
             raise ValueError(f"{base} has no {fmt} variant on the CPU EP (MatMulNBits and QMoE are int4/int8)")

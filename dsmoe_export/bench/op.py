@@ -136,14 +136,15 @@ def run_shape(shape: Shape, tokens: list[int], ks: list[int], *, threads: int, l
 
 def quant_kinds(precisions: list[str]) -> list[str]:
     """Graph kinds of the quantized comparison: the float32 sparse op (the speed-up's reference), and per
-    precision the sparse op, the dense FFN as MatMulNBits with float32 activations (dense-) and with
-    int8 activations (densei8-, accuracy_level 4) and com.microsoft.QMoE (int4/int8 only: ORT's CPU EP
+    precision the sparse op with float32 activations (sparse-) and, int4/int8, with int8 ones
+    (sparsei8-, accuracy_level 4: the exporter's default for int4 on the CPU EP), the dense FFN as
+    MatMulNBits likewise (dense-, densei8-) and com.microsoft.QMoE (int4/int8 only: ORT's CPU EP
     has no float16-weight MatMul nor float16 QMoE for float32 activations)."""
     kinds = ["sparse"]
     for p in precisions:
         kinds.append(f"sparse-{p}")
         if p in graphs.quant.BITS:
-            kinds += [f"dense-{p}", f"densei8-{p}", f"qmoe-{p}"]
+            kinds += [f"sparsei8-{p}", f"dense-{p}", f"densei8-{p}", f"qmoe-{p}"]
     return kinds
 
 

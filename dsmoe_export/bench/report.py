@@ -95,10 +95,11 @@ def quant_tables(rows: list[dict], checks: list[dict]) -> list[str]:
             f"T={t} {k}: {_f(r['ms_min'], 2)} ms" for (t, k), r in dense.items()), ""]
         qmoe = {(r["tokens"], r["mode"], r["k"], r["precision"]): r for r in mine if r["kind"].startswith("qmoe")}
         table = []
-        for r in (r for r in mine if r["kind"].startswith("sparse-")):
+        for r in (r for r in mine if r["kind"].startswith(("sparse-", "sparsei8-"))):
             q = qmoe.get((r["tokens"], r["mode"], r["k"], r["precision"]))
+            weights = r["precision"] + (", int8 activations" if r["kind"].startswith("sparsei8-") else "")
             table.append([
-                str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}", r["precision"],
+                str(r["tokens"]), _routing_label(r), _f(r["r"], 3), f"{r['union']}/{r['n']}", weights,
                 f"{_f(r['ms_min'])} / {_f(r['ms_median'])}", _f(r["fp32_sparse_ms_min"]),
                 f"**{_f(r['speedup_vs_fp32'], 2)}x**", _f(r.get("dense_ms_min")) + f" ({r.get('dense_kind')})",
                 f"**{_f(r.get('ratio_min'), 3)}**", _f(r["target"], 3), _f(r.get("densei8_ms_min")),
