@@ -206,20 +206,21 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
       x_scales = HeapArray<float>(N * w.row_groups);
     }
     if (qk.round_to_int8(w.x, N, d, w.group, x_hat.get(), x_int8.get(), x_scales.get()) && want) {
+      x_corr = HeapArray<int32_t>(N * (d / 32));
+      Int8ChunkCorrections(x_int8.get(), N, d, x_corr.get());
       if (MayUseDecodePath(dims)) {  // the GEMV's packed tokens
         const int64_t stride = Int8TokenBytes(d);
         packed = HeapArray<uint8_t>(N * stride + 63);
         uint8_t* base =
             reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(packed.get()) + 63) & ~uintptr_t{63});
         for (int64_t t = 0; t < N; ++t) {
-          PackInt8Token(x_int8.get() + t * d, x_scales.get() + t * w.row_groups, d, w.group, base + t * stride);
+          PackInt8Token(x_int8.get() + t * d, x_scales.get() + t * w.row_groups, x_corr.get() + t * (d / 32), d,
+                        w.group, base + t * stride);
         }
         int8.dot = int8_kernels.dot;
         int8.data = base;
         int8.stride = stride;
       }
-      x_corr = HeapArray<int32_t>(N * (d / 32));
-      Int8ChunkCorrections(x_int8.get(), N, d, x_corr.get());
       int8.slab = int8_kernels.slab;
       int8.rows = {x_int8.get(), x_scales.get(), x_corr.get(), w.row_groups};
     }

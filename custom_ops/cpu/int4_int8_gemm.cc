@@ -2,7 +2,8 @@
 // built with AVX-512 BW + VNNI beside the GEMV (cmake: dsmoe_add_int4_int8_dot) and picked at run
 // time with it.
 //
-// The slab's rows (up to 32) are first repacked, once for all its tokens, into the layout
+// The slab's rows (up to 32) are first repacked, once per call (a prefill task's tokens, up to 96
+// at a time: SlabGateUpTask in cpu/prefill.h), into the layout
 // vpdpbusd reads: per 4 columns, one dword of 4 nibble values (as bytes) per row, 16 rows a
 // vector. The int4 chunk of a row already holds 4 consecutive columns per dword (its low nibbles
 // are columns 0-15, its high ones 16-31), so the repacking is the nibble split and a 4 x 4 dword

@@ -15,7 +15,7 @@ void SlabGemm(const uint8_t* w, const float* scales, int64_t rows, int64_t d, in
 }  // namespace vnni
 #endif
 
-void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, uint8_t* out) {
+void PackInt8Token(const int8_t* q, const float* scales, const int32_t* corr, int64_t d, int64_t G, uint8_t* out) {
   std::memset(out, 0, static_cast<size_t>(Int8TokenBytes(d)));
   for (int64_t chunk = 0; chunk * 32 < d; ++chunk) {
     uint8_t* unit = out + chunk / 4 * kInt8UnitBytes;
@@ -23,10 +23,7 @@ void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, u
     const int8_t* qc = q + chunk * 32;
     std::memcpy(unit + 16 * j, qc, 16);
     std::memcpy(unit + 64 + 16 * j, qc + 16, 16);
-    int32_t sum = 0;
-    for (int c = 0; c < 32; ++c) sum += qc[c];
-    const int32_t corr = -8 * sum;
-    std::memcpy(unit + 128 + 16 * j, &corr, sizeof corr);
+    std::memcpy(unit + 128 + 16 * j, corr + chunk, sizeof *corr);
     const float s = scales[chunk * 32 / G];
     for (int l = 0; l < 4; ++l) std::memcpy(unit + 192 + 4 * (4 * j + l), &s, sizeof s);
   }

@@ -16,7 +16,8 @@ namespace dsmoe::cpu {
 // `scale` (lane l: the scale of chunk l / 4's group).
 inline constexpr int64_t kInt8UnitCols = 128, kInt8UnitBytes = 256;
 inline int64_t Int8TokenBytes(int64_t d) { return (d + kInt8UnitCols - 1) / kInt8UnitCols * kInt8UnitBytes; }
-void PackInt8Token(const int8_t* q, const float* scales, int64_t d, int64_t G, uint8_t* out);
+// corr: the token's Int8ChunkCorrections (below).
+void PackInt8Token(const int8_t* q, const float* scales, const int32_t* corr, int64_t d, int64_t G, uint8_t* out);
 
 // Gate/up GEMV of int4 rows against packed tokens: out[t * ldo + r] = sum over the row's 32-column
 // chunks of (sum_c (q[r][c] - 8) * q_t[c]) * (scales[r * groups + g] * s_t[g]) for r < rows,
@@ -34,11 +35,13 @@ struct Int8Rows {
   const int32_t* corr = nullptr;
   int64_t groups = 0;
 };
+// corr[t * d / 32 + k] = -8 x the sum of token t's values in columns [32 k, 32 k + 32), for both
+// kernels below.
 void Int8ChunkCorrections(const int8_t* q, int64_t count, int64_t d, int32_t* corr);
 
 // Gate/up of one prefill slab for `count` tokens (ids `tokens` into x), any count:
 // out[t * ldo + r] as Int4Int8DotFn's for r < rows <= kInt8SlabRows. scratch:
-// Int8SlabScratchFloats(d, group) floats, the slab repacked once for all the tokens.
+// Int8SlabScratchFloats(d, group) floats, the slab repacked once for the call's tokens.
 inline constexpr int64_t kInt8SlabRows = 32;
 inline int64_t Int8SlabScratchFloats(int64_t d, int64_t group) {
   return d / 32 * 8 * kInt8SlabRows + (d + group - 1) / group * kInt8SlabRows;
