@@ -192,15 +192,19 @@ def test_quantization_round_trip(rng):
     q4 = q[:, :96] % 16
     assert (quant.unpack_int4(quant.pack_int4(q4)) == q4).all()
     K, N, G = 96, 7, 32  # MatMul weight [K, N] in MatMulNBits' layout, against MLAS
-    w_kn = rng.standard_normal((K, N)).astype(np.float32)
-    for bits, fn in ((4, ort_c.quantize_matmul_4bits), (8, ort_c.quantize_matmul_8bits)):
-        kb = K // G
-        packed = np.zeros((N, kb, G * bits // 8), np.uint8)
-        scales = np.zeros(N * kb, np.float32)
-        zeros = np.zeros(N * kb, np.uint8)
-        fn(packed, w_kn, scales, zeros, G, N, K, True)
-        ours_b, ours_s = quant.matmul_nbits_weights(w_kn, bits, G)
-        assert (ours_b == packed).all() and np.array_equal(ours_s, scales), bits
+    # A fresh input, and three where rounding w / scale half to even (not MLAS' float32 steps)
+    # lands one level off (int8, int4, int8).
+    inputs = [rng.standard_normal((K, N)).astype(np.float32)]
+    inputs += [np.random.default_rng(s).standard_normal((K, N)).astype(np.float32) for s in (75, 558, 762)]
+    for w_kn in inputs:
+        for bits, fn in ((4, ort_c.quantize_matmul_4bits), (8, ort_c.quantize_matmul_8bits)):
+            kb = K // G
+            packed = np.zeros((N, kb, G * bits // 8), np.uint8)
+            scales = np.zeros(N * kb, np.float32)
+            zeros = np.zeros(N * kb, np.uint8)
+            fn(packed, w_kn, scales, zeros, G, N, K, True)
+            ours_b, ours_s = quant.matmul_nbits_weights(w_kn, bits, G)
+            assert (ours_b == packed).all() and np.array_equal(ours_s, scales), bits
 
 
 def _error(op_library, case, feeds, fmt, group, node_attrs=None):
