@@ -33,6 +33,7 @@
 #include "cpu/kernels_quant.h"
 #include "cpu/parallel.h"
 #include "cpu/plan.h"
+#include "cpu/prefetch.h"
 #include "cpu/prefill.h"
 
 namespace dsmoe::cpu {
@@ -132,6 +133,14 @@ void QuantGroupSums(const QuantKernelSet& qk, const QWeights& w, int64_t num_tok
   for (int64_t t = 0; t < num_tokens; ++t) qk.group_sums(w.x + t * d, d, w.group, xsum + t * w.row_groups);
 }
 
+// A decode slab's weights are six short streams (gate, up and down rows and their scales: at
+// d = 576 in int4, 9 KB of rows and 2.3 KB of scales each), too short for the hardware
+// prefetchers, which follow a stream from its first misses, a page at a time: the task waits on
+// DRAM latency more than on bandwidth. A slab whose rows span at most this many bytes a matrix
+// is prefetched whole at its start. A two-thread loop reading such tasks from DRAM (AMD EPYC VM):
+// 16-19 GB/s as it was, 20-24 with the prefetch at 9 KB a stream, +12 % at 18 KB, +2 % at 32 KB.
+constexpr int64_t kWholeSlabPrefetchBytes = 24 * 1024;
+
 void QuantDecodeTask::operator()(const DecodeTask& t) const {
   const FfnDims& dims = qd.base;
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
@@ -150,6 +159,15 @@ void QuantDecodeTask::operator()(const DecodeTask& t) const {
     const float* us = w.up_scales ? w.up_scales + row * w.row_groups : nullptr;
     const float* ds = w.down_scales ? w.down_scales + (i * w.block_groups + r0 / std::max<int64_t>(w.group, 1)) * d
                                     : nullptr;
+    if (rows * rb <= kWholeSlabPrefetchBytes) {
+      const int64_t row_scales = rows * w.row_groups * static_cast<int64_t>(sizeof(float));
+      PrefetchWhole(w.gate + row * rb, rows * rb);
+      if (gs != nullptr) PrefetchWhole(gs, row_scales);
+      PrefetchWhole(w.up + row * rb, rows * rb);
+      if (us != nullptr) PrefetchWhole(us, row_scales);
+      PrefetchWhole(w.down + row * rb, rows * rb);
+      if (ds != nullptr) PrefetchWhole(ds, CeilDiv(rows, w.group) * d * static_cast<int64_t>(sizeof(float)));
+    }
     for (int64_t p0 = first_pair; p0 < last_pair; p0 += kMaxQuantDotTokens) {
       const int count = static_cast<int>(std::min<int64_t>(kMaxQuantDotTokens, last_pair - p0));
       const float* xs[kMaxQuantDotTokens];

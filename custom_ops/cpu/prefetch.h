@@ -49,6 +49,14 @@ struct PrefetchStream {
   static int64_t Lines(int64_t bytes) { return (bytes + kLine - 1) / kLine; }
 };
 
+// Every cache line of [base, base + bytes) into L2 now, for a short region that the code reads
+// next: its demand misses would otherwise come one page at a time before the hardware
+// prefetchers follow (cpu/ffn_cpu_quant.cc, the decode's slabs).
+inline void PrefetchWhole(const void* base, int64_t bytes) {
+  const char* p = static_cast<const char*>(base);
+  for (int64_t offset = 0; offset < bytes; offset += PrefetchStream::kLine) __builtin_prefetch(p + offset, 0, 1);
+}
+
 // The streams of one prefill task: gate and up rows of the next (block, row tile)
 // task, or the next block's down tile in a column task.
 struct PrefetchStreams {
