@@ -51,10 +51,13 @@ struct PrefetchStream {
 
 // Every cache line of [base, base + bytes) into L2 now, for a short region that the code reads
 // next: its demand misses would otherwise come one page at a time before the hardware
-// prefetchers follow (cpu/ffn_cpu_quant.cc, the decode's slabs).
+// prefetchers follow (cpu/ffn_cpu_quant.cc, the decode's slabs). The region's last byte is
+// prefetched too: an unaligned region ends in a line that the steps from base skip.
 inline void PrefetchWhole(const void* base, int64_t bytes) {
+  if (bytes <= 0) return;
   const char* p = static_cast<const char*>(base);
   for (int64_t offset = 0; offset < bytes; offset += PrefetchStream::kLine) __builtin_prefetch(p + offset, 0, 1);
+  __builtin_prefetch(p + bytes - 1, 0, 1);
 }
 
 // The streams of one prefill task: gate and up rows of the next (block, row tile)
