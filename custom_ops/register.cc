@@ -68,6 +68,13 @@ extern "C" DSMOE_EXPORT int DsmoeOpsSetHugePageAdvice(int enabled) {
   return dsmoe::cpu::SetHugePageAdvice(enabled != 0) ? 1 : 0;
 }
 
+// The huge-page advice the float32 kernels give their constant weights at session creation
+// (cpu/hugepages.h), on any memory of the caller's: the number of 2 MB pages collapsed. For tests,
+// which lay out memory to check which pages it takes, and for callers with weights of their own.
+extern "C" DSMOE_EXPORT int64_t DsmoeOpsAdviseHugePages(const void* data, size_t bytes) {
+  return static_cast<int64_t>(dsmoe::cpu::AdviseHugePages(data, bytes));
+}
+
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);

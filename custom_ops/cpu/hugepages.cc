@@ -1,5 +1,6 @@
 #include "cpu/hugepages.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -17,23 +18,57 @@ std::atomic<bool> advice_enabled{true};
 
 bool SetHugePageAdvice(bool enabled) { return advice_enabled.exchange(enabled); }
 
-void AdviseHugePages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (!advice_enabled.load()) return;
-  if (const char* env = std::getenv("DSMOE_HUGEPAGES"); env != nullptr && std::strcmp(env, "0") == 0) return;
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (data == nullptr || end <= begin) return;  // under one aligned huge page: nothing to gain
+namespace {
+constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+constexpr uintptr_t kSmall = 4096;
+
+// MADV_HUGEPAGE then MADV_COLLAPSE (Linux 6.1+: done now, not some time later) on whole 2 MB pages;
+// the number of pages collapsed (all or, on any failure, none).
+size_t Collapse(uintptr_t begin, uintptr_t end) {
   void* start = reinterpret_cast<void*>(begin);
-  if (madvise(start, end - begin, MADV_HUGEPAGE) != 0) return;
+  if (madvise(start, end - begin, MADV_HUGEPAGE) != 0) return 0;
 #ifndef MADV_COLLAPSE
   constexpr int MADV_COLLAPSE = 25;  // older headers; an older kernel answers EINVAL
 #endif
-  (void)madvise(start, end - begin, MADV_COLLAPSE);
+  return madvise(start, end - begin, MADV_COLLAPSE) == 0 ? (end - begin) / kHuge : 0;
+}
+
+// Whether at least 90 % of the 2 MB page's small pages are mapped and resident: collapsing a page
+// makes all of it resident, which must not happen to memory the process never touched.
+bool MostlyResident(uintptr_t page) {
+  unsigned char resident[kHuge / kSmall];
+  if (mincore(reinterpret_cast<void*>(page), kHuge, resident) != 0) return false;  // ENOMEM: a hole
+  size_t count = 0;
+  for (const unsigned char r : resident) count += r & 1;
+  return count * 10 >= (kHuge / kSmall) * 9;
+}
+}  // namespace
+#endif
+
+size_t AdviseHugePages(const void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!advice_enabled.load()) return 0;
+  if (const char* env = std::getenv("DSMOE_HUGEPAGES"); env != nullptr && std::strcmp(env, "0") == 0) return 0;
+  if (data == nullptr || bytes == 0) return 0;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data), last = first + bytes;
+  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = last & ~(kHuge - 1);
+  size_t collapsed = begin < end ? Collapse(begin, end) : 0;  // the pages that hold nothing but the weight
+  // The 2 MB pages of the weight's first and last bytes, which also hold other memory (ONNX Runtime
+  // maps each initializer on its own, next to the others): collapsed too where the weight fills at
+  // least a quarter of the page and the page is resident.
+  auto edge = [first, last](uintptr_t page) -> size_t {
+    const uintptr_t held = std::min(last, page + kHuge) - std::max(first, page);
+    return held < kHuge && held >= kHuge / 4 && MostlyResident(page) ? Collapse(page, page + kHuge) : 0;
+  };
+  const uintptr_t head = first & ~(kHuge - 1), tail = (last - 1) & ~(kHuge - 1);
+  collapsed += edge(head);
+  if (tail != head) collapsed += edge(tail);
+  return collapsed;
 #else
   (void)data;
   (void)bytes;
+  return 0;
 #endif
 }
 
