@@ -68,11 +68,14 @@ extern "C" DSMOE_EXPORT int DsmoeOpsSetHugePageAdvice(int enabled) {
   return dsmoe::cpu::SetHugePageAdvice(enabled != 0) ? 1 : 0;
 }
 
-// The huge-page advice the float32 kernels give their constant weights at session creation
-// (cpu/hugepages.h), on any memory of the caller's: the number of 2 MB pages collapsed. For tests,
-// which lay out memory to check which pages it takes, and for callers with weights of their own.
-extern "C" DSMOE_EXPORT int64_t DsmoeOpsAdviseHugePages(const void* data, size_t bytes) {
-  return static_cast<int64_t>(dsmoe::cpu::AdviseHugePages(data, bytes));
+// The huge-page advice the kernels give their constant weights at session creation
+// (cpu/hugepages.h), on `count` ranges of the caller's memory (data[i], bytes[i]) taken together as
+// one node's weights: the number of 2 MB pages collapsed. For tests, which lay out memory to check
+// which pages it takes, and for callers with weights of their own.
+extern "C" DSMOE_EXPORT int64_t DsmoeOpsAdviseHugePages(const void* const* data, const size_t* bytes, int64_t count) {
+  std::vector<dsmoe::cpu::HugePageRange> ranges;
+  for (int64_t i = 0; i < count; ++i) ranges.push_back({data[i], bytes[i]});
+  return static_cast<int64_t>(dsmoe::cpu::AdviseHugePages(ranges));
 }
 
 extern "C" DSMOE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,

@@ -187,38 +187,41 @@ def test_session_turns_the_library_advice_off_while_it_creates(tmp_path, rng, mo
 
 
 
-# (weight's first and last byte as offsets into an aligned 8 MB region, MB of it touched, 2 MB pages
-# the advice collapses): the pages the weight fills, and its ends' pages where it fills a quarter or
-# more of the page and the page is resident.
+# (each weight's first and last byte as MB into an aligned 8 MB region, MB of it touched, 2 MB
+# pages the advice collapses): the pages one weight fills, and the pages of the weights' ends where
+# they fill a quarter or more of the page together and the page is resident.
 _ADVICE_CASES = {
-    "ends": (1.5, 6.5, 8, 4),          # both ends fill exactly a quarter of their pages: taken
-    "short ends": (1.75, 6.25, 8, 2),  # an eighth each: only the two pages the weight fills
-    "cold tail": (1.5, 6.5, 7, 3),     # the tail page half resident: collapsing would make it resident
-    "inside one page": (2.25, 3.75, 8, 1),
-    "off": (1.5, 6.5, 8, 0),           # DSMOE_HUGEPAGES=0
+    "ends": ([(1.5, 6.5)], 8, 4),           # both ends fill exactly a quarter of their pages: taken
+    "short ends": ([(1.75, 6.25)], 8, 2),   # an eighth each: only the two pages the weight fills
+    "cold tail": ([(1.5, 6.5)], 7, 3),      # the tail page half resident: collapsing would make it resident
+    "inside one page": ([(2.25, 3.75)], 8, 1),
+    "shared page": ([(0.25, 0.5), (0.5, 0.75), (2.0, 2.125)], 8, 1),  # 2 x an eighth in page 0: taken; 1/16 not
+    "off": ([(1.5, 6.5)], 8, 0),            # DSMOE_HUGEPAGES=0
 }
 
 
 @pytest.mark.skipif(not _collapse_works(), reason="no transparent huge pages / MADV_COLLAPSE on this machine")
 @pytest.mark.parametrize("case", list(_ADVICE_CASES))
-def test_library_advice_takes_the_pages_a_weight_fills_and_its_resident_ends(op_library, rng, monkeypatch, case):
-    """The op library's advice on one weight (DsmoeOpsAdviseHugePages: what its float32 kernels apply
+def test_library_advice_takes_the_pages_weights_fill_and_their_resident_ends(op_library, rng, monkeypatch, case):
+    """The op library's advice on one node's weights (DsmoeOpsAdviseHugePages: what its kernels apply
     to their constant weights at session creation), on memory laid out here: which 2 MB pages it
     collapses, the count it returns, the contents kept."""
     import ctypes
 
-    first, last, touched, pages = _ADVICE_CASES[case]
+    weights, touched, pages = _ADVICE_CASES[case]
     if case == "off":
         monkeypatch.setenv("DSMOE_HUGEPAGES", "0")
     lib = ctypes.CDLL(op_library)
     lib.DsmoeOpsAdviseHugePages.restype = ctypes.c_int64
-    lib.DsmoeOpsAdviseHugePages.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.DsmoeOpsAdviseHugePages.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.c_int64]
     region = _Region(8 * MB)
     base, _ = region.aligned(8 * MB)
     offset = base - region.address
     data = rng.integers(0, 256, int(touched * MB), dtype=np.uint8)
     region.array[offset:offset + data.size] = data
-    start = base + int(first * MB)
-    assert lib.DsmoeOpsAdviseHugePages(start, int((last - first) * MB)) == pages
+    starts = (ctypes.c_void_p * len(weights))(*[base + int(first * MB) for first, _ in weights])
+    sizes = (ctypes.c_size_t * len(weights))(*[int((last - first) * MB) for first, last in weights])
+    assert lib.DsmoeOpsAdviseHugePages(starts, sizes, len(weights)) == pages
     assert region.huge_bytes() == pages * 2 * MB
     np.testing.assert_array_equal(region.array[offset:offset + data.size], data)

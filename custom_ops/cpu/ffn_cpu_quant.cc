@@ -29,6 +29,7 @@
 #include "common/ffn_quant_params.h"
 #include "common/status.h"
 #include "cpu/decode.h"
+#include "cpu/hugepages.h"
 #include "cpu/kernels.h"
 #include "cpu/kernels_quant.h"
 #include "cpu/parallel.h"
@@ -268,6 +269,14 @@ class QuantCpuKernel {
   QuantCpuKernel(QuantKind kind, const Ort::ConstKernelInfo& info)
       : kind_(kind), attrs_(ParseQuantAttributes(kind, info)), kernels_(SelectKernels()),
         quant_(SelectQuantKernels()), int8_(SelectInt4Int8Kernels(quant_)) {}
+
+  void Prepare(const Ort::ConstKernelInfo& info) const {
+    if (kind_ == QuantKind::kF16) {
+      AdviseConstantInputs(info, {kGateWeight, kUpWeight, kDownWeight});
+    } else {
+      AdviseConstantInputs(info, {kQGateWeight, kQGateScales, kQUpWeight, kQUpScales, kQDownWeight, kQDownScales});
+    }
+  }
 
   void Compute(Ort::KernelContext& ctx) const {
     const QuantInputs in = GetQuantInputs(kind_, ctx, attrs_);

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -46,33 +48,40 @@ bool MostlyResident(uintptr_t page) {
 }  // namespace
 #endif
 
-size_t AdviseHugePages(const void* data, size_t bytes) {
+size_t AdviseHugePages(const std::vector<HugePageRange>& ranges) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!advice_enabled.load()) return 0;
   if (const char* env = std::getenv("DSMOE_HUGEPAGES"); env != nullptr && std::strcmp(env, "0") == 0) return 0;
-  if (data == nullptr || bytes == 0) return 0;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(data), last = first + bytes;
-  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = last & ~(kHuge - 1);
-  size_t collapsed = begin < end ? Collapse(begin, end) : 0;  // the pages that hold nothing but the weight
-  // The 2 MB pages of the weight's first and last bytes, which also hold other memory (ONNX Runtime
-  // maps each initializer on its own, next to the others): collapsed too where the weight fills at
-  // least a quarter of the page and the page is resident.
-  auto edge = [first, last](uintptr_t page) -> size_t {
-    const uintptr_t held = std::min(last, page + kHuge) - std::max(first, page);
-    return held < kHuge && held >= kHuge / 4 && MostlyResident(page) ? Collapse(page, page + kHuge) : 0;
-  };
-  const uintptr_t head = first & ~(kHuge - 1), tail = (last - 1) & ~(kHuge - 1);
-  collapsed += edge(head);
-  if (tail != head) collapsed += edge(tail);
+  size_t collapsed = 0;
+  std::map<uintptr_t, uintptr_t> held;  // 2 MB page -> bytes of the ranges in it, for the pages they share
+  for (const HugePageRange& r : ranges) {
+    if (r.data == nullptr || r.bytes == 0) continue;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(r.data), last = first + r.bytes;
+    const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = last & ~(kHuge - 1);
+    if (begin < end) collapsed += Collapse(begin, end);  // the pages that hold nothing but this range
+    auto end_page = [&](uintptr_t page) {
+      const uintptr_t bytes = std::min(last, page + kHuge) - std::max(first, page);
+      if (bytes < kHuge) held[page] += bytes;
+    };
+    const uintptr_t head = first & ~(kHuge - 1), tail = (last - 1) & ~(kHuge - 1);
+    end_page(head);
+    if (tail != head) end_page(tail);
+  }
+  // The pages of the ranges' unaligned ends, which also hold other memory (ONNX Runtime maps each
+  // initializer on its own, next to the others): collapsed too where the ranges fill at least a
+  // quarter of the page and the page is resident.
+  for (const auto& [page, bytes] : held) {
+    if (bytes >= kHuge / 4 && MostlyResident(page)) collapsed += Collapse(page, page + kHuge);
+  }
   return collapsed;
 #else
-  (void)data;
-  (void)bytes;
+  (void)ranges;
   return 0;
 #endif
 }
 
 void AdviseConstantInputs(const Ort::ConstKernelInfo& info, std::initializer_list<size_t> inputs) {
+  std::vector<HugePageRange> ranges;
   for (const size_t index : inputs) {
     try {
       int is_constant = 0;
@@ -83,11 +92,12 @@ void AdviseConstantInputs(const Ort::ConstKernelInfo& info, std::initializer_lis
       const size_t element_bytes = element == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT     ? 4
                                    : element == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 2
                                                                                       : 1;
-      AdviseHugePages(weight.GetTensorRawData(), type.GetElementCount() * element_bytes);
+      ranges.push_back({weight.GetTensorRawData(), type.GetElementCount() * element_bytes});
     } catch (const Ort::Exception&) {
       // Only an optimisation: a runtime that cannot say which inputs are constant runs without it.
     }
   }
+  AdviseHugePages(ranges);
 }
 
 }  // namespace dsmoe::cpu
