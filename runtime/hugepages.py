@@ -3,8 +3,8 @@
 A decode step streams every weight it uses once, so on 4 KB pages it takes a TLB miss per 4 KB
 read. ONNX Runtime keeps each initializer (and each pre-packed MatMul weight) in an allocation
 of its own, which glibc maps on 4 KB pages where transparent huge pages are `madvise` (the
-common default): the op library's own advice (custom_ops/cpu/hugepages.h) reaches the float32
-op's weights only, inside session creation. The kernel merges neighbouring anonymous mappings,
+common default): the op library's own advice (custom_ops/cpu/hugepages.h) reaches the sparse
+ops' weights only, inside session creation. The kernel merges neighbouring anonymous mappings,
 so the mappings a session's creation added span nearly all of its weights: advising those,
 2 MB-aligned, covers what `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` would at process start
 (docs/runtime.md has the measurements).

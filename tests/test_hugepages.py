@@ -186,7 +186,6 @@ def test_session_turns_the_library_advice_off_while_it_creates(tmp_path, rng, mo
     assert set_huge_page_advice(op_library, True) is True  # left on
 
 
-
 # (each weight's first and last byte as MB into an aligned 8 MB region, MB of it touched, 2 MB
 # pages the advice collapses): the pages one weight fills, and the pages of the weights' ends where
 # they fill a quarter or more of the page together and the page is resident.

@@ -5,13 +5,14 @@
 // copied is a TLB miss; on 2 MB pages the op ran 3.6 % faster at d = 2048,
 // T = 256 (docs/cpu-kernel-notes.md #17), and the converted SmolLM2's cold
 // decode steps took 4-6 % less with all of its float32 op's weights there (#43;
-// the quantized ops' weights and scales likewise). The price is paid at session creation: MADV_COLLAPSE
-// copies the weights into huge pages there (138 MB of weights: +26 to +243 ms,
-// the first time in a process the slowest; the converted SmolLM2's float32
-// export, 332 MB on 2 MB pages: 1.80-2.23 s to create a session against
-// 1.36-1.64 s with the aligned middles of its weights only, 126 MB). Advisory
-// only: the contents do not change, and any failure (other OS, THP off, no free
-// huge pages, a read-only file mapping) leaves the memory as it was.
+// the quantized ops' weights and scales go there too). The price is paid at
+// session creation: MADV_COLLAPSE copies the weights into huge pages there (138
+// MB of weights: +26 to +243 ms, the first time in a process the slowest; the
+// converted SmolLM2's float32 export, 332 MB on 2 MB pages: 1.80-2.23 s to
+// create a session against 1.36-1.64 s with the aligned middles of its weights
+// only, 126 MB). Advisory only: the contents do not change, and any failure
+// (other OS, THP off, no free huge pages, a read-only file mapping) leaves the
+// memory as it was.
 #pragma once
 
 #include <cstddef>
