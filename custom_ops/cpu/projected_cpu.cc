@@ -442,6 +442,11 @@ void ProjectedCpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
   AdviseConstantInputs(info, {kPInProj, kPGate, kPUp, kPDown, kPOutProj});
 }
 
+void ProjectedInt4CpuKernel::Prepare(const Ort::ConstKernelInfo& info) const {
+  AdviseConstantInputs(info, {kQPInProj, kQPInProjScales, kQPGate, kQPGateScales, kQPUp, kQPUpScales, kQPDown,
+                              kQPDownScales, kQPOutProj, kQPOutProjScales});
+}
+
 void ProjectedCpuKernel::Compute(Ort::KernelContext& ctx) const {
   const ProjectedInputs in = GetProjectedInputs(ctx, attrs_);
   const ProjectedDims& dims = in.dims;

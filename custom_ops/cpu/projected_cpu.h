@@ -31,6 +31,7 @@ class ProjectedInt4CpuKernel {
   static OpSignature Signature(NoVariant);
 
   ProjectedInt4CpuKernel(NoVariant, const Ort::ConstKernelInfo& info);
+  void Prepare(const Ort::ConstKernelInfo& info) const;
   void Compute(Ort::KernelContext& ctx) const;
 
  private:
