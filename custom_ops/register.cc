@@ -60,7 +60,7 @@ extern "C" DSMOE_EXPORT int DsmoeOpsCpuCacheBlocking(int64_t* l1d_bytes, int64_t
   }
 }
 
-// Turns the float32 kernel's huge-page advice at session creation (cpu/hugepages.h) on (1) or off
+// Turns the kernels' huge-page advice at session creation (cpu/hugepages.h) on (1) or off
 // (0) for the sessions this process creates from now on; returns the previous setting (1 or 0).
 // DSMoESession turns it off while it creates a session whose memory it then moves to huge pages
 // itself in the background, where the synchronous advice would only add to the creation time.
@@ -70,9 +70,11 @@ extern "C" DSMOE_EXPORT int DsmoeOpsSetHugePageAdvice(int enabled) {
 
 // The huge-page advice the kernels give their constant weights at session creation
 // (cpu/hugepages.h), on `count` ranges of the caller's memory (data[i], bytes[i]) taken together as
-// one node's weights: the number of 2 MB pages collapsed. For tests, which lay out memory to check
-// which pages it takes, and for callers with weights of their own.
+// one node's weights: the number of 2 MB pages collapsed, or -1 when count > 0 and an array is
+// null. For tests, which lay out memory to check which pages it takes, and for callers with weights
+// of their own.
 extern "C" DSMOE_EXPORT int64_t DsmoeOpsAdviseHugePages(const void* const* data, const size_t* bytes, int64_t count) {
+  if (count > 0 && (data == nullptr || bytes == nullptr)) return -1;
   std::vector<dsmoe::cpu::HugePageRange> ranges;
   for (int64_t i = 0; i < count; ++i) ranges.push_back({data[i], bytes[i]});
   return static_cast<int64_t>(dsmoe::cpu::AdviseHugePages(ranges));

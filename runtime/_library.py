@@ -42,7 +42,7 @@ ORT_API_SYMBOL = "DsmoeOpsOrtApiVersion"
 #                                             int64_t* panel_slice_floats);
 CACHE_BLOCKING_SYMBOL = "DsmoeOpsCpuCacheBlocking"
 
-# The switch of the float32 kernel's own huge-page advice at session creation (process-wide; on by
+# The switch of the kernels' own huge-page advice at session creation (process-wide; on by
 # default), returning the previous setting:
 #     extern "C" int DsmoeOpsSetHugePageAdvice(int enabled);
 HUGE_PAGE_ADVICE_SYMBOL = "DsmoeOpsSetHugePageAdvice"
@@ -104,7 +104,7 @@ def cpu_cache_blocking(path: str | os.PathLike) -> dict | None:
 
 
 def set_huge_page_advice(path: str | os.PathLike, enabled: bool) -> bool | None:
-    """Turn the library's own huge-page advice (its float32 kernel's, at session creation) on or
+    """Turn the library's own huge-page advice (its kernels', at session creation) on or
     off in this process for the sessions created from now on; returns the previous setting (None:
     a library without the switch)."""
     fn = _symbol(path, HUGE_PAGE_ADVICE_SYMBOL)

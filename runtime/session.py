@@ -138,7 +138,7 @@ class DSMoESession:
             if provider_options is None and providers[0] == CUDA_EP:
                 provider_options = [{"device_id": device_id}, {}]
         new_memory = NewMemory(huge_pages)
-        # The library's own advice would collapse the float32 weights synchronously, inside the
+        # The library's own advice would collapse the op weights synchronously, inside the
         # creation; the background move below covers them, so it is off meanwhile.
         advice = (set_huge_page_advice(self.library_path, False)
                   if new_memory.enabled and self.library_path is not None else None)

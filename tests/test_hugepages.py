@@ -221,6 +221,7 @@ def test_library_advice_takes_the_pages_weights_fill_and_their_resident_ends(op_
     region.array[offset:offset + data.size] = data
     starts = (ctypes.c_void_p * len(weights))(*[base + int(first * MB) for first, _ in weights])
     sizes = (ctypes.c_size_t * len(weights))(*[int((last - first) * MB) for first, last in weights])
+    assert lib.DsmoeOpsAdviseHugePages(None, sizes, len(weights)) == -1  # refused, nothing touched
     assert lib.DsmoeOpsAdviseHugePages(starts, sizes, len(weights)) == pages
     assert region.huge_bytes() == pages * 2 * MB
     np.testing.assert_array_equal(region.array[offset:offset + data.size], data)

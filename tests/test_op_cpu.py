@@ -499,14 +499,15 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1:text.index("]")]
 
 
+@pytest.mark.parametrize("weights", ["float32", "int4"])
 @pytest.mark.parametrize("switch", ["on", "env", "library"])
-def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch):
-    """Initializer weights are advised onto 2 MB pages at session creation (cpu/hugepages.h);
-    DSMOE_HUGEPAGES=0 or the library's switch (DsmoeOpsSetHugePageAdvice, what DSMoESession turns
-    off) leave them; the results stay those of the reference."""
+def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch, weights):
+    """Initializer weights (and an int4 op's scales) are advised onto 2 MB pages at session creation
+    (cpu/hugepages.h); DSMOE_HUGEPAGES=0 or the library's switch (DsmoeOpsSetHugePageAdvice, what
+    DSMoESession turns off) leave them; the results stay those of the reference."""
     from onnx import helper, numpy_helper
 
-    from dsmoe_export import onnx_op
+    from dsmoe_export import onnx_op, quant
     from dsmoe_runtime._library import set_huge_page_advice
 
     if _thp_mode() != "madvise":  # "always" would give ORT's copies huge pages anyway; "never" none
@@ -514,13 +515,21 @@ def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch)
     enabled = switch == "on"
     if switch == "env":
         monkeypatch.setenv("DSMOE_HUGEPAGES", "0")
-    d, n, B = 512, 2, 2048  # 8 MB per weight tensor: at least 3 aligned 2 MB pages each
+    # 8 MB per weight tensor: at least 3 aligned 2 MB pages each (float32; int4 at d = 2048: 4 bytes
+    # of int4 and 0.5 of scales per 8 weights, the same 8 MB with B four times as large)
+    d, n, B = (512, 2, 2048) if weights == "float32" else (2048, 2, 4096)
     case = make_case(rng, (9,), d=d, n=n, B=B, bias=True)
-    inits = [numpy_helper.from_array(np.asarray(a, np.float32), name) for name, a in
-             (("router_weight", case.router_weight), ("gate_weight", case.gate), ("up_weight", case.up),
-              ("down_weight", case.down), ("router_bias", case.router_bias))]
-    node = onnx_op.make_node(["X", "router_weight", "gate_weight", "up_weight", "down_weight", "router_bias"],
-                             ["Y"], num_experts=n, **case.attrs)
+    if weights == "float32":
+        arrays = {"gate_weight": case.gate, "up_weight": case.up, "down_weight": case.down}
+        names = list(onnx_op.INPUTS)
+        node = onnx_op.make_node(names, ["Y"], num_experts=n, **case.attrs)
+    else:
+        arrays = quant.quantize_block_weights(case.gate, case.up, case.down, "int4", 32)
+        names = list(quant.QUANT_INPUTS)
+        node = quant.make_node("int4", names, ["Y"], num_experts=n, group_size=32, **case.attrs)
+    arrays.update(router_weight=case.router_weight, router_bias=case.router_bias)
+    inits = [numpy_helper.from_array(np.asarray(a, np.uint8 if a.dtype == np.uint8 else np.float32), name)
+             for name, a in arrays.items()]
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, d])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
@@ -545,5 +554,12 @@ def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch)
         # region advised earlier, e.g. by the enabled case); the weights would be 9 or more.
         assert grown <= 2048, f"AnonHugePages grew by {grown} kB with the advice off ({switch})"
     y = sess.run(None, {"X": case.x.astype(np.float32)})[0]
-    y_ref = case.reference()[0]
+    if weights == "float32":
+        y_ref = case.reference()[0]
+    else:  # the float64 FFN on the dequantized weights (the int4 op's spec)
+        from dsmoe_export.testing.reference import ffn_reference
+        from quant_reference import dequantize
+
+        gate, up, down = dequantize(arrays, 4, 32)
+        y_ref = ffn_reference(case.x, case.router_weight, gate, up, down, case.router_bias, **case.attrs)[0]
     assert np.abs(y - y_ref).max() <= 1e-4 * max(1.0, np.abs(y_ref).max())
