@@ -173,7 +173,8 @@ void ComputeFloatFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const F
   const Routing routing = Route(ctx, ks, attrs, dims, x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
-    DecodeSlabs(ctx, dims, routing, kDecodeRows, FloatDecodeTask{ks, attrs, dims, x, w, routing}, y);
+    DecodeSlabs(ctx, dims, routing, kDecodeRows, /*whole_blocks=*/false,
+                FloatDecodeTask{ks, attrs, dims, x, w, routing}, y);
   } else {
     ComputePrefill(ctx, ks, attrs, dims, x, w, &routing, active, y);
   }

@@ -249,10 +249,11 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
   const Routing routing = Route(ctx, ks, attrs, dims, route_x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kQuantDecodeBounds)) {
-    // Per-token sums of X over each scale group (the zero point of dot_rows).
+    // Per-token sums of X over each scale group: the zero point of dot_rows (the int4 x int8 GEMV
+    // has its own).
     auto xsum = HeapArray<float>(N * std::max<int64_t>(w.row_groups, 1));
-    QuantGroupSums(qk, w, N, d, xsum.get());
-    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w),
+    if (int8.dot == nullptr) QuantGroupSums(qk, w, N, d, xsum.get());
+    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w), /*whole_blocks=*/true,
                 QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get(), int8}, y);
     return;
   }
