@@ -270,13 +270,14 @@ def test_few_tokens_a_block_take_the_decode_path(op_library, rng, fmt, tokens, r
 
 
 @pytest.mark.parametrize("level", [0, 4])
-@pytest.mark.parametrize("B", [96, 80])
-def test_one_token_decode_takes_whole_blocks(op_library, rng, level, B):
-    """One token: from 4 active blocks on, a decode task is a whole block, its slabs of 32 rows one
-    after the other (B = 80: the last slab short); fewer active blocks keep a task per slab. Every
-    active count against the reference, on one thread and two."""
+@pytest.mark.parametrize("d,B", [(128, 96), (128, 80), (1536, 96)])
+def test_one_token_decode_runs_of_slabs(op_library, rng, level, d, B):
+    """One token: from 4 active blocks on, a decode task reads 24 KB runs of its block's slabs of
+    32 rows, one slab after the other (d = 128: the whole block, B = 80 with a short last slab;
+    d = 1536: 24 KB slabs, one a task); fewer active blocks keep a task per slab. Every active
+    count against the reference, on one thread and two."""
     for k in (8, 5, 4, 3, 1):
-        case = make_case(rng, (1,), 128, 8, B)  # the token has every block active
+        case = make_case(rng, (1,), d, 8, B)  # the token has every block active
         case.router_bias = np.where(np.arange(8) < k, 0.0, -40.0).astype(np.float32)
         feeds = quant_inputs(case, "int4", 32)
         _, active = run(make_model(case, feeds, "int4", 32, with_function=False, level=level), feeds, op_library)

@@ -36,7 +36,7 @@ struct DecodeTask {
 // min(slabs, kDecodeGroups) for every call: d = 576, n = 16, 16 tokens 1.07-1.09 -> 0.93-0.99
 // of dense, 8 tokens 0.93 -> 0.85, 4 tokens 0.91 -> 0.87; d = 576, n = 8, 16 tokens 1.09 -> 1.03;
 // d = 2048, 16 tokens 1.30 -> 1.26. One token (one pair per block) keeps the finer cut, unless the
-// caller gives its slabs' bytes a matrix (slab_bytes > 0) and at least kWholeBlockMinActive blocks
+// caller gives its slabs' bytes a matrix (slab_bytes > 0) and at least kDecodeRunsMinActive blocks
 // are active (two a thread on two threads): then a task takes enough consecutive slabs of its
 // block for kDecodeTaskRunBytes a matrix, which its thread reads in turn. The quantized kernel
 // gives them: its slabs can be short (int4 at d = 576: 9 KB a matrix, so a task is a whole block
@@ -44,14 +44,14 @@ struct DecodeTask {
 // claimed apart by the two threads (quant-kernel-notes #20). The float32 kernel's 73 KB slabs
 // showed no difference; int4 at d = 2048 (32 KB slabs) keeps its slabs too, whose fine cut also
 // evens out the threads' shares of a few large blocks.
-inline constexpr int64_t kWholeBlockMinActive = 4;
+inline constexpr int64_t kDecodeRunsMinActive = 4;
 inline constexpr int64_t kDecodeTaskRunBytes = 24 * 1024;
 inline int64_t DecodeGroups(const PairsByBlock& sorted, int64_t n, int64_t slabs, int64_t slab_bytes) {
   int64_t active = 0;
   for (int64_t i = 0; i < n; ++i) active += sorted.block_start[i + 1] > sorted.block_start[i];
   const int64_t most = std::min(slabs, kDecodeGroups);
   if (sorted.pairs <= active) {
-    if (slab_bytes <= 0 || active < kWholeBlockMinActive) return most;
+    if (slab_bytes <= 0 || active < kDecodeRunsMinActive) return most;
     return std::min(most, CeilDiv(slabs, CeilDiv(kDecodeTaskRunBytes, slab_bytes)));
   }
   return std::clamp<int64_t>(CeilDiv(kDecodeMinTasks, active), 1, most);
