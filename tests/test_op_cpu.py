@@ -199,6 +199,22 @@ def test_decode_row_groups(op_library, rng, n, B):
     np.testing.assert_array_equal(tiled[0], results[0][0])
 
 
+@pytest.mark.parametrize("down_tile", [0, 64])
+def test_one_token_decode_runs_of_slabs(op_library, rng, down_tile):
+    """One token, d = 128: slabs of 32 rows are 16 KB, so from 4 active blocks on a task reads two
+    of them in turn (B = 100: four slabs, the last short, in two tasks); fewer active blocks keep a
+    task per slab. Every active count against the reference, on one thread and two, the down
+    weights in rows or column tiles."""
+    for k in (8, 5, 4, 3, 1):
+        case = make_case(rng, (1,), d=128, n=8, B=100)  # the token has every block active
+        case.router_bias = np.where(np.arange(8) < k, 0.0, -40.0).astype(np.float32)
+        case.attrs["down_tile"] = down_tile
+        for threads in (1, 2):
+            out = run(case, op_library, threads=threads)
+            assert out[1].sum() == k
+            assert_matches_reference(case, out)
+
+
 @pytest.mark.parametrize("tokens", [2, 20])
 def test_active_output_optional(op_library, rng, tokens):
     case = make_case(rng, (tokens,), d=20, n=4, B=7)

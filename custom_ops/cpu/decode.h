@@ -35,15 +35,14 @@ struct DecodeTask {
 // Row groups per active block. Measured (30 layers from DRAM, Intel Xeon, 2 threads), against
 // min(slabs, kDecodeGroups) for every call: d = 576, n = 16, 16 tokens 1.07-1.09 -> 0.93-0.99
 // of dense, 8 tokens 0.93 -> 0.85, 4 tokens 0.91 -> 0.87; d = 576, n = 8, 16 tokens 1.09 -> 1.03;
-// d = 2048, 16 tokens 1.30 -> 1.26. One token (one pair per block) keeps the finer cut, unless the
-// caller gives its slabs' bytes a matrix (slab_bytes > 0) and at least kDecodeRunsMinActive blocks
-// are active (two a thread on two threads): then a task takes enough consecutive slabs of its
-// block for kDecodeTaskRunBytes a matrix, which its thread reads in turn. The quantized kernel
-// gives them: its slabs can be short (int4 at d = 576: 9 KB a matrix, so a task is a whole block
-// of 96 rows), and a thread reading runs of a block's rows took 3-6 % less time a call than slabs
-// claimed apart by the two threads (quant-kernel-notes #20). The float32 kernel's 73 KB slabs
-// showed no difference; int4 at d = 2048 (32 KB slabs) keeps its slabs too, whose fine cut also
-// evens out the threads' shares of a few large blocks.
+// d = 2048, 16 tokens 1.30 -> 1.26. One token (one pair per block) keeps the finer cut while fewer
+// than kDecodeRunsMinActive blocks are active (two a thread on two threads); from there on a task
+// takes enough consecutive slabs of its block to read kDecodeTaskRunBytes of each matrix, in turn.
+// Short slabs gain: int4 at d = 576 (9 KB a matrix, so a task is a whole block of 96 rows) took
+// 3-6 % less time a call than slabs claimed apart by the two threads (quant-kernel-notes #20).
+// Slabs of 24 KB or more stay one a task: float32 from d = 192 on (73 KB at d = 576, where whole
+// blocks measured no different) and int4 at d = 2048 (32 KB), whose fine cut also evens out the
+// threads' shares of a few large blocks.
 inline constexpr int64_t kDecodeRunsMinActive = 4;
 inline constexpr int64_t kDecodeTaskRunBytes = 24 * 1024;
 inline int64_t DecodeGroups(const PairsByBlock& sorted, int64_t n, int64_t slabs, int64_t slab_bytes) {
@@ -51,8 +50,8 @@ inline int64_t DecodeGroups(const PairsByBlock& sorted, int64_t n, int64_t slabs
   for (int64_t i = 0; i < n; ++i) active += sorted.block_start[i + 1] > sorted.block_start[i];
   const int64_t most = std::min(slabs, kDecodeGroups);
   if (sorted.pairs <= active) {
-    if (slab_bytes <= 0 || active < kDecodeRunsMinActive) return most;
-    return std::min(most, CeilDiv(slabs, CeilDiv(kDecodeTaskRunBytes, slab_bytes)));
+    if (active < kDecodeRunsMinActive) return most;
+    return std::min(most, CeilDiv(slabs, CeilDiv(kDecodeTaskRunBytes, std::max<int64_t>(slab_bytes, 1))));
   }
   return std::clamp<int64_t>(CeilDiv(kDecodeMinTasks, active), 1, most);
 }
@@ -78,12 +77,13 @@ struct DecodePlan {
   }
 };
 
+// row_bytes: the bytes of one of a block's gate (or up, or down) rows as the task reads them.
 inline DecodePlan PlanDecode(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing,
-                             int64_t slab_rows, int64_t slab_bytes = 0) {
+                             int64_t slab_rows, int64_t row_bytes) {
   const int64_t n = dims.num_blocks, d = dims.hidden, B = dims.block_size;
   PairsByBlock sorted = SortPairsByBlock(routing.active.get(), n, dims.num_tokens);
   const int64_t slabs = CeilDiv(B, slab_rows);
-  const int64_t groups = DecodeGroups(sorted, n, slabs, slab_bytes);
+  const int64_t groups = DecodeGroups(sorted, n, slabs, slab_rows * row_bytes);
   auto partial = CallScratch<float>(ctx, sorted.pairs * groups * d);
   std::vector<int64_t> tasks;
   tasks.reserve(static_cast<size_t>(n * groups));
@@ -97,8 +97,8 @@ inline DecodePlan PlanDecode(const Ort::KernelContext& ctx, const FfnDims& dims,
 // task(const DecodeTask&) accumulates h . V over its slabs into out(p) of each of its pairs.
 template <typename Task>
 void DecodeSlabs(const Ort::KernelContext& ctx, const FfnDims& dims, const Routing& routing, int64_t slab_rows,
-                 int64_t slab_bytes, const Task& task, float* y) {
-  const DecodePlan plan = PlanDecode(ctx, dims, routing, slab_rows, slab_bytes);
+                 int64_t row_bytes, const Task& task, float* y) {
+  const DecodePlan plan = PlanDecode(ctx, dims, routing, slab_rows, row_bytes);
   ParallelFor(ctx, plan.tasks.size(), [&](size_t index) { plan.Run(index, task); });
   SumDecodePartials(ctx, dims, routing, plan.sorted, plan.groups, plan.partial.get(), y);
 }

@@ -173,7 +173,7 @@ void ComputeFloatFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const F
   const Routing routing = Route(ctx, ks, attrs, dims, x, w.router, w.bias);
   WriteActive(routing, dims, active);
   if (UsesDecodePath(dims, routing, kFloatDecodeBounds)) {
-    DecodeSlabs(ctx, dims, routing, kDecodeRows, /*slab_bytes=*/0,
+    DecodeSlabs(ctx, dims, routing, kDecodeRows, dims.hidden * static_cast<int64_t>(sizeof(float)),
                 FloatDecodeTask{ks, attrs, dims, x, w, routing}, y);
   } else {
     ComputePrefill(ctx, ks, attrs, dims, x, w, &routing, active, y);

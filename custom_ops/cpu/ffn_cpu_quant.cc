@@ -253,8 +253,7 @@ void ComputeQuantFfn(const Ort::KernelContext& ctx, const KernelSet& ks, const Q
     // has its own).
     auto xsum = HeapArray<float>(N * std::max<int64_t>(w.row_groups, 1));
     if (int8.dot == nullptr) QuantGroupSums(qk, w, N, d, xsum.get());
-    const int64_t slab_rows = QuantDecodeSlabRows(w);
-    DecodeSlabs(ctx, dims, routing, slab_rows, slab_rows * w.row_bytes,
+    DecodeSlabs(ctx, dims, routing, QuantDecodeSlabRows(w), w.row_bytes,
                 QuantDecodeTask{ks, qk, attrs, qd, w, routing, xsum.get(), int8}, y);
     return;
   }

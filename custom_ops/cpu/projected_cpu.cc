@@ -247,7 +247,7 @@ struct FloatParts {
     x = xx;
     routing = Route(ctx, ks, attrs, fd, x, w.router, w.bias);
     WriteActive(routing, fd, c.active);
-    plan.emplace(PlanDecode(ctx, fd, routing, kDecodeRows));
+    plan.emplace(PlanDecode(ctx, fd, routing, kDecodeRows, fd.hidden * static_cast<int64_t>(sizeof(float))));
     return static_cast<int64_t>(plan->tasks.size());
   }
   void FfnTask(size_t i) const { plan->Run(i, FloatDecodeTask{ks, attrs, fd, x, w, routing}); }
@@ -361,7 +361,7 @@ struct Int4Parts {
     QuantGroupSums(qk, w, c.N, c.d, x_sums);
     routing = Route(ctx, ks, attrs, fd, x, w.router, w.bias);
     WriteActive(routing, fd, c.active);
-    plan.emplace(PlanDecode(ctx, fd, routing, QuantDecodeSlabRows(w)));
+    plan.emplace(PlanDecode(ctx, fd, routing, QuantDecodeSlabRows(w), w.row_bytes));
     return static_cast<int64_t>(plan->tasks.size());
   }
   void FfnTask(size_t i) const { plan->Run(i, QuantDecodeTask{ks, qk, attrs, qd, w, routing, x_sums}); }
