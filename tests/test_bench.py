@@ -773,3 +773,33 @@ def test_samples_of_several_sessions_per_variant(rng):
         assert got[k].min == mins[1]  # the middle session's minimum, not the luckiest one's
         every = [t for i in range(3) for t in res[timing.session_key(k, i)].ms]
         assert got[k].median == float(np.median(every)) and len(got[k].ms) == 15
+        # the raw samples are kept, per session in the order timed, for analyses after the run
+        assert got[k].summary()["ms_session_samples"] == [res[timing.session_key(k, i)].ms for i in range(3)]
+
+
+def test_builder_table_shows_what_a_proportional_op_would_give():
+    """The builder table's 'proportional op' column: (attn + r (dense - attn)) / builder by minima,
+    with t = (dense - attn) / dense, on the float32 rows (the attention-only export is float32);
+    the decode bound 1 - s(1 - r) + 0.05 for float32, 1 for int4."""
+    from dsmoe_export.bench import report
+
+    def row(kind, precision, ms, **extra):
+        return {"phase": "decode", "tokens": 1, "past": 128, "kind": kind, "precision": precision,
+                "variant": kind if precision == "fp32" else f"{kind}-{precision}", "ms_min": ms,
+                "ms_median": ms + 1, **extra}
+
+    rows = [row("attn", "fp32", 11.0), row("dense", "fp32", 23.0, vs_builder_min=23 / 21),
+            row("sparse", "fp32", 17.5, r=0.5, vs_builder_min=17.5 / 21, vs_builder_median=18.5 / 22),
+            row("builder", "fp32", 21.0),
+            row("dense", "int4", 8.0, vs_builder_min=8 / 7.5),
+            row("sparse", "int4", 6.9, r=0.5, vs_builder_min=6.9 / 7.5, vs_builder_median=0.9),
+            row("builder", "int4", 7.5)]
+    ideal, t = report.proportional_ratio(rows[2], rows[1], rows[0], rows[3])
+    assert ideal == pytest.approx((11 + 0.5 * 12) / 21) and t == pytest.approx(12 / 23)
+    assert report.proportional_ratio(rows[5], rows[4], None, rows[6]) is None
+    lines = report.builder_tables(rows, {"builder": ["builder", "builder-int4"],
+                                         "ffn_byte_share": {"fp32": 0.6, "int4": 0.6}})
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+             for line in lines if line.startswith("| fp32 |") or line.startswith("| int4 |")}
+    assert cells["fp32"][10] == f"{(11 + 6) / 21:.3f} ({12 / 23:.3f})" and cells["fp32"][9] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
+    assert cells["int4"][10] == "-" and cells["int4"][9] == "1.000"

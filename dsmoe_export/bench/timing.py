@@ -125,7 +125,10 @@ class SessionSamples(Samples):
         return statistics.median(min(ms) for ms in self.per_session)
 
     def summary(self) -> dict:
-        return super().summary() | {"ms_session_mins": [min(ms) for ms in self.per_session]}
+        # The samples themselves, each session's in the order timed (round by round), so that a
+        # run's results can be analysed again (paired rounds, other statistics) without a rerun.
+        return super().summary() | {"ms_session_mins": [min(ms) for ms in self.per_session],
+                                    "ms_session_samples": [list(ms) for ms in self.per_session]}
 
 
 def session_key(name: str, index: int) -> str:
