@@ -801,5 +801,26 @@ def test_builder_table_shows_what_a_proportional_op_would_give():
                                          "ffn_byte_share": {"fp32": 0.6, "int4": 0.6}})
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
              for line in lines if line.startswith("| fp32 |") or line.startswith("| int4 |")}
-    assert cells["fp32"][10] == f"{(11 + 6) / 21:.3f} ({12 / 23:.3f})" and cells["fp32"][9] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
-    assert cells["int4"][10] == "-" and cells["int4"][9] == "1.000"
+    assert cells["fp32"][12] == f"{(11 + 6) / 21:.3f} ({12 / 23:.3f})" and cells["fp32"][11] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
+    assert cells["int4"][12] == "-" and cells["int4"][11] == "1.000"
+    assert cells["fp32"][5] == cells["fp32"][9] == "-"  # no samples recorded: no paired columns
+
+
+def test_paired_ratio_takes_each_round_of_both_variants(rng):
+    """Paired rounds: per round each variant's time is the median over its sessions of that round's
+    sample; the ratio's median and quartiles over rounds. A drift common to both variants (every
+    session slower in some rounds) cancels, where the ratio of minima would take one variant's
+    luckiest round against the other's."""
+    from dsmoe_export.bench import report
+
+    rounds, sessions = 9, 3
+    drift = rng.uniform(1.0, 1.6, rounds)                   # the machine's speed, round by round
+    noise = lambda: rng.uniform(0.99, 1.01, (sessions, rounds))
+    a = {"ms_session_samples": (10.0 * drift * noise()).tolist()}
+    b = {"ms_session_samples": (20.0 * drift * noise()).tolist()}
+    med, q1, q3 = report.paired_ratio(a, b)
+    per_round = np.median(np.asarray(a["ms_session_samples"]), 0) / np.median(np.asarray(b["ms_session_samples"]), 0)
+    assert (q1, med, q3) == pytest.approx(tuple(np.percentile(per_round, [25, 50, 75])))
+    assert q1 <= med <= q3 and abs(med - 0.5) < 0.02
+    assert report.paired_ratio({"ms_min": 1.0}, b) is None
+    assert report.paired_ratio({"ms_session_samples": [[1.0, 2.0]]}, b) is None  # rounds differ: not paired

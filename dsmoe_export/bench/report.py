@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def write_json(path: Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
@@ -166,6 +168,24 @@ def proportional_ratio(sparse: dict | None, dense: dict | None, attn: dict | Non
     return (attn["ms_min"] + sparse["r"] * ffn) / builder["ms_min"], ffn / dense["ms_min"]
 
 
+def paired_ratio(row: dict | None, base: dict) -> tuple[float, float, float] | None:
+    """row's time over base's round by round (each variant's time in a round: the median of its
+    sessions' samples of that round), as the median and quartiles of those ratios. Both were timed
+    in every round, close in time, so drifts of the machine's speed that the minima catch in one
+    variant and not the other cancel. None for runs recorded without their samples."""
+    if row is None or "ms_session_samples" not in row or "ms_session_samples" not in base:
+        return None
+    a, b = (np.median(np.asarray(r["ms_session_samples"], float), axis=0) for r in (row, base))
+    if a.shape != b.shape or not a.size:
+        return None
+    q1, med, q3 = np.percentile(a / b, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+def _paired(value) -> str:
+    return "-" if value is None else f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
+
+
 def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
     """Our exports against onnxruntime-genai's model builder's model of the same weights, per precision."""
     info = info or {}
@@ -189,20 +209,23 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
         label = f"prefill {T}" if phase == "prefill" else f"decode (past {past})"
         table.append([precision, label, f"{_f(b['ms_min'])} / {_f(b['ms_median'])}",
                       f"{_f(d['ms_min'])} / {_f(d['ms_median'])}" if d else "-",
-                      f"**{_f(d['vs_builder_min'], 3)}**" if d else "-",
+                      f"**{_f(d['vs_builder_min'], 3)}**" if d else "-", _paired(paired_ratio(d, b)),
                       f"{_f(s['ms_min'])} / {_f(s['ms_median'])}" if s else "-",
                       f"**{_f(s['vs_builder_min'], 3)}**" if s else "-", _f(s["vs_builder_median"], 3) if s else "-",
+                      _paired(paired_ratio(s, b)),
                       _f(s.get("r"), 3) if s else "-", _f(bound, 3),
                       f"{_f(ideal[0], 3)} ({_f(ideal[1], 3)})" if ideal else "-",
                       _f(s.get("projected_vs_builder_min"), 3) if s else "-"])
-    lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder",
-                     "our sparse ms", "sparse/builder (min)", "(median)", "r", "decode bound (fp32 1 - s(1 - r) + 0.05, int4 1)",
+    lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder", "(paired)",
+                     "our sparse ms", "sparse/builder (min)", "(median)", "(paired rounds: median [quartiles])", "r", "decode bound (fp32 1 - s(1 - r) + 0.05, int4 1)",
                      "proportional op / builder (t)", "--ffn-node projected / builder"], table)
     lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
               + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ". Proportional op: the sparse "
               "export's time if its FFN took exactly r of the dense FFN's, (attn + r (dense - attn)) / builder "
               "by minima, from the attention-only export (float32 only); t = (dense - attn) / dense, the FFN's "
-              "share of our dense export's time (the bound assumes t = s).", ""]
+              "share of our dense export's time (the bound assumes t = s). Paired rounds: the ratio of the two "
+              "variants' times in each round (the median of each one's sessions there), median and quartiles "
+              "over the rounds.", ""]
     gen = [r for r in rows if r["phase"] == "generate"]
     if gen:
         base = {(r["precision"]): r for r in gen if r["kind"] == "builder" and r["runner"] == "genai"}
