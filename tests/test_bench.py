@@ -599,7 +599,12 @@ def test_layer_chain_run_rows_and_report(op_library, capsys):
     dense, sparse = (next(r for r in rows if r["variant"] == v) for v in ("dense", "sparse0"))
     assert sparse["ratio_min"] == pytest.approx(sparse["ms_min"] / dense["ms_min"])
     assert 0.5 < sparse["r"] <= 1.0  # threshold 0.3: most scores of random logits pass
-    for bad in (["--tokens", "0"], ["--threads", "0"], ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
+    assert [r["variant"] for r in rows] == ["dense", "sparse0"] and {r["sessions"] for r in rows} == {layers.SESSIONS}
+    assert "2 sessions a variant" in out
+    three = layers.run(layers.op.Shape(d=64, D=96, n=4), layers=1, tokens=[1], libraries=[op_library], threads=1,
+                       rounds=1, sessions_per_variant=3)
+    assert {r["sessions"] for r in three} == {3}
+    for bad in (["--tokens", "0"], ["--threads", "0"], ["--sessions", "0"], ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
                 ["--down-layout", "rows,auto"],  # auto is rows at d = 576
                 ["--weights", "int2"], ["--weights", "int4", "--down-layout", "tiled"],
                 ["--weights", "int4", "--group-size", "48"], ["--weights", "int8", "--accuracy-level", "5"]):
@@ -777,9 +782,32 @@ def test_samples_of_several_sessions_per_variant(rng):
         assert got[k].summary()["ms_session_samples"] == [res[timing.session_key(k, i)].ms for i in range(3)]
 
 
+@pytest.mark.parametrize("variants,sessions", [(9, 3), (3, 2), (2, 2), (4, 1), (3, 3), (1, 2)])
+def test_sessions_are_created_in_turns(variants, sessions):
+    """creation_order: every (variant, session) once, group by group (session i of every variant
+    before any session i + 1), each group turned so that the variants take turns at the first,
+    slow places of the process instead of one variant holding them in every group."""
+    from dsmoe_export.bench import timing
+
+    names = [f"v{j}" for j in range(variants)]
+    order = timing.creation_order(names, sessions)
+    assert sorted(order) == sorted((name, i) for name in names for i in range(sessions))
+    assert [i for _, i in order] == sorted(i for _, i in order)
+    firsts = [order[i * variants][0] for i in range(sessions)]
+    assert len(set(firsts)) == min(variants, sessions)         # a different variant opens each group
+    place = {key: pos % variants for pos, key in enumerate(order)}
+    for i in range(sessions):                                    # each group keeps the cyclic order
+        group = [name for name, j in order if j == i]
+        start = names.index(group[0])
+        assert group == names[start:] + names[:start]
+    if sessions == variants:                                     # then every variant opens one group
+        assert sorted(sum(place[(name, i)] for i in range(sessions)) for name in names) == \
+            [sum(range(variants))] * variants
+
+
 def test_builder_table_shows_what_a_proportional_op_would_give():
-    """The builder table's 'proportional op' column: (attn + r (dense - attn)) / builder by minima,
-    with t = (dense - attn) / dense, on the float32 rows (the attention-only export is float32);
+    """The builder table's 'proportional op' column: 1 - t (1 - r) = (attn + r (dense - attn)) / dense
+    by minima, with t = (dense - attn) / dense, on the float32 rows (the attention-only export is float32);
     the decode bound 1 - s(1 - r) + 0.05 for float32, 1 for int4."""
     from dsmoe_export.bench import report
 
@@ -794,14 +822,14 @@ def test_builder_table_shows_what_a_proportional_op_would_give():
             row("dense", "int4", 8.0, vs_builder_min=8 / 7.5),
             row("sparse", "int4", 6.9, r=0.5, vs_builder_min=6.9 / 7.5, vs_builder_median=0.9),
             row("builder", "int4", 7.5)]
-    ideal, t = report.proportional_ratio(rows[2], rows[1], rows[0], rows[3])
-    assert ideal == pytest.approx((11 + 0.5 * 12) / 21) and t == pytest.approx(12 / 23)
-    assert report.proportional_ratio(rows[5], rows[4], None, rows[6]) is None
+    ideal, t = report.proportional_ratio(rows[2], rows[1], rows[0])
+    assert t == pytest.approx(12 / 23) and ideal == pytest.approx((11 + 0.5 * 12) / 23)  # attn + r (dense - attn)
+    assert report.proportional_ratio(rows[5], rows[4], None) is None
     lines = report.builder_tables(rows, {"builder": ["builder", "builder-int4"],
                                          "ffn_byte_share": {"fp32": 0.6, "int4": 0.6}})
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
              for line in lines if line.startswith("| fp32 |") or line.startswith("| int4 |")}
-    assert cells["fp32"][12] == f"{(11 + 6) / 21:.3f} ({12 / 23:.3f})" and cells["fp32"][11] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
+    assert cells["fp32"][12] == f"{(11 + 6) / 23:.3f} ({12 / 23:.3f})" and cells["fp32"][11] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
     assert cells["int4"][12] == "-" and cells["int4"][11] == "1.000"
     assert cells["fp32"][5] == cells["fp32"][9] == "-"  # no samples recorded: no paired columns
 

@@ -1,14 +1,15 @@
 """``python -m dsmoe_export.bench.layers``: L FFN layers back to back, their weights from DRAM,
-the sparse op (one session per op library build) against the dense FFN, in one process.
+the sparse op (one variant per op library build) against the dense FFN, in one process.
 
 The op-level benchmark times single calls with the caches flushed before each; a model runs its
 layers one after the other, each layer's weights evicted by the others'. This tool times that
 setting, and is how docs/cpu-kernel-notes.md A/Bs two builds of the kernels ("30 layers from
 DRAM"): L layers of random weights (each with its own router; all read the same input X, so
-the layers are independent and each output is kept), one ORT session per variant with the
-benchmark's thread settings (graphs.session_options), inputs and outputs bound once, variants
-interleaved round after round. Ratios are min / min (and median / median) against the dense
-FFN of the same weights.
+the layers are independent and each output is kept), ``--sessions`` ORT sessions per variant
+(created in turns: timing.creation_order) with the benchmark's thread settings
+(graphs.session_options), inputs and outputs bound once, all interleaved round after round.
+Ratios are min / min (and median / median) against the dense FFN of the same weights, a
+variant's min being the median of its sessions' minima.
 
     python -m dsmoe_export.bench.layers --shape 576x1536x16 --layers 30 --tokens 1,128 \\
         --library build/a/libdsmoe_ops.so --library build/b/libdsmoe_ops.so
@@ -29,7 +30,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from .. import onnx_op, quant
-from . import graphs, op
+from . import graphs, op, timing
 
 WEIGHTS = ("float32", *graphs.PRECISIONS)
 
@@ -108,6 +109,11 @@ def dense_model(w: Layers, *, weights: str = "float32", group_size: int = quant.
                          extra_opsets=extra)
 
 
+# Sessions per variant, created in turns (timing.creation_order), so that no variant, the dense
+# baseline included, always holds the slow first places of the process.
+SESSIONS = 2
+
+
 def timed_call(runner: graphs.Runner, x: np.ndarray):
     """A callable that runs the session on X with inputs and outputs bound once; returns its ms."""
     binding = runner.session.io_binding()
@@ -135,9 +141,11 @@ def active_fraction(w: Layers, x: np.ndarray, threshold: float) -> float:
 def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str], threads: int | None,
         rounds: int, threshold: float = 0.5, layout: str | list[str] = "auto", seed: int = 0,
         weights: str = "float32", group_size: int = quant.DEFAULT_GROUP_SIZE, accuracy_level: int = 0,
-        gate_up_layout: str | list[str] = "auto", op_accuracy_levels: tuple[int, ...] = (0,)) -> list[dict]:
-    """Rows {tokens, r, variant, library, layout, ms_min, ms_median, ratio_min, ratio_median} (ratios
-    against dense): one sparse variant per library, down layout (`layout`: one or several) and
+        gate_up_layout: str | list[str] = "auto", op_accuracy_levels: tuple[int, ...] = (0,),
+        sessions_per_variant: int = SESSIONS) -> list[dict]:
+    """Rows {tokens, r, variant, library, layout, ms_min, ms_median, sessions, ratio_min, ratio_median}
+    (ratios against dense; a variant's min the median of its sessions' minima, created in
+    timing.creation_order): one sparse variant per library, down layout (`layout`: one or several) and
     gate/up layout (`gate_up_layout`: likewise; the layout column says "down/gate_up" then); the
     quantized `weights` have one layout of their own, and a variant per op accuracy_level in
     `op_accuracy_levels` (`accuracy_level`: the dense MatMulNBits')."""
@@ -151,8 +159,8 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
         layouts = [f"{down}/{gu}" for down in layouts for gu in gate_ups]
     if weights != "float32":
         layouts = ["quantized"] if len(op_accuracy_levels) == 1 else [f"level{v}" for v in op_accuracy_levels]
-    sessions = {"dense": graphs.Runner(*dense_model(w, weights=weights, group_size=group_size,
-                                                    accuracy_level=accuracy_level), threads=threads)}
+    models = {"dense": (dense_model(w, weights=weights, group_size=group_size, accuracy_level=accuracy_level),
+                        None)}
     variants = {}  # name -> (library, layout)
     for i, lib in enumerate(libraries):
         for name in layouts:
@@ -160,28 +168,30 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
             variants[variant] = (lib, name)
             down, _, gu = name.partition("/")
             level = int(name[5:]) if name.startswith("level") else op_accuracy_levels[0]
-            sessions[variant] = graphs.Runner(*sparse_model(w, threshold=threshold, layout=down, weights=weights,
-                                                            group_size=group_size,
-                                                            gate_up_layout=gu or gate_ups[0],
-                                                            accuracy_level=level if weights != "float32" else 0),
-                                              threads=threads, library=lib)
+            models[variant] = (sparse_model(w, threshold=threshold, layout=down, weights=weights,
+                                            group_size=group_size, gate_up_layout=gu or gate_ups[0],
+                                            accuracy_level=level if weights != "float32" else 0), lib)
+    sessions = {timing.session_key(name, i): graphs.Runner(*models[name][0], threads=threads, library=models[name][1])
+                for name, i in timing.creation_order(list(models), sessions_per_variant)}
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, shape.d), dtype=np.float32)
-        calls = {name: timed_call(s, x) for name, s in sessions.items()}
+        calls = {key: timed_call(s, x) for key, s in sessions.items()}
         for call in calls.values():
             call()  # warm-up: code, ORT's allocations
-        times = {name: [] for name in calls}
+        times = {key: [] for key in calls}
         for _ in range(rounds):
-            for name in rng.permutation(list(calls)):
-                times[name].append(calls[name]())
+            for key in rng.permutation(list(calls)):
+                times[key].append(calls[key]())
         r = active_fraction(w, x, threshold)
-        dense_min, dense_med = min(times["dense"]), float(np.median(times["dense"]))
-        for name, t in times.items():
+        per_variant = timing.by_variant({key: timing.Samples(t) for key, t in times.items()})
+        dense = per_variant["dense"]
+        for name in models:
+            t = per_variant[name]
             lib, name_layout = variants.get(name, (None, None))
             rows.append({"tokens": T, "r": r, "variant": name, "library": lib, "layout": name_layout,
-                         "ms_min": min(t), "ms_median": float(np.median(t)),
-                         "ratio_min": min(t) / dense_min, "ratio_median": float(np.median(t)) / dense_med})
+                         "ms_min": t.min, "ms_median": t.median, "sessions": sessions_per_variant,
+                         "ratio_min": t.min / dense.min, "ratio_median": t.median / dense.median})
     return rows
 
 
@@ -198,7 +208,7 @@ def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[
         gate_up = graphs.default_gate_up_layout()
     what = f"down layout {layout}, gate/up {gate_up}" if weights == "float32" else f"{weights} weights"
     lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, {what}: sparse/dense ({dense}), "
-             "min / median over interleaved rounds", "",
+             f"min / median over interleaved rounds, {rows[0].get('sessions', 1) if rows else '-'} sessions a variant", "",
              "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -248,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--op-accuracy-level", default="0",
                    help="the int4 / int8 op's accuracy_level (4: X rounded to int8 per group), or several "
                    "comma-separated (a variant each; default: %(default)s)")
+    p.add_argument("--sessions", type=int, default=SESSIONS,
+                   help="sessions per variant, created in turns, each timed in every round; a variant's min is "
+                   "the median of their minima (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -264,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tokens: expected comma-separated integers, got {args.tokens!r}")
     if not tokens or min(tokens) < 1:
         p.error(f"--tokens: expected positive integers, got {args.tokens!r}")
-    if args.layers < 1 or args.rounds < 1 or args.threads < 1:
-        p.error("--layers, --rounds and --threads must be at least 1")
+    if args.layers < 1 or args.rounds < 1 or args.threads < 1 or args.sessions < 1:
+        p.error("--layers, --rounds, --threads and --sessions must be at least 1")
     if not 0.0 < args.threshold < 1.0:
         p.error(f"--threshold: expected a value in (0, 1), got {args.threshold}")
     from .cli import find_library
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.shape, layers=args.layers, tokens=tokens, libraries=libraries, threads=args.threads,
                rounds=args.rounds, threshold=args.threshold, layout=layout, seed=args.seed, weights=args.weights,
                group_size=args.group_size, accuracy_level=args.accuracy_level, gate_up_layout=gate_up,
-               op_accuracy_levels=op_levels)
+               op_accuracy_levels=op_levels, sessions_per_variant=args.sessions)
     dense = (f"MatMulNBits, {quant.BITS[args.weights]} bits, accuracy_level {args.accuracy_level}"
              if args.weights in quant.BITS else "three MatMuls")
     print(markdown(rows, args.shape, args.layers, layout, args.weights, dense, gate_up))

@@ -157,15 +157,15 @@ def e2e_table(rows: list[dict]) -> list[str]:
                     "the sparse FFN's node time (bench/fixed_cost.py).", ""]
 
 
-def proportional_ratio(sparse: dict | None, dense: dict | None, attn: dict | None,
-                       builder: dict) -> tuple[float, float] | None:
-    """What the sparse export's time over the builder's would be if the FFN took exactly r of the
-    dense FFN's time (no fixed cost, no loss per block), and t, the FFN's share of our dense
-    export's time, both by minima; None without the attention-only export's row."""
+def proportional_ratio(sparse: dict | None, dense: dict | None, attn: dict | None) -> tuple[float, float] | None:
+    """What the sparse export's time over our dense export's would be if its FFN took exactly r of
+    the dense FFN's time (no fixed cost, no loss per block): 1 - t (1 - r), with t = (dense - attn)
+    / dense the FFN's share of the dense export's time, by minima; and t. None without the
+    attention-only export's row."""
     if sparse is None or dense is None or attn is None or "r" not in sparse:
         return None
-    ffn = dense["ms_min"] - attn["ms_min"]
-    return (attn["ms_min"] + sparse["r"] * ffn) / builder["ms_min"], ffn / dense["ms_min"]
+    t = (dense["ms_min"] - attn["ms_min"]) / dense["ms_min"]
+    return 1 - t * (1 - sparse["r"]), t
 
 
 def paired_ratio(row: dict | None, base: dict) -> tuple[float, float, float] | None:
@@ -205,7 +205,7 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
         bound = None  # the issue's: float32 1 - s (1 - r) + 0.05, int4 under the builder's
         if s is not None and phase == "decode" and precision in share:
             bound = 1 - share[precision] * (1 - s["r"]) + 0.05 if precision == "fp32" else 1.0
-        ideal = proportional_ratio(s, d, kinds.get("attn"), b)
+        ideal = proportional_ratio(s, d, kinds.get("attn"))
         label = f"prefill {T}" if phase == "prefill" else f"decode (past {past})"
         table.append([precision, label, f"{_f(b['ms_min'])} / {_f(b['ms_median'])}",
                       f"{_f(d['ms_min'])} / {_f(d['ms_median'])}" if d else "-",
@@ -218,12 +218,13 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
                       _f(s.get("projected_vs_builder_min"), 3) if s else "-"])
     lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder", "(paired)",
                      "our sparse ms", "sparse/builder (min)", "(median)", "(paired rounds: median [quartiles])", "r", "decode bound (fp32 1 - s(1 - r) + 0.05, int4 1)",
-                     "proportional op / builder (t)", "--ffn-node projected / builder"], table)
+                     "proportional op / our dense (t)", "--ffn-node projected / builder"], table)
     lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
               + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ". Proportional op: the sparse "
-              "export's time if its FFN took exactly r of the dense FFN's, (attn + r (dense - attn)) / builder "
-              "by minima, from the attention-only export (float32 only); t = (dense - attn) / dense, the FFN's "
-              "share of our dense export's time (the bound assumes t = s). Paired rounds: the ratio of the two "
+              "export's time over our dense export's if its FFN took exactly r of the dense FFN's time, "
+              "1 - t (1 - r), with t = (dense - attn) / dense the FFN's share of our dense export's time by "
+              "minima, from the attention-only export (float32 only); the bound assumes t = s and our dense = "
+              "the builder's. Paired rounds: the ratio of the two "
               "variants' times in each round (the median of each one's sessions there), median and quartiles "
               "over the rounds.", ""]
     gen = [r for r in rows if r["phase"] == "generate"]
