@@ -604,7 +604,8 @@ def test_layer_chain_run_rows_and_report(op_library, capsys):
     three = layers.run(layers.op.Shape(d=64, D=96, n=4), layers=1, tokens=[1], libraries=[op_library], threads=1,
                        rounds=1, sessions_per_variant=3)
     assert {r["sessions"] for r in three} == {3}
-    for bad in (["--tokens", "0"], ["--threads", "0"], ["--sessions", "0"], ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
+    for bad in (["--tokens", "0"], ["--threads", "0"], ["--sessions", "0"],
+                ["--shape", "64x90x4"], ["--down-layout", "rows,cols"],
                 ["--down-layout", "rows,auto"],  # auto is rows at d = 576
                 ["--weights", "int2"], ["--weights", "int4", "--down-layout", "tiled"],
                 ["--weights", "int4", "--group-size", "48"], ["--weights", "int8", "--accuracy-level", "5"]):
@@ -829,7 +830,8 @@ def test_builder_table_shows_what_a_proportional_op_would_give():
                                          "ffn_byte_share": {"fp32": 0.6, "int4": 0.6}})
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
              for line in lines if line.startswith("| fp32 |") or line.startswith("| int4 |")}
-    assert cells["fp32"][12] == f"{(11 + 6) / 23:.3f} ({12 / 23:.3f})" and cells["fp32"][11] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
+    assert cells["fp32"][12] == f"{(11 + 6) / 23:.3f} ({12 / 23:.3f})"
+    assert cells["fp32"][11] == f"{1 - 0.6 * 0.5 + 0.05:.3f}"
     assert cells["int4"][12] == "-" and cells["int4"][11] == "1.000"
     assert cells["fp32"][5] == cells["fp32"][9] == "-"  # no samples recorded: no paired columns
 

@@ -208,7 +208,8 @@ def markdown(rows: list[dict], shape: op.Shape, layers: int, layout: str | list[
         gate_up = graphs.default_gate_up_layout()
     what = f"down layout {layout}, gate/up {gate_up}" if weights == "float32" else f"{weights} weights"
     lines = [f"{layers} layers of {shape.d}x{shape.D}, n = {shape.n}, {what}: sparse/dense ({dense}), "
-             f"min / median over interleaved rounds, {rows[0].get('sessions', 1) if rows else '-'} sessions a variant", "",
+             f"min / median over interleaved rounds, {rows[0].get('sessions', 1) if rows else '-'} sessions "
+             "a variant", "",
              "| tokens | r | variant | ms (min / median) | sparse/dense (min) | (median) | bound |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -217,7 +217,8 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
                       f"{_f(ideal[0], 3)} ({_f(ideal[1], 3)})" if ideal else "-",
                       _f(s.get("projected_vs_builder_min"), 3) if s else "-"])
     lines += _table(["weights", "phase", "builder ms (min / med)", "our dense ms", "dense/builder", "(paired)",
-                     "our sparse ms", "sparse/builder (min)", "(median)", "(paired rounds: median [quartiles])", "r", "decode bound (fp32 1 - s(1 - r) + 0.05, int4 1)",
+                     "our sparse ms", "sparse/builder (min)", "(median)", "(paired rounds: median [quartiles])", "r",
+                     "decode bound (fp32 1 - s(1 - r) + 0.05, int4 1)",
                      "proportional op / our dense (t)", "--ffn-node projected / builder"], table)
     lines += ["", "s, the FFN's share of the weight bytes a decode step reads: "
               + ", ".join(f"{p} {v:.3f}" for p, v in share.items()) + ". Proportional op: the sparse "
