@@ -137,7 +137,9 @@ def creation_order(names: list[str], sessions: int) -> list[tuple[str, int]]:
     early in one group and late in another. On the development VM (AMD EPYC, ORT 1.31) a process's
     first sessions of a model ran 2-5 % slower than the later ones, decode steps of the builder's
     d = 2048 model, 8 sessions created one after the other (Spearman -0.95 between the order of
-    creation and the speed); created in a fixed order, the first variants of every group paid it."""
+    creation and the speed); created in a fixed order, the first variants of every group paid it.
+    Most of it falls on the very first session (pre-packed weights on 4 KB pages: docs/runtime.md,
+    "Memory pages"), so the tools create an untimed one before these."""
     order = []
     for i in range(sessions):
         turn = (i * len(names)) // sessions
