@@ -135,11 +135,11 @@ def creation_order(names: list[str], sessions: int) -> list[tuple[str, int]]:
     """(name, session index) pairs in the order to create the sessions: session i of every variant
     in a group, each group's order turned by i * len(names) / sessions, so that every variant is
     early in one group and late in another. On the development VM (AMD EPYC, ORT 1.31) a process's
-    first sessions of a model ran 2-5 % slower than the later ones, decode steps of the builder's
-    d = 2048 model, 8 sessions created one after the other (Spearman -0.95 between the order of
-    creation and the speed); created in a fixed order, the first variants of every group paid it.
-    Most of it falls on the very first session (pre-packed weights on 4 KB pages: docs/runtime.md,
-    "Memory pages"), so the tools create an untimed one before these."""
+    first session of a model decoded 5-11 % slower than its later ones (the builder's d = 2048
+    model, 6-8 sessions created one after the other, four processes), the second up to 2 %;
+    created in a fixed order, the first variants of every group paid it. It comes with the
+    pre-packed weights on 4 KB pages (docs/runtime.md, "Memory pages"), and the tools create an
+    untimed session before these."""
     order = []
     for i in range(sessions):
         turn = (i * len(names)) // sessions
