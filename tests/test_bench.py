@@ -806,6 +806,25 @@ def test_sessions_are_created_in_turns(variants, sessions):
             [sum(range(variants))] * variants
 
 
+def test_create_in_turns_makes_an_untimed_session_first():
+    """create_in_turns: one untimed session of the first variant, then every timed one in
+    creation_order; the result holds only the timed ones, keyed in the variants' order."""
+    from dsmoe_export.bench import timing
+
+    names, made = ["attn", "sparse", "dense", "builder"], []
+
+    def make(name):
+        made.append(name)
+        return (name, len(made))    # a distinct object per call
+
+    sessions = timing.create_in_turns(names, 2, make)
+    assert made == ["attn"] + [name for name, _ in timing.creation_order(names, 2)]
+    assert list(sessions) == [timing.session_key(k, i) for i in range(2) for k in names]
+    assert ("attn", 1) not in sessions.values()   # the untimed one is not timed
+    assert all(value[0] == key.rpartition("#")[0] for key, value in sessions.items())
+    assert sessions["dense#0"] == ("dense", 4) and sessions["dense#1"] == ("dense", 6)
+
+
 def test_builder_table_shows_what_a_proportional_op_would_give():
     """The builder table's 'proportional op' column: 1 - t (1 - r) = (attn + r (dense - attn)) / dense
     by minima, with t = (dense - attn) / dense, on the float32 rows (the attention-only export is float32);

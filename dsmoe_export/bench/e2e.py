@@ -307,14 +307,10 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
     check_memory(paths, sessions_per_variant, twins)
-    first = next(iter(paths))
-    untimed = _session(paths[first], threads, library if uses_library(first) else None)  # timing.creation_order
-    created = {timing.session_key(k, i): _session(paths[k], threads, library if uses_library(k) else None)
-               for k, i in timing.creation_order(list(paths), sessions_per_variant)}
-    del untimed
-    sessions = {timing.session_key(k, i): created[timing.session_key(k, i)]
-                for i in range(sessions_per_variant) for k in paths}  # rows in the variants' order
-    del created
+    # The untimed session is dropped before the profiled twins open, which are at least as large:
+    # check_memory's count holds.
+    sessions = timing.create_in_turns(list(paths), sessions_per_variant,
+                                      lambda k: _session(paths[k], threads, library if uses_library(k) else None))
     with node_times.ProfiledSessions(twins, threads, library) as profiled:
         rng = np.random.default_rng(seed)
         longest = max(prefill_tokens + [decode_past])

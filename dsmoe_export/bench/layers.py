@@ -171,10 +171,9 @@ def run(shape: op.Shape, *, layers: int, tokens: list[int], libraries: list[str]
             models[variant] = (sparse_model(w, threshold=threshold, layout=down, weights=weights,
                                             group_size=group_size, gate_up_layout=gu or gate_ups[0],
                                             accuracy_level=level if weights != "float32" else 0), lib)
-    untimed = graphs.Runner(*models["dense"][0], threads=threads)  # the process's first: timing.creation_order
-    sessions = {timing.session_key(name, i): graphs.Runner(*models[name][0], threads=threads, library=models[name][1])
-                for name, i in timing.creation_order(list(models), sessions_per_variant)}
-    del untimed
+    sessions = timing.create_in_turns(list(models), sessions_per_variant,
+                                      lambda name: graphs.Runner(*models[name][0], threads=threads,
+                                                                 library=models[name][1]))
     rows = []
     for T in tokens:
         x = rng.standard_normal((T, shape.d), dtype=np.float32)

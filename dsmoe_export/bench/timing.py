@@ -138,13 +138,23 @@ def creation_order(names: list[str], sessions: int) -> list[tuple[str, int]]:
     first session of a model decoded 5-11 % slower than its later ones (the builder's d = 2048
     model, 6-8 sessions created one after the other, four processes), the second up to 2 %;
     created in a fixed order, the first variants of every group paid it. It comes with the
-    pre-packed weights on 4 KB pages (docs/runtime.md, "Memory pages"), and the tools create an
-    untimed session before these."""
+    pre-packed weights on 4 KB pages (docs/runtime.md, "Memory pages"), hence the untimed session
+    of create_in_turns."""
     order = []
     for i in range(sessions):
         turn = (i * len(names)) // sessions
         order += [(name, i) for name in names[turn:] + names[:turn]]
     return order
+
+
+def create_in_turns(names: list[str], sessions: int, make: Callable[[str], object]) -> dict[str, object]:
+    """{session_key(name, i): make(name)} for every variant and session index, keyed in the
+    variants' order (i, then name) but created in creation_order, after an untimed make(names[0])
+    that takes the process's first, slow place and is dropped once the others exist."""
+    untimed = make(names[0])
+    created = {session_key(name, i): make(name) for name, i in creation_order(names, sessions)}
+    del untimed
+    return {session_key(name, i): created[session_key(name, i)] for i in range(sessions) for name in names}
 
 
 def session_key(name: str, index: int) -> str:
