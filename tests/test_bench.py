@@ -873,3 +873,41 @@ def test_paired_ratio_takes_each_round_of_both_variants(rng):
     assert q1 <= med <= q3 and abs(med - 0.5) < 0.02
     assert report.paired_ratio({"ms_min": 1.0}, b) is None
     assert report.paired_ratio({"ms_session_samples": [[1.0, 2.0]]}, b) is None  # rounds differ: not paired
+
+
+def test_generation_paired_rounds_pair_each_process_and_round(rng):
+    """Generation's paired rounds: a runner's process i ran beside the other runner's process i, every
+    variant once a round, so the speed ratio is taken per (process, round) pair: base ms / row ms. A
+    slowdown of the machine in one process or one round cancels; the table shows it against the
+    builder's model and, for DSMoESession, against genai's generator on the same export."""
+    from dsmoe_export.bench import report
+
+    processes, rounds = 3, 5
+    drift = rng.uniform(1.0, 1.5, (processes, rounds))        # the machine's speed, per process and round
+    noise = lambda: rng.uniform(0.995, 1.005, (processes, rounds))
+    ms = {"builder": 400.0, "sparse-rt": 250.0, "sparse-genai": 275.0}
+    samples = {k: (v * drift * noise()).tolist() for k, v in ms.items()}
+
+    def row(variant, runner, key):
+        best = float(np.median(np.min(samples[key], axis=1)))
+        return {"phase": "generate", "tokens": 64, "past": 128, "kind": variant, "precision": "fp32",
+                "variant": variant, "runner": runner, "tokens_s": 64e3 / best, "tokens_s_median": 64e3 / best,
+                "prefill_ms_min": 50.0, "decode_tokens_s": 200.0, "rounds": rounds, "processes": processes,
+                "ms_process_samples": samples[key]}
+
+    builder, ours, genai = (row("builder", "genai", "builder"), row("sparse", "dsmoe_runtime", "sparse-rt"),
+                            row("sparse", "genai", "sparse-genai"))
+    med, q1, q3 = report.paired_speed(ours, builder)
+    want = np.asarray(samples["builder"]) / np.asarray(samples["sparse-rt"])
+    assert (q1, med, q3) == pytest.approx(tuple(np.percentile(want.ravel(), [25, 50, 75])))
+    assert abs(med - 1.6) < 0.02 and q3 - q1 < 0.02           # the drift cancelled
+    assert report.paired_speed(ours, {"tokens_s": 1.0}) is None  # a run recorded without samples
+    assert report.paired_speed(ours, dict(builder, ms_process_samples=samples["builder"][:2])) is None
+    lines = report.builder_tables([ours, genai, builder], {"builder": ["builder"]})
+    cells = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
+             for line in lines if line.startswith("| sparse |") or line.startswith("| builder |")}
+    rt = cells[("sparse", "dsmoe_runtime")]
+    assert rt[5] == report._paired(report.paired_speed(ours, builder))
+    assert rt[6] == f"{ours['tokens_s'] / genai['tokens_s']:.3f}"
+    assert rt[7] == report._paired(report.paired_speed(ours, genai)) and abs(report.paired_speed(ours, genai)[0] - 1.1) < 0.02
+    assert cells[("sparse", "genai")][6] == cells[("builder", "genai")][5] == "-"

@@ -86,6 +86,7 @@ def _row(name: str, runner: str, per_process: list[list[tuple[float, float]]], n
             "precision": precision or "fp32", "variant": name, "runner": runner,
             "ms_min": total.min, "ms_median": total.median, "rounds": len(per_process[0]),
             "processes": len(per_process), "ms_process_mins": [min(ms) for ms in total.per_session],
+            "ms_process_samples": [list(ms) for ms in total.per_session],  # for paired rounds (report.py)
             "tokens_s": new / (total.min / 1e3), "tokens_s_median": new / (total.median / 1e3),
             "prefill_ms_min": prefill.min,
             "decode_tokens_s": (new - 1) / (decode.min / 1e3) if new > 1 else None}

@@ -182,6 +182,20 @@ def paired_ratio(row: dict | None, base: dict) -> tuple[float, float, float] | N
     return float(med), float(q1), float(q3)
 
 
+def paired_speed(row: dict | None, base: dict | None) -> tuple[float, float, float] | None:
+    """Generation: row's tokens/s over base's, round by round (base's time over row's in the same
+    round of the same process: each process of one runner ran beside the same-numbered process of
+    the other, every variant once a round), as the median and quartiles over every (process, round)
+    pair. None for runs recorded without their samples."""
+    if row is None or base is None or "ms_process_samples" not in row or "ms_process_samples" not in base:
+        return None
+    a, b = (np.asarray(r["ms_process_samples"], float) for r in (row, base))
+    if a.shape != b.shape or not a.size:
+        return None
+    q1, med, q3 = np.percentile((b / a).ravel(), [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
 def _paired(value) -> str:
     return "-" if value is None else f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
 
@@ -231,21 +245,29 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
     gen = [r for r in rows if r["phase"] == "generate"]
     if gen:
         base = {(r["precision"]): r for r in gen if r["kind"] == "builder" and r["runner"] == "genai"}
+        in_genai = {r["variant"]: r for r in gen if r["runner"] == "genai"}
         table = []
         for r in gen:
             ref = base.get(r["precision"])
+            # DSMoESession against onnxruntime-genai's generator on the same export
+            twin = in_genai.get(r["variant"]) if r["runner"] != "genai" else None
             # The decode step against the builder's with the workers spinning (the timed rows'
             # workers sleep): its tokens/s over ours.
             step = (ref["decode_tokens_s"] / r["decode_tokens_s"]
                     if ref and ref.get("decode_tokens_s") and r.get("decode_tokens_s") else None)
             table.append([r["variant"], r["runner"], f"**{_f(r['tokens_s'], 1)}**", _f(r["tokens_s_median"], 1),
-                          _f(r["tokens_s"] / ref["tokens_s"], 3) if ref else "-", _f(r["prefill_ms_min"], 1),
+                          _f(r["tokens_s"] / ref["tokens_s"], 3) if ref else "-",
+                          _paired(paired_speed(r, ref)) if ref is not None and ref is not r else "-",
+                          _f(r["tokens_s"] / twin["tokens_s"], 3) if twin else "-",
+                          _paired(paired_speed(r, twin)) if twin else "-", _f(r["prefill_ms_min"], 1),
                           _f(r.get("decode_tokens_s"), 1), _f(step, 3) if step else "-",
                           f"{r['rounds']} x {r.get('processes', 1)}"])
         lines += [f"Greedy generation of {gen[0]['tokens']} tokens after a prompt of {gen[0]['past']} "
                   "(whole call: the prompt's prefill included), batch 1; each runner in processes of its own, "
-                  "best: the median over the processes of each one's best:", ""]
+                  "best: the median over the processes of each one's best; paired rounds: tokens/s over the "
+                  "other's in the same round of the same process, median and quartiles over all of them:", ""]
         lines += _table(["variant", "runner", "tokens/s (best)", "tokens/s (median)", "vs builder in genai",
+                         "(paired rounds: median [quartiles])", "vs genai's generator, same export", "(paired)",
                          "prefill ms", "decode tokens/s", "decode step / builder's", "rounds x processes"], table)
         lines.append("")
     nodes = info.get("nodes") or {}
