@@ -397,7 +397,17 @@ def test_quick_e2e_against_the_model_builder(op_library, tmp_path, monkeypatch):
     # the generation table's decode step against the builder's: 1.000 on the builder's own rows
     assert "decode step / builder's" in table and "| builder | genai |" in table
     builder_row = next(line for line in table.splitlines() if line.startswith("| builder | genai |"))
-    assert builder_row.split("|")[8].strip() == "1.000"
+    assert builder_row.split("|")[11].strip() == "1.000"
+    # DSMoESession against genai's generator on the same export, by best and by paired rounds
+    ours = next(line for line in table.splitlines() if line.startswith("| sparse | dsmoe_runtime |")).split("|")
+    assert float(ours[7]) > 0 and ours[8].strip().count("[") == 1
+    # where the decode step goes, per part, in the profiled twins; the weights each part streams
+    assert "Where a decode step's node time goes" in table and "| attention projections |" in table
+    decode = {r["variant"]: r for r in results["e2e"] if r["phase"] == "decode" and r.get("node_ms_parts_median")}
+    assert set(decode) == {"sparse", "dense", "sparse-int4", "dense-int4"}
+    assert all(sum(r["node_ms_parts_median"].values()) > 0 for r in decode.values())
+    assert set(info["weight_bytes_parts"]) == set(decode)
+    assert info["weight_bytes_parts"]["dense-int4"]["ffn"] < info["weight_bytes_parts"]["dense"]["ffn"] / 4
 
 
 def test_generation_row_takes_the_median_of_each_process_best(rng):
@@ -631,10 +641,11 @@ def test_layer_chain_both_layouts(op_library, capsys):
     assert by["sparse0-tiled"]["ratio_min"] == pytest.approx(by["sparse0-tiled"]["ms_min"] / by["dense"]["ms_min"])
 
 
-def test_node_times_split_each_run_into_ffn_and_other():
-    """run_node_times: kernel events go to the run whose span holds them, FFN nodes by their
-    /mlp/ scope; other events (fences, session events) and nodes outside a run are left out."""
-    from dsmoe_export.bench.node_times import run_node_times
+def test_node_times_split_each_run_into_parts():
+    """run_node_times: kernel events go to the run whose span holds them, each node to its part by
+    name (FFN by its /mlp/ scope); other events (fences, session events) and nodes outside a run
+    are left out."""
+    from dsmoe_export.bench.node_times import PARTS, run_node_times
 
     def node(name, ts, dur):
         return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur}
@@ -642,13 +653,20 @@ def test_node_times_split_each_run_into_ffn_and_other():
     events = [{"cat": "Session", "name": "model_run", "ts": 1000, "dur": 500},
               {"cat": "Session", "name": "model_run", "ts": 100, "dur": 300},  # out of order in the file
               node("/model/layers/0/mlp/GatedBlockSparseFFN", 150, 40),
-              node("/model/layers/0/self_attn/qkv/MatMul", 200, 10),
+              node("/model/layers/0/self_attn/qkv_proj/MatMul", 200, 10),
               node("/model/layers/1/mlp/down_proj/MatMul", 1100, 250), node("/lm_head/MatMul", 1400, 30),
+              node("/model/layers.1/attn/GroupQueryAttention", 1110, 5),  # the model builder's names
+              node("/model/layers/1/post_attention_layernorm/SkipLayerNorm_2", 1120, 3),
+              node("/model/mask/Sub", 1130, 2), node("/model/layers/1/self_attn/o_proj/MatMul", 1140, 4),
               {"cat": "Node", "name": "/model/layers/1/mlp/x_fence_before", "ts": 1200, "dur": 999},
               node("/model/layers/2/mlp/y", 700, 77),  # between runs
               {"cat": "Session", "name": "SequentialExecutor::Execute", "ts": 1000, "dur": 480}]
-    assert run_node_times(events) == [(pytest.approx(0.040), pytest.approx(0.010)),
-                                      (pytest.approx(0.250), pytest.approx(0.030))]
+    want = [{"ffn": 0.040, "attention projections": 0.010},
+            {"ffn": 0.250, "lm_head": 0.030, "attention": 0.005, "norms": 0.003, "rest": 0.002,
+             "attention projections": 0.004}]
+    got = run_node_times(events)
+    assert [list(run) for run in got] == [list(PARTS)] * 2
+    assert got == [{p: pytest.approx(w.get(p, 0.0)) for p in PARTS} for w in want]
     assert run_node_times([]) == []
 
 
@@ -657,17 +675,23 @@ def test_node_time_samples_follow_the_segments():
     mean of its runs, and a profile with more or fewer runs than the calls made is an error."""
     from dsmoe_export.bench.node_times import Segment, samples_of_runs
 
-    runs = [(100.0, 100.0), (1.0, 2.0), (3.0, 4.0),                    # warm-up, then 2 prefill samples
-            (100.0, 100.0), (100.0, 100.0), (100.0, 100.0),            # priming + a warm-up of 2 runs
-            (1.0, 1.0), (3.0, 5.0), (5.0, 1.0), (7.0, 3.0)]            # 2 samples of 2 runs
+    def run(ffn, lm_head, norms=0.0):
+        return {"ffn": ffn, "attention projections": 0.0, "attention": 0.0, "norms": norms, "lm_head": lm_head,
+                "rest": 0.0}
+
+    runs = [run(100.0, 100.0), run(1.0, 2.0), run(3.0, 3.0, 1.0),        # warm-up, then 2 prefill samples
+            run(100.0, 100.0), run(100.0, 100.0), run(100.0, 100.0),     # priming + a warm-up of 2 runs
+            run(1.0, 1.0), run(3.0, 5.0), run(5.0, 1.0), run(7.0, 3.0)]  # 2 samples of 2 runs
     segs = [Segment(("prefill", 7), 1, 1, 2), Segment(("decode", 1), 3, 2, 2)]
     out = samples_of_runs(runs, segs)
     assert out[("prefill", 7)]["ffn"].ms == [1.0, 3.0] and out[("prefill", 7)]["other"].ms == [2.0, 4.0]
+    assert out[("prefill", 7)]["parts"]["norms"].ms == [0.0, 1.0]
     assert out[("decode", 1)]["ffn"].ms == [2.0, 6.0] and out[("decode", 1)]["other"].ms == [3.0, 2.0]
+    assert out[("decode", 1)]["parts"]["lm_head"].ms == [3.0, 2.0]
     with pytest.raises(RuntimeError, match="fewer than its calls"):
         samples_of_runs(runs[:-1], segs)
     with pytest.raises(RuntimeError, match="its calls made 10"):
-        samples_of_runs(runs + [(0.0, 0.0)], segs)
+        samples_of_runs(runs + [run(0.0, 0.0)], segs)
 
 
 def test_profiled_sessions_count_runs_per_sample(op_library, tmp_path, rng):
@@ -911,3 +935,48 @@ def test_generation_paired_rounds_pair_each_process_and_round(rng):
     assert rt[6] == f"{ours['tokens_s'] / genai['tokens_s']:.3f}"
     assert rt[7] == report._paired(report.paired_speed(ours, genai)) and abs(report.paired_speed(ours, genai)[0] - 1.1) < 0.02
     assert cells[("sparse", "genai")][6] == cells[("builder", "genai")][5] == "-"
+
+
+def test_weight_bytes_by_part_count_what_a_step_streams(tmp_path):
+    """weight_bytes_by_part on real exports: each part's initializer bytes against the model's shapes
+    (float32 dense: FFN 3 L d D, attention's MatMuls L d (q + k + v + o), LM head V d; the embedding
+    lookup, the tied table's transposed read, counts nothing twice), and the profiled parts' tables."""
+    from dsmoe_export.bench import e2e, graph_stats, node_times, report
+    from dsmoe_export.exporter import export
+    from dsmoe_export.synthetic import TinySpec, make_model_folder
+
+    spec = TinySpec()
+    folder = make_model_folder(tmp_path / "m", spec, seed=3)
+    shape = e2e.ModelShape.of_folder(folder)
+    d, D, L, V, hd = shape.ffn.d, shape.ffn.D, shape.layers, shape.vocab, shape.head_size
+    paths = {}
+    for name, dense in (("dense", True), ("sparse", False)):
+        (tmp_path / name).mkdir()
+        paths[name] = tmp_path / name / "model.onnx"
+        export(folder, paths[name], dense=dense, progress=False, validate=False)
+    dense = graph_stats.weight_bytes_by_part(paths["dense"], node_times.node_part)
+    assert dense["ffn"] == 4 * 3 * L * d * D
+    assert dense["attention projections"] == 4 * L * d * hd * (2 * shape.heads + 2 * shape.kv_heads)
+    assert dense["lm_head"] == 4 * V * d
+    assert dense.get("norms", 0) == 4 * (2 * L + 1) * d
+    sparse = graph_stats.weight_bytes_by_part(paths["sparse"], node_times.node_part)
+    n, B = shape.ffn.n, shape.ffn.block
+    padded = -(-B // 32) * 32              # gate/up in slabs of 32 rows (the float32 default), each block padded
+    ffn = 4 * (2 * L * n * padded * d + L * d * D + L * n * d)  # + the routers (and their biases, if any)
+    assert ffn <= sparse["ffn"] <= ffn + 4 * L * n
+    assert {k: v for k, v in sparse.items() if k != "ffn"} == {k: v for k, v in dense.items() if k != "ffn"}
+
+    parts = dict.fromkeys(node_times.PARTS, 0.5) | {"ffn": 2.0}
+    rows = [{"phase": "decode", "past": 128, "kind": "dense", "variant": "dense", "node_ms_parts_median": parts},
+            {"phase": "decode", "past": 128, "kind": "sparse", "variant": "sparse", "r": 0.5,
+             "node_ms_parts_median": parts | {"ffn": 1.0}}]
+    big = {"dense": {"ffn": 40 << 20, "lm_head": 10 << 20, "norms": 4096},
+           "sparse": {"ffn": 40 << 20, "lm_head": 10 << 20, "norms": 4096}}
+    lines = report.decode_parts_table(rows, {"weight_bytes_parts": big})
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines
+             if line.startswith("| ") and not line.startswith("| part")}
+    assert cells["ffn"][0] == f"2.00 (44 %, {(40 << 20) / 2e6:.1f} GB/s)"   # of 2 + 5 x 0.5 ms
+    assert cells["ffn"][1] == f"1.00 (29 %, {(20 << 20) / 1e6:.1f} GB/s)"   # r of the sparse op's blocks
+    assert cells["norms"][0] == "0.50 (11 %)"                                 # under 1 MiB: no rate
+    assert cells["all"][0] == f"4.50 (100 %, {(50 << 20) / 4.5e6:.1f} GB/s)"
+    assert report.decode_parts_table([{"phase": "decode"}], None) == []

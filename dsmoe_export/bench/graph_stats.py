@@ -8,8 +8,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 _LAYER = re.compile(r"layers[./](\d+)/")
 
@@ -35,3 +37,23 @@ def node_counts(path: Path, num_layers: int, library: str | None = None) -> dict
     counts = [len(layers.get(i, [])) for i in range(num_layers)]
     return {"total": len(graph.node), "per_layer": statistics.median(counts) if counts else 0,
             "op_types_per_layer": layers.get(min(1, num_layers - 1), [])}
+
+
+# Nodes that read one row of a table, not all of it (the embedding lookup, and the transpose that
+# ONNX Runtime folds into a constant at load time).
+_LOOKUPS = {"Gather", "GatherBlockQuantized", "Transpose"}
+
+
+def weight_bytes_by_part(path: Path, part_of) -> dict[str, int]:
+    """{part: bytes of the initializers its nodes read whole}, parts by part_of(node name)
+    (node_times.node_part): what a one-token step streams, per part. An initializer read by
+    several parts counts in each; lookups (the embedding) count nothing."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            for t in graph.initializer}
+    seen: dict[str, set[str]] = {}
+    for node in graph.node:
+        if node.op_type in _LOOKUPS:
+            continue
+        seen.setdefault(part_of(node.name), set()).update(i for i in node.input if i in size)
+    return {part: sum(size[i] for i in names) for part, names in seen.items()}

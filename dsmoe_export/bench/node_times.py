@@ -26,13 +26,31 @@ import onnxruntime as ort
 from . import graphs, timing
 
 FFN_SCOPE = "/mlp/"  # the exporter's node names: /model/layers/{i}/mlp/...
+# Where a step's time goes, by node name (this exporter's, and the model builder's, which
+# names its scopes alike): the FFN, attention's MatMuls, the attention op itself (with its
+# rotary and cache writes), the norms (residual adds fused in), the LM head, and the rest
+# (embedding lookup, mask arithmetic, the logits' slice).
+PARTS = ("ffn", "attention projections", "attention", "norms", "lm_head", "rest")
 
 
-def run_node_times(events: list[dict]) -> list[tuple[float, float]]:
-    """Per model run of a profile, in order: (FFN kernel ms, other kernel ms)."""
+def node_part(name: str) -> str:
+    """The PARTS entry a node belongs to, by its name."""
+    if FFN_SCOPE in name:
+        return "ffn"
+    if "/lm_head/" in name:
+        return "lm_head"
+    if "/self_attn/" in name or "/attn/" in name:
+        return "attention projections" if "_proj/" in name else "attention"
+    if "layernorm" in name.lower() or "/norm/" in name:
+        return "norms"
+    return "rest"
+
+
+def run_node_times(events: list[dict]) -> list[dict[str, float]]:
+    """Per model run of a profile, in order: the kernel ms of each of PARTS' node groups."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
-    sums = [[0.0, 0.0] for _ in runs]
+    sums = [dict.fromkeys(PARTS, 0.0) for _ in runs]
     starts = [a for a, _ in runs]
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
@@ -40,11 +58,11 @@ def run_node_times(events: list[dict]) -> list[tuple[float, float]]:
         i = bisect.bisect_right(starts, e["ts"]) - 1
         if i < 0 or e["ts"] > runs[i][1]:
             continue  # not inside a run (none are, in ORT's profiles; kept safe)
-        sums[i][0 if FFN_SCOPE in e["name"] else 1] += e["dur"] / 1e3
-    return [(f, o) for f, o in sums]
+        sums[i][node_part(e["name"][:-len("_kernel_time")])] += e["dur"] / 1e3
+    return sums
 
 
-def ended_runs(session: ort.InferenceSession) -> list[tuple[float, float]]:
+def ended_runs(session: ort.InferenceSession) -> list[dict[str, float]]:
     """Ends a profiled session's profile and returns run_node_times of it."""
     return run_node_times(json.loads(Path(session.end_profiling()).read_text()))
 
@@ -60,8 +78,8 @@ class Segment:
 @dataclass
 class ProfiledSessions:
     """Profiled sessions of some exports ({variant: path}); ``measure`` times one phase on all of
-    them, ``finish`` ends the profiles and returns {phase key: {variant: {"ffn": Samples,
-    "other": Samples}}}, per call (or per run for calls of several runs: decode steps)."""
+    them, ``finish`` ends the profiles and returns {phase key: {variant: samples_of_runs' entry}},
+    per call (or per run for calls of several runs: decode steps)."""
     paths: dict[str, Path]
     threads: int
     library: str | None
@@ -110,21 +128,24 @@ class ProfiledSessions:
         self.close()
 
 
-def samples_of_runs(runs: list[tuple[float, float]], segments: list[Segment], name: str = "the session") -> dict:
-    """{segment key: {"ffn": Samples, "other": Samples}}: the runs (in order) cut by the segments,
-    a sample's times summed over its runs and divided by their number."""
+def samples_of_runs(runs: list[dict[str, float]], segments: list[Segment], name: str = "the session") -> dict:
+    """{segment key: {"ffn": Samples, "other": Samples, "parts": {part: Samples}}}: the runs (in
+    order) cut by the segments, a sample's times summed over its runs and divided by their
+    number; "other" is every part but the FFN."""
     out, i = {}, 0
     for seg in segments:
         i += seg.skip
-        ffn, other = [], []
+        parts: dict[str, list[float]] = {p: [] for p in PARTS}
         for _ in range(seg.samples):
-            part = runs[i:i + seg.runs_per_sample]
-            if len(part) < seg.runs_per_sample:
+            some = runs[i:i + seg.runs_per_sample]
+            if len(some) < seg.runs_per_sample:
                 raise RuntimeError(f"the profile of {name} has {len(runs)} runs, fewer than its calls made")
-            ffn.append(sum(f for f, _ in part) / seg.runs_per_sample)
-            other.append(sum(o for _, o in part) / seg.runs_per_sample)
+            for p in PARTS:
+                parts[p].append(sum(run[p] for run in some) / seg.runs_per_sample)
             i += seg.runs_per_sample
-        out[seg.key] = {"ffn": timing.Samples(ffn), "other": timing.Samples(other)}
+        other = [sum(v) for v in zip(*(parts[p] for p in PARTS if p != "ffn"))]
+        out[seg.key] = {"ffn": timing.Samples(parts["ffn"]), "other": timing.Samples(other),
+                        "parts": {p: timing.Samples(v) for p, v in parts.items()}}
     if i != len(runs):
         raise RuntimeError(f"the profile of {name} has {len(runs)} runs, its calls made {i}")
     return out
@@ -132,12 +153,14 @@ def samples_of_runs(runs: list[tuple[float, float]], segments: list[Segment], na
 
 def ffn_node_fields(kind: str, precision: str, times: dict, variant_name: Callable[[str, str], str]) -> dict:
     """The row fields of one variant from finish()'s entry of its phase: FFN and other node ms
-    (min, median), and for a sparse variant the FFN node-time ratio against its dense twin."""
+    (min, median), each part's median, and for a sparse variant the FFN node-time ratio against
+    its dense twin."""
     me = times.get(variant_name(kind, precision))
     if me is None:
         return {}
     fields = {"ffn_node_ms_min": me["ffn"].min, "ffn_node_ms_median": me["ffn"].median,
-              "other_node_ms_min": me["other"].min}
+              "other_node_ms_min": me["other"].min,
+              "node_ms_parts_median": {p: v.median for p, v in me["parts"].items()}}
     dense = times.get(variant_name("dense", precision))
     if kind == "sparse" and dense is not None and dense["ffn"].min > 0:
         fields["ffn_node_ratio_min"] = me["ffn"].min / dense["ffn"].min

@@ -278,6 +278,36 @@ def builder_tables(rows: list[dict], info: dict | None) -> list[str]:
     return lines
 
 
+def decode_parts_table(rows: list[dict], info: dict | None) -> list[str]:
+    """Where a decode step's node time goes in the profiled twins (sparse and dense exports, each
+    precision): per part of the graph its median kernel ms a step, share, and the weight bytes it
+    streams over that time."""
+    weights = (info or {}).get("weight_bytes_parts") or {}
+    twins = [r for r in rows if r["phase"] == "decode" and r.get("node_ms_parts_median")]
+    if not twins:
+        return []
+    parts = list(twins[0]["node_ms_parts_median"])
+    table = []
+    for part in parts + ["all"]:
+        cells = [part]
+        for r in twins:
+            ms = r["node_ms_parts_median"]
+            t = sum(ms.values()) if part == "all" else ms[part]
+            w = dict(weights.get(r["variant"], {}))
+            if r["kind"] == "sparse" and "ffn" in w:  # one token reads its active blocks: r of them
+                w["ffn"] *= r.get("r", 1.0)
+            b = sum(w.values()) if part == "all" else w.get(part, 0)
+            rate = f", {b / (t * 1e6):.1f} GB/s" if b >= 1 << 20 and t > 0 else ""
+            share = f" ({100 * t / sum(ms.values()):.0f} %" + rate + ")" if sum(ms.values()) else ""
+            cells.append(f"{t:.2f}{share}")
+        table.append(cells)
+    lines = [f"Where a decode step's node time goes (past {twins[0]['past']}; ORT's profiler on twins of the "
+             "exports, medians of the steps' kernel time by node name; GB/s: the part's weight bytes over its "
+             "time, for parts that stream 1 MiB or more, the sparse op's FFN r of its blocks):", ""]
+    lines += _table(["part"] + [f"{r['variant']} ms" for r in twins], table)
+    return lines + [""]
+
+
 def _blocking(blocking: dict | None) -> str:
     if not blocking:
         return ""
@@ -313,6 +343,7 @@ def markdown(results: dict) -> str:
     lines += quant_tables(results.get("quant", []), results.get("quant_checks", []))
     lines += e2e_table(results.get("e2e", []))
     lines += builder_tables(results.get("e2e", []), results.get("e2e_info"))
+    lines += decode_parts_table(results.get("e2e", []), results.get("e2e_info"))
     checks = results.get("checks") or []
     if checks:
         lines += ["### Agreement checks (max abs difference / max(1, max |ref|))", ""]
