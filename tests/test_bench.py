@@ -959,12 +959,18 @@ def test_weight_bytes_by_part_count_what_a_step_streams(tmp_path):
     assert dense["attention projections"] == 4 * L * d * hd * (2 * shape.heads + 2 * shape.kv_heads)
     assert dense["lm_head"] == 4 * V * d
     assert dense.get("norms", 0) == 4 * (2 * L + 1) * d
+    assert dense.get("attention", 0) == 0 and dense.get("rest", 0) < 1024  # rotary caches: a row a step
     sparse = graph_stats.weight_bytes_by_part(paths["sparse"], node_times.node_part)
     n, B = shape.ffn.n, shape.ffn.block
     padded = -(-B // 32) * 32              # gate/up in slabs of 32 rows (the float32 default), each block padded
     ffn = 4 * (2 * L * n * padded * d + L * d * D + L * n * d)  # + the routers (and their biases, if any)
     assert ffn <= sparse["ffn"] <= ffn + 4 * L * n
     assert {k: v for k, v in sparse.items() if k != "ffn"} == {k: v for k, v in dense.items() if k != "ffn"}
+    (tmp_path / "int4").mkdir()
+    export(folder, tmp_path / "int4" / "model.onnx", dense=True, progress=False, validate=False, ffn_weights="int4")
+    int4 = graph_stats.weight_bytes_by_part(tmp_path / "int4" / "model.onnx", node_times.node_part)
+    assert int4["ffn"] == 3 * L * d * D // 2 + 4 * 3 * L * d * D // 32       # nibbles + a float32 scale per 32
+    assert int4["lm_head"] == V * d // 2 + 4 * V * d // 32 and int4.get("rest", 0) < 1024  # the lookup: none
 
     parts = dict.fromkeys(node_times.PARTS, 0.5) | {"ffn": 2.0}
     rows = [{"phase": "decode", "past": 128, "kind": "dense", "variant": "dense", "node_ms_parts_median": parts},

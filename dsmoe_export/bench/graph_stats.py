@@ -39,9 +39,10 @@ def node_counts(path: Path, num_layers: int, library: str | None = None) -> dict
             "op_types_per_layer": layers.get(min(1, num_layers - 1), [])}
 
 
-# Nodes that read one row of a table, not all of it (the embedding lookup, and the transpose that
-# ONNX Runtime folds into a constant at load time).
-_LOOKUPS = {"Gather", "GatherBlockQuantized", "Transpose"}
+# Nodes that read a row of a table, not all of it, a step: the embedding lookup (and the transpose
+# or reshape of its table, which ONNX Runtime folds into a constant at load time), and attention's
+# rotary cos/sin caches (a row per position).
+_LOOKUPS = {"Gather", "GatherBlockQuantized", "Transpose", "Reshape", "GroupQueryAttention"}
 
 
 def weight_bytes_by_part(path: Path, part_of) -> dict[str, int]:
