@@ -306,7 +306,8 @@ def run(out: Path, shape: ModelShape, *, prefill_tokens: list[int], decode_past:
             "ffn_byte_share": {p: ffn_byte_share(shape, p) for p in precisions}}
     # The FFN's node time in the same calls, from profiled twins of the sparse and dense exports.
     twins = {k: p for k, p in paths.items() if k.partition("-")[0] in ("sparse", "dense")}
-    info["weight_bytes_parts"] = {k: graph_stats.weight_bytes_by_part(p, node_times.node_part) for k, p in twins.items()}
+    info["weight_bytes_parts"] = {k: graph_stats.weight_bytes_by_part(p, node_times.node_part)
+                                  for k, p in twins.items()}
     check_memory(paths, sessions_per_variant, twins)
     # The untimed session is dropped before the profiled twins open, which are at least as large:
     # check_memory's count holds.

@@ -50,7 +50,7 @@ def weight_bytes_by_part(path: Path, part_of) -> dict[str, int]:
     (node_times.node_part): what a one-token step streams, per part. An initializer read by
     several parts counts in each; lookups (the embedding) count nothing."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             for t in graph.initializer}
     seen: dict[str, set[str]] = {}
     for node in graph.node:

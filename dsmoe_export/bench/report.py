@@ -292,14 +292,14 @@ def decode_parts_table(rows: list[dict], info: dict | None) -> list[str]:
         cells = [part]
         for r in twins:
             ms = r["node_ms_parts_median"]
-            t = sum(ms.values()) if part == "all" else ms[part]
+            total = sum(ms.values())
+            t = total if part == "all" else ms[part]
             w = dict(weights.get(r["variant"], {}))
             if r["kind"] == "sparse" and "ffn" in w:  # one token reads its active blocks: r of them
                 w["ffn"] *= r.get("r", 1.0)
             b = sum(w.values()) if part == "all" else w.get(part, 0)
             rate = f", {b / (t * 1e6):.1f} GB/s" if b >= 1 << 20 and t > 0 else ""
-            share = f" ({100 * t / sum(ms.values()):.0f} %" + rate + ")" if sum(ms.values()) else ""
-            cells.append(f"{t:.2f}{share}")
+            cells.append(f"{t:.2f} ({100 * t / total:.0f} %{rate})" if total else f"{t:.2f}")
         table.append(cells)
     lines = [f"Where a decode step's node time goes (past {twins[0]['past']}; ORT's profiler on twins of the "
              "exports, medians of the steps' kernel time by node name; GB/s: the part's weight bytes over its "
