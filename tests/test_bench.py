@@ -972,6 +972,10 @@ def test_weight_bytes_by_part_count_what_a_step_streams(tmp_path):
     int4 = graph_stats.weight_bytes_by_part(tmp_path / "int4" / "model.onnx", node_times.node_part)
     assert int4["ffn"] == 3 * L * d * D // 2 + 4 * 3 * L * d * D // 32       # nibbles + a float32 scale per 32
     assert int4["lm_head"] == V * d // 2 + 4 * V * d // 32 and int4.get("rest", 0) < 1024  # the lookup: none
+    # the bound's s (e2e.ffn_byte_share, from the shapes) is the FFN's share of these parts' bytes
+    for precision, parts in (("fp32", dense), ("int4", int4)):
+        streamed = parts["ffn"] + parts["attention projections"] + parts["lm_head"]
+        assert e2e.ffn_byte_share(shape, precision) == pytest.approx(parts["ffn"] / streamed)
 
     parts = dict.fromkeys(node_times.PARTS, 0.5) | {"ffn": 2.0}
     rows = [{"phase": "decode", "past": 128, "kind": "dense", "variant": "dense", "node_ms_parts_median": parts},
