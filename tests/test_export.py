@@ -376,8 +376,25 @@ def test_graph_is_the_fused_layout(tmp_path, seed, kind):
     assert meta["dsmoe_export.graph"] == interface.GRAPH_KIND and meta["dsmoe_export.sparse"] == str(int(not dense))
 
 
+def test_attention_mask_values_other_than_0_and_1_fail_the_call(tmp_path, seed, rng):
+    """The padding bias is looked up by the mask's value: 2 is no index of the two-entry table, so
+    ONNX Runtime refuses the call instead of computing with a bias of the wrong sign."""
+    folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=1), seed=seed)
+    out = tmp_path / "m.onnx"
+    assert main([str(folder), str(out), "-q", "--no-validate"]) == 0
+    session = make_session(out)
+    ids, mask, _ = _prompt(256, rng, batch=2, seq=6)
+    feeds = _ort_feeds(ids, mask, [], (1, 2, 2, 0, 16))
+    session.run(["logits"], feeds)
+    feeds["attention_mask"] = feeds["attention_mask"].copy()
+    feeds["attention_mask"][1, -1] = 2
+    with pytest.raises(Exception, match="out of data bounds"):
+        session.run(["logits"], feeds)
+
+
 def test_logits_to_keep_limits_the_lm_head_to_the_last_positions(tmp_path, seed, rng):
-    """The optional input: 0 (default) every position, k the last k (at most the call's), bit-equal."""
+    """The optional input: 0 (default) every position, k the last k (at most the call's), a negative k
+    all but the first |k| (transformers' h[:, -k:]), bit-equal."""
     folder = make_model_folder(tmp_path / "model", TinySpec(num_hidden_layers=1), seed=seed)
     out = tmp_path / "m.onnx"
     assert main([str(folder), str(out), "-q", "--no-validate"]) == 0
@@ -388,6 +405,6 @@ def test_logits_to_keep_limits_the_lm_head_to_the_last_positions(tmp_path, seed,
     feeds = _ort_feeds(ids, mask, [], (1, 2, 2, 0, 16))
     full = session.run(["logits"], feeds)[0]
     assert full.shape == (2, 6, 256)
-    for keep, want in ((0, 6), (1, 1), (4, 4), (6, 6), (9, 6)):
+    for keep, want in ((0, 6), (1, 1), (4, 4), (6, 6), (9, 6), (-2, 4)):  # -2: h[:, 2:], as transformers slices
         part = session.run(["logits"], dict(feeds, logits_to_keep=np.array(keep, np.int64)))[0]
         assert part.shape == (2, want, 256) and np.array_equal(part, full[:, 6 - want:]), keep

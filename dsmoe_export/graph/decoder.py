@@ -185,9 +185,9 @@ def _last_positions(g, h: str) -> str:
     is above 0: generation needs the last position's logits only, and the lm_head over a whole
     prompt is a fifth of a 128-token prefill of SmolLM2."""
     keep = g.optional_input(interface.LOGITS_TO_KEEP, np.array(0, np.int64))
-    start = g.op("Where", [g.op("Greater", [keep, g.const(0)], name="/model/logits/Keep"),
-                           g.op("Neg", [keep], name="/model/logits/Neg"), g.const(0)], name="/model/logits/Start")
-    start = g.op("Unsqueeze", [start, g.const([0])], name="/model/logits/Starts")
+    # h[:, -k:] as transformers slices it (k = 0: every position; a negative k drops the first |k|):
+    # 0 - k broadcast to the one-element starts vector in one node.
+    start = g.op("Sub", [g.const([0]), keep], name="/model/logits/Start")
     return g.op("Slice", [h, start, g.const([2**62]), g.const([1])], name="/model/logits/Slice")
 
 
@@ -214,20 +214,22 @@ def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
     from attention_mask (GroupQueryAttention adds it to the scores; the causal part it applies
     itself)."""
     cfg = model.cfg
-    total = g.op("Gather", [g.op("Shape", [mask], name="/model/mask/Shape"), g.const(1)], name="/model/mask/Total",
-                 axis=0)
+    # Few nodes: each costs a decode step a few microseconds of ONNX Runtime's executor, whatever
+    # its size (ten here; the builder's graph, which assumes no padding, has six).
+    total = g.op("Shape", [mask], name="/model/mask/Total", start=1, end=2)  # GQA takes a one-element vector
     total32 = g.op("Cast", [total], name="/model/mask/Total/Cast", to=TensorProto.INT32)
     batch = g.op("Shape", [mask], name="/model/mask/Batch", start=0, end=1)
     seqlens = g.op("Expand", [g.op("Sub", [total32, g.const(1, np.int32)], name="/model/mask/LastSlot"), batch],
                    name="/model/mask/SeqlensK")
-    keep = g.op("Cast", [mask], name="/model/mask/Cast", to=elem)
     np_elem = np.float32 if elem == TensorProto.FLOAT else np.float16
-    bias = g.op("Mul", [g.op("Sub", [keep, g.const(1, np_elem)], name="/model/mask/Sub"),
-                        g.const(-PADDING_BIAS, np_elem)], name="/model/mask/Mul")
+    # The bias looked up by the mask value: [PADDING_BIAS, 0][mask], [batch, 1, 1, total]
+    # (values past 1 fail the Gather's index check; the runtime accepts 0 and 1 only).
+    bias = g.op("Gather", [g.const([PADDING_BIAS, 0.0], np_elem),
+                           g.op("Unsqueeze", [mask, g.const([1, 2])], name="/model/mask/Unsqueeze")],
+                name="/model/mask/Lookup", axis=0)
     seq = g.op("Shape", [ids], name="/model/mask/Seq", start=1, end=2)
     rows = g.op("Concat", [g.const([1, 1]), seq, g.const([1])], name="/model/mask/BiasShape", axis=0)
-    bias = g.op("Expand", [g.op("Unsqueeze", [bias, g.const([1, 2])], name="/model/mask/Unsqueeze"), rows],
-                name="/model/mask/Bias")
+    bias = g.op("Expand", [bias, rows], name="/model/mask/Bias")
     positions = np.arange(cfg.max_position_embeddings, dtype=np.float64)
     freqs = np.outer(positions, rope_inv_freq(cfg).numpy())
     return {"seqlens_k": seqlens, "total": total32, "bias": bias,
