@@ -136,12 +136,11 @@ class KVCache:
         larger ones borrow from the session's pool. None for a growing cache."""
         if not self.shared:
             return None
-        import onnxruntime as ort
-
         s = self.s
         shape = (batch, seq, logits_seq)
-        if self._bound == shape and shape == self._step_shape:
+        if self._bound == shape and shape == self._step_shape:  # every decode step: nothing to rebind
             return self._step_outputs
+        import onnxruntime as ort
         if self._lent is not None:  # the previous multi-token call's buffers go back to the session
             s._host_buffers.give(self._lent)  # (its results were valid until this call; a dropped cache keeps them)
             self._lent = None
