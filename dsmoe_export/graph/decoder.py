@@ -215,7 +215,7 @@ def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
     itself)."""
     cfg = model.cfg
     # Few nodes: each costs a decode step a few microseconds of ONNX Runtime's executor, whatever
-    # its size (ten here; the builder's graph, which assumes no padding, has six).
+    # its size (ten here, the padding bias included; the builder's graph has no bias and six).
     total = g.op("Shape", [mask], name="/model/mask/Total", start=1, end=2)  # GQA takes a one-element vector
     total32 = g.op("Cast", [total], name="/model/mask/Total/Cast", to=TensorProto.INT32)
     batch = g.op("Shape", [mask], name="/model/mask/Batch", start=0, end=1)
