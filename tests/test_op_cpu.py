@@ -515,22 +515,50 @@ def _thp_mode() -> str:
     return text[text.index("[") + 1:text.index("]")]
 
 
+# Creates the session in a fresh interpreter and prints how much AnonHugePages grew meanwhile: in
+# the test process, memory that earlier tests advised (the enabled case, DSMoESession's mover) and
+# freed stays advised, and malloc may hand it to ORT's copies of the weights, which then get huge
+# pages with the library's advice off (seen in CI: 9 pages).
+_HUGE_PAGES_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+from dsmoe_runtime._library import set_huge_page_advice
+model, library, switch, x_file, y_file = sys.argv[1:]
+def anon_huge_kb():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+opts = ort.SessionOptions()
+opts.register_custom_ops_library(library)
+blob = open(model, "rb").read()
+before = anon_huge_kb()
+if switch == "library":
+    assert set_huge_page_advice(library, False) is True
+try:
+    sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+finally:
+    if switch == "library":
+        set_huge_page_advice(library, True)
+print(anon_huge_kb() - before)
+np.save(y_file, sess.run(None, {"X": np.load(x_file)})[0])
+"""
+
+
 @pytest.mark.parametrize("weights", ["float32", "int4"])
 @pytest.mark.parametrize("switch", ["on", "env", "library"])
-def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch, weights):
+def test_constant_weights_go_on_huge_pages(op_library, rng, tmp_path, switch, weights):
     """Initializer weights (and an int4 op's scales) are advised onto 2 MB pages at session creation
     (cpu/hugepages.h); DSMOE_HUGEPAGES=0 or the library's switch (DsmoeOpsSetHugePageAdvice, what
     DSMoESession turns off) leave them; the results stay those of the reference."""
+    import os
+    import subprocess
+    import sys
+
     from onnx import helper, numpy_helper
 
     from dsmoe_export import onnx_op, quant
-    from dsmoe_runtime._library import set_huge_page_advice
 
     if _thp_mode() != "madvise":  # "always" would give ORT's copies huge pages anyway; "never" none
         pytest.skip(f"transparent huge pages are {_thp_mode()!r} here, the test needs 'madvise'")
     enabled = switch == "on"
-    if switch == "env":
-        monkeypatch.setenv("DSMOE_HUGEPAGES", "0")
     # 8 MB per weight tensor: at least 3 aligned 2 MB pages each (float32; int4 at d = 2048: 4 bytes
     # of int4 and 0.5 of scales per 8 weights, the same 8 MB with B four times as large)
     d, n, B = (512, 2, 2048) if weights == "float32" else (2048, 2, 4096)
@@ -551,25 +579,22 @@ def test_constant_weights_go_on_huge_pages(op_library, rng, monkeypatch, switch,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(onnx_op.DOMAIN, 1)])
     model.ir_version = 10
-    blob = model.SerializeToString()
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(op_library)
-    before = _anon_huge_kb()
-    if switch == "library":
-        assert set_huge_page_advice(op_library, False) is True
-    try:
-        sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
-    finally:
-        if switch == "library":
-            set_huge_page_advice(op_library, True)
-    grown = _anon_huge_kb() - before
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    np.save(tmp_path / "x.npy", case.x.astype(np.float32))
+    env = {k: v for k, v in os.environ.items() if k != "DSMOE_HUGEPAGES"}
+    if switch == "env":
+        env["DSMOE_HUGEPAGES"] = "0"
+    done = subprocess.run([sys.executable, "-c", _HUGE_PAGES_SCRIPT, str(tmp_path / "m.onnx"), op_library, switch,
+                           str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = int(done.stdout.split()[-1])
     if enabled:
         assert grown >= 3 * 3 * 2048, f"AnonHugePages grew by {grown} kB"
     else:
-        # One stray 2 MB page may come from elsewhere in the process (khugepaged collapsing a
-        # region advised earlier, e.g. by the enabled case); the weights would be 9 or more.
+        # One stray 2 MB page may come from elsewhere in the process; the weights would be 9 or more.
         assert grown <= 2048, f"AnonHugePages grew by {grown} kB with the advice off ({switch})"
-    y = sess.run(None, {"X": case.x.astype(np.float32)})[0]
+    y = np.load(tmp_path / "y.npy")
     if weights == "float32":
         y_ref = case.reference()[0]
     else:  # the float64 FFN on the dequantized weights (the int4 op's spec)
