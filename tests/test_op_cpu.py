@@ -502,11 +502,6 @@ def test_unknown_instruction_set_is_an_error(op_library, rng, monkeypatch):
         run(case, op_library)
 
 
-def _anon_huge_kb() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
-
-
 def _thp_mode() -> str:
     try:
         text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
