@@ -991,3 +991,33 @@ def test_weight_bytes_by_part_count_what_a_step_streams(tmp_path):
     assert cells["norms"][0] == "0.50 (11 %)"                                 # under 1 MiB: no rate
     assert cells["all"][0] == f"4.50 (100 %, {(50 << 20) / 4.5e6:.1f} GB/s)"
     assert report.decode_parts_table([{"phase": "decode"}], None) == []
+
+
+def test_matmul_chain_probe_computes_its_chain_and_accounts_its_bytes(rng):
+    from dsmoe_export.bench import probes
+    d, w, count = 24, 40, 4
+    session, weights = probes.chain_session(d, w, count, 1, rng)
+    assert [m.shape for m in weights] == [(d, w), (w, d), (d, w), (w, d)]
+    x = rng.standard_normal((1, d)).astype(np.float32)
+    want = x.astype(np.float64)
+    for m in weights:
+        want = want @ m.astype(np.float64)
+    assert rel_err(session.run(None, {"x": x})[0], want) < RTOL
+    rows = probes.matmul_chain(1, d=d, widths=(w, 3 * w), megabytes=1, rounds=2)
+    assert [r["width"] for r in rows] == [w, 3 * w]
+    for r in rows:
+        assert r["nodes"] % 2 == 0 and r["nodes"] >= 2
+        assert r["node_mb"] == pytest.approx(4 * d * r["width"] / 1e6)
+        assert abs(r["nodes"] * r["node_mb"] * 1e6 - 2**20) <= 4 * d * r["width"]  # about 1 MB in all
+        assert r["ms"] > 0 and r["gb_s"] == pytest.approx(r["nodes"] * r["node_mb"] / r["ms"])  # MB / ms = GB/s
+    assert rows[-1]["extra_us_per_node"] == pytest.approx(0.0, abs=1e-6)  # the reference rate is its own
+
+
+def test_probes_command_prints_the_chain_table(monkeypatch, capsys):
+    from dsmoe_export.bench import probes
+    monkeypatch.setattr(probes, "bandwidth", lambda threads: {"bandwidth_gb_s": 1.0, "bandwidth_probe": "stub",
+                                                              "bandwidth_bytes": 2**20})
+    probes.main(["--threads", "1", "--d", "16", "--widths", "16,32", "--megabytes", "1", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1 threads; read bandwidth 1.0 GB/s (stub")
+    assert lines[1].startswith("| nodes | MB a node |") and len(lines) == 5

@@ -110,3 +110,81 @@ def ceilings(threads: int, *, quick: bool = False, on_probe=None) -> dict:
 
 
 PROBE_STEPS = {False: 3 + len(GEMM_SHAPES), True: 4}
+
+# Node sizes of the chain probe at d = 576 (SmolLM2): widths 576, 1728 and 6912 make nodes of
+# 1.33, 3.98 and 15.9 MB: SmolLM2's o_proj, about one of its FFN matrices, and a large node.
+CHAIN_WIDTHS = (576, 1728, 6912)
+
+
+def chain_session(d: int, width: int, count: int, threads: int, rng) -> tuple[ort.InferenceSession, list]:
+    """A session of `count` float32 MatMul nodes x [1, d] @ [d, width] @ [width, d] @ ... (count even),
+    and its weights in order."""
+    vi = helper.make_tensor_value_info
+    nodes, weights, x = [], [], "x"
+    for i in range(count):
+        shape = (d, width) if i % 2 == 0 else (width, d)
+        weights.append(rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(shape[0])))
+        y = "y" if i == count - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+        x = y
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    return _session(nodes, [vi("x", F32, [1, d])], [vi("y", F32, [1, d])], inits, threads), weights
+
+
+def matmul_chain(threads: int, *, d: int = 576, widths=CHAIN_WIDTHS, megabytes: int = 80, rounds: int = 40,
+                 seed: int = 0) -> list[dict]:
+    """How fast one-token MatMul nodes stream their weights by node size: per width w a chain of
+    float32 MatMuls [1, d] @ [d, w] @ [w, d] ... of about `megabytes` of weights in all (take more
+    than the last-level cache, so that every call reads them from memory), each chain a session of its own, the sessions timed in turns (a fresh
+    order each round), best of `rounds`. A decode step's smaller weights stream slower because
+    every node pays a fixed cost (the pool's wake-up, ORT's dispatch): `extra_us_per_node` is the
+    time a chain takes beyond the largest nodes' rate, per node (docs/benchmarks.md uses it to
+    explain why the FFN's share of a decode step's time is below its share of the bytes)."""
+    rng = np.random.default_rng(seed)
+    chains = {}
+    for w in widths:
+        node_bytes = 4 * d * w
+        count = max(2, 2 * round(megabytes * 2**20 / node_bytes / 2))  # even: the chain ends at [1, d]
+        chains[w] = (chain_session(d, w, count, threads, rng)[0], count, count * node_bytes)
+    feeds = {"x": rng.standard_normal((1, d), dtype=np.float32)}
+    for s, _, _ in chains.values():
+        s.run(None, feeds)  # warm-up
+    best = {w: float("inf") for w in chains}
+    for _ in range(rounds):
+        for w in rng.permutation(list(chains)):
+            s = chains[w][0]
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            best[w] = min(best[w], time.perf_counter() - t0)
+    largest = max(chains)
+    rate = chains[largest][2] / best[largest]
+    return [{"d": d, "width": int(w), "nodes": count, "node_mb": total / count / 1e6, "ms": best[w] * 1e3,
+             "gb_s": total / best[w] / 1e9, "extra_us_per_node": (best[w] - total / rate) / count * 1e6}
+            for w, (_, count, total) in chains.items()]
+
+
+def main(argv=None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.probes",
+                                description="How fast chains of one-token float32 MatMul nodes stream their "
+                                            "weights by node size, beside the read bandwidth probe (ONNX "
+                                            "Runtime, CPU EP, idle workers asleep as in the benchmark).")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default: 2)")
+    p.add_argument("--d", type=int, default=576, help="the chain's hidden size (default: 576)")
+    p.add_argument("--widths", default=",".join(map(str, CHAIN_WIDTHS)),
+                   help="node widths, comma-separated: nodes of d x width floats")
+    p.add_argument("--megabytes", type=int, default=80, help="weights per chain (default: 80)")
+    p.add_argument("--rounds", type=int, default=40, help="timed rounds (default: 40)")
+    args = p.parse_args(argv)
+    widths = tuple(int(w) for w in args.widths.split(","))
+    bw = bandwidth(args.threads)
+    print(f"{args.threads} threads; read bandwidth {bw['bandwidth_gb_s']:.1f} GB/s ({bw['bandwidth_probe']}, "
+          f"{bw['bandwidth_bytes'] / 2**20:.0f} MiB)")
+    print("| nodes | MB a node | ms (best) | GB/s | us a node beyond the largest nodes' rate |")
+    print("|---|---|---|---|---|")
+    for r in matmul_chain(args.threads, d=args.d, widths=widths, megabytes=args.megabytes, rounds=args.rounds):
+        print(f"| {r['nodes']} | {r['node_mb']:.2f} | {r['ms']:.3f} | {r['gb_s']:.1f} | {r['extra_us_per_node']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
