@@ -5,6 +5,9 @@
   matrix-vector product in both layouts (MatMul, Gemm transB). GB/s = array bytes / time.
 - GEMM: the best rate of large fp32 MatMuls with pre-packed (initializer) weights, in
   GFLOP/s = 2 M K N / time.
+- MatMul chains (`matmul_chain`, `python -m dsmoe_export.bench.probes`): the rate at which
+  one-token MatMul nodes read their weights, by node size: not a ceiling, the reason a decode
+  step's many small nodes read slower than its few large ones.
 
 Each probe is the minimum over ``reps`` calls. The ceilings are what this runtime achieves on
 this machine, not the vendor's peak figures: a kernel at 100 % of them is at the limit that
@@ -136,9 +139,9 @@ def matmul_chain(threads: int, *, d: int = 576, widths=CHAIN_WIDTHS, megabytes: 
     """How fast one-token MatMul nodes stream their weights by node size: per width w a chain of
     float32 MatMuls [1, d] @ [d, w] @ [w, d] ... of about `megabytes` of weights in all (take more
     than the last-level cache, so that every call reads them from memory), each chain a session of its own, the sessions timed in turns (a fresh
-    order each round), best of `rounds`. A decode step's smaller weights stream slower because
-    every node pays a fixed cost (the pool's wake-up, ORT's dispatch): `extra_us_per_node` is the
-    time a chain takes beyond the largest nodes' rate, per node (docs/benchmarks.md uses it to
+    order each round), best of `rounds`. Each node pays a fixed cost besides its bytes (ORT's
+    dispatch, the pool waking its sleeping worker), which the small ones feel: `extra_us_per_node`
+    is the time a chain takes beyond the largest nodes' rate, per node (docs/benchmarks.md uses it to
     explain why the FFN's share of a decode step's time is below its share of the bytes)."""
     rng = np.random.default_rng(seed)
     chains = {}
