@@ -1010,7 +1010,11 @@ def test_matmul_chain_probe_computes_its_chain_and_accounts_its_bytes(rng):
         assert r["node_mb"] == pytest.approx(4 * d * r["width"] / 1e6)
         assert abs(r["nodes"] * r["node_mb"] * 1e6 - 2**20) <= 4 * d * r["width"]  # about 1 MB in all
         assert r["ms"] > 0 and r["gb_s"] == pytest.approx(r["nodes"] * r["node_mb"] / r["ms"])  # MB / ms = GB/s
-    assert rows[-1]["extra_us_per_node"] == pytest.approx(0.0, abs=1e-6)  # the reference rate is its own
+    ref = rows[-1]  # the largest nodes: the reference rate, so no time beyond it
+    for r in rows:  # ms beyond what the bytes take at the reference rate (MB / (GB/s) = ms), per node
+        beyond_ms = r["ms"] - r["nodes"] * r["node_mb"] / ref["gb_s"]
+        assert r["extra_us_per_node"] == pytest.approx(beyond_ms * 1e3 / r["nodes"], abs=1e-6)
+    assert ref["extra_us_per_node"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_probes_command_prints_the_chain_table(monkeypatch, capsys):
@@ -1021,3 +1025,13 @@ def test_probes_command_prints_the_chain_table(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("1 threads; read bandwidth 1.0 GB/s (stub")
     assert lines[1].startswith("| nodes | MB a node |") and len(lines) == 5
+
+
+@pytest.mark.parametrize("args,message", [(["--widths", "16,x"], "comma-separated integers"),
+                                          (["--widths", "16,16"], "each width once"),
+                                          (["--rounds", "0"], "at least 1"), (["--d", "-4"], "at least 1")])
+def test_probes_command_refuses_bad_arguments(capsys, args, message):
+    from dsmoe_export.bench import probes
+    with pytest.raises(SystemExit) as e:
+        probes.main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err

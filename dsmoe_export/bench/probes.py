@@ -138,8 +138,8 @@ def matmul_chain(threads: int, *, d: int = 576, widths=CHAIN_WIDTHS, megabytes: 
                  seed: int = 0) -> list[dict]:
     """How fast one-token MatMul nodes stream their weights by node size: per width w a chain of
     float32 MatMuls [1, d] @ [d, w] @ [w, d] ... of about `megabytes` of weights in all (take more
-    than the last-level cache, so that every call reads them from memory), each chain a session of its own, the sessions timed in turns (a fresh
-    order each round), best of `rounds`. Each node pays a fixed cost besides its bytes (ORT's
+    than the last-level cache, so that every call reads them from memory), each chain a session of
+    its own, the sessions timed in turns (a fresh order each round), best of `rounds`. Each node pays a fixed cost besides its bytes (ORT's
     dispatch, the pool waking its sleeping worker), which the small ones feel: `extra_us_per_node`
     is the time a chain takes beyond the largest nodes' rate, per node (docs/benchmarks.md uses it to
     explain why the FFN's share of a decode step's time is below its share of the bytes)."""
@@ -168,18 +168,24 @@ def matmul_chain(threads: int, *, d: int = 576, widths=CHAIN_WIDTHS, megabytes: 
 
 def main(argv=None) -> None:
     import argparse
+
+    from .cli import _ints  # the benchmark's parser of positive integer lists (cli imports this module)
     p = argparse.ArgumentParser(prog="python -m dsmoe_export.bench.probes",
                                 description="How fast chains of one-token float32 MatMul nodes stream their "
                                             "weights by node size, beside the read bandwidth probe (ONNX "
                                             "Runtime, CPU EP, idle workers asleep as in the benchmark).")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default: 2)")
     p.add_argument("--d", type=int, default=576, help="the chain's hidden size (default: 576)")
-    p.add_argument("--widths", default=",".join(map(str, CHAIN_WIDTHS)),
-                   help="node widths, comma-separated: nodes of d x width floats")
+    p.add_argument("--widths", type=_ints, default=list(CHAIN_WIDTHS),
+                   help="node widths, comma-separated: nodes of d x width floats (default: 576,1728,6912)")
     p.add_argument("--megabytes", type=int, default=80, help="weights per chain (default: 80)")
     p.add_argument("--rounds", type=int, default=40, help="timed rounds (default: 40)")
     args = p.parse_args(argv)
-    widths = tuple(int(w) for w in args.widths.split(","))
+    if min(args.threads, args.d, args.megabytes, args.rounds) < 1:
+        p.error("--threads, --d, --megabytes and --rounds must be at least 1")
+    if len(set(args.widths)) != len(args.widths):
+        p.error(f"--widths: each width once, got {','.join(map(str, args.widths))}")
+    widths = tuple(args.widths)
     bw = bandwidth(args.threads)
     print(f"{args.threads} threads; read bandwidth {bw['bandwidth_gb_s']:.1f} GB/s ({bw['bandwidth_probe']}, "
           f"{bw['bandwidth_bytes'] / 2**20:.0f} MiB)")

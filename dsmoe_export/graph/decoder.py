@@ -223,7 +223,8 @@ def _attention_inputs(g, model, ids, mask, elem) -> dict[str, str]:
                    name="/model/mask/SeqlensK")
     np_elem = np.float32 if elem == TensorProto.FLOAT else np.float16
     # The bias looked up by the mask value: [PADDING_BIAS, 0][mask], [batch, 1, 1, total]
-    # (values past 1 fail the Gather's index check; the runtime accepts 0 and 1 only).
+    # (values past 1 fail the Gather's index check, -1 and -2 index from the end; the runtime
+    # accepts 0 and 1 only).
     bias = g.op("Gather", [g.const([PADDING_BIAS, 0.0], np_elem),
                            g.op("Unsqueeze", [mask, g.const([1, 2])], name="/model/mask/Unsqueeze")],
                 name="/model/mask/Lookup", axis=0)
